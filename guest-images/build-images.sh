@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# Build the kernel and initramfs images used by ddvmm's tests.
+#
+#   bash guest-images/build-images.sh          (from the repo root; `make images`)
+#
+# Inputs : guest-images/packages.lock (pinned Debian packages), init/*.sh, lib/modules.sh
+#          KERNEL_PKG=linux-image-... KERNEL_VERSION=... override the pinned kernel.
+# Outputs: guest-images/out/
+#   vmlinuz                   Debian's stock cloud kernel (bzImage, unmodified)
+#   kernel-release            e.g. 6.1.0-50-cloud-amd64
+#   guest-initramfs.cpio.gz   busybox + pvpanic-mmio + init/guest-init.sh
+#   testhost-base.cpio.gz     busybox + kvm/kvm-amd/tun/bridge + init/testhost-init.sh
+#                             + /images/{vmlinuz,guest-initramfs.cpio.gz}
+#   versions.txt              exact packages, versions and sha256s used
+#   debs/                     downloaded .debs (cache, sha256-checked)
+# A second run with the same inputs does nothing (stamp keyed by a hash of the inputs).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+out=$here/out
+lock=$here/packages.lock
+# shellcheck source=lib/modules.sh
+source "$here/lib/modules.sh"
+
+die() { echo "build-images: $*" >&2; exit 1; }
+say() { echo "build-images: $*"; }
+
+# Modules per image (names as in modinfo; dependencies are resolved from modules.dep).
+GUEST_MODULES=(pvpanic-mmio)
+TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge)
+
+# ---- tools -----------------------------------------------------------------------
+for tool in apt-get apt-cache dpkg-deb cpio gzip xz sha256sum grep find sort; do
+    command -v "$tool" >/dev/null 2>&1 || die "missing tool: $tool"
+done
+
+# ---- pinned packages -------------------------------------------------------------
+[[ -f $lock ]] || die "missing pin file: $lock"
+lock_kernel_pkg='' lock_kernel_ver='' busybox_ver=''
+while IFS= read -r line; do
+    line=${line%%#*}
+    line=${line//[[:space:]]/}
+    [[ -n $line ]] || continue
+    [[ $line == *=* ]] || die "bad line in packages.lock: $line"
+    name=${line%%=*} ver=${line#*=}
+    case $name in
+        linux-image-*)  lock_kernel_pkg=$name lock_kernel_ver=$ver ;;
+        busybox-static) busybox_ver=$ver ;;
+        *) die "unexpected package in packages.lock: $name" ;;
+    esac
+done < "$lock"
+[[ -n $lock_kernel_pkg ]] || die "packages.lock has no linux-image-* line"
+[[ -n $busybox_ver ]] || die "packages.lock has no busybox-static line"
+kernel_pkg=${KERNEL_PKG:-$lock_kernel_pkg}
+kernel_ver=${KERNEL_VERSION:-}
+if [[ -z $kernel_ver && $kernel_pkg == "$lock_kernel_pkg" ]]; then
+    kernel_ver=$lock_kernel_ver
+fi
+busybox_pkg=busybox-static
+
+# ---- up to date? -----------------------------------------------------------------
+stamp_key=$(
+    {
+        cat "$lock" "$here/build-images.sh" "$here/lib/modules.sh" \
+            "$here/init/guest-init.sh" "$here/init/testhost-init.sh"
+        echo "KERNEL_PKG=$kernel_pkg KERNEL_VERSION=$kernel_ver"
+    } | sha256sum | cut -d' ' -f1
+)
+outputs=(vmlinuz kernel-release guest-initramfs.cpio.gz testhost-base.cpio.gz versions.txt)
+up_to_date=yes
+for f in "${outputs[@]}" .stamp; do [[ -s $out/$f ]] || up_to_date=no; done
+if [[ $up_to_date == yes && $(cat "$out/.stamp") == "$stamp_key" ]]; then
+    say "up to date ($kernel_pkg=$kernel_ver, out/ unchanged)"
+    exit 0
+fi
+rm -f "$out/.stamp"
+mkdir -p "$out/debs"
+
+# ---- download --------------------------------------------------------------------
+apt_updated=no
+apt_update() {
+    [[ $apt_updated == no ]] || return 1
+    apt_updated=yes
+    say "running apt-get update"
+    apt-get update -qq >"$out/apt-update.log" 2>&1 || die "apt-get update failed (see $out/apt-update.log)"
+}
+# Fresh machine: no package lists at all.
+compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null || apt_update
+
+# apt_field PKG VERSION FIELD: FIELD of the first `apt-cache show PKG=VERSION` record.
+apt_field() {
+    local spec=$1${2:+=$2}
+    { apt-cache show "$spec" 2>/dev/null || true; } | awk -v f="$3:" '$1 == f { print $2; exit }'
+}
+
+# fetch PKG VERSION: download into out/debs (once), verify sha256; sets $fetched to
+# the .deb path (no command substitution, so die/apt_update act on this shell).
+fetch() {
+    local pkg=$1 ver=$2 sha deb tmp got
+    sha=$(apt_field "$pkg" "$ver" SHA256)
+    if [[ -z $sha ]] && apt_update; then sha=$(apt_field "$pkg" "$ver" SHA256); fi
+    [[ -n $sha ]] || die "cannot download $pkg=$ver (unknown to apt-cache)"
+    deb=$out/debs/${pkg}_${ver//:/%3a}_amd64.deb
+    if [[ -f $deb ]] && [[ $(sha256sum < "$deb" | cut -d' ' -f1) == "$sha" ]]; then
+        fetched=$deb; return 0
+    fi
+    tmp=$(mktemp -d "$out/debs/.dl.XXXXXX")
+    # -o APT::Sandbox::User=root: avoid the _apt "unsandboxed" warning when run as root.
+    if ! (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver") \
+            >"$out/debs/download.log" 2>&1; then
+        rm -rf "$tmp"
+        die "cannot download $pkg=$ver (see $out/debs/download.log)"
+    fi
+    got=$(sha256sum "$tmp"/*.deb | cut -d' ' -f1)
+    [[ $got == "$sha" ]] || { rm -rf "$tmp"; die "sha256 mismatch for $pkg=$ver: got $got, apt says $sha"; }
+    mv "$tmp"/*.deb "$deb"
+    rm -rf "$tmp"
+    fetched=$deb
+}
+
+if [[ -z $kernel_ver ]]; then
+    # KERNEL_PKG given without KERNEL_VERSION: take apt's first listed version.
+    kernel_ver=$(apt_field "$kernel_pkg" '' Version)
+    if [[ -z $kernel_ver ]] && apt_update; then kernel_ver=$(apt_field "$kernel_pkg" '' Version); fi
+    [[ -n $kernel_ver ]] || die "cannot download $kernel_pkg (unknown to apt-cache)"
+fi
+fetch "$kernel_pkg" "$kernel_ver"; kernel_deb=$fetched
+fetch "$busybox_pkg" "$busybox_ver"; busybox_deb=$fetched
+kernel_sha=$(sha256sum < "$kernel_deb" | cut -d' ' -f1)
+busybox_sha=$(sha256sum < "$busybox_deb" | cut -d' ' -f1)
+say "packages: $kernel_pkg=$kernel_ver $busybox_pkg=$busybox_ver (sha256 ok)"
+
+# ---- extract ---------------------------------------------------------------------
+rm -rf "$out/kernel-root" "$out/busybox-root"
+dpkg-deb -x "$kernel_deb" "$out/kernel-root"
+dpkg-deb -x "$busybox_deb" "$out/busybox-root"
+shopt -s nullglob
+releases=("$out"/kernel-root/lib/modules/*/)
+vmlinuzes=("$out"/kernel-root/boot/vmlinuz-*)
+shopt -u nullglob
+(( ${#releases[@]} == 1 )) || die "$kernel_pkg: expected one lib/modules/<release>, found ${#releases[@]}"
+(( ${#vmlinuzes[@]} == 1 )) || die "$kernel_pkg: expected one boot/vmlinuz-*, found ${#vmlinuzes[@]}"
+moddir=${releases[0]%/}
+release=${moddir##*/}
+cp "${vmlinuzes[0]}" "$out/vmlinuz"
+echo "$release" > "$out/kernel-release"
+modules_ensure_dep "$moddir"
+say "kernel: out/vmlinuz ($release), $(grep -c . "$moddir/modules.dep") modules"
+
+# ---- initramfs trees -------------------------------------------------------------
+# make_base_tree DIR INIT: busybox with applet symlinks, empty FHS dirs, /init.
+make_base_tree() {
+    local tree=$1 init=$2 link
+    rm -rf "$tree"
+    mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,mnt,var/tmp}
+    # Real directories (not symlinks) so the harness' appended cpio with a glibc
+    # binary and its libraries (/lib64/ld-linux-x86-64.so.2, /lib/x86_64-linux-gnu/...)
+    # unpacks over them without conflicts.
+    mkdir -p "$tree"/{lib64,lib/x86_64-linux-gnu,usr/lib/x86_64-linux-gnu}
+    chmod 1777 "$tree/tmp" "$tree/var/tmp"
+    install -m 0755 "$out/busybox-root/bin/busybox" "$tree/bin/busybox"
+    # Applet symlinks, created at build time from busybox's own list (the binary is
+    # static amd64, so it runs on the build host).
+    while IFS= read -r link; do
+        case $link in */*) ;; *) continue ;; esac     # skips "linuxrc"
+        [[ -e $tree/$link ]] || ln -s /bin/busybox "$tree/$link"
+    done < <("$tree/bin/busybox" --list-full)
+    install -m 0755 "$init" "$tree/init"
+    printf 'root:x:0:0:root:/root:/bin/sh\n' > "$tree/etc/passwd"
+    printf 'root:x:0:\n' > "$tree/etc/group"
+}
+
+# newc cpio entry (header + name, padded), for entries that cannot be files on disk.
+newc_entry() {  # NAME MODE RDEVMAJOR RDEVMINOR
+    local name=$1 mode=$2 namesize=$(( ${#1} + 1 )) pad
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        0 "$mode" 0 0 1 0 0 0 0 "$3" "$4" "$namesize" 0
+    printf '%s\0' "$name"
+    pad=$(( (4 - (110 + namesize) % 4) % 4 ))
+    (( pad == 0 )) || head -c "$pad" /dev/zero
+}
+
+# pack_tree DIR OUTPUT.cpio.gz: gzip'd newc archive, root-owned, /dev/console included
+# (the kernel opens /dev/console before running /init; without it /init has no stdout).
+pack_tree() {
+    local tree=$1 dest=$2
+    {
+        newc_entry dev $(( 8#040755 )) 0 0
+        newc_entry dev/console $(( 8#020600 )) 5 1
+        newc_entry 'TRAILER!!!' 0 0 0
+        (cd "$tree" && find . -mindepth 1 | LC_ALL=C sort |
+            cpio -o -H newc --owner=0:0 --reproducible --quiet)
+    } | gzip -9n > "$dest.tmp"
+    # Pad with zeros to a multiple of 512 bytes. The kernel accepts concatenated
+    # archives, but an *uncompressed* cpio appended after a compressed one is only
+    # recognised at a 4-byte-aligned offset ("Initramfs unpacking failed: invalid
+    # magic at start of compressed archive" otherwise). It skips zero padding, and
+    # gzip/zcat ignore trailing zeros silently.
+    local size
+    size=$(stat -c %s "$dest.tmp")
+    head -c $(( (512 - size % 512) % 512 )) /dev/zero >> "$dest.tmp"
+    mv "$dest.tmp" "$dest"
+}
+
+# Guest image. pvpanic-mmio (QEMU's ISA/ACPI "QEMU0001" pvpanic device) pulls in the
+# pvpanic core module (CONFIG_PVPANIC=y is only the menu; pvpanic.ko is =m with it).
+guest_tree=$out/tree-guest
+make_base_tree "$guest_tree" "$here/init/guest-init.sh"
+modules_install "$moddir" "$guest_tree" "${GUEST_MODULES[@]}"
+pack_tree "$guest_tree" "$out/guest-initramfs.cpio.gz"
+say "guest: out/guest-initramfs.cpio.gz ($(du -k "$out/guest-initramfs.cpio.gz" | cut -f1) KiB; modules: $(tr '\n' ' ' < "$guest_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
+
+# Test host image: KVM modules plus the guest images to boot inside it.
+th_tree=$out/tree-testhost
+make_base_tree "$th_tree" "$here/init/testhost-init.sh"
+modules_install "$moddir" "$th_tree" "${TESTHOST_MODULES[@]}"
+mkdir -p "$th_tree/images"
+cp "$out/vmlinuz" "$th_tree/images/vmlinuz"
+cp "$out/guest-initramfs.cpio.gz" "$th_tree/images/guest-initramfs.cpio.gz"
+pack_tree "$th_tree" "$out/testhost-base.cpio.gz"
+say "testhost: out/testhost-base.cpio.gz ($(du -k "$out/testhost-base.cpio.gz" | cut -f1) KiB; modules: $(tr '\n' ' ' < "$th_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
+
+# ---- record ----------------------------------------------------------------------
+sha() { sha256sum < "$1" | cut -d' ' -f1; }
+cat > "$out/versions.txt" <<EOF
+# Generated by guest-images/build-images.sh; shell-sourceable.
+kernel_pkg=$kernel_pkg
+kernel_version=$kernel_ver
+kernel_deb_sha256=$kernel_sha
+kernel_release=$release
+busybox_pkg=$busybox_pkg
+busybox_version=$busybox_ver
+busybox_deb_sha256=$busybox_sha
+vmlinuz_sha256=$(sha "$out/vmlinuz")
+guest_initramfs_sha256=$(sha "$out/guest-initramfs.cpio.gz")
+testhost_base_sha256=$(sha "$out/testhost-base.cpio.gz")
+EOF
+echo "$stamp_key" > "$out/.stamp"
+say "done: out/versions.txt"

@@ -1,0 +1,212 @@
+//! ACPI tables: what a stock kernel needs to find every CPU (MADT), power off cleanly (FADT with
+//! hardware-reduced sleep registers and `_S5` in the DSDT) and find the pvpanic device (DSDT).
+//!
+//! Power-off path: the FADT sets `HW_REDUCED_ACPI` and points `SLEEP_CONTROL_REG` at I/O port
+//! [`ports::ACPI_SLEEP_CONTROL`]. The DSDT's `\_S5` package gives sleep type 5, so a guest
+//! `poweroff` ends with the kernel writing `SLP_EN | (5 << 2)` there, which the VMM turns into a
+//! power-off exit. No SCI, PM timer or PM1 blocks are needed.
+//!
+//! Tables live in the BIOS area (reserved in e820); the RSDP is at its start, where the kernel's
+//! legacy scan finds it, and its address is also passed in the zero page.
+
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::{GenericAddress, Sdt};
+use acpi_tables::{aml, Aml};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{ports, APIC_START, BIOS_AREA_SIZE, BIOS_AREA_START, IOAPIC_START};
+
+const OEM_ID: [u8; 6] = *b"DDVMM ";
+const OEM_TABLE_ID: [u8; 8] = *b"DDVMMTBL";
+const OEM_REVISION: u32 = 1;
+
+/// Errors writing ACPI tables.
+#[derive(Debug, Error)]
+pub enum AcpiError {
+    /// Tables do not fit the BIOS area.
+    #[error("ACPI tables need {0} bytes, more than the BIOS area holds")]
+    TooLarge(u64),
+    /// More CPUs than an 8-bit APIC id allows.
+    #[error("{0} vCPUs do not fit 8-bit local APIC ids")]
+    TooManyCpus(u32),
+    /// Guest memory write failed.
+    #[error("cannot write ACPI table {0} to guest memory")]
+    GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
+}
+
+/// FADT flag: the power button is a control-method device (we have none).
+const FADT_PWR_BUTTON: u32 = 1 << 4;
+/// FADT flag: the sleep button is a control-method device (we have none).
+const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// FADT flag: hardware-reduced ACPI (no PM1 blocks, SCI or PM timer).
+const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// IA-PC boot architecture flag: no VGA.
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// IA-PC boot architecture flag: no CMOS RTC (nothing decodes ports 0x70/0x71).
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// Sleep-type value the DSDT advertises for S5 (soft off).
+pub const S5_SLEEP_TYPE: u8 = 5;
+
+fn fadt(dsdt_addr: u64) -> Sdt {
+    let mut fadt = Sdt::new(*b"FACP", 276, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    fadt.write_u16(109, IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT);
+    fadt.write_u32(
+        112,
+        FADT_HW_REDUCED_ACPI | FADT_PWR_BUTTON | FADT_SLP_BUTTON,
+    );
+    // FADT minor version (ACPI 6.0).
+    fadt.write_u8(131, 0);
+    fadt.write_u64(140, dsdt_addr);
+    fadt.write(
+        244,
+        GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP_CONTROL),
+    );
+    fadt.write(
+        256,
+        GenericAddress::io_port_address::<u8>(ports::ACPI_SLEEP_STATUS),
+    );
+    fadt.write_bytes(268, b"DDVMMKVM");
+    fadt.update_checksum();
+    fadt
+}
+
+fn madt(cpus: u32) -> Result<Sdt, AcpiError> {
+    if cpus > 254 {
+        return Err(AcpiError::TooManyCpus(cpus));
+    }
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, APIC_START as u32);
+    // PCAT_COMPAT: dual 8259s are present (KVM's in-kernel PIC).
+    madt.write_u32(40, 1);
+    for cpu in 0..cpus {
+        // Processor Local APIC: type 0, length 8, ACPI uid, APIC id, flags (enabled).
+        let mut e = vec![0u8, 8, cpu as u8, cpu as u8];
+        e.extend_from_slice(&1u32.to_le_bytes());
+        madt.append_slice(&e);
+    }
+    // I/O APIC: type 1, length 12, id, reserved, address, GSI base.
+    let mut ioapic = vec![1u8, 12, cpus as u8, 0];
+    ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    madt.append_slice(&ioapic);
+    // Local APIC NMI: type 4, length 6, all processors, flags 0, LINT1.
+    madt.append_slice(&[4, 6, 0xff, 0, 0, 1]);
+    madt.update_checksum();
+    Ok(madt)
+}
+
+fn dsdt() -> Sdt {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
+    );
+    let pvpanic_io = aml::IO::new(ports::PVPANIC, ports::PVPANIC, 1, 1);
+    let pvpanic_crs = aml::ResourceTemplate::new(vec![&pvpanic_io]);
+    let hid = aml::Name::new("_HID".into(), &"QEMU0001");
+    let crs = aml::Name::new("_CRS".into(), &pvpanic_crs);
+    let pvpanic = aml::Device::new("PEVT".into(), vec![&hid, &crs]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pvpanic]);
+    let mut body = Vec::new();
+    s5.to_aml_bytes(&mut body);
+    sb.to_aml_bytes(&mut body);
+    dsdt.append_slice(&body);
+    dsdt.update_checksum();
+    dsdt
+}
+
+/// Builds all tables for `cpus` vCPUs and writes them to the BIOS area. Returns the RSDP address.
+pub fn write_acpi_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<u64, AcpiError> {
+    let rsdp_addr = BIOS_AREA_START;
+    let mut next = rsdp_addr + Rsdp::len() as u64;
+    let mut place = |len: usize| {
+        let at = next.next_multiple_of(16);
+        next = at + len as u64;
+        at
+    };
+
+    let dsdt = dsdt();
+    let dsdt_addr = place(dsdt.len());
+    let fadt = fadt(dsdt_addr);
+    let fadt_addr = place(fadt.len());
+    let madt = madt(cpus)?;
+    let madt_addr = place(madt.len());
+
+    let mut xsdt = Sdt::new(*b"XSDT", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.append(fadt_addr);
+    xsdt.append(madt_addr);
+    xsdt.update_checksum();
+    let xsdt_addr = place(xsdt.len());
+    if next > BIOS_AREA_START + BIOS_AREA_SIZE {
+        return Err(AcpiError::TooLarge(next - BIOS_AREA_START));
+    }
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
+
+    let mut rsdp_bytes = Vec::new();
+    rsdp.to_aml_bytes(&mut rsdp_bytes);
+    for (name, addr, bytes) in [
+        ("RSDP", rsdp_addr, rsdp_bytes.as_slice()),
+        ("DSDT", dsdt_addr, dsdt.as_slice()),
+        ("FADT", fadt_addr, fadt.as_slice()),
+        ("MADT", madt_addr, madt.as_slice()),
+        ("XSDT", xsdt_addr, xsdt.as_slice()),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| AcpiError::GuestWrite(name, e))?;
+    }
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    #[test]
+    fn tables_are_well_formed() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let rsdp = write_acpi_tables(&mem, 2).expect("tables");
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, GuestAddress(rsdp)).expect("read");
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert!(checksum_ok(&r[..20]));
+        assert!(checksum_ok(&r));
+        let xsdt_addr = u64::from_le_bytes(r[24..32].try_into().expect("8 bytes"));
+        let mut x = [0u8; 52];
+        mem.read_slice(&mut x, GuestAddress(xsdt_addr))
+            .expect("read");
+        assert_eq!(&x[..4], b"XSDT");
+        assert!(checksum_ok(&x));
+        let madt_addr = u64::from_le_bytes(x[44..52].try_into().expect("8 bytes"));
+        let mut hdr = [0u8; 8];
+        mem.read_slice(&mut hdr, GuestAddress(madt_addr))
+            .expect("read");
+        assert_eq!(&hdr[..4], b"APIC");
+        let len = u32::from_le_bytes(hdr[4..8].try_into().expect("4 bytes")) as usize;
+        // Header + 8 + two local APICs + IOAPIC + NMI.
+        assert_eq!(len, 44 + 2 * 8 + 12 + 6);
+        let mut madt = vec![0u8; len];
+        mem.read_slice(&mut madt, GuestAddress(madt_addr))
+            .expect("read");
+        assert!(checksum_ok(&madt));
+    }
+
+    #[test]
+    fn dsdt_declares_s5_and_pvpanic() {
+        let d = dsdt();
+        let b = d.as_slice();
+        assert!(checksum_ok(b));
+        assert!(b.windows(4).any(|w| w == b"_S5_"));
+        assert!(b.windows(8).any(|w| w == b"QEMU0001"));
+    }
+
+    #[test]
+    fn too_many_cpus() {
+        assert!(matches!(madt(300), Err(AcpiError::TooManyCpus(300))));
+    }
+}

@@ -1,0 +1,20 @@
+//! `ddvmm`: a KVM virtual machine monitor for driver-domain VMs.
+//!
+//! Reading guide:
+//! - [`machine`] assembles a VM (memory, devices, boot state) and runs it to a [`machine::GuestExit`].
+//! - [`vcpu`] is the vCPU run loop, one thread per vCPU.
+//! - [`memory`] creates memfd-backed guest RAM and the x86 physical memory map.
+//! - [`arch::x86_64`] holds the Linux boot protocol, CPUID, MSRs, registers and ACPI tables.
+//! - [`devices`] holds the emulated devices and the I/O buses they sit on.
+//! - [`exit`] says why a guest stopped and how that maps to the process exit status.
+//! - [`kvm`] opens and checks `/dev/kvm`.
+//! - [`units`] parses sizes given on the command line.
+
+pub mod arch;
+pub mod devices;
+pub mod exit;
+pub mod kvm;
+pub mod machine;
+pub mod memory;
+pub mod units;
+pub mod vcpu;

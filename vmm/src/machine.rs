@@ -1,0 +1,322 @@
+//! A complete VM: guest RAM, the boot state of a Linux kernel, the platform devices, and one
+//! thread per vCPU. [`Machine::build`] validates everything up front; [`Machine::run`] returns
+//! when the guest stops.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::x86_64::layout::ports;
+use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs};
+use crate::devices::acpi_pm::AcpiSleep;
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::i8042::I8042;
+use crate::devices::pvpanic::PvPanic;
+use crate::devices::serial::SerialConsole;
+use crate::exit::{ExitNotifier, GuestExit};
+use crate::kvm::{self, KvmError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{self, Vcpu};
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A log file (created or truncated).
+    File(PathBuf),
+}
+
+/// What to boot and on what virtual hardware.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// bzImage to boot.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Serial console destination.
+    pub console: ConsoleOutput,
+    /// Path of the KVM device.
+    pub kvm_device: PathBuf,
+}
+
+/// Errors building or running a machine.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// KVM is unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A file could not be read.
+    #[error("cannot read {what} {path}")]
+    ReadFile {
+        /// "kernel image" or "initrd".
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is not bootable.
+    #[error("kernel image {path}")]
+    Kernel {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: loader::LoaderError,
+    },
+    /// Loading failed for a reason not tied to the kernel file.
+    #[error(transparent)]
+    Loader(loader::LoaderError),
+    /// No vCPUs asked for.
+    #[error("at least one vCPU is needed")]
+    NoVcpus,
+    /// More vCPUs than KVM or our ACPI tables allow.
+    #[error("{requested} vCPUs requested, this host's KVM allows at most {max}")]
+    TooManyVcpus {
+        /// Requested.
+        requested: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// ACPI table construction failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Register setup failed.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// MSR setup failed.
+    #[error(transparent)]
+    Msrs(#[from] msrs::MsrError),
+    /// A device could not be placed on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// An ioctl or system call failed.
+    #[error("{0} failed")]
+    Sys(&'static str, #[source] std::io::Error),
+    /// The console log could not be opened.
+    #[error("cannot open console log {path}")]
+    Console {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// All vCPU threads ended without reporting why.
+    #[error("all vCPU threads ended without a guest exit")]
+    VcpusVanished,
+}
+
+/// Our ACPI tables use 8-bit APIC ids.
+const MAX_VCPUS_ACPI: u32 = 254;
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, MachineError> {
+    std::fs::read(path).map_err(|source| MachineError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A VM ready to run.
+pub struct Machine {
+    // Field order matters for drop: vCPUs and the VM go before the RAM they map.
+    vcpus: Vec<Vcpu>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    ram: GuestRam,
+    exit_rx: Receiver<GuestExit>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Machine {
+    /// Validates the configuration and builds the VM without running it.
+    pub fn build(cfg: &MachineConfig) -> Result<Self, MachineError> {
+        if cfg.vcpus == 0 {
+            return Err(MachineError::NoVcpus);
+        }
+        let kernel = read_file("kernel image", &cfg.kernel)?;
+        // Reject a non-bootable kernel before touching KVM.
+        crate::arch::x86_64::bzimage::BzImage::parse(&kernel).map_err(|e| {
+            MachineError::Kernel {
+                path: cfg.kernel.clone(),
+                source: e.into(),
+            }
+        })?;
+        let initrd = cfg
+            .initrd
+            .as_deref()
+            .map(|p| read_file("initrd", p))
+            .transpose()?;
+
+        let kvm = kvm::open(&cfg.kvm_device)?;
+        let max = (kvm::max_vcpus(&kvm) as u32).min(MAX_VCPUS_ACPI);
+        if cfg.vcpus > max {
+            return Err(MachineError::TooManyVcpus {
+                requested: cfg.vcpus,
+                max,
+            });
+        }
+
+        let ram = GuestRam::new(cfg.mem_size)?;
+        let rsdp = acpi::write_acpi_tables(ram.memory(), cfg.vcpus)?;
+        let loaded = loader::load_linux(&ram, &kernel, initrd.as_deref(), &cfg.cmdline, rsdp)
+            .map_err(|e| match e {
+                loader::LoaderError::Kernel(_) => MachineError::Kernel {
+                    path: cfg.kernel.clone(),
+                    source: e,
+                },
+                other => MachineError::Loader(other),
+            })?;
+        tracing::info!(
+            entry = format_args!("{:#x}", loaded.entry),
+            initrd = ?loaded.initrd,
+            "kernel loaded"
+        );
+        regs::write_boot_tables(ram.memory())?;
+
+        let vm = kvm::create_vm(&kvm)?;
+        kvm::register_ram(&vm, &ram)?;
+
+        let (exit_tx, exit_rx) = channel();
+        let exits = ExitNotifier::new(exit_tx);
+        let io_bus = platform_io_bus(&vm, cfg, &exits)?;
+        let mmio_bus = Bus::new();
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| KvmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let supported_msrs = msrs::supported_msrs(&kvm)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for index in 0..cfg.vcpus {
+            let fd: VcpuFd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|e| KvmError::Ioctl("KVM_CREATE_VCPU", e))?;
+            fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported_cpuid, index, cfg.vcpus))
+                .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
+            msrs::setup_msrs(&fd, &supported_msrs)?;
+            regs::setup_lint(&fd)?;
+            if index == 0 {
+                // Application processors wait for INIT/SIPI from the boot processor.
+                regs::setup_sregs(&fd)?;
+                regs::setup_regs(&fd, loaded.entry, loaded.zero_page)?;
+                regs::setup_fpu(&fd)?;
+            }
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                io_bus: io_bus.clone(),
+                mmio_bus: mmio_bus.clone(),
+                exits: exits.clone(),
+                stop: stop.clone(),
+            });
+        }
+
+        Ok(Machine {
+            vcpus,
+            _vm: vm,
+            _kvm: kvm,
+            ram,
+            exit_rx,
+            stop,
+        })
+    }
+
+    /// Guest RAM (for tests and inspection).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Runs the guest until it powers off, reboots, panics or crashes.
+    pub fn run(mut self) -> Result<GuestExit, MachineError> {
+        vcpu::install_kick_handler()
+            .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for v in self.vcpus.drain(..) {
+            let name = format!("vcpu{}", v.index);
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || v.run())
+                .map_err(|e| MachineError::Sys("spawning a vCPU thread", e))?;
+            threads.push(handle);
+        }
+        // vCPU threads hold the senders; recv fails only if they all ended silently.
+        let exit = self.exit_rx.recv().map_err(|_| MachineError::VcpusVanished);
+        stop_vcpus(&self.stop, threads);
+        exit
+    }
+}
+
+/// Stops every vCPU thread: raise the flag, then kick until each has left `KVM_RUN`.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        while !t.is_finished() {
+            // ESRCH just means the thread has exited between the check and the kill.
+            let _ = t.kill(vcpu::kick_signal());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if t.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+fn eventfd() -> Result<EventFd, MachineError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Sys("eventfd", e))
+}
+
+/// COM1, i8042, pvpanic and the ACPI sleep registers on the port I/O bus.
+fn platform_io_bus(
+    vm: &VmFd,
+    cfg: &MachineConfig,
+    exits: &ExitNotifier,
+) -> Result<Bus, MachineError> {
+    let mut bus = Bus::new();
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, ports::COM1_IRQ)
+        .map_err(|e| MachineError::Sys("KVM_IRQFD for COM1", e.into()))?;
+    let out: Box<dyn Write + Send> = match &cfg.console {
+        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| MachineError::Console {
+                path: path.clone(),
+                source,
+            })?)
+        }
+    };
+    let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
+    bus.insert(serial, u64::from(ports::COM1), 8)?;
+    let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(exits.clone())));
+    // One range 0x60..=0x64: port 0x61 in between is handled inside KVM (PIT speaker).
+    let i8042_len = u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1;
+    bus.insert(i8042, u64::from(ports::I8042_DATA), i8042_len)?;
+    let pvpanic: SharedDevice = Arc::new(Mutex::new(PvPanic::new(exits.clone())));
+    bus.insert(pvpanic, u64::from(ports::PVPANIC), 1)?;
+    let sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(exits.clone())));
+    bus.insert(sleep, u64::from(ports::ACPI_SLEEP_CONTROL), 2)?;
+    Ok(bus)
+}

@@ -1,0 +1,163 @@
+//! The vCPU run loop: one thread per vCPU, dispatching port I/O and MMIO exits to the buses and
+//! turning terminal exits (shutdown, internal error, system events) into a [`GuestExit`].
+//!
+//! Stopping: the machine sets the shared `stop` flag and signals each vCPU thread with
+//! [`kick_signal`] until it exits; the signal interrupts `KVM_RUN` with `EINTR`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::bus::Bus;
+use crate::exit::{ExitNotifier, GuestExit};
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for [`kick_signal`], so the signal interrupts `KVM_RUN` instead
+/// of killing the process. Idempotent.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), noop_handler)
+}
+
+/// Everything a vCPU thread owns.
+pub struct Vcpu {
+    /// vCPU index (also its APIC id).
+    pub index: u32,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Port I/O bus.
+    pub io_bus: Bus,
+    /// MMIO bus.
+    pub mmio_bus: Bus,
+    /// Where to report that the guest stopped.
+    pub exits: ExitNotifier,
+    /// Set by the machine when all vCPUs must stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What one `KVM_RUN` exit means for the loop.
+enum Step {
+    Continue,
+    Exit(GuestExit),
+}
+
+impl Vcpu {
+    /// Runs until the guest stops or the machine asks us to stop.
+    pub fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            match self.run_once() {
+                Step::Continue => {}
+                Step::Exit(exit) => {
+                    if let GuestExit::Crash { .. } = exit {
+                        self.log_state();
+                    }
+                    self.exits.notify(exit);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn crash(&self, reason: impl Into<String>) -> Step {
+        Step::Exit(GuestExit::Crash {
+            vcpu: self.index,
+            reason: reason.into(),
+        })
+    }
+
+    fn run_once(&mut self) -> Step {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.io_bus.read(u64::from(port), data) {
+                    tracing::trace!(vcpu = index, port, "unhandled port read");
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !self.io_bus.write(u64::from(port), data) {
+                    tracing::trace!(vcpu = index, port, "unhandled port write");
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio_bus.read(addr, data) {
+                    tracing::debug!(vcpu = index, addr, "unhandled MMIO read");
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !self.mmio_bus.write(addr, data) {
+                    tracing::debug!(vcpu = index, addr, "unhandled MMIO write");
+                }
+                Step::Continue
+            }
+            // With the in-kernel LAPIC, HLT is handled by KVM; if one ever arrives, resume.
+            Ok(VcpuExit::Hlt) => Step::Continue,
+            Ok(VcpuExit::Shutdown) => self.crash("triple fault (KVM_EXIT_SHUTDOWN)"),
+            Ok(VcpuExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
+                // `internal` member of the exit union; reading plain integers from it is sound.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                self.crash(format!("KVM internal error, suberror {suberror}"))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => self.crash(format!(
+                "KVM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+            )),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Step::Exit(GuestExit::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Step::Exit(GuestExit::Reboot),
+                KVM_SYSTEM_EVENT_CRASH => self.crash("KVM system event: crash"),
+                other => self.crash(format!("unknown KVM system event {other}")),
+            },
+            Ok(other) => {
+                let reason = format!("unexpected vCPU exit {other:?}");
+                self.crash(reason)
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked by the machine; reset immediate_exit in case it was used and re-check
+                // the stop flag in the loop.
+                self.fd.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => self.crash(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// Logs registers so a crash can be diagnosed from the log alone.
+    fn log_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => tracing::error!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                rax = format_args!("{:#x}", r.rax),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                efer = format_args!("{:#x}", s.efer),
+                cs = format_args!("{:#x}", s.cs.selector),
+                "vCPU state at crash"
+            ),
+            (r, s) => tracing::error!(
+                vcpu = self.index,
+                regs_error = ?r.err(),
+                sregs_error = ?s.err(),
+                "cannot read vCPU state at crash"
+            ),
+        }
+    }
+}
