@@ -1,1 +1,476 @@
+//! The test-host harness: runs a shell script where `/dev/kvm` can run unmodified Linux guests.
+//!
+//! - **Direct**: this machine's KVM has hardware virtualization (a `vmx`/`svm` CPU flag and no
+//!   `kvm_pvm`): the script runs here with `sh`.
+//! - **Emulated**: otherwise the script runs inside the *test host*, a QEMU/TCG-emulated AMD
+//!   machine booting Debian's stock kernel with `kvm-amd` loaded (nested SVM), so `/dev/kvm`
+//!   inside runs real guests. The harness appends a cpio archive with the `ddvmm` binary (and the
+//!   shared libraries it links), extra files and `/cmd.sh` to the prebuilt
+//!   `guest-images/out/testhost-base.cpio.gz`, boots it, and reads the console back.
+//!
+//! Either way the script sees `$DDVMM` (the binary) and `$IMAGES` (the guest images) and its
+//! combined output and exit status come back in a [`ScriptOutput`]. `DDVMM_TEST_HOST=direct` or
+//! `=emulated` forces a mode.
 
+pub mod cpio;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Where scripts run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// On this machine.
+    Direct,
+    /// Inside the QEMU-emulated test host.
+    Emulated,
+}
+
+/// Harness failures (as opposed to the script's own exit status).
+#[derive(Debug, Error)]
+pub enum HarnessError {
+    /// A required file is missing.
+    #[error("{what} not found at {path} ({hint})")]
+    Missing {
+        /// What.
+        what: &'static str,
+        /// Where it was expected.
+        path: PathBuf,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// I/O error.
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    /// The run exceeded its timeout.
+    #[error("timed out after {timeout:?}; output so far:\n{output}")]
+    Timeout {
+        /// The limit.
+        timeout: Duration,
+        /// What was printed.
+        output: String,
+    },
+    /// The test host did not report the script's exit status.
+    #[error("test host ended without an exit marker (qemu status {status:?}); output:\n{output}")]
+    NoExitMarker {
+        /// QEMU's exit status.
+        status: Option<i32>,
+        /// What was printed.
+        output: String,
+    },
+    /// A bad DDVMM_TEST_HOST value.
+    #[error("DDVMM_TEST_HOST must be 'direct' or 'emulated', not '{0}'")]
+    BadOverride(String),
+}
+
+/// The script's combined stdout/stderr and exit status.
+#[derive(Debug, Clone)]
+pub struct ScriptOutput {
+    /// Everything printed (in emulated mode: the test host's console, which includes it).
+    pub output: String,
+    /// The script's exit status.
+    pub status: i32,
+    /// Where it ran.
+    pub host: HostKind,
+}
+
+/// Whether a machine's KVM can run unmodified Linux guests: hardware virtualization flags in
+/// `cpuinfo`, and not the `kvm_pvm` software module.
+pub fn kvm_runs_unmodified_guests(
+    cpuinfo: &str,
+    kvm_dev_exists: bool,
+    kvm_pvm_loaded: bool,
+) -> bool {
+    let hw_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    kvm_dev_exists && hw_virt && !kvm_pvm_loaded
+}
+
+/// Chooses where scripts run, honouring `DDVMM_TEST_HOST`.
+pub fn select_host() -> Result<HostKind, HarnessError> {
+    match std::env::var("DDVMM_TEST_HOST").ok().as_deref() {
+        Some("direct") => return Ok(HostKind::Direct),
+        Some("emulated") => return Ok(HostKind::Emulated),
+        Some("") | None => {}
+        Some(other) => return Err(HarnessError::BadOverride(other.to_string())),
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let direct = kvm_runs_unmodified_guests(
+        &cpuinfo,
+        Path::new("/dev/kvm").exists(),
+        Path::new("/sys/module/kvm_pvm").exists(),
+    );
+    Ok(if direct {
+        HostKind::Direct
+    } else {
+        HostKind::Emulated
+    })
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `ddvmm` binary under test: `$DDVMM_BIN`, or the release build.
+pub fn ddvmm_binary() -> Result<PathBuf, HarnessError> {
+    let path = std::env::var_os("DDVMM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/ddvmm"));
+    exists(
+        path,
+        "ddvmm binary",
+        "run `cargo build --release` or `make test`",
+    )
+}
+
+/// The folder with built guest images.
+pub fn images_dir() -> PathBuf {
+    repo_root().join("guest-images/out")
+}
+
+/// A file from the images folder, checked to exist.
+pub fn image(name: &str) -> Result<PathBuf, HarnessError> {
+    exists(images_dir().join(name), "guest image", "run `make images`")
+}
+
+fn exists(path: PathBuf, what: &'static str, hint: &'static str) -> Result<PathBuf, HarnessError> {
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(HarnessError::Missing { what, path, hint })
+    }
+}
+
+/// A script to run on the test host, with optional extra files.
+pub struct TestHost {
+    host: HostKind,
+    files: Vec<(String, Vec<u8>, u32)>,
+    memory_mib: u32,
+    cpus: u32,
+    name: String,
+    echo: bool,
+}
+
+/// Serializes emulated runs inside one test process: two TCG machines on a 2-core box only
+/// slow each other down.
+static EMULATOR: Mutex<()> = Mutex::new(());
+
+impl TestHost {
+    /// A test host chosen by [`select_host`]; `name` labels its console log.
+    pub fn new(name: &str) -> Result<Self, HarnessError> {
+        Ok(TestHost {
+            host: select_host()?,
+            files: Vec::new(),
+            memory_mib: 3072,
+            cpus: 2,
+            name: name.to_string(),
+            echo: false,
+        })
+    }
+
+    /// Where this host runs scripts.
+    pub fn kind(&self) -> HostKind {
+        self.host
+    }
+
+    /// Adds a file for the script, visible at `$WORK/<name>` (emulated: `/work/<name>`).
+    pub fn file(mut self, name: &str, contents: Vec<u8>, mode: u32) -> Self {
+        self.files.push((name.to_string(), contents, mode));
+        self
+    }
+
+    /// Also copy output to this process's stdout as it arrives (for demos and benchmarks).
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.echo = echo;
+        self
+    }
+
+    /// Test-host memory (emulated mode), MiB.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Runs `script` and returns its output and exit status. `timeout` catches hangs only.
+    pub fn run(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
+        match self.host {
+            HostKind::Direct => self.run_direct(script, timeout),
+            HostKind::Emulated => self.run_emulated(script, timeout),
+        }
+    }
+
+    fn run_direct(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
+        let work =
+            std::env::temp_dir().join(format!("ddvmm-test-{}-{}", self.name, std::process::id()));
+        std::fs::create_dir_all(&work)
+            .map_err(|e| HarnessError::Io(format!("mkdir {}", work.display()), e))?;
+        for (name, contents, mode) in &self.files {
+            let p = work.join(name);
+            std::fs::write(&p, contents)
+                .map_err(|e| HarnessError::Io(format!("write {}", p.display()), e))?;
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode));
+        }
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("exec 2>&1\n{script}"))
+            .current_dir(&work)
+            .env("DDVMM", ddvmm_binary()?)
+            .env("IMAGES", images_dir())
+            .env("WORK", &work);
+        let (output, status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo)?;
+        let _ = std::fs::remove_dir_all(&work);
+        Ok(ScriptOutput {
+            output,
+            status: status.unwrap_or(-1),
+            host: HostKind::Direct,
+        })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        repo_root()
+            .join("target/testhost-logs")
+            .join(format!("{}.log", self.name))
+    }
+
+    fn run_emulated(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
+        let kernel = image("vmlinuz")?;
+        let base = image("testhost-base.cpio.gz")?;
+        let binary = ddvmm_binary()?;
+
+        let mut archive = cpio::Archive::new();
+        let bin = std::fs::read(&binary)
+            .map_err(|e| HarnessError::Io(format!("read {}", binary.display()), e))?;
+        archive.file("bin/ddvmm", &bin, 0o755);
+        for lib in shared_libraries(&binary)? {
+            let data = std::fs::read(&lib)
+                .map_err(|e| HarnessError::Io(format!("read {}", lib.display()), e))?;
+            let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+            archive.file(&rel, &data, 0o755);
+        }
+        for (name, contents, mode) in &self.files {
+            archive.file(&format!("work/{name}"), contents, *mode);
+        }
+        archive.file(
+            "cmd.sh",
+            format!("export WORK=/work\nmkdir -p /work\ncd /work\nexec 2>&1\n{script}\n")
+                .as_bytes(),
+            0o755,
+        );
+        let mut initrd = std::fs::read(&base)
+            .map_err(|e| HarnessError::Io(format!("read {}", base.display()), e))?;
+        // An appended uncompressed archive must start 4-byte aligned.
+        initrd.resize(initrd.len().next_multiple_of(512), 0);
+        initrd.extend_from_slice(&archive.finish());
+
+        let dir = repo_root().join("target/testhost-logs");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HarnessError::Io(format!("mkdir {}", dir.display()), e))?;
+        let initrd_path = dir.join(format!("{}.initrd", self.name));
+        std::fs::write(&initrd_path, &initrd)
+            .map_err(|e| HarnessError::Io(format!("write {}", initrd_path.display()), e))?;
+
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-M", "q35"])
+            .args([
+                "-smp",
+                &self.cpus.to_string(),
+                "-m",
+                &self.memory_mib.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
+            .args(["-nic", "none"])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd_path)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        let _guard = EMULATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let (output, qemu_status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo)?;
+        let _ = std::fs::remove_file(&initrd_path);
+        match parse_exit_marker(&output) {
+            Some(status) => Ok(ScriptOutput {
+                output,
+                status,
+                host: HostKind::Emulated,
+            }),
+            None => Err(HarnessError::NoExitMarker {
+                status: qemu_status,
+                output,
+            }),
+        }
+    }
+}
+
+/// Extracts `N` from the test host's `DDVMM-TESTHOST-EXIT rc=N` line.
+pub fn parse_exit_marker(output: &str) -> Option<i32> {
+    const MARKER: &str = "DDVMM-TESTHOST-EXIT rc=";
+    let at = output.rfind(MARKER)? + MARKER.len();
+    let digits: String = output[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-')
+        .collect();
+    digits.parse().ok()
+}
+
+/// Shared libraries `binary` loads, from `ldd` (absolute paths, symlinks resolved by reading).
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, HarnessError> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|e| HarnessError::Io("run ldd".into(), e))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        })
+        .collect())
+}
+
+/// Runs `cmd`, capturing stdout+stderr, killing it after `timeout`. Also writes the output to
+/// `log` for post-mortem reading.
+fn run_with_timeout(
+    mut cmd: Command,
+    timeout: Duration,
+    log: &Path,
+    echo: bool,
+) -> Result<(String, Option<i32>), HarnessError> {
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| HarnessError::Io(format!("spawn {:?}", cmd.get_program()), e))?;
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    for mut stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let buf = buf.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                if echo {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&chunk[..n]);
+                    let _ = out.flush();
+                }
+                buf.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&chunk[..n]);
+            }
+        }));
+    }
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                for r in readers {
+                    let _ = r.join();
+                }
+                let output = text(&buf);
+                let _ = std::fs::write(log, &output);
+                return Err(HarnessError::Timeout { timeout, output });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(HarnessError::Io("wait for child".into(), e)),
+        }
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let output = text(&buf);
+    let _ = std::fs::write(log, &output);
+    Ok((output, status))
+}
+
+fn text(buf: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTEL_VMX: &str = "processor\t: 0\nflags\t\t: fpu vme de pse msr vmx sse2\n";
+    const AMD_SVM: &str = "processor\t: 0\nflags\t\t: fpu svm lm\n";
+    const NO_VIRT: &str = "processor\t: 0\nflags\t\t: fpu vme de pse msr sse2 hypervisor\n";
+
+    #[test]
+    fn selection_logic() {
+        assert!(kvm_runs_unmodified_guests(INTEL_VMX, true, false));
+        assert!(kvm_runs_unmodified_guests(AMD_SVM, true, false));
+        // kvm_pvm provides /dev/kvm without hardware virtualization.
+        assert!(!kvm_runs_unmodified_guests(NO_VIRT, true, true));
+        assert!(!kvm_runs_unmodified_guests(INTEL_VMX, true, true));
+        assert!(!kvm_runs_unmodified_guests(NO_VIRT, true, false));
+        assert!(!kvm_runs_unmodified_guests(AMD_SVM, false, false));
+        // "vmx" inside another flag name does not count.
+        assert!(!kvm_runs_unmodified_guests(
+            "flags\t: vmxfoo\n",
+            true,
+            false
+        ));
+    }
+
+    #[test]
+    fn this_machine_is_classified() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        if pvm {
+            assert!(!kvm_runs_unmodified_guests(&cpuinfo, true, pvm));
+        }
+    }
+
+    #[test]
+    fn exit_marker() {
+        assert_eq!(
+            parse_exit_marker("x\r\nDDVMM-TESTHOST-EXIT rc=3\r\n"),
+            Some(3)
+        );
+        assert_eq!(parse_exit_marker("DDVMM-TESTHOST-EXIT rc=0"), Some(0));
+        assert_eq!(parse_exit_marker("DDVMM-TESTHOST-EXIT rc=\n"), None);
+        assert_eq!(parse_exit_marker("nothing"), None);
+    }
+}

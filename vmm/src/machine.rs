@@ -14,11 +14,13 @@ use std::time::Duration;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use crate::arch::x86_64::bzimage::BzImage;
 use crate::arch::x86_64::layout::ports;
-use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs};
+use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::I8042;
@@ -38,15 +40,33 @@ pub enum ConsoleOutput {
     File(PathBuf),
 }
 
+/// What the boot vCPU starts executing.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A Linux bzImage entered through the 64-bit boot protocol.
+    Linux {
+        /// bzImage to boot.
+        kernel: PathBuf,
+        /// Optional initramfs.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+    /// A flat real-mode binary loaded at `load_addr` and entered there with CS=0: for firmware-
+    /// less test programs (the KVM-layer tests use it). The platform devices are the same.
+    RealMode {
+        /// The code.
+        image: Vec<u8>,
+        /// Guest-physical load and entry address (below 64 KiB).
+        load_addr: u16,
+    },
+}
+
 /// What to boot and on what virtual hardware.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
-    /// bzImage to boot.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
+    /// What to run.
+    pub boot: BootSource,
     /// Guest RAM in bytes.
     pub mem_size: u64,
     /// Number of vCPUs.
@@ -124,6 +144,9 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
+    /// [`Machine::run`] was called twice.
+    #[error("this machine has already run")]
+    AlreadyRan,
     /// All vCPU threads ended without reporting why.
     #[error("all vCPU threads ended without a guest exit")]
     VcpusVanished,
@@ -143,7 +166,10 @@ fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, MachineError> {
 /// A VM ready to run.
 pub struct Machine {
     // Field order matters for drop: vCPUs and the VM go before the RAM they map.
-    vcpus: Vec<Vcpu>,
+    vcpus: Vec<(u32, VcpuFd)>,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    exits: ExitNotifier,
     _vm: VmFd,
     _kvm: Kvm,
     ram: GuestRam,
@@ -157,20 +183,7 @@ impl Machine {
         if cfg.vcpus == 0 {
             return Err(MachineError::NoVcpus);
         }
-        let kernel = read_file("kernel image", &cfg.kernel)?;
-        // Reject a non-bootable kernel before touching KVM.
-        crate::arch::x86_64::bzimage::BzImage::parse(&kernel).map_err(|e| {
-            MachineError::Kernel {
-                path: cfg.kernel.clone(),
-                source: e.into(),
-            }
-        })?;
-        let initrd = cfg
-            .initrd
-            .as_deref()
-            .map(|p| read_file("initrd", p))
-            .transpose()?;
-
+        let payload = BootPayload::read(&cfg.boot)?;
         let kvm = kvm::open(&cfg.kvm_device)?;
         let max = (kvm::max_vcpus(&kvm) as u32).min(MAX_VCPUS_ACPI);
         if cfg.vcpus > max {
@@ -182,27 +195,21 @@ impl Machine {
 
         let ram = GuestRam::new(cfg.mem_size)?;
         let rsdp = acpi::write_acpi_tables(ram.memory(), cfg.vcpus)?;
-        let loaded = loader::load_linux(&ram, &kernel, initrd.as_deref(), &cfg.cmdline, rsdp)
-            .map_err(|e| match e {
-                loader::LoaderError::Kernel(_) => MachineError::Kernel {
-                    path: cfg.kernel.clone(),
-                    source: e,
-                },
-                other => MachineError::Loader(other),
-            })?;
-        tracing::info!(
-            entry = format_args!("{:#x}", loaded.entry),
-            initrd = ?loaded.initrd,
-            "kernel loaded"
-        );
-        regs::write_boot_tables(ram.memory())?;
+        reset_vector::write_reset_vector(ram.memory()).map_err(|source| {
+            MachineError::Loader(loader::LoaderError::GuestWrite {
+                what: "reset vector",
+                addr: reset_vector::RESET_VECTOR,
+                source,
+            })
+        })?;
+        let entry = payload.load(&ram, rsdp)?;
 
         let vm = kvm::create_vm(&kvm)?;
         kvm::register_ram(&vm, &ram)?;
 
         let (exit_tx, exit_rx) = channel();
         let exits = ExitNotifier::new(exit_tx);
-        let io_bus = platform_io_bus(&vm, cfg, &exits)?;
+        let io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mmio_bus = Bus::new();
 
         let supported_cpuid = kvm
@@ -221,22 +228,16 @@ impl Machine {
             regs::setup_lint(&fd)?;
             if index == 0 {
                 // Application processors wait for INIT/SIPI from the boot processor.
-                regs::setup_sregs(&fd)?;
-                regs::setup_regs(&fd, loaded.entry, loaded.zero_page)?;
-                regs::setup_fpu(&fd)?;
+                entry.setup_boot_vcpu(&fd)?;
             }
-            vcpus.push(Vcpu {
-                index,
-                fd,
-                io_bus: io_bus.clone(),
-                mmio_bus: mmio_bus.clone(),
-                exits: exits.clone(),
-                stop: stop.clone(),
-            });
+            vcpus.push((index, fd));
         }
 
         Ok(Machine {
             vcpus,
+            io_bus,
+            mmio_bus,
+            exits,
             _vm: vm,
             _kvm: kvm,
             ram,
@@ -250,23 +251,62 @@ impl Machine {
         &self.ram
     }
 
-    /// Runs the guest until it powers off, reboots, panics or crashes.
-    pub fn run(mut self) -> Result<GuestExit, MachineError> {
+    /// Places an extra device on the MMIO bus (before [`Self::run`]).
+    pub fn add_mmio_device(
+        &mut self,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+    ) -> Result<(), MachineError> {
+        Ok(self.mmio_bus.insert(device, base, len)?)
+    }
+
+    /// Runs the guest until it powers off, reboots, panics or crashes. A machine runs once.
+    pub fn run(&mut self) -> Result<GuestExit, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for v in self.vcpus.drain(..) {
-            let name = format!("vcpu{}", v.index);
+        for (index, fd) in self.vcpus.drain(..) {
+            let v = Vcpu {
+                index,
+                fd,
+                io_bus: self.io_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                exits: self.exits.clone(),
+                stop: self.stop.clone(),
+            };
+            let name = format!("vcpu{index}");
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || v.run())
                 .map_err(|e| MachineError::Sys("spawning a vCPU thread", e))?;
             threads.push(handle);
         }
-        // vCPU threads hold the senders; recv fails only if they all ended silently.
-        let exit = self.exit_rx.recv().map_err(|_| MachineError::VcpusVanished);
+        if threads.is_empty() {
+            return Err(MachineError::AlreadyRan);
+        }
+        let exit = self.recv_exit(&threads);
         stop_vcpus(&self.stop, threads);
         exit
+    }
+}
+
+impl Machine {
+    /// Waits for the first exit report. The machine itself holds a sender, so a plain `recv`
+    /// would never fail; poll for the case where every vCPU thread ended without reporting.
+    fn recv_exit(&self, threads: &[JoinHandle<()>]) -> Result<GuestExit, MachineError> {
+        loop {
+            match self.exit_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(exit) => return Ok(exit),
+                Err(_) if threads.iter().all(|t| t.is_finished()) => {
+                    return self
+                        .exit_rx
+                        .try_recv()
+                        .map_err(|_| MachineError::VcpusVanished)
+                }
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -292,14 +332,14 @@ fn eventfd() -> Result<EventFd, MachineError> {
 /// COM1, i8042, pvpanic and the ACPI sleep registers on the port I/O bus.
 fn platform_io_bus(
     vm: &VmFd,
-    cfg: &MachineConfig,
+    console: &ConsoleOutput,
     exits: &ExitNotifier,
 ) -> Result<Bus, MachineError> {
     let mut bus = Bus::new();
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, ports::COM1_IRQ)
         .map_err(|e| MachineError::Sys("KVM_IRQFD for COM1", e.into()))?;
-    let out: Box<dyn Write + Send> = match &cfg.console {
+    let out: Box<dyn Write + Send> = match console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
         ConsoleOutput::File(path) => {
             Box::new(File::create(path).map_err(|source| MachineError::Console {
@@ -319,4 +359,109 @@ fn platform_io_bus(
     let sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(exits.clone())));
     bus.insert(sleep, u64::from(ports::ACPI_SLEEP_CONTROL), 2)?;
     Ok(bus)
+}
+
+/// The boot payload read from disk, validated before KVM is touched.
+enum BootPayload<'a> {
+    Linux {
+        kernel_path: &'a Path,
+        kernel: Vec<u8>,
+        initrd: Option<Vec<u8>>,
+        cmdline: &'a str,
+    },
+    RealMode {
+        image: &'a [u8],
+        load_addr: u16,
+    },
+}
+
+/// Where the boot vCPU starts.
+enum BootEntry {
+    Linux(loader::LoadedKernel),
+    RealMode(u16),
+}
+
+impl<'a> BootPayload<'a> {
+    fn read(boot: &'a BootSource) -> Result<Self, MachineError> {
+        match boot {
+            BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let image = read_file("kernel image", kernel)?;
+                BzImage::parse(&image).map_err(|e| MachineError::Kernel {
+                    path: kernel.clone(),
+                    source: e.into(),
+                })?;
+                let initrd = initrd
+                    .as_deref()
+                    .map(|p| read_file("initrd", p))
+                    .transpose()?;
+                Ok(BootPayload::Linux {
+                    kernel_path: kernel,
+                    kernel: image,
+                    initrd,
+                    cmdline,
+                })
+            }
+            BootSource::RealMode { image, load_addr } => Ok(BootPayload::RealMode {
+                image,
+                load_addr: *load_addr,
+            }),
+        }
+    }
+
+    fn load(&self, ram: &GuestRam, rsdp: u64) -> Result<BootEntry, MachineError> {
+        match self {
+            BootPayload::Linux {
+                kernel_path,
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let loaded = loader::load_linux(ram, kernel, initrd.as_deref(), cmdline, rsdp)
+                    .map_err(|e| match e {
+                        loader::LoaderError::Kernel(_) => MachineError::Kernel {
+                            path: kernel_path.to_path_buf(),
+                            source: e,
+                        },
+                        other => MachineError::Loader(other),
+                    })?;
+                tracing::info!(
+                    entry = format_args!("{:#x}", loaded.entry),
+                    initrd = ?loaded.initrd,
+                    "kernel loaded"
+                );
+                regs::write_boot_tables(ram.memory())?;
+                Ok(BootEntry::Linux(loaded))
+            }
+            BootPayload::RealMode { image, load_addr } => {
+                ram.memory()
+                    .write_slice(image, GuestAddress(u64::from(*load_addr)))
+                    .map_err(|e| {
+                        MachineError::Loader(loader::LoaderError::GuestWrite {
+                            what: "real-mode image",
+                            addr: u64::from(*load_addr),
+                            source: e,
+                        })
+                    })?;
+                Ok(BootEntry::RealMode(*load_addr))
+            }
+        }
+    }
+}
+
+impl BootEntry {
+    fn setup_boot_vcpu(&self, fd: &VcpuFd) -> Result<(), MachineError> {
+        match self {
+            BootEntry::Linux(loaded) => {
+                regs::setup_sregs(fd)?;
+                regs::setup_regs(fd, loaded.entry, loaded.zero_page)?;
+                regs::setup_fpu(fd)?;
+            }
+            BootEntry::RealMode(addr) => regs::setup_real_mode(fd, *addr)?,
+        }
+        Ok(())
+    }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddvmm::exit::GuestExit;
-use ddvmm::machine::{ConsoleOutput, Machine, MachineConfig};
+use ddvmm::machine::{BootSource, ConsoleOutput, Machine, MachineConfig};
 use ddvmm::units::parse_size;
 
 /// Driver-domain VMM: boots unmodified Linux kernels under KVM.
@@ -72,15 +72,17 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         path => ConsoleOutput::File(PathBuf::from(path)),
     };
     let cfg = MachineConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
+        boot: BootSource::Linux {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+        },
         mem_size,
         vcpus: args.cpus,
         console,
         kvm_device: args.kvm_device,
     };
-    let machine = Machine::build(&cfg)?;
+    let mut machine = Machine::build(&cfg)?;
     let exit = machine.run()?;
     log_vmm_memory();
     Ok(exit)

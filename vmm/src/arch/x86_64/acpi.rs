@@ -1,10 +1,15 @@
 //! ACPI tables: what a stock kernel needs to find every CPU (MADT), power off cleanly (FADT with
-//! hardware-reduced sleep registers and `_S5` in the DSDT) and find the pvpanic device (DSDT).
+//! hardware-reduced sleep registers and `_S5` in the DSDT) and find the serial port and the
+//! pvpanic device with working interrupts (DSDT).
 //!
 //! Power-off path: the FADT sets `HW_REDUCED_ACPI` and points `SLEEP_CONTROL_REG` at I/O port
 //! [`ports::ACPI_SLEEP_CONTROL`]. The DSDT's `\_S5` package gives sleep type 5, so a guest
 //! `poweroff` ends with the kernel writing `SLP_EN | (5 << 2)` there, which the VMM turns into a
 //! power-off exit. No SCI, PM timer or PM1 blocks are needed.
+//!
+//! Reboot path: the FADT's reset register is the i8042 command port (0x64) with value 0xFE, the
+//! same write the kernel's keyboard-controller fallback makes; the VMM turns it into a reboot
+//! exit.
 //!
 //! Tables live in the BIOS area (reserved in e820); the RSDP is at its start, where the kernel's
 //! legacy scan finds it, and its address is also passed in the zero page.
@@ -14,6 +19,8 @@ use acpi_tables::sdt::{GenericAddress, Sdt};
 use acpi_tables::{aml, Aml};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::i8042::CMD_RESET_CPU;
 
 use super::layout::{ports, APIC_START, BIOS_AREA_SIZE, BIOS_AREA_START, IOAPIC_START};
 
@@ -39,6 +46,8 @@ pub enum AcpiError {
 const FADT_PWR_BUTTON: u32 = 1 << 4;
 /// FADT flag: the sleep button is a control-method device (we have none).
 const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// FADT flag: the reset register is supported.
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
 /// FADT flag: hardware-reduced ACPI (no PM1 blocks, SCI or PM timer).
 const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
 /// IA-PC boot architecture flag: no VGA.
@@ -54,8 +63,16 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     fadt.write_u16(109, IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT);
     fadt.write_u32(
         112,
-        FADT_HW_REDUCED_ACPI | FADT_PWR_BUTTON | FADT_SLP_BUTTON,
+        FADT_HW_REDUCED_ACPI | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP,
     );
+    // Reset register: the i8042 command port with the "pulse reset line" command, so the
+    // kernel's first reboot method (ACPI) and its keyboard-controller fallback end up in the
+    // same device.
+    fadt.write(
+        116,
+        GenericAddress::io_port_address::<u8>(ports::I8042_COMMAND),
+    );
+    fadt.write_u8(128, CMD_RESET_CPU);
     // FADT minor version (ACPI 6.0).
     fadt.write_u8(131, 0);
     fadt.write_u64(140, dsdt_addr);
@@ -108,7 +125,18 @@ fn dsdt() -> Sdt {
     let hid = aml::Name::new("_HID".into(), &"QEMU0001");
     let crs = aml::Name::new("_CRS".into(), &pvpanic_crs);
     let pvpanic = aml::Device::new("PEVT".into(), vec![&hid, &crs]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&pvpanic]);
+    // COM1 must be described here: hardware-reduced ACPI makes Linux drop the legacy PIC and
+    // its identity mapping of ISA IRQs, so the serial port's IRQ 4 only works when the port
+    // comes with an ACPI interrupt resource (GSI 4 on the IOAPIC). Without it the console
+    // prints kernel messages but userspace output is silently lost.
+    let com1_irq = aml::Interrupt::new(true, true, false, false, ports::COM1_IRQ);
+    let com1_io = aml::IO::new(ports::COM1, ports::COM1, 1, 8);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &pvpanic]);
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     sb.to_aml_bytes(&mut body);
@@ -203,6 +231,7 @@ mod tests {
         assert!(checksum_ok(b));
         assert!(b.windows(4).any(|w| w == b"_S5_"));
         assert!(b.windows(8).any(|w| w == b"QEMU0001"));
+        assert!(b.windows(4).any(|w| w == b"COM1"));
     }
 
     #[test]

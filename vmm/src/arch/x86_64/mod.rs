@@ -8,3 +8,4 @@ pub mod layout;
 pub mod loader;
 pub mod msrs;
 pub mod regs;
+pub mod reset_vector;

@@ -144,6 +144,34 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: u64, zero_page: u64) -> Result<(), RegsE
         .map_err(|e| RegsError::Kvm("SET_REGS", e))
 }
 
+/// Real mode with all segments based at 0, entering at `entry` (for flat test programs).
+pub fn setup_real_mode(vcpu: &VcpuFd, entry: u16) -> Result<(), RegsError> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| RegsError::Kvm("GET_SREGS", e))?;
+    for seg in [
+        &mut sregs.cs,
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        seg.base = 0;
+        seg.selector = 0;
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| RegsError::Kvm("SET_SREGS", e))?;
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: u64::from(entry),
+        rsp: 0xfff0,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| RegsError::Kvm("SET_REGS", e))
+}
+
 /// x87 and SSE control words at their reset values.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let fpu = kvm_fpu {

@@ -1,0 +1,42 @@
+# ddvmm: the commands a newcomer needs. `make demo` boots a Linux guest and shows its console;
+# `make test` runs every test. Both install what they need first.
+
+CARGO ?= cargo
+# Debian packages the build, the images and the tests use.
+APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates
+
+.PHONY: all deps images build test demo bench lint clean-images
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "deps: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "deps: all installed"; fi
+
+images: deps
+	bash guest-images/build-images.sh
+
+build:
+	$(CARGO) build --release --workspace --all-targets
+
+# One profile (release) for the binary under test and the tests themselves.
+test: deps images build
+	$(CARGO) test --release --workspace
+
+demo: deps images build
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo scripts/demo.sh
+
+bench: deps images build
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- bench/boot-time.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean-images:
+	rm -rf guest-images/out

@@ -1,0 +1,66 @@
+//! `testhost`: runs a shell script where this machine can run Linux guests under KVM (directly,
+//! or inside the emulated test host), with `$DDVMM` and `$IMAGES` set. Exits with the script's
+//! status. Used by `make demo` and `make bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use ddvmm_tests::TestHost;
+
+#[derive(Parser, Debug)]
+#[command(about = "Run a script on the KVM test host")]
+struct Args {
+    /// Stream output as it arrives instead of printing it at the end.
+    #[arg(long)]
+    echo: bool,
+    /// Kill the run after this many seconds (a hang guard, not a measurement).
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+    /// Test-host memory in MiB (emulated mode).
+    #[arg(long, default_value_t = 3072)]
+    memory_mib: u32,
+    /// The script to run.
+    script: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let script = match std::fs::read_to_string(&args.script) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("testhost: cannot read {}: {e}", args.script.display());
+            return ExitCode::from(1);
+        }
+    };
+    let name = args
+        .script
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "script".into());
+    let host = match TestHost::new(&name) {
+        Ok(h) => h.echo(args.echo).memory_mib(args.memory_mib),
+        Err(e) => {
+            eprintln!("testhost: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    eprintln!(
+        "testhost: running {} ({:?} host)",
+        args.script.display(),
+        host.kind()
+    );
+    match host.run(&script, Duration::from_secs(args.timeout)) {
+        Ok(out) => {
+            if !args.echo {
+                print!("{}", out.output);
+            }
+            ExitCode::from(u8::try_from(out.status).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("testhost: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
