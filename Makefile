@@ -31,8 +31,14 @@ test: deps images build
 demo: deps images build
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo scripts/demo.sh
 
+# Boot time and VMM memory, ddvmm vs QEMU microvm, same kernel/initramfs/host, one run.
 bench: deps images build
-	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- bench/boot-time.sh
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --program boot-timer=target/release/boot-timer \
+	    --program qemu-system-x86_64=/usr/bin/qemu-system-x86_64 \
+	    --host-file /usr/share/qemu/bios-microvm.bin \
+	    --host-file /usr/share/qemu/linuxboot_dma.bin \
+	    bench/boot-time.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

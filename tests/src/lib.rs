@@ -14,6 +14,7 @@
 
 pub mod cpio;
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -156,6 +157,8 @@ fn exists(path: PathBuf, what: &'static str, hint: &'static str) -> Result<PathB
 pub struct TestHost {
     host: HostKind,
     files: Vec<(String, Vec<u8>, u32)>,
+    host_files: Vec<(String, PathBuf)>,
+    programs: Vec<(String, PathBuf)>,
     memory_mib: u32,
     cpus: u32,
     name: String,
@@ -172,6 +175,8 @@ impl TestHost {
         Ok(TestHost {
             host: select_host()?,
             files: Vec::new(),
+            host_files: Vec::new(),
+            programs: Vec::new(),
             memory_mib: 3072,
             cpus: 2,
             name: name.to_string(),
@@ -193,6 +198,22 @@ impl TestHost {
     /// Also copy output to this process's stdout as it arrives (for demos and benchmarks).
     pub fn echo(mut self, echo: bool) -> Self {
         self.echo = echo;
+        self
+    }
+
+    /// Makes a program of this machine available to the script as `name` on its `PATH`
+    /// (emulated mode: copied in with the shared libraries it links).
+    pub fn program(mut self, name: &str, host_path: impl Into<PathBuf>) -> Self {
+        self.programs.push((name.to_string(), host_path.into()));
+        self
+    }
+
+    /// Copies a file of this machine to the same absolute path inside the emulated test host
+    /// (data files a program needs, such as firmware). Direct mode: already there.
+    pub fn host_file(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        self.host_files
+            .push((path.to_string_lossy().into_owned(), path));
         self
     }
 
@@ -222,8 +243,23 @@ impl TestHost {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode));
         }
+        let bin = work.join("bin");
+        std::fs::create_dir_all(&bin)
+            .map_err(|e| HarnessError::Io(format!("mkdir {}", bin.display()), e))?;
+        for (name, path) in &self.programs {
+            let link = bin.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(path, &link)
+                .map_err(|e| HarnessError::Io(format!("link {}", link.display()), e))?;
+        }
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
+        );
         let mut cmd = Command::new("sh");
-        cmd.arg("-c")
+        cmd.env("PATH", path)
+            .arg("-c")
             .arg(format!("exec 2>&1\n{script}"))
             .current_dir(&work)
             .env("DDVMM", ddvmm_binary()?)
@@ -253,11 +289,20 @@ impl TestHost {
         let bin = std::fs::read(&binary)
             .map_err(|e| HarnessError::Io(format!("read {}", binary.display()), e))?;
         archive.file("bin/ddvmm", &bin, 0o755);
-        for lib in shared_libraries(&binary)? {
-            let data = std::fs::read(&lib)
-                .map_err(|e| HarnessError::Io(format!("read {}", lib.display()), e))?;
+        let mut libs = BTreeSet::new();
+        libs.extend(shared_libraries(&binary)?);
+        for (name, path) in &self.programs {
+            // Under /usr/bin so programs that find data relative to themselves
+            // (QEMU: ../share/qemu) see the same layout as on this machine.
+            archive.file(&format!("usr/bin/{name}"), &read(path)?, 0o755);
+            libs.extend(shared_libraries(path)?);
+        }
+        for lib in libs {
             let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
-            archive.file(&rel, &data, 0o755);
+            archive.file(&rel, &read(&lib)?, 0o755);
+        }
+        for (guest, host) in &self.host_files {
+            archive.file(guest, &read(host)?, 0o644);
         }
         for (name, contents, mode) in &self.files {
             archive.file(&format!("work/{name}"), contents, *mode);
@@ -318,6 +363,10 @@ impl TestHost {
             }),
         }
     }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, HarnessError> {
+    std::fs::read(path).map_err(|e| HarnessError::Io(format!("read {}", path.display()), e))
 }
 
 /// Extracts `N` from the test host's `DDVMM-TESTHOST-EXIT rc=N` line.

@@ -134,7 +134,10 @@ fn unhandled_port_reads_float_high() {
 }
 
 /// Records writes; reads return 0x70 | offset.
-struct Recorder(Arc<Mutex<Vec<(u64, Vec<u8>)>>>);
+/// (offset, bytes) of every write the device saw.
+type WriteLog = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
+struct Recorder(WriteLog);
 
 impl BusDevice for Recorder {
     fn read(&mut self, offset: u64, data: &mut [u8]) {

@@ -21,6 +21,12 @@ struct Args {
     /// Test-host memory in MiB (emulated mode).
     #[arg(long, default_value_t = 3072)]
     memory_mib: u32,
+    /// A program of this machine to put on the script's PATH, as NAME=PATH (repeatable).
+    #[arg(long = "program", value_name = "NAME=PATH")]
+    programs: Vec<String>,
+    /// A file of this machine to copy to the same path in the emulated test host (repeatable).
+    #[arg(long = "host-file", value_name = "PATH")]
+    host_files: Vec<PathBuf>,
     /// The script to run.
     script: PathBuf,
 }
@@ -39,13 +45,23 @@ fn main() -> ExitCode {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "script".into());
-    let host = match TestHost::new(&name) {
+    let mut host = match TestHost::new(&name) {
         Ok(h) => h.echo(args.echo).memory_mib(args.memory_mib),
         Err(e) => {
             eprintln!("testhost: {e}");
             return ExitCode::from(1);
         }
     };
+    for p in &args.programs {
+        let Some((name, path)) = p.split_once('=') else {
+            eprintln!("testhost: --program wants NAME=PATH, got {p}");
+            return ExitCode::from(2);
+        };
+        host = host.program(name, path);
+    }
+    for f in &args.host_files {
+        host = host.host_file(f.clone());
+    }
     eprintln!(
         "testhost: running {} ({:?} host)",
         args.script.display(),
