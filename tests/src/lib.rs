@@ -56,6 +56,14 @@ pub enum HarnessError {
         /// What was printed.
         output: String,
     },
+    /// Nothing was printed for too long: the run is hung.
+    #[error("no output for {quiet:?}; output so far:\n{output}")]
+    Stalled {
+        /// How long it was silent.
+        quiet: Duration,
+        /// What was printed.
+        output: String,
+    },
     /// The test host did not report the script's exit status.
     #[error("test host ended without an exit marker (qemu status {status:?}); output:\n{output}")]
     NoExitMarker {
@@ -159,11 +167,16 @@ pub struct TestHost {
     files: Vec<(String, Vec<u8>, u32)>,
     host_files: Vec<(String, PathBuf)>,
     programs: Vec<(String, PathBuf)>,
+    disks: Vec<PathBuf>,
     memory_mib: u32,
     cpus: u32,
     name: String,
     echo: bool,
 }
+
+/// A run that prints nothing for this long is hung. Guests here print continuously while
+/// booting, and scripts that run long silent jobs print progress.
+const QUIET_LIMIT: Duration = Duration::from_secs(300);
 
 /// Serializes emulated runs inside one test process: two TCG machines on a 2-core box only
 /// slow each other down.
@@ -177,6 +190,7 @@ impl TestHost {
             files: Vec::new(),
             host_files: Vec::new(),
             programs: Vec::new(),
+            disks: Vec::new(),
             memory_mib: 3072,
             cpus: 2,
             name: name.to_string(),
@@ -217,6 +231,15 @@ impl TestHost {
         self
     }
 
+    /// Makes a file of this machine available to the script as a block device: `$DISK0`,
+    /// `$DISK1`, ... Emulated mode attaches it to the test host as an NVMe namespace (the
+    /// stock kernel has the `nvme` driver built in), so whatever a guest writes through it lands
+    /// in this very file; direct mode passes the path.
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disks.push(path.into());
+        self
+    }
+
     /// Test-host memory (emulated mode), MiB.
     pub fn memory_mib(mut self, mib: u32) -> Self {
         self.memory_mib = mib;
@@ -224,10 +247,28 @@ impl TestHost {
     }
 
     /// Runs `script` and returns its output and exit status. `timeout` catches hangs only.
+    ///
+    /// In emulated mode a run that stalls completely (no output at all for
+    /// [`QUIET_LIMIT`]) is retried once: the emulator's nested SVM has been seen, rarely and
+    /// only under heavy host load, to stop making progress. The stalled output is kept in
+    /// `target/testhost-logs/<name>.stalled.log` and reported on stderr, so a stall that is
+    /// really ours shows up as two stalls and a failure.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
         match self.host {
             HostKind::Direct => self.run_direct(script, timeout),
-            HostKind::Emulated => self.run_emulated(script, timeout),
+            HostKind::Emulated => match self.run_emulated(script, timeout) {
+                Err(HarnessError::Stalled { quiet, output }) => {
+                    let kept = self.log_path().with_extension("stalled.log");
+                    let _ = std::fs::write(&kept, &output);
+                    eprintln!(
+                        "testhost: {} stalled (no output for {quiet:?}); retrying once, see {}",
+                        self.name,
+                        kept.display()
+                    );
+                    self.run_emulated(script, timeout)
+                }
+                other => other,
+            },
         }
     }
 
@@ -265,6 +306,9 @@ impl TestHost {
             .env("DDVMM", ddvmm_binary()?)
             .env("IMAGES", images_dir())
             .env("WORK", &work);
+        for (i, d) in self.disks.iter().enumerate() {
+            cmd.env(format!("DISK{i}"), d);
+        }
         let (output, status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo)?;
         let _ = std::fs::remove_dir_all(&work);
         Ok(ScriptOutput {
@@ -309,8 +353,13 @@ impl TestHost {
         }
         archive.file(
             "cmd.sh",
-            format!("export WORK=/work\nmkdir -p /work\ncd /work\nexec 2>&1\n{script}\n")
-                .as_bytes(),
+            format!(
+                "export WORK=/work\n{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
+                (0..self.disks.len())
+                    .map(|i| format!("export DISK{i}=/dev/nvme{i}n1\n"))
+                    .collect::<String>()
+            )
+            .as_bytes(),
             0o755,
         );
         let mut initrd = std::fs::read(&base)
@@ -348,6 +397,15 @@ impl TestHost {
             .arg("-initrd")
             .arg(&initrd_path)
             .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        for (i, d) in self.disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=disk{i},format=raw",
+                    d.display()
+                ))
+                .arg("-device")
+                .arg(format!("nvme,drive=disk{i},serial=ddvmm-disk{i}"));
+        }
         let _guard = EMULATOR.lock().unwrap_or_else(|p| p.into_inner());
         let (output, qemu_status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo)?;
         let _ = std::fs::remove_file(&initrd_path);
@@ -415,6 +473,9 @@ fn run_with_timeout(
         .spawn()
         .map_err(|e| HarnessError::Io(format!("spawn {:?}", cmd.get_program()), e))?;
     let buf = Arc::new(Mutex::new(Vec::new()));
+    let last_output = Arc::new(Mutex::new(Instant::now()));
+    // The log is written as output arrives, so a hung run can be watched from outside.
+    let live_log = Arc::new(Mutex::new(std::fs::File::create(log).ok()));
     let mut readers = Vec::new();
     for mut stream in [
         child
@@ -430,6 +491,8 @@ fn run_with_timeout(
     .flatten()
     {
         let buf = buf.clone();
+        let live_log = live_log.clone();
+        let last_output = last_output.clone();
         readers.push(std::thread::spawn(move || {
             let mut chunk = [0u8; 4096];
             while let Ok(n) = stream.read(&mut chunk) {
@@ -445,6 +508,11 @@ fn run_with_timeout(
                 buf.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend_from_slice(&chunk[..n]);
+                *last_output.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                if let Some(f) = live_log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    use std::io::Write;
+                    let _ = f.write_all(&chunk[..n]);
+                }
             }
         }));
     }
@@ -459,19 +527,33 @@ fn run_with_timeout(
                     let _ = r.join();
                 }
                 let output = text(&buf);
-                let _ = std::fs::write(log, &output);
                 return Err(HarnessError::Timeout { timeout, output });
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let quiet = last_output
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed();
+                if quiet > QUIET_LIMIT {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    for r in readers {
+                        let _ = r.join();
+                    }
+                    return Err(HarnessError::Stalled {
+                        quiet,
+                        output: text(&buf),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             Err(e) => return Err(HarnessError::Io("wait for child".into(), e)),
         }
     };
     for r in readers {
         let _ = r.join();
     }
-    let output = text(&buf);
-    let _ = std::fs::write(log, &output);
-    Ok((output, status))
+    Ok((text(&buf), status))
 }
 
 fn text(buf: &Mutex<Vec<u8>>) -> String {

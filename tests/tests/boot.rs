@@ -13,8 +13,9 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 /// guest console goes to the VMM's stdout, so a hang still shows how far the guest got.
 fn boot(name: &str, cpus: u32, action: &str) -> ScriptOutput {
     let script = format!(
-        r#"$DDVMM run --kernel $IMAGES/vmlinuz --initrd $IMAGES/guest-initramfs.cpio.gz \
-  --mem 256M --cpus {cpus} --cmdline "console=ttyS0 ddvmm.action={action}"
+        r#"$DDVMM --log-level info run --kernel $IMAGES/vmlinuz \
+  --initrd $IMAGES/guest-initramfs.cpio.gz --mem 256M --cpus {cpus} \
+  --cmdline "console=ttyS0 earlyprintk=serial,ttyS0 ddvmm.action={action}"
 echo "VMM-RC=$?"
 "#
     );

@@ -19,13 +19,19 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::bzimage::BzImage;
-use crate::arch::x86_64::layout::ports;
+use crate::arch::x86_64::layout::{ports, PCI_CONFIG_IO, PCI_MMIO_END, PCI_MMIO_START};
 use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::i8042::I8042;
+use crate::devices::pci::msix::{IrqRouter, MsixError};
+use crate::devices::pci::root::PciRoot;
+use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::block::request::Disk;
+use crate::devices::virtio::block::{open_disk, Block, BlockError};
+use crate::devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
 use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, MemoryError};
@@ -62,9 +68,20 @@ pub enum BootSource {
     },
 }
 
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
 /// What to boot and on what virtual hardware.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
     /// What to run.
     pub boot: BootSource,
     /// Guest RAM in bytes.
@@ -147,6 +164,18 @@ pub enum MachineError {
     /// [`Machine::run`] was called twice.
     #[error("this machine has already run")]
     AlreadyRan,
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// A virtio-pci device could not be set up.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Interrupt routing could not be set up.
+    #[error(transparent)]
+    Msix(#[from] MsixError),
+    /// No room for another PCI device.
+    #[error("no free PCI slot or MMIO space for {0}")]
+    PciFull(String),
     /// All vCPU threads ended without reporting why.
     #[error("all vCPU threads ended without a guest exit")]
     VcpusVanished,
@@ -170,7 +199,7 @@ pub struct Machine {
     io_bus: Bus,
     mmio_bus: Bus,
     exits: ExitNotifier,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
     ram: GuestRam,
     exit_rx: Receiver<GuestExit>,
@@ -204,13 +233,23 @@ impl Machine {
         })?;
         let entry = payload.load(&ram, rsdp)?;
 
-        let vm = kvm::create_vm(&kvm)?;
+        // Open disks before creating the VM: a bad path is a user error, reported first.
+        let disks = cfg
+            .disks
+            .iter()
+            .map(|d| open_disk(&d.path, d.read_only).map(|disk| (d.path.clone(), disk)))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let vm = Arc::new(kvm::create_vm(&kvm)?);
         kvm::register_ram(&vm, &ram)?;
 
         let (exit_tx, exit_rx) = channel();
         let exits = ExitNotifier::new(exit_tx);
-        let io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
-        let mmio_bus = Bus::new();
+        let mut io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
+        let mut mmio_bus = Bus::new();
+        let router = Arc::new(IrqRouter::new(vm.clone()));
+        let pci = build_pci(&ram, &router, disks, &mut mmio_bus)?;
+        io_bus.insert(pci, u64::from(PCI_CONFIG_IO), 8)?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -464,4 +503,39 @@ impl BootEntry {
         }
         Ok(())
     }
+}
+
+/// The PCI root bus with the host bridge and one virtio-blk function per disk; BARs are
+/// allocated upwards from the start of the PCI MMIO window and placed on `mmio_bus`.
+fn build_pci(
+    ram: &GuestRam,
+    router: &Arc<IrqRouter>,
+    disks: Vec<(PathBuf, Disk)>,
+    mmio_bus: &mut Bus,
+) -> Result<SharedDevice, MachineError> {
+    let mut root = PciRoot::new();
+    let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge::new()));
+    root.add(bridge)
+        .ok_or_else(|| MachineError::PciFull("the host bridge".into()))?;
+    let mut next_bar = PCI_MMIO_START;
+    for (path, disk) in disks {
+        let bar = next_bar.next_multiple_of(BAR_SIZE);
+        if bar + BAR_SIZE > PCI_MMIO_END {
+            return Err(MachineError::PciFull(path.display().to_string()));
+        }
+        next_bar = bar + BAR_SIZE;
+        let dev = VirtioPciDevice::new(
+            Box::new(Block::new(disk)),
+            ram.memory().clone(),
+            router.clone(),
+            bar,
+        )?;
+        let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
+        let slot = root
+            .add(dev.clone())
+            .ok_or_else(|| MachineError::PciFull(path.display().to_string()))?;
+        mmio_bus.insert(Arc::new(Mutex::new(BarRegion::new(dev, 0))), bar, BAR_SIZE)?;
+        tracing::info!(disk = %path.display(), slot, bar = format_args!("{bar:#x}"), "virtio-blk");
+    }
+    Ok(Arc::new(Mutex::new(root)))
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddvmm::exit::GuestExit;
-use ddvmm::machine::{BootSource, ConsoleOutput, Machine, MachineConfig};
+use ddvmm::machine::{BootSource, ConsoleOutput, DiskConfig, Machine, MachineConfig};
 use ddvmm::units::parse_size;
 
 /// Driver-domain VMM: boots unmodified Linux kernels under KVM.
@@ -49,6 +49,9 @@ struct RunArgs {
     /// Serial console destination: "stdout" or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// A virtio-blk disk: PATH or PATH,ro (repeatable).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -71,7 +74,13 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         "stdout" => ConsoleOutput::Stdout,
         path => ConsoleOutput::File(PathBuf::from(path)),
     };
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = MachineConfig {
+        disks,
         boot: BootSource::Linux {
             kernel: args.kernel,
             initrd: args.initrd,
@@ -86,6 +95,25 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
     let exit = machine.run()?;
     log_vmm_memory();
     Ok(exit)
+}
+
+/// Parses `PATH` or `PATH,ro`.
+fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        Some((_, opt)) => {
+            anyhow::bail!("--disk {spec}: unknown option '{opt}' (expected ro or rw)")
+        }
+        None => (spec, false),
+    };
+    if path.is_empty() {
+        anyhow::bail!("--disk {spec}: empty path");
+    }
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
 }
 
 /// Logs the VMM's resident memory split into guest RAM (memfd, counted as shared memory) and

@@ -52,6 +52,7 @@ enum Step {
 impl Vcpu {
     /// Runs until the guest stops or the machine asks us to stop.
     pub fn run(mut self) {
+        tracing::debug!(vcpu = self.index, "vCPU thread running");
         while !self.stop.load(Ordering::Acquire) {
             match self.run_once() {
                 Step::Continue => {}

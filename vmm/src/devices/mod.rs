@@ -6,5 +6,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod i8042;
+pub mod pci;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;

@@ -22,7 +22,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::devices::i8042::CMD_RESET_CPU;
 
-use super::layout::{ports, APIC_START, BIOS_AREA_SIZE, BIOS_AREA_START, IOAPIC_START};
+use super::layout::{
+    ports, APIC_START, BIOS_AREA_SIZE, BIOS_AREA_START, IOAPIC_START, PCI_CONFIG_IO, PCI_MMIO_END,
+    PCI_MMIO_START,
+};
 
 const OEM_ID: [u8; 6] = *b"DDVMM ";
 const OEM_TABLE_ID: [u8; 8] = *b"DDVMMTBL";
@@ -136,7 +139,31 @@ fn dsdt() -> Sdt {
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1_crs = aml::Name::new("_CRS".into(), &com1_crs);
     let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &pvpanic]);
+    // The PCI root bridge: bus 0 through configuration mechanism #1, all legacy I/O ports
+    // except the config ports, and the 32-bit MMIO window below the IOAPIC.
+    let pci_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
+    let pci_adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let pci_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let pci_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let pci_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = aml::IO::new(PCI_CONFIG_IO, PCI_CONFIG_IO, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, PCI_CONFIG_IO - 1, None);
+    let io_high = aml::AddressSpace::new_io(PCI_CONFIG_IO + 8, 0xffffu16, None);
+    let mmio = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_END - 1) as u32,
+        None,
+    );
+    let pci_crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mmio]);
+    let pci_crs = aml::Name::new("_CRS".into(), &pci_crs);
+    let pci0 = aml::Device::new(
+        "PCI0".into(),
+        vec![&pci_hid, &pci_adr, &pci_seg, &pci_uid, &pci_bbn, &pci_crs],
+    );
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &com1, &pvpanic]);
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     sb.to_aml_bytes(&mut body);
@@ -232,6 +259,7 @@ mod tests {
         assert!(b.windows(4).any(|w| w == b"_S5_"));
         assert!(b.windows(8).any(|w| w == b"QEMU0001"));
         assert!(b.windows(4).any(|w| w == b"COM1"));
+        assert!(b.windows(4).any(|w| w == b"PCI0"));
     }
 
     #[test]

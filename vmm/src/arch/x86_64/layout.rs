@@ -44,6 +44,12 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// KVM's identity-map page for real-mode emulation on Intel (the page before the TSS).
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// Start of the window PCI memory BARs are allocated from (the 32-bit MMIO hole).
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the PCI memory window: the IOAPIC and LAPIC live above it.
+pub const PCI_MMIO_END: u64 = IOAPIC_START;
+/// PCI configuration mechanism #1 address port (data at +4).
+pub const PCI_CONFIG_IO: u16 = 0xcf8;
 /// Number of pins on KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
 

@@ -1,0 +1,395 @@
+//! virtio-blk backed by a host file or block device.
+//!
+//! Threads: one queue thread per device waits (epoll) on the queue's notify eventfd and on
+//! completions; it pops descriptor chains, parses them ([`request`]) and hands the requests to a
+//! small pool of I/O threads, so several requests are in flight at once. Completions come back
+//! to the queue thread, which alone touches the used ring, then raises the queue's MSI-X vector
+//! only when virtio's notification suppression (event idx) says the driver wants it.
+//! Flush is `fdatasync` on the backing file: durable on the host.
+
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::request::{execute, Completion, Disk, Request, SECTOR_SIZE};
+use super::{
+    ActivateError, ActiveQueue, DeviceFailure, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Virtio device type of a block device.
+pub const DEVICE_TYPE: u32 = 2;
+/// Queue size.
+pub const QUEUE_SIZE: u16 = 256;
+/// I/O threads per device.
+pub const IO_THREADS: usize = 4;
+const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+const VIRTIO_BLK_F_RO: u32 = 5;
+const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// Largest number of data segments per request we advertise.
+const SEG_MAX: u32 = 126;
+
+/// Errors opening a disk.
+#[derive(Debug, Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("cannot open disk {path}")]
+    Open {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its size cannot be determined or is not a whole number of sectors.
+    #[error("disk {path}: size {size} is not a non-zero multiple of 512 bytes")]
+    BadSize {
+        /// Path.
+        path: PathBuf,
+        /// Size found.
+        size: u64,
+    },
+}
+
+/// Opens `path` (read-only if asked) and returns the disk and its size in bytes.
+pub fn open_disk(path: &Path, read_only: bool) -> Result<Disk, BlockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let size = disk_size(&file).map_err(|source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(BlockError::BadSize {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    let id = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Disk::new(file, size, read_only, &id))
+}
+
+/// Size of a regular file or block device (seek to the end works for both).
+fn disk_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    let size = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
+/// The virtio-blk device model.
+pub struct Block {
+    disk: Arc<Disk>,
+    worker: Option<Worker>,
+}
+
+struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl Block {
+    /// A block device over `disk`.
+    pub fn new(disk: Disk) -> Self {
+        Block {
+            disk: Arc::new(disk),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH);
+        if self.disk.read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (u64) @0, size_max @8, seg_max @12, geometry @16, blk_size @20.
+        let mut cfg = [0u8; 24];
+        cfg[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
+        cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        cfg[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        mut queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        self.reset();
+        let q = queues.remove(0);
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
+        let stop_worker = stop.try_clone().map_err(ActivateError::Spawn)?;
+        let disk = self.disk.clone();
+        let thread = std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || {
+                if let Err(e) = run_queue(q, mem, disk, stop_worker, failure.as_ref()) {
+                    failure.needs_reset(&e);
+                }
+            })
+            .map_err(ActivateError::Spawn)?;
+        self.worker = Some(Worker { stop, thread });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.stop.write(1);
+            if w.thread.join().is_err() {
+                tracing::error!("virtio-blk queue thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+const TOKEN_NOTIFY: u64 = 0;
+const TOKEN_DONE: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+/// A request on its way to an I/O thread.
+struct Job {
+    head: u16,
+    request: Request,
+}
+
+/// The queue thread: returns an error message if the device must be reset.
+fn run_queue(
+    active: ActiveQueue,
+    mem: GuestMemoryMmap,
+    disk: Arc<Disk>,
+    stop: EventFd,
+    failure: &dyn DeviceFailure,
+) -> Result<(), String> {
+    let ActiveQueue {
+        mut queue,
+        notify,
+        interrupt,
+    } = active;
+    let done_fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+    let epoll = Epoll::new().map_err(|e| e.to_string())?;
+    for (fd, token) in [
+        (&notify, TOKEN_NOTIFY),
+        (&done_fd, TOKEN_DONE),
+        (&stop, TOKEN_STOP),
+    ] {
+        use std::os::fd::AsRawFd;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+
+    let (job_tx, job_rx) = channel::<Job>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = channel::<(u16, Completion)>();
+    let mut pool = Vec::new();
+    for i in 0..IO_THREADS {
+        let rx = job_rx.clone();
+        let tx = done_tx.clone();
+        let mem = mem.clone();
+        let disk = disk.clone();
+        let done = done_fd.try_clone().map_err(|e| e.to_string())?;
+        pool.push(
+            std::thread::Builder::new()
+                .name(format!("virtio-blk-io{i}"))
+                .spawn(move || io_thread(rx, tx, done, mem, disk))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    drop(done_tx);
+
+    let mut in_flight = 0usize;
+    let result = (|| {
+        let mut events = vec![EpollEvent::default(); 4];
+        // Work that arrived before activation.
+        in_flight += submit(&mut queue, &mem, &job_tx, failure)?;
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_NOTIFY => {
+                        let _ = notify.read();
+                        in_flight += submit(&mut queue, &mem, &job_tx, failure)?;
+                    }
+                    TOKEN_DONE => {
+                        let _ = done_fd.read();
+                        in_flight -= complete(&mut queue, &mem, &done_rx, &interrupt)?;
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        }
+    })();
+
+    // Stop: let in-flight requests finish and publish them, then end the pool.
+    drop(job_tx);
+    while in_flight > 0 {
+        match done_rx.recv() {
+            Ok((head, c)) => {
+                in_flight -= 1;
+                let _ = queue.add_used(&mem, head, c.written);
+            }
+            Err(_) => break,
+        }
+    }
+    for t in pool {
+        let _ = t.join();
+    }
+    result
+}
+
+/// Pops every available chain, parses it and queues it for the I/O threads. Returns how many
+/// were queued. Chains too broken to carry a status byte make the device need a reset.
+fn submit(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    jobs: &Sender<Job>,
+    failure: &dyn DeviceFailure,
+) -> Result<usize, String> {
+    let mut queued = 0;
+    loop {
+        queue
+            .disable_notification(mem)
+            .map_err(|e| format!("virtqueue: {e:?}"))?;
+        let chains: Vec<_> = queue
+            .iter(mem)
+            .map_err(|e| format!("virtqueue: {e:?}"))?
+            .collect();
+        for chain in chains {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            match Request::parse(&descs, mem) {
+                Ok(request) => {
+                    jobs.send(Job { head, request })
+                        .map_err(|_| "I/O threads gone".to_string())?;
+                    queued += 1;
+                }
+                Err(e) => {
+                    failure.needs_reset(&format!("malformed request chain {head}: {e}"));
+                    return Err(format!("malformed request chain {head}: {e}"));
+                }
+            }
+        }
+        // Re-enable notifications; if more arrived meanwhile, go round again.
+        if !queue
+            .enable_notification(mem)
+            .map_err(|e| format!("virtqueue: {e:?}"))?
+        {
+            return Ok(queued);
+        }
+    }
+}
+
+/// Publishes finished requests in the used ring and interrupts the driver if it asked to be.
+fn complete(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    done: &Receiver<(u16, Completion)>,
+    interrupt: &Interrupt,
+) -> Result<usize, String> {
+    let mut n = 0;
+    while let Ok((head, c)) = done.try_recv() {
+        queue
+            .add_used(mem, head, c.written)
+            .map_err(|e| format!("used ring: {e:?}"))?;
+        n += 1;
+    }
+    if n > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(|e| format!("used ring: {e:?}"))?
+    {
+        interrupt.trigger();
+    }
+    Ok(n)
+}
+
+fn io_thread(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    done: Sender<(u16, Completion)>,
+    done_fd: EventFd,
+    mem: GuestMemoryMmap,
+    disk: Arc<Disk>,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        let completion = execute(&job.request, &mem, &disk);
+        if done.send((job.head, completion)).is_err() {
+            return;
+        }
+        let _ = done_fd.write(1);
+    }
+}

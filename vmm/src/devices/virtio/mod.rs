@@ -1,0 +1,121 @@
+//! Virtio devices (virtio 1.x, split virtqueues) and their modern virtio-pci transport.
+//!
+//! A device model implements [`VirtioDevice`]; [`pci::VirtioPciDevice`] wraps it as a PCI
+//! function (capabilities, common configuration, notification, MSI-X). When the driver sets
+//! `DRIVER_OK` the transport hands the device its queues, each with the eventfd that KVM signals
+//! on a queue notification (an ioeventfd on the notify register) and an [`Interrupt`] that raises
+//! the queue's MSI-X vector through an irqfd. The VMM's vCPU threads are not on the data path.
+
+pub mod block;
+pub mod pci;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pci::msix::Msix;
+
+/// Feature bit: virtio 1.0 or later.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: indirect descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Feature bit: used/avail event index notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const NEEDS_RESET: u8 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Errors starting a device.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// A worker thread could not be started.
+    #[error("cannot start device worker")]
+    Spawn(#[source] std::io::Error),
+    /// Wrong number of queues.
+    #[error("device needs {expected} queues, driver enabled {got}")]
+    QueueCount {
+        /// Expected.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+    /// Setting up the worker failed.
+    #[error("cannot set up device worker: {0}")]
+    Setup(String),
+}
+
+/// How a device raises its queue (or configuration) interrupt.
+#[derive(Clone)]
+pub struct Interrupt {
+    msix: Arc<Msix>,
+    vector: u16,
+}
+
+impl Interrupt {
+    /// Raises MSI-X `vector` of `msix` (0xffff, virtio's NO_VECTOR, raises nothing).
+    pub fn new(msix: Arc<Msix>, vector: u16) -> Self {
+        Interrupt { msix, vector }
+    }
+
+    /// Raises the interrupt.
+    pub fn trigger(&self) {
+        self.msix.trigger(self.vector);
+    }
+}
+
+/// A queue handed to a device on activation.
+pub struct ActiveQueue {
+    /// The virtqueue (addresses, size, event-idx setting).
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue.
+    pub notify: EventFd,
+    /// Raises this queue's interrupt.
+    pub interrupt: Interrupt,
+}
+
+/// Reports a device error that needs a driver reset (sets `NEEDS_RESET`, raises the
+/// configuration interrupt).
+pub trait DeviceFailure: Send + Sync {
+    /// Marks the device broken, with a reason for the log.
+    fn needs_reset(&self, reason: &str);
+}
+
+/// A virtio device model behind some transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device type (1 net, 2 block, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits the device offers (the transport adds nothing).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the negotiated `features` and the enabled queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device (driver reset); in-flight work is finished or dropped before return.
+    fn reset(&mut self);
+}
