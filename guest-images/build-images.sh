@@ -3,15 +3,18 @@
 #
 #   bash guest-images/build-images.sh          (from the repo root; `make images`)
 #
-# Inputs : guest-images/packages.lock (pinned Debian packages), init/*.sh, lib/modules.sh
+# Inputs : guest-images/packages.lock (pinned Debian packages), init/*.sh, lib/*.sh
 #          KERNEL_PKG=linux-image-... KERNEL_VERSION=... override the pinned kernel.
 # Outputs: guest-images/out/
 #   vmlinuz                   Debian's stock cloud kernel (bzImage, unmodified)
 #   kernel-release            e.g. 6.1.0-50-cloud-amd64
 #   guest-initramfs.cpio.gz   busybox + pvpanic-mmio + init/guest-init.sh
+#   client-initramfs.cpio.gz  the guest image + virtio_pci/blk/net + fio, iperf3 and their
+#                             shared libraries (all from Debian packages, lib/sharedlibs.sh)
 #   testhost-base.cpio.gz     busybox + kvm/kvm-amd/tun/bridge + init/testhost-init.sh
-#                             + /images/{vmlinuz,guest-initramfs.cpio.gz}
+#                             + /images/{vmlinuz,guest-initramfs.cpio.gz,client-initramfs.cpio.gz}
 #   versions.txt              exact packages, versions and sha256s used
+#   client-packages.txt       "package version how sha256" of every .deb in the client image
 #   debs/                     downloaded .debs (cache, sha256-checked)
 # A second run with the same inputs does nothing (stamp keyed by a hash of the inputs).
 set -euo pipefail
@@ -21,6 +24,8 @@ out=$here/out
 lock=$here/packages.lock
 # shellcheck source=lib/modules.sh
 source "$here/lib/modules.sh"
+# shellcheck source=lib/sharedlibs.sh
+source "$here/lib/sharedlibs.sh"
 
 die() { echo "build-images: $*" >&2; exit 1; }
 say() { echo "build-images: $*"; }
@@ -28,9 +33,12 @@ say() { echo "build-images: $*"; }
 # Modules per image (names as in modinfo; dependencies are resolved from modules.dep).
 GUEST_MODULES=(pvpanic-mmio)
 TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge)
+CLIENT_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net)
+# Binaries of the client image: package:path (package versions pinned in packages.lock).
+CLIENT_BINARIES=(fio:/usr/bin/fio iperf3:/usr/bin/iperf3)
 
 # ---- tools -----------------------------------------------------------------------
-for tool in apt-get apt-cache dpkg-deb cpio gzip xz sha256sum grep find sort; do
+for tool in apt-get apt-cache dpkg-deb cpio gzip xz sha256sum grep find sort readelf realpath; do
     command -v "$tool" >/dev/null 2>&1 || die "missing tool: $tool"
 done
 
@@ -46,11 +54,15 @@ while IFS= read -r line; do
     case $name in
         linux-image-*)  lock_kernel_pkg=$name lock_kernel_ver=$ver ;;
         busybox-static) busybox_ver=$ver ;;
-        *) die "unexpected package in packages.lock: $name" ;;
+        # Client binaries and library pins for lib/sharedlibs.sh.
+        *) DEBPKG_PINS[$name]=$ver ;;
     esac
 done < "$lock"
 [[ -n $lock_kernel_pkg ]] || die "packages.lock has no linux-image-* line"
 [[ -n $busybox_ver ]] || die "packages.lock has no busybox-static line"
+for spec in "${CLIENT_BINARIES[@]}"; do
+    [[ -n ${DEBPKG_PINS[${spec%%:*}]:-} ]] || die "packages.lock has no ${spec%%:*} line"
+done
 kernel_pkg=${KERNEL_PKG:-$lock_kernel_pkg}
 kernel_ver=${KERNEL_VERSION:-}
 if [[ -z $kernel_ver && $kernel_pkg == "$lock_kernel_pkg" ]]; then
@@ -61,15 +73,27 @@ busybox_pkg=busybox-static
 # ---- up to date? -----------------------------------------------------------------
 stamp_key=$(
     {
-        cat "$lock" "$here/build-images.sh" "$here/lib/modules.sh" \
+        cat "$lock" "$here/build-images.sh" "$here/lib/modules.sh" "$here/lib/sharedlibs.sh" \
             "$here/init/guest-init.sh" "$here/init/testhost-init.sh"
         echo "KERNEL_PKG=$kernel_pkg KERNEL_VERSION=$kernel_ver"
     } | sha256sum | cut -d' ' -f1
 )
-outputs=(vmlinuz kernel-release guest-initramfs.cpio.gz testhost-base.cpio.gz versions.txt)
+outputs=(vmlinuz kernel-release guest-initramfs.cpio.gz client-initramfs.cpio.gz
+         testhost-base.cpio.gz versions.txt client-packages.txt)
 up_to_date=yes
 for f in "${outputs[@]}" .stamp; do [[ -s $out/$f ]] || up_to_date=no; done
-if [[ $up_to_date == yes && $(cat "$out/.stamp") == "$stamp_key" ]]; then
+[[ $up_to_date == yes && $(cat "$out/.stamp") == "$stamp_key" ]] || up_to_date=no
+# Unpinned library packages follow this machine (installed version, else apt's
+# candidate): rebuild when that choice changed since the last build.
+if [[ $up_to_date == yes ]]; then
+    mapfile -t client_pkgs < <(cut -d' ' -f1 "$out/client-packages.txt")
+    chosen=$(debpkg_choose_version "${client_pkgs[@]}" | cut -d' ' -f1,2 | LC_ALL=C sort)
+    if [[ $chosen != "$(cut -d' ' -f1,2 "$out/client-packages.txt")" ]]; then
+        say "library packages for the client image changed, rebuilding"
+        up_to_date=no
+    fi
+fi
+if [[ $up_to_date == yes ]]; then
     say "up to date ($kernel_pkg=$kernel_ver, out/ unchanged)"
     exit 0
 fi
@@ -184,6 +208,8 @@ newc_entry() {  # NAME MODE RDEVMAJOR RDEVMINOR
 # (the kernel opens /dev/console before running /init; without it /init has no stdout).
 pack_tree() {
     local tree=$1 dest=$2
+    # Fixed mtimes (with gzip -n and cpio --reproducible): same inputs, same bytes.
+    find "$tree" -exec touch -h -d @0 {} +
     {
         newc_entry dev $(( 8#040755 )) 0 0
         newc_entry dev/console $(( 8#020600 )) 5 1
@@ -210,6 +236,20 @@ modules_install "$moddir" "$guest_tree" "${GUEST_MODULES[@]}"
 pack_tree "$guest_tree" "$out/guest-initramfs.cpio.gz"
 say "guest: out/guest-initramfs.cpio.gz ($(du -k "$out/guest-initramfs.cpio.gz" | cut -f1) KiB; modules: $(tr '\n' ' ' < "$guest_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
 
+# Client image: the guest image plus virtio drivers, fio and iperf3 for the I/O
+# end-to-end tests and benchmarks. Same /init (ddvmm.action=run-script runs /script.sh).
+client_tree=$out/tree-client
+make_base_tree "$client_tree" "$here/init/guest-init.sh"
+modules_install "$moddir" "$client_tree" "${CLIENT_MODULES[@]}"
+SHAREDLIBS_WORK=$out/pkg-roots
+sharedlibs_install "$client_tree" "${CLIENT_BINARIES[@]}"
+printf '%s\n' "$SHAREDLIBS_PKGS" > "$out/client-packages.txt"
+# getaddrinfo("localhost") for iperf3 -c localhost; no DNS in the guest.
+printf '127.0.0.1 localhost\n::1 localhost\n' > "$client_tree/etc/hosts"
+printf 'hosts: files\n' > "$client_tree/etc/nsswitch.conf"
+pack_tree "$client_tree" "$out/client-initramfs.cpio.gz"
+say "client: out/client-initramfs.cpio.gz ($(du -k "$out/client-initramfs.cpio.gz" | cut -f1) KiB; $(grep -c . "$out/client-packages.txt") packages; modules: $(tr '\n' ' ' < "$client_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
+
 # Test host image: KVM modules plus the guest images to boot inside it.
 th_tree=$out/tree-testhost
 make_base_tree "$th_tree" "$here/init/testhost-init.sh"
@@ -217,6 +257,7 @@ modules_install "$moddir" "$th_tree" "${TESTHOST_MODULES[@]}"
 mkdir -p "$th_tree/images"
 cp "$out/vmlinuz" "$th_tree/images/vmlinuz"
 cp "$out/guest-initramfs.cpio.gz" "$th_tree/images/guest-initramfs.cpio.gz"
+cp "$out/client-initramfs.cpio.gz" "$th_tree/images/client-initramfs.cpio.gz"
 pack_tree "$th_tree" "$out/testhost-base.cpio.gz"
 say "testhost: out/testhost-base.cpio.gz ($(du -k "$out/testhost-base.cpio.gz" | cut -f1) KiB; modules: $(tr '\n' ' ' < "$th_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
 
@@ -233,6 +274,9 @@ busybox_version=$busybox_ver
 busybox_deb_sha256=$busybox_sha
 vmlinuz_sha256=$(sha "$out/vmlinuz")
 guest_initramfs_sha256=$(sha "$out/guest-initramfs.cpio.gz")
+client_initramfs_sha256=$(sha "$out/client-initramfs.cpio.gz")
+# package=version of every .deb in the client image (how chosen: client-packages.txt)
+client_packages="$(awk '{ printf "%s%s=%s", (NR > 1 ? " " : ""), $1, $2 }' "$out/client-packages.txt")"
 testhost_base_sha256=$(sha "$out/testhost-base.cpio.gz")
 EOF
 echo "$stamp_key" > "$out/.stamp"

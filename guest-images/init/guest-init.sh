@@ -1,11 +1,14 @@
 #!/bin/sh
-# /init of the ddvmm *guest* initramfs (busybox sh, PID 1).
+# /init of the ddvmm *guest* and *client* initramfs images (busybox sh, PID 1).
 #
 # Mounts the basics, loads /etc/modules.order, prints
 #   DDVMM-GUEST-INIT-OK cpus=<online CPUs>
 # then does what the kernel command line asks with ddvmm.action=:
-#   poweroff (default) | reboot | panic | shell
-# and prints DDVMM-GUEST-ACTION <action> right before doing it.
+#   poweroff (default) | reboot | panic | shell | run-script
+# and prints DDVMM-GUEST-ACTION <action> right before doing it. run-script runs
+# `sh /script.sh` (appended by a test harness as an extra cpio archive; in /tmp, with
+# HOME=TMPDIR=/tmp), prints DDVMM-GUEST-SCRIPT-EXIT rc=<exit code> (127 when there is
+# no /script.sh), syncs and powers off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
 mount -t proc proc /proc
@@ -19,6 +22,7 @@ if [ -f /etc/modules.order ]; then
         insmod "$ko" || echo "guest-init: insmod $ko failed"
     done < /etc/modules.order
 fi
+ip link set lo up 2>/dev/null
 
 # Count online CPUs from a list such as "0", "0-3" or "0,2-5".
 count_cpus() {
@@ -53,6 +57,18 @@ case $action in
         # cttyhack gives the shell a controlling tty (job control, ^C).
         exec setsid cttyhack sh ;;
     poweroff)
+        poweroff -f ;;
+    run-script)
+        rc=127
+        if [ -f /script.sh ]; then
+            export HOME=/tmp TMPDIR=/tmp
+            cd /tmp
+            sh /script.sh
+            rc=$?
+            cd /
+        fi
+        echo "DDVMM-GUEST-SCRIPT-EXIT rc=$rc"
+        sync
         poweroff -f ;;
     *)
         echo "guest-init: unknown ddvmm.action=$action, powering off"
