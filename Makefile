@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
-APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates
+APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
 
 .PHONY: all deps images build test demo bench lint clean-images
 

@@ -29,9 +29,11 @@ use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio::block::request::Disk;
 use crate::devices::virtio::block::{open_disk, Block, BlockError};
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, MemoryError};
@@ -77,11 +79,22 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A virtio-net NIC backed by a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP interface name (created if missing).
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+}
+
 /// What to boot and on what virtual hardware.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
     /// virtio-blk disks, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, after the disks.
+    pub nets: Vec<NetConfig>,
     /// What to run.
     pub boot: BootSource,
     /// Guest RAM in bytes.
@@ -167,6 +180,9 @@ pub enum MachineError {
     /// A disk could not be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A TAP device could not be set up.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// A virtio-pci device could not be set up.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -234,11 +250,15 @@ impl Machine {
         let entry = payload.load(&ram, rsdp)?;
 
         // Open disks before creating the VM: a bad path is a user error, reported first.
-        let disks = cfg
-            .disks
-            .iter()
-            .map(|d| open_disk(&d.path, d.read_only).map(|disk| (d.path.clone(), disk)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+        for d in &cfg.disks {
+            let disk = open_disk(&d.path, d.read_only)?;
+            devices.push((d.path.display().to_string(), Box::new(Block::new(disk))));
+        }
+        for n in &cfg.nets {
+            let tap = Tap::open(&n.tap)?;
+            devices.push((format!("tap {}", n.tap), Box::new(Net::new(tap, n.mac))));
+        }
 
         let vm = Arc::new(kvm::create_vm(&kvm)?);
         kvm::register_ram(&vm, &ram)?;
@@ -248,7 +268,7 @@ impl Machine {
         let mut io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mut mmio_bus = Bus::new();
         let router = Arc::new(IrqRouter::new(vm.clone()));
-        let pci = build_pci(&ram, &router, disks, &mut mmio_bus)?;
+        let pci = build_pci(&ram, &router, devices, &mut mmio_bus)?;
         io_bus.insert(pci, u64::from(PCI_CONFIG_IO), 8)?;
 
         let supported_cpuid = kvm
@@ -505,12 +525,12 @@ impl BootEntry {
     }
 }
 
-/// The PCI root bus with the host bridge and one virtio-blk function per disk; BARs are
+/// The PCI root bus with the host bridge and one virtio-pci function per device; BARs are
 /// allocated upwards from the start of the PCI MMIO window and placed on `mmio_bus`.
 fn build_pci(
     ram: &GuestRam,
     router: &Arc<IrqRouter>,
-    disks: Vec<(PathBuf, Disk)>,
+    devices: Vec<(String, Box<dyn VirtioDevice>)>,
     mmio_bus: &mut Bus,
 ) -> Result<SharedDevice, MachineError> {
     let mut root = PciRoot::new();
@@ -518,24 +538,20 @@ fn build_pci(
     root.add(bridge)
         .ok_or_else(|| MachineError::PciFull("the host bridge".into()))?;
     let mut next_bar = PCI_MMIO_START;
-    for (path, disk) in disks {
+    for (label, device) in devices {
         let bar = next_bar.next_multiple_of(BAR_SIZE);
         if bar + BAR_SIZE > PCI_MMIO_END {
-            return Err(MachineError::PciFull(path.display().to_string()));
+            return Err(MachineError::PciFull(label));
         }
         next_bar = bar + BAR_SIZE;
-        let dev = VirtioPciDevice::new(
-            Box::new(Block::new(disk)),
-            ram.memory().clone(),
-            router.clone(),
-            bar,
-        )?;
+        let kind = device.device_type();
+        let dev = VirtioPciDevice::new(device, ram.memory().clone(), router.clone(), bar)?;
         let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
         let slot = root
             .add(dev.clone())
-            .ok_or_else(|| MachineError::PciFull(path.display().to_string()))?;
+            .ok_or_else(|| MachineError::PciFull(label.clone()))?;
         mmio_bus.insert(Arc::new(Mutex::new(BarRegion::new(dev, 0))), bar, BAR_SIZE)?;
-        tracing::info!(disk = %path.display(), slot, bar = format_args!("{bar:#x}"), "virtio-blk");
+        tracing::info!(device = %label, virtio_type = kind, slot, bar = format_args!("{bar:#x}"), "virtio-pci device");
     }
     Ok(Arc::new(Mutex::new(root)))
 }

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ddvmm::devices::virtio::net::parse_mac;
 use ddvmm::exit::GuestExit;
-use ddvmm::machine::{BootSource, ConsoleOutput, DiskConfig, Machine, MachineConfig};
+use ddvmm::machine::{BootSource, ConsoleOutput, DiskConfig, Machine, MachineConfig, NetConfig};
 use ddvmm::units::parse_size;
 
 /// Driver-domain VMM: boots unmodified Linux kernels under KVM.
@@ -52,6 +53,9 @@ struct RunArgs {
     /// A virtio-blk disk: PATH or PATH,ro (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
+    /// A virtio-net NIC on a TAP device: tap=NAME[,mac=52:54:00:xx:xx:xx] (repeatable).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<String>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -79,8 +83,15 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .iter()
         .map(|d| parse_disk(d))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let nets = args
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| parse_net(n, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = MachineConfig {
         disks,
+        nets,
         boot: BootSource::Linux {
             kernel: args.kernel,
             initrd: args.initrd,
@@ -114,6 +125,31 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
         path: PathBuf::from(path),
         read_only,
     })
+}
+
+/// Parses `tap=NAME[,mac=MAC]`; the default MAC is 52:54:00:12:34:(56 + index).
+fn parse_net(spec: &str, index: usize) -> anyhow::Result<NetConfig> {
+    let mut tap = None;
+    let mut mac = [
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ];
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+            Some(("mac", m)) => {
+                mac = parse_mac(m)
+                    .ok_or_else(|| anyhow::anyhow!("--net {spec}: invalid MAC address '{m}'"))?
+            }
+            _ => anyhow::bail!("--net {spec}: expected tap=NAME[,mac=MAC], got '{part}'"),
+        }
+    }
+    let tap = tap.ok_or_else(|| anyhow::anyhow!("--net {spec}: missing tap=NAME"))?;
+    Ok(NetConfig { tap, mac })
 }
 
 /// Logs the VMM's resident memory split into guest RAM (memfd, counted as shared memory) and

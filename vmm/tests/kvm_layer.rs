@@ -40,6 +40,7 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
         mem_size: mem,
         vcpus,
         disks: Vec::new(),
+        nets: Vec::new(),
         console: ConsoleOutput::File(console.clone()),
         kvm_device: "/dev/kvm".into(),
     };

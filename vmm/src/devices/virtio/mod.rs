@@ -7,6 +7,7 @@
 //! the queue's MSI-X vector through an irqfd. The VMM's vCPU threads are not on the data path.
 
 pub mod block;
+pub mod net;
 pub mod pci;
 
 use std::sync::Arc;

@@ -1,0 +1,441 @@
+//! virtio-net backed by a TAP device.
+//!
+//! One thread per device waits (epoll) on the TAP, the RX and TX queue notifications and a stop
+//! event. TX: each chain's readable buffers are gathered into one frame (header first) and
+//! written to the TAP. RX: a frame read from the TAP is scattered into the next chain's
+//! writable buffers; while the guest has posted no RX buffers the frame is held and the TAP is
+//! not polled, so nothing spins. The link is always up and the MAC comes from the
+//! configuration.
+
+pub mod tap;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::tap::{Tap, VNET_HDR_LEN};
+use super::{
+    ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Virtio device type of a network device.
+pub const DEVICE_TYPE: u32 = 1;
+/// Queue size of RX and TX.
+pub const QUEUE_SIZE: u16 = 256;
+const VIRTIO_NET_F_MTU: u32 = 3;
+const VIRTIO_NET_F_MAC: u32 = 5;
+const VIRTIO_NET_F_STATUS: u32 = 16;
+const LINK_UP: u16 = 1;
+const MTU: u16 = 1500;
+/// Largest frame on either side: header + 64 KiB (room for any future offload).
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
+
+/// A virtio-net device over a TAP.
+pub struct Net {
+    mac: [u8; 6],
+    tap: Option<Tap>,
+    worker: Option<(EventFd, JoinHandle<Option<Tap>>)>,
+}
+
+impl Net {
+    /// A NIC with `mac` whose host end is `tap`.
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        Net {
+            mac,
+            tap: Some(tap),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MTU)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6] @0, status @6, max_virtqueue_pairs @8, mtu @10.
+        let mut cfg = [0u8; 12];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[10..12].copy_from_slice(&MTU.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        self.reset();
+        let tap = self
+            .tap
+            .take()
+            .ok_or_else(|| ActivateError::Setup("TAP lost by a failed worker".into()))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
+        let stop_worker = stop.try_clone().map_err(ActivateError::Spawn)?;
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
+        };
+        let thread = std::thread::Builder::new()
+            .name("virtio-net".into())
+            .spawn(move || {
+                let mut worker = NetWorker {
+                    mem,
+                    tap,
+                    rx,
+                    tx,
+                    pending: None,
+                    buf: vec![0u8; MAX_FRAME],
+                };
+                if let Err(e) = worker.run(&stop_worker) {
+                    failure.needs_reset(&e);
+                }
+                Some(worker.tap)
+            })
+            .map_err(ActivateError::Spawn)?;
+        self.worker = Some((stop, thread));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some((stop, thread)) = self.worker.take() {
+            let _ = stop.write(1);
+            match thread.join() {
+                Ok(tap) => self.tap = tap,
+                Err(_) => tracing::error!("virtio-net thread panicked"),
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+const TOKEN_TAP: u64 = 0;
+const TOKEN_RX: u64 = 1;
+const TOKEN_TX: u64 = 2;
+const TOKEN_STOP: u64 = 3;
+
+struct NetWorker {
+    mem: GuestMemoryMmap,
+    tap: Tap,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    /// A frame read from the TAP that found no RX buffer yet.
+    pending: Option<usize>,
+    buf: Vec<u8>,
+}
+
+fn qerr(e: virtio_queue::Error) -> String {
+    format!("virtqueue: {e:?}")
+}
+
+impl NetWorker {
+    fn run(&mut self, stop: &EventFd) -> Result<(), String> {
+        let epoll = Epoll::new().map_err(|e| e.to_string())?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(|e| e.to_string())
+        };
+        add(self.tap.as_raw_fd(), TOKEN_TAP)?;
+        add(self.rx.notify.as_raw_fd(), TOKEN_RX)?;
+        add(self.tx.notify.as_raw_fd(), TOKEN_TX)?;
+        add(stop.as_raw_fd(), TOKEN_STOP)?;
+        let mut tap_polled = true;
+        let mut events = vec![EpollEvent::default(); 8];
+        self.process_tx()?;
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_TAP => self.process_rx()?,
+                    TOKEN_RX => {
+                        let _ = self.rx.notify.read();
+                        self.process_rx()?;
+                    }
+                    TOKEN_TX => {
+                        let _ = self.tx.notify.read();
+                        self.process_tx()?;
+                    }
+                    _ => return Ok(()),
+                }
+            }
+            // Poll the TAP only while a frame could be delivered.
+            let want = self.pending.is_none();
+            if want != tap_polled {
+                let op = if want {
+                    ControlOperation::Add
+                } else {
+                    ControlOperation::Delete
+                };
+                epoll
+                    .ctl(
+                        op,
+                        self.tap.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, TOKEN_TAP),
+                    )
+                    .map_err(|e| e.to_string())?;
+                tap_polled = want;
+            }
+        }
+    }
+
+    /// Moves frames from the TAP into RX buffers until either runs out.
+    fn process_rx(&mut self) -> Result<(), String> {
+        let mut delivered = false;
+        loop {
+            let len = match self.pending.take() {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.buf) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TAP read failed");
+                        break;
+                    }
+                },
+            };
+            if len < VNET_HDR_LEN {
+                continue;
+            }
+            // virtio 1.x: num_buffers is 1 without mergeable RX buffers.
+            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let queue = &mut self.rx.queue;
+            let chain = queue.pop_descriptor_chain(&self.mem);
+            let Some(chain) = chain else {
+                // No buffer: keep the frame and wait for the driver to post some.
+                self.pending = Some(len);
+                if queue.enable_notification(&self.mem).map_err(qerr)? {
+                    // Buffers arrived while enabling: try again now.
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let written = scatter(&self.mem, chain, &self.buf[..len]);
+            self.rx
+                .queue
+                .add_used(&self.mem, head, written)
+                .map_err(qerr)?;
+            delivered = true;
+        }
+        if delivered && self.rx.queue.needs_notification(&self.mem).map_err(qerr)? {
+            self.rx.interrupt.trigger();
+        }
+        Ok(())
+    }
+
+    /// Sends every frame the driver queued for transmission.
+    fn process_tx(&mut self) -> Result<(), String> {
+        let mut sent = false;
+        loop {
+            self.tx
+                .queue
+                .disable_notification(&self.mem)
+                .map_err(qerr)?;
+            let chains: Vec<_> = self.tx.queue.iter(&self.mem).map_err(qerr)?.collect();
+            for chain in chains {
+                let head = chain.head_index();
+                match gather(&self.mem, chain, &mut self.buf) {
+                    Ok(len) => {
+                        if let Err(e) = self.tap.write_frame(&self.buf[..len]) {
+                            tracing::debug!(error = %e, "TAP write failed; frame dropped");
+                        }
+                    }
+                    Err(e) => tracing::warn!(head, reason = e, "bad TX chain dropped"),
+                }
+                self.tx.queue.add_used(&self.mem, head, 0).map_err(qerr)?;
+                sent = true;
+            }
+            if !self.tx.queue.enable_notification(&self.mem).map_err(qerr)? {
+                break;
+            }
+        }
+        if sent && self.tx.queue.needs_notification(&self.mem).map_err(qerr)? {
+            self.tx.interrupt.trigger();
+        }
+        Ok(())
+    }
+}
+
+/// Copies a TX chain's buffers into `buf`. Every descriptor must be driver-to-device, inside
+/// guest memory, and the total must fit a frame and hold at least the header.
+pub fn gather<I>(mem: &GuestMemoryMmap, chain: I, buf: &mut [u8]) -> Result<usize, &'static str>
+where
+    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    let mut len = 0usize;
+    for d in chain {
+        if d.is_write_only() {
+            return Err("device-writable descriptor in a TX chain");
+        }
+        let n = d.len() as usize;
+        let end = len.checked_add(n).ok_or("TX chain too long")?;
+        if end > buf.len() {
+            return Err("TX frame larger than the maximum");
+        }
+        mem.read_slice(&mut buf[len..end], d.addr())
+            .map_err(|_| "TX buffer outside guest memory")?;
+        len = end;
+    }
+    if len < VNET_HDR_LEN {
+        return Err("TX frame shorter than the virtio-net header");
+    }
+    Ok(len)
+}
+
+/// Copies `frame` into an RX chain's device-writable buffers. Returns the bytes written (0 if
+/// the chain is unusable: readable descriptors, memory outside the guest, or too small, in
+/// which case the frame is dropped).
+pub fn scatter<I>(mem: &GuestMemoryMmap, chain: I, frame: &[u8]) -> u32
+where
+    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    let descs: Vec<_> = chain.collect();
+    let capacity: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+    if descs.iter().any(|d| !d.is_write_only()) || capacity < frame.len() as u64 {
+        tracing::debug!("unusable RX chain; frame dropped");
+        return 0;
+    }
+    let mut off = 0usize;
+    for d in descs {
+        if off == frame.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(frame.len() - off);
+        if mem.write_slice(&frame[off..off + n], d.addr()).is_err() {
+            tracing::debug!("RX buffer outside guest memory; frame dropped");
+            return 0;
+        }
+        off += n;
+    }
+    off as u32
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor as D;
+    use vm_memory::GuestAddress;
+
+    const WRITE: u16 = 2;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem")
+    }
+
+    #[test]
+    fn gather_checks_direction_bounds_and_size() {
+        let m = mem();
+        m.write_slice(&[7u8; 100], GuestAddress(0x1000)).expect("w");
+        let mut buf = vec![0u8; MAX_FRAME];
+        let ok = [D::new(0x1000, 12, 0, 0), D::new(0x1000, 60, 0, 0)];
+        assert_eq!(gather(&m, ok.into_iter(), &mut buf), Ok(72));
+        let writable = [D::new(0x1000, 64, WRITE, 0)];
+        assert!(gather(&m, writable.into_iter(), &mut buf).is_err());
+        let outside = [D::new(0xfff_f000, 64, 0, 0)];
+        assert!(gather(&m, outside.into_iter(), &mut buf).is_err());
+        let short = [D::new(0x1000, 4, 0, 0)];
+        assert!(gather(&m, short.into_iter(), &mut buf).is_err());
+        let huge = [
+            D::new(0x1000, u32::MAX, 0, 0),
+            D::new(0x1000, u32::MAX, 0, 0),
+        ];
+        assert!(gather(&m, huge.into_iter(), &mut buf).is_err());
+    }
+
+    #[test]
+    fn scatter_fills_writable_buffers_or_drops() {
+        let m = mem();
+        let frame: Vec<u8> = (0..100u8).collect();
+        let ok = [D::new(0x2000, 50, WRITE, 0), D::new(0x3000, 100, WRITE, 0)];
+        assert_eq!(scatter(&m, ok.into_iter(), &frame), 100);
+        let mut back = [0u8; 50];
+        m.read_slice(&mut back, GuestAddress(0x3000)).expect("r");
+        assert_eq!(back[0], 50);
+        let small = [D::new(0x2000, 10, WRITE, 0)];
+        assert_eq!(scatter(&m, small.into_iter(), &frame), 0);
+        let readable = [D::new(0x2000, 200, 0, 0)];
+        assert_eq!(scatter(&m, readable.into_iter(), &frame), 0);
+        let outside = [D::new(0xffff_0000, 200, WRITE, 0)];
+        assert_eq!(scatter(&m, outside.into_iter(), &frame), 0);
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:56"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+        assert_eq!(parse_mac("52:54:00:12:34"), None);
+        assert_eq!(parse_mac("52:54:00:12:34:56:78"), None);
+        assert_eq!(parse_mac("52:54:00:12:34:zz"), None);
+        assert_eq!(parse_mac("5:54:00:12:34:56"), None);
+    }
+}
