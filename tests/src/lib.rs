@@ -248,20 +248,32 @@ impl TestHost {
 
     /// Runs `script` and returns its output and exit status. `timeout` catches hangs only.
     ///
-    /// In emulated mode a run that stalls completely (no output at all for
-    /// [`QUIET_LIMIT`]) is retried once: the emulator's nested SVM has been seen, rarely and
-    /// only under heavy host load, to stop making progress. The stalled output is kept in
-    /// `target/testhost-logs/<name>.stalled.log` and reported on stderr, so a stall that is
-    /// really ours shows up as two stalls and a failure.
+    /// In emulated mode a run whose *test host* fails is retried once: one that stalls
+    /// completely (no output for [`QUIET_LIMIT`]) or whose test-host kernel dies before the
+    /// script's exit marker. Both were seen here, rarely and under heavy load, from the
+    /// emulator's nested SVM (once as a kernel stack overflow inside the test host's KVM). A
+    /// guest or VMM failure cannot cause either: the test host's `/init` always prints the
+    /// marker. The failed output is kept in `target/testhost-logs/<name>.failed-host.log` and
+    /// reported on stderr, so a persistent problem still fails the test.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
         match self.host {
             HostKind::Direct => self.run_direct(script, timeout),
             HostKind::Emulated => match self.run_emulated(script, timeout) {
-                Err(HarnessError::Stalled { quiet, output }) => {
-                    let kept = self.log_path().with_extension("stalled.log");
-                    let _ = std::fs::write(&kept, &output);
+                Err(e @ (HarnessError::Stalled { .. } | HarnessError::NoExitMarker { .. })) => {
+                    let (why, output) = match &e {
+                        HarnessError::Stalled { quiet, output } => {
+                            (format!("stalled (no output for {quiet:?})"), output)
+                        }
+                        HarnessError::NoExitMarker { output, .. } => (
+                            "died before reporting (test-host kernel crash)".into(),
+                            output,
+                        ),
+                        _ => unreachable!("matched above"),
+                    };
+                    let kept = self.log_path().with_extension("failed-host.log");
+                    let _ = std::fs::write(&kept, output);
                     eprintln!(
-                        "testhost: {} stalled (no output for {quiet:?}); retrying once, see {}",
+                        "testhost: {}: the emulated host {why}; retrying once, see {}",
                         self.name,
                         kept.display()
                     );
