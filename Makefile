@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
 
-.PHONY: all deps images build test demo bench lint clean-images
+.PHONY: all deps images build test demo bench bench-io fuzz lint clean-images
 
 all: build
 
@@ -29,7 +29,8 @@ test: deps images build
 	$(CARGO) test --release --workspace
 
 demo: deps images build
-	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo scripts/demo.sh
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo \
+	    --guest-script scripts/demo-guest.sh scripts/demo.sh
 
 # Boot time and VMM memory, ddvmm vs QEMU microvm, same kernel/initramfs/host, one run.
 bench: deps images build
@@ -39,6 +40,25 @@ bench: deps images build
 	    --host-file /usr/share/qemu/bios-microvm.bin \
 	    --host-file /usr/share/qemu/linuxboot_dma.bin \
 	    bench/boot-time.sh
+
+# Device performance, ddvmm vs QEMU: fio and iperf3 in the same guest, one run.
+bench-io: deps images build
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --program qemu-system-x86_64=/usr/bin/qemu-system-x86_64 \
+	    --program iperf3=/usr/bin/iperf3 \
+	    --host-file /usr/share/qemu/bios-microvm.bin \
+	    --host-file /usr/share/qemu/linuxboot_dma.bin \
+	    --guest-script bench/guest-io-net.sh \
+	    bench/io-net.sh
+
+# Fuzz the virtio descriptor-chain parsers (needs a nightly toolchain; installs cargo-fuzz).
+FUZZ_SECONDS ?= 180
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in virtio_blk_request virtio_net_frames; do \
+	    cargo +nightly fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
+	        2>&1 | grep -E "^Done|ERROR|panicked|SUMMARY" ; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -435,6 +435,18 @@ impl TestHost {
     }
 }
 
+/// The client guest image (fio, iperf3, virtio drivers) with `/script.sh` appended as an extra
+/// cpio archive; boot it with `ddvmm.action=run-script`.
+pub fn client_initrd_with_script(script: &str) -> Result<Vec<u8>, HarnessError> {
+    let mut initrd = read(&image("client-initramfs.cpio.gz")?)?;
+    // An appended uncompressed archive must start 4-byte aligned.
+    initrd.resize(initrd.len().next_multiple_of(512), 0);
+    let mut a = cpio::Archive::new();
+    a.file("script.sh", script.as_bytes(), 0o755);
+    initrd.extend_from_slice(&a.finish());
+    Ok(initrd)
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, HarnessError> {
     std::fs::read(path).map_err(|e| HarnessError::Io(format!("read {}", path.display()), e))
 }

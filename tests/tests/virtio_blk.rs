@@ -6,22 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ddvmm_tests::cpio::Archive;
-use ddvmm_tests::{image, repo_root, ScriptOutput, TestHost};
+use ddvmm_tests::{client_initrd_with_script, repo_root, ScriptOutput, TestHost};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// Bytes the guest writes.
 const PATTERN_MIB: u64 = 16;
 
-/// The client image with `/script.sh` appended, as the guest's initrd.
 fn guest_initrd(script: &str) -> Vec<u8> {
-    let mut initrd = std::fs::read(image("client-initramfs.cpio.gz").expect("client image"))
-        .expect("read client image");
-    initrd.resize(initrd.len().next_multiple_of(512), 0);
-    let mut a = Archive::new();
-    a.file("script.sh", script.as_bytes(), 0o755);
-    initrd.extend_from_slice(&a.finish());
-    initrd
+    client_initrd_with_script(script).expect("client image with script")
 }
 
 /// A fresh zero-filled backing file.

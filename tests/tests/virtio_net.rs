@@ -4,20 +4,13 @@
 
 use std::time::Duration;
 
-use ddvmm_tests::cpio::Archive;
-use ddvmm_tests::{image, TestHost};
+use ddvmm_tests::{client_initrd_with_script, TestHost};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 const BYTES: u64 = 16 << 20;
 
 fn guest_initrd(script: &str) -> Vec<u8> {
-    let mut initrd = std::fs::read(image("client-initramfs.cpio.gz").expect("client image"))
-        .expect("read client image");
-    initrd.resize(initrd.len().next_multiple_of(512), 0);
-    let mut a = Archive::new();
-    a.file("script.sh", script.as_bytes(), 0o755);
-    initrd.extend_from_slice(&a.finish());
-    initrd
+    client_initrd_with_script(script).expect("client image with script")
 }
 
 fn field<'a>(out: &'a str, key: &str) -> &'a str {

@@ -27,6 +27,10 @@ struct Args {
     /// A file of this machine to copy to the same path in the emulated test host (repeatable).
     #[arg(long = "host-file", value_name = "PATH")]
     host_files: Vec<PathBuf>,
+    /// A script for the benchmark guest: appended to the client image as `/script.sh` and
+    /// made available to the host script as `$WORK/guest.img`.
+    #[arg(long)]
+    guest_script: Option<PathBuf>,
     /// The script to run.
     script: PathBuf,
 }
@@ -61,6 +65,18 @@ fn main() -> ExitCode {
     }
     for f in &args.host_files {
         host = host.host_file(f.clone());
+    }
+    if let Some(path) = &args.guest_script {
+        let initrd = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|s| ddvmm_tests::client_initrd_with_script(&s).map_err(|e| e.to_string()));
+        match initrd {
+            Ok(img) => host = host.file("guest.img", img, 0o644),
+            Err(e) => {
+                eprintln!("testhost: guest script {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        }
     }
     eprintln!(
         "testhost: running {} ({:?} host)",
