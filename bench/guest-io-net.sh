@@ -20,6 +20,7 @@ while [ $i -le $RUNS ]; do
     job read-128k-seq read 128k 8
     job write-128k-seq write 128k 8
     iperf3 -c 10.77.0.1 -t 4 -O 1 -f m > /tmp/ip.out 2>&1
+    grep -q sender /tmp/ip.out || { echo "IPERF-FAILED"; cat /tmp/ip.out; }
     awk '/sender/ { print "RESULT tcp-mbits", $7 }' /tmp/ip.out
     i=$((i + 1))
 done

@@ -14,6 +14,7 @@ tap_up() {
     i=0
     while [ ! -e /sys/class/net/$1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
     ip addr add 10.77.0.1/24 dev $1
+    ip link set $1 up
 }
 
 echo "=== ddvmm ==="
@@ -23,12 +24,12 @@ pid=$!
 tap_up dtap0
 wait $pid
 grep RESULT ddvmm.out | sed 's/^/ddvmm /' > results.txt
-grep -a -E "FIO-FAILED|SCRIPT-EXIT" ddvmm.out
+grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" ddvmm.out
 
 echo "=== qemu ==="
 qemu-system-x86_64 -M microvm,pcie=on,acpi=on,memory-backend=mem -enable-kvm -cpu host \
     -smp 2 -m 512M -object memory-backend-memfd,id=mem,size=512M -nodefaults -no-user-config \
-    -display none -serial stdio -kernel $K -initrd $WORK/guest.img -append "$CMD" \
+    -display none -serial stdio -no-reboot -kernel $K -initrd $WORK/guest.img -append "$CMD" \
     -drive file=$DISK,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0 \
     -netdev tap,id=n0,ifname=qtap0,script=no,downscript=no \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:01,romfile= > qemu.out 2>&1 &
@@ -36,7 +37,7 @@ pid=$!
 tap_up qtap0
 wait $pid
 grep RESULT qemu.out | sed 's/^/qemu /' >> results.txt
-grep -a -E "FIO-FAILED|SCRIPT-EXIT" qemu.out
+grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" qemu.out
 tail -3 qemu.out
 
 awk '

@@ -5,7 +5,8 @@
 //! written to the TAP. RX: a frame read from the TAP is scattered into the next chain's
 //! writable buffers; while the guest has posted no RX buffers the frame is held and the TAP is
 //! not polled, so nothing spins. The link is always up and the MAC comes from the
-//! configuration.
+//! configuration. Checksum and TSO offloads are negotiated with the driver and mirrored on the
+//! TAP (`TUNSETOFFLOAD`), so large segments cross the rings whole.
 
 pub mod tap;
 
@@ -18,17 +19,23 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::tap::{Tap, VNET_HDR_LEN};
+use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio device type of a network device.
 pub const DEVICE_TYPE: u32 = 1;
 /// Queue size of RX and TX.
 pub const QUEUE_SIZE: u16 = 256;
+const VIRTIO_NET_F_CSUM: u32 = 0;
+const VIRTIO_NET_F_GUEST_CSUM: u32 = 1;
 const VIRTIO_NET_F_MTU: u32 = 3;
+const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
+const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
+const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
+const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
 const VIRTIO_NET_F_MAC: u32 = 5;
 const VIRTIO_NET_F_STATUS: u32 = 16;
 const LINK_UP: u16 = 1;
@@ -69,6 +76,15 @@ impl VirtioDevice for Net {
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_NET_F_MTU)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            // Offloads: the vnet header carries checksum/segmentation state straight between
+            // the driver and the TAP, which does the work (or hands it on) in the host kernel.
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -92,7 +108,7 @@ impl VirtioDevice for Net {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        _features: u64,
+        features: u64,
         queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
@@ -107,6 +123,22 @@ impl VirtioDevice for Net {
             .tap
             .take()
             .ok_or_else(|| ActivateError::Setup("TAP lost by a failed worker".into()))?;
+        // Offloads the driver accepted on RX become the TAP's offloads.
+        let has = |bit: u32| features & (1u64 << bit) != 0;
+        let mut offload = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            offload |= TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                offload |= TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        if let Err(e) = tap.set_offload(offload) {
+            self.tap = Some(tap);
+            return Err(ActivateError::Setup(e.to_string()));
+        }
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
         let stop_worker = stop.try_clone().map_err(ActivateError::Spawn)?;
         let mut queues = queues.into_iter();

@@ -15,6 +15,12 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// TAP offload: the guest accepts partial checksums.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// TAP offload: the guest accepts TCPv4 segments (TSO).
+pub const TUN_F_TSO4: u32 = 0x02;
+/// TAP offload: the guest accepts TCPv6 segments.
+pub const TUN_F_TSO6: u32 = 0x04;
 /// Size of the virtio-net header on the TAP (virtio_net_hdr_v1).
 pub const VNET_HDR_LEN: usize = 12;
 
@@ -93,21 +99,39 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(ioctl_err("TUNSETVNETHDRSZ"));
         }
-        // No offloads: the kernel hands us complete, checksummed frames of at most the MTU.
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is accessed.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
-            return Err(ioctl_err("TUNSETOFFLOAD"));
-        }
         let tap = Tap {
             file,
             name: name.to_string(),
         };
+        // No offloads until the guest negotiates some: complete, checksummed, MTU-sized frames.
+        tap.set_offload(0)?;
         tap.set_up().map_err(|source| TapError::Ioctl {
             what: "SIOCSIFFLAGS",
             name: name.to_string(),
             source,
         })?;
         Ok(tap)
+    }
+
+    /// Tells the kernel which offloads the guest can take on received frames (`TUN_F_*`):
+    /// partial checksums and TSO segments then pass through the vnet header unchanged.
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is accessed.
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        } < 0
+        {
+            return Err(TapError::Ioctl {
+                what: "TUNSETOFFLOAD",
+                name: self.name.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     fn set_up(&self) -> std::io::Result<()> {
