@@ -71,6 +71,16 @@ fn sha256_of_prefix(path: &Path, bytes: u64) -> String {
 #[test]
 fn guest_writes_reach_the_backing_file_and_read_back() {
     let disk = backing_file("blk-pattern.img", 64);
+    // A marked range the guest will discard: it must read back as zeroes afterwards.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("open");
+        f.write_all_at(&vec![0xab; 1 << 20], 32 << 20)
+            .expect("mark");
+    }
     let write = format!(
         r#"set -e
 dd if=/dev/urandom of=/tmp/pattern bs=1M count={PATTERN_MIB} 2>/dev/null
@@ -78,9 +88,22 @@ echo "GUEST-SHA256 $(sha256sum /tmp/pattern | cut -d' ' -f1)"
 dd if=/tmp/pattern of=/dev/vda bs=1M oflag=direct conv=fsync 2>&1 | tail -1
 sync
 echo "GUEST-RO $(cat /sys/block/vda/ro)"
+blkdiscard -o $((32 << 20)) -l $((1 << 20)) /dev/vda
+echo "DISCARD-RC $?"
 "#
     );
     let out = run_guest("blk-write", &disk, "", &write);
+    assert_eq!(field(&out.output, "DISCARD-RC"), "0", "{}", out.output);
+    {
+        use std::os::unix::fs::FileExt;
+        let mut back = vec![0xffu8; 1 << 20];
+        let f = std::fs::File::open(&disk).expect("open");
+        f.read_exact_at(&mut back, 32 << 20).expect("read");
+        assert!(
+            back.iter().all(|b| *b == 0),
+            "discarded range still holds data"
+        );
+    }
     assert!(
         out.output.contains("DDVMM-GUEST-SCRIPT-EXIT rc=0"),
         "{}",

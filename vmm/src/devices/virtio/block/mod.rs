@@ -37,6 +37,8 @@ const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
 const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
 const VIRTIO_BLK_F_FLUSH: u32 = 9;
+const VIRTIO_BLK_F_DISCARD: u32 = 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
 /// Largest number of data segments per request we advertise.
 const SEG_MAX: u32 = 126;
 
@@ -137,16 +139,29 @@ impl VirtioDevice for Block {
             | (1 << VIRTIO_BLK_F_FLUSH);
         if self.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // capacity (u64) @0, size_max @8, seg_max @12, geometry @16, blk_size @20.
-        let mut cfg = [0u8; 24];
+        // capacity (u64) @0, size_max @8, seg_max @12, geometry @16, blk_size @20,
+        // topology @24, writeback @32, num_queues @34, max_discard_sectors @36,
+        // max_discard_seg @40, discard_sector_alignment @44, max_write_zeroes_sectors @48,
+        // max_write_zeroes_seg @52, write_zeroes_may_unmap @56.
+        let mut cfg = [0u8; 60];
         cfg[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
         cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         cfg[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        cfg[34..36].copy_from_slice(&1u16.to_le_bytes());
+        let max_sectors = u32::MAX / SECTOR_SIZE as u32;
+        cfg[36..40].copy_from_slice(&max_sectors.to_le_bytes());
+        cfg[40..44].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
+        cfg[44..48].copy_from_slice(&8u32.to_le_bytes());
+        cfg[48..52].copy_from_slice(&max_sectors.to_le_bytes());
+        cfg[52..56].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
+        cfg[56] = 1;
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()

@@ -22,6 +22,14 @@ pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 /// Device id.
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Discard sectors.
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Write zeroes to sectors.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+/// Size of one discard/write-zeroes segment.
+pub const SEGMENT_SIZE: u64 = 16;
+/// Most segments accepted per discard/write-zeroes request.
+pub const MAX_SEGMENTS: u32 = 32;
 /// Status: success.
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 /// Status: I/O error.
@@ -69,6 +77,10 @@ pub enum RequestKind {
     Flush,
     /// Return the device id string.
     GetId,
+    /// Deallocate ranges (data buffers hold segments).
+    Discard,
+    /// Zero ranges (data buffers hold segments).
+    WriteZeroes,
     /// Anything else.
     Unsupported(u32),
 }
@@ -128,6 +140,8 @@ impl Request {
             VIRTIO_BLK_T_OUT => RequestKind::Out,
             VIRTIO_BLK_T_FLUSH => RequestKind::Flush,
             VIRTIO_BLK_T_GET_ID => RequestKind::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestKind::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestKind::WriteZeroes,
             other => RequestKind::Unsupported(other),
         };
         Ok(Request {
@@ -174,6 +188,35 @@ impl Disk {
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Frees `len` bytes at `offset` (reads return zeroes afterwards). `keep_allocated` zeroes
+    /// in place instead of unmapping. Falls back to writing zeroes where the file system cannot
+    /// punch holes.
+    pub fn deallocate(&self, offset: u64, len: u64, keep_allocated: bool) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mode = if keep_allocated {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate only takes integers and a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if rc == 0 {
+            return Ok(());
+        }
+        // Block devices and some file systems lack these modes: write zeroes instead.
+        let zeroes = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// Makes completed writes durable (fdatasync).
@@ -286,8 +329,54 @@ fn run(req: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<u32, u8> {
                 .map_err(|_| VIRTIO_BLK_S_IOERR)?;
             Ok(n as u32)
         }
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            if disk.read_only {
+                return Err(VIRTIO_BLK_S_IOERR);
+            }
+            for (sector, count, unmap) in segments(req, mem)? {
+                let offset = sector.checked_mul(SECTOR_SIZE).ok_or(VIRTIO_BLK_S_IOERR)?;
+                let len = u64::from(count) * SECTOR_SIZE;
+                if offset.checked_add(len).is_none_or(|end| end > disk.size) {
+                    return Err(VIRTIO_BLK_S_IOERR);
+                }
+                let zero = req.kind == RequestKind::WriteZeroes;
+                disk.deallocate(offset, len, zero && !unmap)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+            }
+            Ok(0)
+        }
         RequestKind::Unsupported(_) => Err(VIRTIO_BLK_S_UNSUPP),
     }
+}
+
+/// Reads the (sector, sectors, unmap flag) segments of a discard/write-zeroes request from its
+/// device-readable buffers. At most [`MAX_SEGMENTS`]; flags other than unmap are rejected.
+fn segments(req: &Request, mem: &GuestMemoryMmap) -> Result<Vec<(u64, u32, bool)>, u8> {
+    if req.data.iter().any(|(_, _, w)| *w) {
+        return Err(VIRTIO_BLK_S_IOERR);
+    }
+    let total = req.data_len();
+    if total == 0 || total % SEGMENT_SIZE != 0 || total / SEGMENT_SIZE > u64::from(MAX_SEGMENTS) {
+        return Err(VIRTIO_BLK_S_IOERR);
+    }
+    let mut raw = Vec::with_capacity(total as usize);
+    for (addr, len, _) in &req.data {
+        let mut buf = vec![0u8; *len as usize];
+        mem.read_slice(&mut buf, *addr)
+            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        raw.extend_from_slice(&buf);
+    }
+    raw.chunks_exact(SEGMENT_SIZE as usize)
+        .map(|c| {
+            let sector = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let count = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
+            let flags = u32::from_le_bytes([c[12], c[13], c[14], c[15]]);
+            if flags & !1 != 0 {
+                return Err(VIRTIO_BLK_S_UNSUPP);
+            }
+            Ok((sector, count, flags & 1 != 0))
+        })
+        .collect()
 }
 
 /// Calls `f` for consecutive pieces of at most [`CHUNK`] bytes of a guest buffer.
@@ -480,6 +569,52 @@ mod tests {
         ];
         let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let m = mem();
+        let (_t, d) = disk(64 * 1024, false);
+        d.file.write_all_at(&[0xee; 64 * 1024], 0).expect("fill");
+        for (kind, sector) in [
+            (VIRTIO_BLK_T_DISCARD, 8u64),
+            (VIRTIO_BLK_T_WRITE_ZEROES, 32),
+        ] {
+            header(&m, 0x1000, kind, 0);
+            let mut seg = [0u8; 16];
+            seg[..8].copy_from_slice(&sector.to_le_bytes());
+            seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+            m.write_slice(&seg, GuestAddress(0x2000)).expect("seg");
+            let chain = [
+                D::new(0x1000, 16, NEXT, 1),
+                D::new(0x2000, 16, NEXT, 2),
+                D::new(0x3000, 1, WRITE, 0),
+            ];
+            let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+            assert_eq!(c.status, VIRTIO_BLK_S_OK);
+            let mut back = [0xffu8; 4096];
+            d.file.read_exact_at(&mut back, sector * 512).expect("read");
+            assert!(back.iter().all(|b| *b == 0));
+        }
+        let mut untouched = [0u8; 512];
+        d.file.read_exact_at(&mut untouched, 0).expect("read");
+        assert_eq!(untouched, [0xee; 512]);
+        // Past the end, bad flags, and a partial segment are refused.
+        for (sector, flags, len) in [(200u64, 0u32, 16u32), (0, 2, 16), (0, 0, 12)] {
+            header(&m, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
+            let mut seg = [0u8; 16];
+            seg[..8].copy_from_slice(&sector.to_le_bytes());
+            seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+            seg[12..].copy_from_slice(&flags.to_le_bytes());
+            m.write_slice(&seg, GuestAddress(0x2000)).expect("seg");
+            let chain = [
+                D::new(0x1000, 16, NEXT, 1),
+                D::new(0x2000, len, NEXT, 2),
+                D::new(0x3000, 1, WRITE, 0),
+            ];
+            let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+            assert_ne!(c.status, VIRTIO_BLK_S_OK);
+        }
     }
 
     #[test]
