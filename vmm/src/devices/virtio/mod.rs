@@ -61,6 +61,19 @@ pub enum ActivateError {
     Setup(String),
 }
 
+/// Copies the bytes of a device configuration space `cfg` at `offset` into `data`; bytes
+/// beyond the end (or an absurd offset) read as zero.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| cfg.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// How a device raises its queue (or configuration) interrupt.
 #[derive(Clone)]
 pub struct Interrupt {

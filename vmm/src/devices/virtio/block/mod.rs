@@ -162,13 +162,7 @@ impl VirtioDevice for Block {
         cfg[48..52].copy_from_slice(&max_sectors.to_le_bytes());
         cfg[52..56].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
         cfg[56] = 1;
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

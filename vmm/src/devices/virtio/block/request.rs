@@ -421,6 +421,17 @@ mod tests {
         mem.write_slice(&h, GuestAddress(at)).expect("header");
     }
 
+    /// Header at 0x1000, one data descriptor, status at 0x3000: parse and execute.
+    fn run(m: &GuestMemoryMmap, d: &Disk, kind: u32, sector: u64, data: D) -> Completion {
+        header(m, 0x1000, kind, sector);
+        let chain = [
+            D::new(0x1000, 16, NEXT, 1),
+            data,
+            D::new(0x3000, 1, WRITE, 0),
+        ];
+        execute(&Request::parse(&chain, m).expect("parse"), m, d)
+    }
+
     fn status(mem: &GuestMemoryMmap, at: u64) -> u8 {
         mem.read_obj(GuestAddress(at)).expect("status")
     }
@@ -447,13 +458,13 @@ mod tests {
                 written: 1
             }
         );
-        header(&m, 0x1000, VIRTIO_BLK_T_IN, 2);
-        let chain = [
-            D::new(0x1000, 16, NEXT, 1),
+        let c = run(
+            &m,
+            &d,
+            VIRTIO_BLK_T_IN,
+            2,
             D::new(0x4000, 1024, WRITE | NEXT, 2),
-            D::new(0x3000, 1, WRITE, 0),
-        ];
-        let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+        );
         assert_eq!(
             c,
             Completion {
@@ -520,40 +531,33 @@ mod tests {
         let m = mem();
         let (_t, d) = disk(8192, false);
         // Read past the end of the disk.
-        header(&m, 0x1000, VIRTIO_BLK_T_IN, 16);
-        let chain = [
-            D::new(0x1000, 16, NEXT, 1),
+        let c = run(
+            &m,
+            &d,
+            VIRTIO_BLK_T_IN,
+            16,
             D::new(0x2000, 512, WRITE | NEXT, 2),
-            D::new(0x3000, 1, WRITE, 0),
-        ];
-        let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+        );
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
         assert_eq!(status(&m, 0x3000), VIRTIO_BLK_S_IOERR);
         // Sector number that overflows.
-        header(&m, 0x1000, VIRTIO_BLK_T_IN, u64::MAX);
-        let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+        let read_buf = D::new(0x2000, 512, WRITE | NEXT, 2);
+        let c = run(&m, &d, VIRTIO_BLK_T_IN, u64::MAX, read_buf);
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
         // A read into a device-readable buffer (wrong direction).
-        header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        let wrong = [
-            D::new(0x1000, 16, NEXT, 1),
-            D::new(0x2000, 512, NEXT, 2),
-            D::new(0x3000, 1, WRITE, 0),
-        ];
-        let c = execute(&Request::parse(&wrong, &m).expect("parse"), &m, &d);
+        let c = run(&m, &d, VIRTIO_BLK_T_IN, 0, D::new(0x2000, 512, NEXT, 2));
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
         // A data buffer outside guest memory.
-        header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        let outside = [
-            D::new(0x1000, 16, NEXT, 1),
+        let c = run(
+            &m,
+            &d,
+            VIRTIO_BLK_T_IN,
+            0,
             D::new(0xffff_0000, 512, WRITE | NEXT, 2),
-            D::new(0x3000, 1, WRITE, 0),
-        ];
-        let c = execute(&Request::parse(&outside, &m).expect("parse"), &m, &d);
+        );
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
         // Unknown request type.
-        header(&m, 0x1000, 99, 0);
-        let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+        let c = run(&m, &d, 99, 0, read_buf);
         assert_eq!(c.status, VIRTIO_BLK_S_UNSUPP);
     }
 
@@ -561,13 +565,7 @@ mod tests {
     fn read_only_disk_refuses_writes() {
         let m = mem();
         let (_t, d) = disk(8192, true);
-        header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
-        let chain = [
-            D::new(0x1000, 16, NEXT, 1),
-            D::new(0x2000, 512, NEXT, 2),
-            D::new(0x3000, 1, WRITE, 0),
-        ];
-        let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+        let c = run(&m, &d, VIRTIO_BLK_T_OUT, 0, D::new(0x2000, 512, NEXT, 2));
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
     }
 
@@ -621,13 +619,13 @@ mod tests {
     fn get_id_and_flush() {
         let m = mem();
         let (_t, d) = disk(8192, false);
-        header(&m, 0x1000, VIRTIO_BLK_T_GET_ID, 0);
-        let chain = [
-            D::new(0x1000, 16, NEXT, 1),
+        let c = run(
+            &m,
+            &d,
+            VIRTIO_BLK_T_GET_ID,
+            0,
             D::new(0x2000, 20, WRITE | NEXT, 2),
-            D::new(0x3000, 1, WRITE, 0),
-        ];
-        let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+        );
         assert_eq!(
             c,
             Completion {

@@ -94,13 +94,7 @@ impl VirtioDevice for Net {
         cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
         cfg[10..12].copy_from_slice(&MTU.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
