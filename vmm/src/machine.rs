@@ -140,12 +140,17 @@ pub enum MachineError {
     #[error("at least one vCPU is needed")]
     NoVcpus,
     /// More vCPUs than KVM or our ACPI tables allow.
-    #[error("{requested} vCPUs requested, this host's KVM allows at most {max}")]
+    #[error(
+        "{requested} vCPUs requested, at most {max} possible here \
+         (KVM allows {kvm_max}, 8-bit APIC ids allow {MAX_VCPUS_ACPI})"
+    )]
     TooManyVcpus {
         /// Requested.
         requested: u32,
-        /// Limit.
+        /// Effective limit.
         max: u32,
+        /// KVM's own limit on this host.
+        kvm_max: u32,
     },
     /// Guest RAM could not be set up.
     #[error(transparent)]
@@ -230,11 +235,13 @@ impl Machine {
         }
         let payload = BootPayload::read(&cfg.boot)?;
         let kvm = kvm::open(&cfg.kvm_device)?;
-        let max = (kvm::max_vcpus(&kvm) as u32).min(MAX_VCPUS_ACPI);
+        let kvm_max = u32::try_from(kvm::max_vcpus(&kvm)).unwrap_or(u32::MAX);
+        let max = kvm_max.min(MAX_VCPUS_ACPI);
         if cfg.vcpus > max {
             return Err(MachineError::TooManyVcpus {
                 requested: cfg.vcpus,
                 max,
+                kvm_max,
             });
         }
 
