@@ -24,6 +24,7 @@ pid=$!
 tap_up dtap0
 wait $pid
 grep RESULT ddvmm.out | sed 's/^/ddvmm /' > results.txt
+grep -q RESULT ddvmm.out || { echo "ddvmm run produced no results:"; tail -30 ddvmm.out; }
 grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" ddvmm.out
 
 echo "=== qemu ==="
@@ -37,8 +38,8 @@ pid=$!
 tap_up qtap0
 wait $pid
 grep RESULT qemu.out | sed 's/^/qemu /' >> results.txt
+grep -q RESULT qemu.out || { echo "qemu run produced no results:"; tail -30 qemu.out; }
 grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" qemu.out
-tail -3 qemu.out
 
 awk '
 { vmm = $1; m = $3; n[vmm, m]++; v[vmm, m, n[vmm, m]] = $4; if (!(m in seen)) { seen[m] = 1; order[++k] = m } }
