@@ -55,7 +55,7 @@ bench-io: deps images build
 FUZZ_SECONDS ?= 180
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && for t in virtio_blk_request virtio_net_frames; do \
+	cd fuzz && for t in virtio_blk_request virtio_net_frames ring_completions; do \
 	    cargo +nightly fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
 	        2>&1 | grep -E "^Done|ERROR|panicked|SUMMARY" ; \
 	done

@@ -9,6 +9,11 @@ dd if=/dev/zero of=$DISK bs=1M count=256 2>/dev/null
 CMD="console=ttyS0 ddvmm.action=run-script"
 iperf3 -s > /dev/null 2>&1 &
 
+# Waits for process $1 to end (busybox `wait` can return early when other jobs signal).
+wait_for() {
+    while kill -0 $1 2>/dev/null; do wait $1; done
+}
+
 # Waits for TAP $1, gives it the host address.
 tap_up() {
     i=0
@@ -22,7 +27,7 @@ $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 --disk $DISK
     --net tap=dtap0,mac=52:54:00:aa:bb:01 --cmdline "$CMD" > ddvmm.out 2>&1 &
 pid=$!
 tap_up dtap0
-wait $pid
+wait_for $pid
 grep RESULT ddvmm.out | sed 's/^/ddvmm /' > results.txt
 grep -q RESULT ddvmm.out || { echo "ddvmm run produced no results:"; tail -30 ddvmm.out; }
 grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" ddvmm.out
@@ -36,7 +41,7 @@ qemu-system-x86_64 -M microvm,pcie=on,acpi=on,memory-backend=mem -enable-kvm -cp
     -device virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:01,romfile= > qemu.out 2>&1 &
 pid=$!
 tap_up qtap0
-wait $pid
+wait_for $pid
 grep RESULT qemu.out | sed 's/^/qemu /' >> results.txt
 grep -q RESULT qemu.out || { echo "qemu run produced no results:"; tail -30 qemu.out; }
 grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" qemu.out

@@ -2,5 +2,7 @@
 //! protocol, the client-side device frontends whose backend is a ring, the in-flight journal
 //! that makes driver-VM restarts transparent, and the in-guest translation agent.
 //!
-//! This crate is deliberately empty until the ring protocol lands (issue "Driver VMs serve block
-//! devices to client VMs"); see `ARCHITECTURE.md` for the design it will implement.
+//! So far: [`ring`], the versioned shared-memory layout and protocol. See `ARCHITECTURE.md` for
+//! the rest of the design this crate implements.
+
+pub mod ring;
