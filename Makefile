@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
 
-.PHONY: all deps images build test demo bench bench-io fuzz lint clean-images
+.PHONY: all deps images agent driver-image build test demo bench bench-io fuzz lint clean-images
 
 all: build
 
@@ -24,11 +24,22 @@ images: deps
 build:
 	$(CARGO) build --release --workspace --all-targets
 
+# The translation agent runs in driver VMs: a static binary (its own target dir, so the
+# static-link flags do not rebuild the workspace).
+AGENT := target/x86_64-unknown-linux-gnu/release/ddvmm-agent
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p ddvmm-translation \
+	    --bin ddvmm-agent --target x86_64-unknown-linux-gnu
+
+# Driver-VM image: the base from `images` plus the agent.
+driver-image: images agent
+	bash guest-images/pack-driver.sh $(AGENT)
+
 # One profile (release) for the binary under test and the tests themselves.
-test: deps images build
+test: deps images build driver-image
 	$(CARGO) test --release --workspace
 
-demo: deps images build
+demo: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo \
 	    --guest-script scripts/demo-guest.sh scripts/demo.sh
 

@@ -34,6 +34,9 @@ say() { echo "build-images: $*"; }
 GUEST_MODULES=(pvpanic-mmio)
 TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge)
 CLIENT_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net)
+# Driver VMs: the devices they own (virtio stand-ins) and uio_pci_generic for the channel's
+# interrupt. The agent binary is added by `make driver-image` after the cargo build.
+DRIVER_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net uio_pci_generic)
 # Binaries of the client image: package:path (package versions pinned in packages.lock).
 CLIENT_BINARIES=(fio:/usr/bin/fio iperf3:/usr/bin/iperf3)
 
@@ -79,7 +82,7 @@ stamp_key=$(
     } | sha256sum | cut -d' ' -f1
 )
 outputs=(vmlinuz kernel-release guest-initramfs.cpio.gz client-initramfs.cpio.gz
-         testhost-base.cpio.gz versions.txt client-packages.txt)
+         driver-base.cpio.gz testhost-base.cpio.gz versions.txt client-packages.txt)
 up_to_date=yes
 for f in "${outputs[@]}" .stamp; do [[ -s $out/$f ]] || up_to_date=no; done
 [[ $up_to_date == yes && $(cat "$out/.stamp") == "$stamp_key" ]] || up_to_date=no
@@ -249,6 +252,15 @@ printf '127.0.0.1 localhost\n::1 localhost\n' > "$client_tree/etc/hosts"
 printf 'hosts: files\n' > "$client_tree/etc/nsswitch.conf"
 pack_tree "$client_tree" "$out/client-initramfs.cpio.gz"
 say "client: out/client-initramfs.cpio.gz ($(du -k "$out/client-initramfs.cpio.gz" | cut -f1) KiB; $(grep -c . "$out/client-packages.txt") packages; modules: $(tr '\n' ' ' < "$client_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
+
+# Driver-VM base image: guest /init (ddvmm.action=agent runs /usr/bin/ddvmm-agent), the
+# modules of the devices a driver VM owns and uio_pci_generic. `make driver-image` appends
+# the agent (built by cargo) as a second archive: out/driver-initramfs.cpio.gz.
+driver_tree=$out/tree-driver
+make_base_tree "$driver_tree" "$here/init/guest-init.sh"
+modules_install "$moddir" "$driver_tree" "${DRIVER_MODULES[@]}"
+pack_tree "$driver_tree" "$out/driver-base.cpio.gz"
+say "driver: out/driver-base.cpio.gz ($(du -k "$out/driver-base.cpio.gz" | cut -f1) KiB; modules: $(tr '\n' ' ' < "$driver_tree/etc/modules.order" | sed 's|/lib/modules/[^ ]*/||g; s/\.ko//g; s/ $//'))"
 
 # Test host image: KVM modules plus the guest images to boot inside it.
 th_tree=$out/tree-testhost

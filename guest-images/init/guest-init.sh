@@ -4,11 +4,12 @@
 # Mounts the basics, loads /etc/modules.order, prints
 #   DDVMM-GUEST-INIT-OK cpus=<online CPUs>
 # then does what the kernel command line asks with ddvmm.action=:
-#   poweroff (default) | reboot | panic | shell | run-script
+#   poweroff (default) | reboot | panic | shell | run-script | agent
 # and prints DDVMM-GUEST-ACTION <action> right before doing it. run-script runs
 # `sh /script.sh` (appended by a test harness as an extra cpio archive; in /tmp, with
 # HOME=TMPDIR=/tmp), prints DDVMM-GUEST-SCRIPT-EXIT rc=<exit code> (127 when there is
-# no /script.sh), syncs and powers off.
+# no /script.sh), syncs and powers off. agent (driver VMs) runs the translation agent
+# /usr/bin/ddvmm-agent and powers off if it ever exits (DDVMM-AGENT-EXIT rc=<code>).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
 mount -t proc proc /proc
@@ -69,6 +70,10 @@ case $action in
         fi
         echo "DDVMM-GUEST-SCRIPT-EXIT rc=$rc"
         sync
+        poweroff -f ;;
+    agent)
+        /usr/bin/ddvmm-agent
+        echo "DDVMM-AGENT-EXIT rc=$?"
         poweroff -f ;;
     *)
         echo "guest-init: unknown ddvmm.action=$action, powering off"

@@ -472,6 +472,11 @@ pub fn client_initrd_with_script(script: &str) -> Result<Vec<u8>, HarnessError> 
     Ok(initrd)
 }
 
+/// The driver-VM image (agent, uio_pci_generic, virtio drivers), built by `make driver-image`.
+pub fn driver_initrd() -> Result<Vec<u8>, HarnessError> {
+    read(&image("driver-initramfs.cpio.gz")?)
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, HarnessError> {
     std::fs::read(path).map_err(|e| HarnessError::Io(format!("read {}", path.display()), e))
 }

@@ -8,13 +8,19 @@
 //! - [`devices`] holds the emulated devices and the I/O buses they sit on.
 //! - [`exit`] says why a guest stopped and how that maps to the process exit status.
 //! - [`kvm`] opens and checks `/dev/kvm`.
+//! - [`daemon`] supervises driver and client VMs (config, API, channels).
+//! - [`stats_page`] carries a VMM's device counters to the daemon.
+//! - [`handoff`] passes channel descriptors from the daemon to VMM processes.
 //! - [`units`] parses sizes given on the command line.
 
 pub mod arch;
+pub mod daemon;
 pub mod devices;
 pub mod exit;
+pub mod handoff;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod stats_page;
 pub mod units;
 pub mod vcpu;

@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -23,12 +23,14 @@ use crate::arch::x86_64::layout::{ports, PCI_CONFIG_IO, PCI_MMIO_END, PCI_MMIO_S
 use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::channel::{self, ChannelDevice, ChannelError, ChannelInfo};
 use crate::devices::i8042::I8042;
 use crate::devices::pci::msix::{IrqRouter, MsixError};
 use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::block::ring_frontend::{RingBlock, RingDiskError, RingDiskStats};
 use crate::devices::virtio::block::{open_disk, Block, BlockError};
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::net::Net;
@@ -88,13 +90,60 @@ pub struct NetConfig {
     pub mac: [u8; 6],
 }
 
+/// Descriptors shared with the other end of a channel (handed down by the daemon). Cloning
+/// shares them.
+#[derive(Debug, Clone)]
+pub struct ChannelFds {
+    /// The channel memory (a memfd of a power-of-two size).
+    pub memory: Arc<File>,
+    /// Client to driver VM: the driver VM's irqfd, written by the client VMM.
+    pub kick: Arc<EventFd>,
+    /// Driver VM to client: the driver VM's doorbell ioeventfd, waited on by the client VMM.
+    pub doorbell: Arc<EventFd>,
+}
+
+impl ChannelFds {
+    /// Size of the channel memory.
+    pub fn memory_size(&self) -> std::io::Result<u64> {
+        Ok(self.memory.metadata()?.len())
+    }
+}
+
+/// The driver VM's end of a block channel: a channel device.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// What the agent is told.
+    pub info: ChannelInfo,
+    /// Shared memory and eventfds.
+    pub fds: ChannelFds,
+}
+
+/// A client disk whose backend is a ring to a driver VM (virtio-blk in front).
+#[derive(Debug, Clone)]
+pub struct RingDiskConfig {
+    /// Shared memory and eventfds.
+    pub fds: ChannelFds,
+    /// Capacity in 512-byte sectors.
+    pub sectors: u64,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Device id string the guest sees (virtio-blk get-id).
+    pub id: String,
+    /// Ring generation to start at (see `ClientRing::create_at`).
+    pub generation: u64,
+}
+
 /// What to boot and on what virtual hardware.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
     /// virtio-blk disks, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-blk disks served by a driver VM over a ring, after the local disks.
+    pub ring_disks: Vec<RingDiskConfig>,
     /// virtio-net NICs, after the disks.
     pub nets: Vec<NetConfig>,
+    /// Channel devices (driver VMs), after the NICs.
+    pub channels: Vec<ChannelConfig>,
     /// What to run.
     pub boot: BootSource,
     /// Guest RAM in bytes.
@@ -197,6 +246,12 @@ pub enum MachineError {
     /// No room for another PCI device.
     #[error("no free PCI slot or MMIO space for {0}")]
     PciFull(String),
+    /// A channel device could not be set up.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// A ring disk could not be set up.
+    #[error(transparent)]
+    RingDisk(#[from] RingDiskError),
     /// All vCPU threads ended without reporting why.
     #[error("all vCPU threads ended without a guest exit")]
     VcpusVanished,
@@ -222,9 +277,12 @@ pub struct Machine {
     exits: ExitNotifier,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
+    /// Channel memory mappings (KVM memory slots) and INTx resample eventfds.
+    _channels: Vec<(MmapRegion, EventFd)>,
     ram: GuestRam,
     exit_rx: Receiver<GuestExit>,
     stop: Arc<AtomicBool>,
+    ring_stats: Vec<Arc<RingDiskStats>>,
 }
 
 impl Machine {
@@ -258,9 +316,15 @@ impl Machine {
 
         // Open disks before creating the VM: a bad path is a user error, reported first.
         let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+        let mut ring_stats = Vec::new();
         for d in &cfg.disks {
             let disk = open_disk(&d.path, d.read_only)?;
             devices.push((d.path.display().to_string(), Box::new(Block::new(disk))));
+        }
+        for (i, r) in cfg.ring_disks.iter().enumerate() {
+            let dev = RingBlock::new(r.fds.clone(), r.sectors, r.read_only, &r.id, r.generation)?;
+            ring_stats.push(dev.stats());
+            devices.push((format!("ring disk {i}"), Box::new(dev)));
         }
         for n in &cfg.nets {
             let tap = Tap::open(&n.tap)?;
@@ -275,8 +339,16 @@ impl Machine {
         let mut io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mut mmio_bus = Bus::new();
         let router = Arc::new(IrqRouter::new(vm.clone()));
-        let pci = build_pci(&ram, &router, devices, &mut mmio_bus)?;
-        io_bus.insert(pci, u64::from(PCI_CONFIG_IO), 8)?;
+        let mut pci = PciBuilder::new();
+        for (label, device) in devices {
+            pci.add_virtio(&ram, &router, label, device, &mut mmio_bus)?;
+        }
+        let mut channels = Vec::new();
+        for c in &cfg.channels {
+            let slot = ram.memory().num_regions() as u32 + channels.len() as u32;
+            channels.push(pci.add_channel(&vm, slot, c, &mut mmio_bus)?);
+        }
+        io_bus.insert(pci.finish(), u64::from(PCI_CONFIG_IO), 8)?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -306,15 +378,22 @@ impl Machine {
             exits,
             _vm: vm,
             _kvm: kvm,
+            _channels: channels,
             ram,
             exit_rx,
             stop,
+            ring_stats,
         })
     }
 
     /// Guest RAM (for tests and inspection).
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// Live counters of the ring disks, in configuration order.
+    pub fn ring_disk_stats(&self) -> &[Arc<RingDiskStats>] {
+        &self.ring_stats
     }
 
     /// Places an extra device on the MMIO bus (before [`Self::run`]).
@@ -532,33 +611,125 @@ impl BootEntry {
     }
 }
 
-/// The PCI root bus with the host bridge and one virtio-pci function per device; BARs are
-/// allocated upwards from the start of the PCI MMIO window and placed on `mmio_bus`.
-fn build_pci(
-    ram: &GuestRam,
-    router: &Arc<IrqRouter>,
-    devices: Vec<(String, Box<dyn VirtioDevice>)>,
-    mmio_bus: &mut Bus,
-) -> Result<SharedDevice, MachineError> {
-    let mut root = PciRoot::new();
-    let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge::new()));
-    root.add(bridge)
-        .ok_or_else(|| MachineError::PciFull("the host bridge".into()))?;
-    let mut next_bar = PCI_MMIO_START;
-    for (label, device) in devices {
-        let bar = next_bar.next_multiple_of(BAR_SIZE);
-        if bar + BAR_SIZE > PCI_MMIO_END {
-            return Err(MachineError::PciFull(label));
+/// Assembles the PCI root bus: the host bridge, then devices in slot order, with BARs allocated
+/// upwards from the start of the PCI MMIO window and placed on the MMIO bus.
+struct PciBuilder {
+    root: PciRoot,
+    next_bar: u64,
+}
+
+impl PciBuilder {
+    fn new() -> Self {
+        let mut root = PciRoot::new();
+        let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge::new()));
+        // Slot 0 of an empty bus.
+        let _ = root.add(bridge);
+        PciBuilder {
+            root,
+            next_bar: PCI_MMIO_START,
         }
-        next_bar = bar + BAR_SIZE;
+    }
+
+    /// Reserves `size` bytes (a power of two) of MMIO space, naturally aligned.
+    fn alloc_bar(&mut self, size: u64, label: &str) -> Result<u64, MachineError> {
+        let bar = self.next_bar.next_multiple_of(size);
+        if bar.checked_add(size).is_none_or(|end| end > PCI_MMIO_END) {
+            return Err(MachineError::PciFull(label.to_string()));
+        }
+        self.next_bar = bar + size;
+        Ok(bar)
+    }
+
+    fn add(&mut self, dev: SharedPciDevice, label: &str) -> Result<usize, MachineError> {
+        self.root
+            .add(dev)
+            .ok_or_else(|| MachineError::PciFull(label.to_string()))
+    }
+
+    fn add_virtio(
+        &mut self,
+        ram: &GuestRam,
+        router: &Arc<IrqRouter>,
+        label: String,
+        device: Box<dyn VirtioDevice>,
+        mmio_bus: &mut Bus,
+    ) -> Result<(), MachineError> {
+        let bar = self.alloc_bar(BAR_SIZE, &label)?;
         let kind = device.device_type();
         let dev = VirtioPciDevice::new(device, ram.memory().clone(), router.clone(), bar)?;
         let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
-        let slot = root
-            .add(dev.clone())
-            .ok_or_else(|| MachineError::PciFull(label.clone()))?;
+        let slot = self.add(dev.clone(), &label)?;
         mmio_bus.insert(Arc::new(Mutex::new(BarRegion::new(dev, 0))), bar, BAR_SIZE)?;
         tracing::info!(device = %label, virtio_type = kind, slot, bar = format_args!("{bar:#x}"), "virtio-pci device");
+        Ok(())
     }
-    Ok(Arc::new(Mutex::new(root)))
+
+    /// A channel device: registers on the MMIO bus with the doorbell as an ioeventfd, the
+    /// shared memory as KVM memory slot `mem_slot`, and INTx as a level-triggered irqfd.
+    fn add_channel(
+        &mut self,
+        vm: &VmFd,
+        mem_slot: u32,
+        c: &ChannelConfig,
+        mmio_bus: &mut Bus,
+    ) -> Result<(MmapRegion, EventFd), MachineError> {
+        let label = format!("channel {}", c.info.index);
+        let size = c
+            .fds
+            .memory_size()
+            .map_err(|e| MachineError::Sys("sizing channel memory", e))?;
+        let regs_addr = self.alloc_bar(channel::REGS_SIZE, &label)?;
+        let mem_addr = self.alloc_bar(size.max(0x1000).next_power_of_two(), &label)?;
+        let dev = ChannelDevice::new(&c.info, regs_addr, mem_addr, size)?;
+        let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
+        let slot = self.add(dev.clone(), &label)?;
+        mmio_bus.insert(
+            Arc::new(Mutex::new(BarRegion::new(dev, 0))),
+            regs_addr,
+            channel::REGS_SIZE,
+        )?;
+        vm.register_ioevent(
+            c.fds.doorbell.as_ref(),
+            &IoEventAddress::Mmio(regs_addr + channel::regs::DOORBELL),
+            NoDatamatch,
+        )
+        .map_err(|e| MachineError::Sys("KVM_IOEVENTFD for a channel doorbell", e.into()))?;
+        let gsi = acpi::intx_gsi(slot as u32, 0);
+        let resample = eventfd()?;
+        vm.register_irqfd_with_resample(c.fds.kick.as_ref(), &resample, gsi)
+            .map_err(|e| MachineError::Sys("KVM_IRQFD for a channel", e.into()))?;
+        let len = usize::try_from(size).map_err(|_| ChannelError::BadMemorySize(size))?;
+        let file = c
+            .fds
+            .memory
+            .try_clone()
+            .map_err(|e| MachineError::Sys("dup of channel memory", e))?;
+        let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
+            .map_err(|e| MachineError::Sys("mapping channel memory", std::io::Error::other(e)))?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: mem_slot,
+            flags: 0,
+            guest_phys_addr: mem_addr,
+            memory_size: size,
+            userspace_addr: map.as_ptr() as u64,
+        };
+        // SAFETY: the mapping covers `size` bytes and is returned to the caller, which keeps it
+        // in the machine until after the VM is dropped.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| MachineError::Sys("KVM_SET_USER_MEMORY_REGION for a channel", e.into()))?;
+        tracing::info!(
+            channel = c.info.index,
+            slot,
+            gsi,
+            regs = format_args!("{regs_addr:#x}"),
+            mem = format_args!("{mem_addr:#x}+{size:#x}"),
+            backend = %c.info.backend,
+            "channel device"
+        );
+        Ok((map, resample))
+    }
+
+    fn finish(self) -> SharedDevice {
+        Arc::new(Mutex::new(self.root))
+    }
 }

@@ -5,10 +5,18 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ddvmm::devices::channel::ChannelInfo;
+use ddvmm::devices::virtio::block::ring_frontend::RingDiskStats;
 use ddvmm::devices::virtio::net::parse_mac;
 use ddvmm::exit::GuestExit;
-use ddvmm::machine::{BootSource, ConsoleOutput, DiskConfig, Machine, MachineConfig, NetConfig};
+use ddvmm::handoff::Adopter;
+use ddvmm::machine::{
+    BootSource, ChannelConfig, ChannelFds, ConsoleOutput, DiskConfig, Machine, MachineConfig,
+    NetConfig, RingDiskConfig,
+};
+use ddvmm::stats_page::StatsWriter;
 use ddvmm::units::parse_size;
+use std::sync::Arc;
 
 /// Driver-domain VMM: boots unmodified Linux kernels under KVM.
 #[derive(Parser, Debug)]
@@ -28,6 +36,64 @@ enum Command {
     /// Exit status: 0 powered off, 1 VMM error, 2 usage error, 3 rebooted, 4 kernel panic,
     /// 5 crash (triple fault, KVM internal error).
     Run(RunArgs),
+    /// Start and supervise the driver and client VMs of a system configuration (TOML), and
+    /// serve the API on its Unix socket until SIGTERM, SIGINT or `ctl shutdown`.
+    Daemon {
+        /// System configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Talk to a running daemon.
+    Ctl {
+        /// The daemon's API socket (the config's `api.socket`; default <config>.sock).
+        #[arg(long)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlOp {
+    /// VMs and their states.
+    List,
+    /// Per-VM device and channel counters.
+    Stats,
+    /// Start a stopped VM.
+    Start {
+        /// VM name.
+        vm: String,
+    },
+    /// Stop a running VM (SIGTERM, SIGKILL after 10 s).
+    Stop {
+        /// VM name.
+        vm: String,
+    },
+    /// Stop every VM (clients first) and end the daemon.
+    Shutdown,
+}
+
+fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
+    let req = match op {
+        CtlOp::List => serde_json::json!({"op": "list"}),
+        CtlOp::Stats => serde_json::json!({"op": "stats"}),
+        CtlOp::Start { vm } => serde_json::json!({"op": "start", "vm": vm}),
+        CtlOp::Stop { vm } => serde_json::json!({"op": "stop", "vm": vm}),
+        CtlOp::Shutdown => serde_json::json!({"op": "shutdown"}),
+    };
+    let reply = ddvmm::daemon::client::call(socket, &req)?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(reply["ok"] == true)
+}
+
+fn daemon(config: &std::path::Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(ddvmm::daemon::run(config))?;
+    Ok(())
 }
 
 #[derive(Parser, Debug)]
@@ -56,6 +122,18 @@ struct RunArgs {
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=52:54:00:xx:xx:xx] (repeatable).
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<String>,
+    /// A channel device (driver VM), with descriptors inherited from the daemon:
+    /// mem=FD,kick=FD,doorbell=FD,backend=/dev/vdX,start=SECTOR,sectors=N[,ro] (repeatable).
+    #[arg(long = "channel", value_name = "SPEC")]
+    channels: Vec<String>,
+    /// A virtio-blk disk served by a driver VM over a ring (client VM), with descriptors
+    /// inherited from the daemon: mem=FD,kick=FD,doorbell=FD,sectors=N[,ro][,id=NAME]
+    /// [,generation=G] (repeatable).
+    #[arg(long = "ring-disk", value_name = "SPEC")]
+    ring_disks: Vec<String>,
+    /// A stats page (memfd inherited from the daemon) to publish device counters into.
+    #[arg(long, value_name = "FD")]
+    stats_fd: Option<i32>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -89,9 +167,24 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .enumerate()
         .map(|(i, n)| parse_net(n, i))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut adopter = Adopter::new();
+    let channels = args
+        .channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_channel(c, i as u32, &mut adopter))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ring_disks = args
+        .ring_disks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse_ring_disk(c, i, &mut adopter))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = MachineConfig {
         disks,
+        ring_disks,
         nets,
+        channels,
         boot: BootSource::Linux {
             kernel: args.kernel,
             initrd: args.initrd,
@@ -102,7 +195,17 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         console,
         kvm_device: args.kvm_device,
     };
+    let stats = args
+        .stats_fd
+        .map(|fd| {
+            let file = std::fs::File::from(adopter.adopt(fd).context("--stats-fd")?);
+            StatsWriter::new(file).context("--stats-fd")
+        })
+        .transpose()?;
     let mut machine = Machine::build(&cfg)?;
+    if let Some(writer) = stats {
+        spawn_stats_publisher(writer, machine.ring_disk_stats().to_vec());
+    }
     let exit = machine.run()?;
     log_vmm_memory();
     Ok(exit)
@@ -152,6 +255,163 @@ fn parse_net(spec: &str, index: usize) -> anyhow::Result<NetConfig> {
     Ok(NetConfig { tap, mac })
 }
 
+/// `key=value` options of a `--channel`/`--ring-disk` spec; bare words are flags.
+struct SpecOptions<'a> {
+    arg: &'static str,
+    spec: &'a str,
+    values: std::collections::BTreeMap<&'a str, &'a str>,
+    flags: Vec<&'a str>,
+}
+
+impl<'a> SpecOptions<'a> {
+    fn parse(
+        arg: &'static str,
+        spec: &'a str,
+        keys: &[&str],
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut o = SpecOptions {
+            arg,
+            spec,
+            values: Default::default(),
+            flags: Vec::new(),
+        };
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some((k, v)) if keys.contains(&k) => {
+                    if o.values.insert(k, v).is_some() {
+                        anyhow::bail!("{arg} {spec}: '{k}' given twice");
+                    }
+                }
+                None if flags.contains(&part) => o.flags.push(part),
+                _ => anyhow::bail!(
+                    "{arg} {spec}: unknown option '{part}' (expected {} or {})",
+                    keys.join("=, ") + "=",
+                    flags.join(", ")
+                ),
+            }
+        }
+        Ok(o)
+    }
+
+    fn str(&self, key: &str) -> anyhow::Result<&'a str> {
+        self.values
+            .get(key)
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("{} {}: missing {key}=", self.arg, self.spec))
+    }
+
+    fn num<T: std::str::FromStr>(&self, key: &str) -> anyhow::Result<T> {
+        let v = self.str(key)?;
+        v.parse()
+            .map_err(|_| anyhow::anyhow!("{} {}: {key}={v} is not a number", self.arg, self.spec))
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.flags.contains(&name)
+    }
+
+    fn fds(&self, adopter: &mut Adopter) -> anyhow::Result<ChannelFds> {
+        let mut take = |key: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
+            let n = self.num(key)?;
+            adopter
+                .adopt(n)
+                .with_context(|| format!("{} {}: {key}", self.arg, self.spec))
+        };
+        let memory = std::fs::File::from(take("mem")?);
+        let kick = take("kick")?;
+        let doorbell = take("doorbell")?;
+        Ok(ChannelFds {
+            memory: memory.into(),
+            kick: std::sync::Arc::new(eventfd_from(kick)),
+            doorbell: std::sync::Arc::new(eventfd_from(doorbell)),
+        })
+    }
+}
+
+fn eventfd_from(fd: std::os::fd::OwnedFd) -> vmm_sys_util::eventfd::EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `fd` is an owned, open descriptor whose ownership moves into the EventFd. If it
+    // is not actually an eventfd, reads and writes on it fail with an error, nothing worse.
+    unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+fn parse_channel(spec: &str, index: u32, adopter: &mut Adopter) -> anyhow::Result<ChannelConfig> {
+    let o = SpecOptions::parse(
+        "--channel",
+        spec,
+        &["mem", "kick", "doorbell", "backend", "start", "sectors"],
+        &["ro"],
+    )?;
+    let info = ChannelInfo {
+        index,
+        backend: o.str("backend")?.to_string(),
+        start_sector: o.num("start")?,
+        sectors: o.num("sectors")?,
+        read_only: o.flag("ro"),
+    };
+    Ok(ChannelConfig {
+        info,
+        fds: o.fds(adopter)?,
+    })
+}
+
+fn parse_ring_disk(
+    spec: &str,
+    index: usize,
+    adopter: &mut Adopter,
+) -> anyhow::Result<RingDiskConfig> {
+    let o = SpecOptions::parse(
+        "--ring-disk",
+        spec,
+        &["mem", "kick", "doorbell", "sectors", "id", "generation"],
+        &["ro"],
+    )?;
+    Ok(RingDiskConfig {
+        generation: if o.values.contains_key("generation") {
+            o.num("generation")?
+        } else {
+            1
+        },
+        sectors: o.num("sectors")?,
+        read_only: o.flag("ro"),
+        id: o
+            .values
+            .get("id")
+            .map_or_else(|| format!("ddvmm-ring{index}"), |s| s.to_string()),
+        fds: o.fds(adopter)?,
+    })
+}
+
+/// Publishes the ring disks' counters to the stats page four times a second.
+fn spawn_stats_publisher(mut writer: StatsWriter, disks: Vec<Arc<RingDiskStats>>) {
+    let publish = move || loop {
+        let list: Vec<serde_json::Value> = disks
+            .iter()
+            .map(|d| {
+                serde_json::Value::Object(
+                    d.snapshot()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.into()))
+                        .collect(),
+                )
+            })
+            .collect();
+        let json = serde_json::json!({ "ring_disks": list }).to_string();
+        if let Err(e) = writer.publish(&json) {
+            tracing::warn!(error = %e, "stats page");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("stats".into())
+        .spawn(publish)
+    {
+        tracing::warn!(error = %e, "cannot start the stats publisher");
+    }
+}
+
 /// Logs the VMM's resident memory split into guest RAM (memfd, counted as shared memory) and
 /// the VMM's own (anonymous and file-backed).
 fn log_vmm_memory() {
@@ -181,6 +441,21 @@ fn main() -> ExitCode {
                 eprintln!("ddvmm: {exit}");
                 ExitCode::from(exit.status_code() as u8)
             }
+            Err(e) => {
+                eprintln!("ddvmm: error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Daemon { config } => match daemon(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ddvmm: error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Ctl { socket, op } => match ctl(&socket, op) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
             Err(e) => {
                 eprintln!("ddvmm: error: {e:#}");
                 ExitCode::from(1)

@@ -190,18 +190,27 @@ impl<R: SharedRegion> AgentRing<R> {
     /// Publishes a completion stamped with our generation. Slot data written before this call is
     /// visible to the client once it sees the completion.
     pub fn complete(&mut self, c: Completion) -> Result<(), RingError> {
+        self.publish(RawCompletion {
+            id: c.id,
+            generation: self.generation,
+            status: c.status as u32,
+            len: c.len,
+        })
+    }
+
+    /// Publishes an arbitrary completion entry, valid or not: **fault injection only** (the
+    /// agent's garbage mode, tests of the client's validation). Still respects ring space.
+    pub fn publish_unchecked(&mut self, raw: RawCompletion) -> Result<(), RingError> {
+        self.publish(raw)
+    }
+
+    fn publish(&mut self, raw: RawCompletion) -> Result<(), RingError> {
         let cons = self.region.load_u32(o::CMP_CONS, Load::Acquire)?;
         match self.cmp_prod.wrapping_sub(cons) {
             n if n > self.layout.ring_entries => return Err(RingError::IndexCorrupt),
             n if n == self.layout.ring_entries => return Err(RingError::RingFull),
             _ => {}
         }
-        let raw = RawCompletion {
-            id: c.id,
-            generation: self.generation,
-            status: c.status as u32,
-            len: c.len,
-        };
         raw.store(&self.region, self.layout.cmp_entry(self.cmp_prod))?;
         self.cmp_prod = self.cmp_prod.wrapping_add(1);
         // Release: slot data and entry are visible before the new index.

@@ -147,6 +147,16 @@ pub struct ClientRing<R: SharedRegion> {
 impl<R: SharedRegion> ClientRing<R> {
     /// Writes a fresh header (generation 1) into `region` and returns the client side.
     pub fn create(region: R, params: RingParams) -> Result<Self, RingError> {
+        Self::create_at(region, params, 1)
+    }
+
+    /// As [`create`](Self::create), starting at `generation` (non-zero). A client process
+    /// that re-creates the ring in memory an agent may still be attached to must pick a
+    /// generation that agent has not served, so the agent notices and attaches afresh.
+    pub fn create_at(region: R, params: RingParams, generation: u64) -> Result<Self, RingError> {
+        if generation == 0 {
+            return Err(RingError::BadLayout("generation 0"));
+        }
         let layout = params.layout()?;
         if region.size() < layout.total {
             return Err(RingError::RegionTooSmall {
@@ -167,14 +177,14 @@ impl<R: SharedRegion> ClientRing<R> {
         r.store_u64(o::CMP_RING_OFFSET, layout.cmp_ring as u64, Store::Relaxed)?;
         r.store_u64(o::SLOTS_OFFSET, layout.slots as u64, Store::Relaxed)?;
         r.store_u64(o::REGION_SIZE, layout.total as u64, Store::Relaxed)?;
-        r.store_u64(o::GENERATION, 1, Store::Relaxed)?;
+        r.store_u64(o::GENERATION, generation, Store::Relaxed)?;
         fence(Ordering::Release);
         r.write_bytes(o::MAGIC, &MAGIC)?;
         Ok(Self {
             region,
             layout,
             features: params.features,
-            generation: 1,
+            generation,
             req_prod: 0,
             cmp_cons: 0,
             notified: 0,

@@ -5,6 +5,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod channel;
 pub mod i8042;
 pub mod pci;
 pub mod pvpanic;

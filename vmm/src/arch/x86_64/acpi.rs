@@ -117,6 +117,14 @@ fn madt(cpus: u32) -> Result<Sdt, AcpiError> {
     Ok(madt)
 }
 
+/// First IOAPIC pin used for PCI INTx.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+
+/// The GSI that INTx pin `pin` (0 = INTA) of the device in `slot` raises (see the `_PRT`).
+pub fn intx_gsi(slot: u32, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (slot + u32::from(pin)) % 8
+}
+
 fn dsdt() -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = aml::Name::new(
@@ -159,9 +167,23 @@ fn dsdt() -> Sdt {
     );
     let pci_crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mmio]);
     let pci_crs = aml::Name::new("_CRS".into(), &pci_crs);
+    // INTx routing (used by the channel device; virtio devices use MSI-X): every slot's pins
+    // go straight to IOAPIC GSIs 16..23, swizzled as a PCI bridge would.
+    let prt_entries: Vec<(u32, u8, u32)> = (0..32u32)
+        .flat_map(|slot| (0..4u8).map(move |pin| (slot, pin, intx_gsi(slot, pin))))
+        .map(|(slot, pin, gsi)| ((slot << 16) | 0xffff, pin, gsi))
+        .collect();
+    let prt_packages: Vec<aml::Package> = prt_entries
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt_refs: Vec<&dyn Aml> = prt_packages.iter().map(|p| p as &dyn Aml).collect();
+    let prt = aml::Name::new("_PRT".into(), &aml::Package::new(prt_refs));
     let pci0 = aml::Device::new(
         "PCI0".into(),
-        vec![&pci_hid, &pci_adr, &pci_seg, &pci_uid, &pci_bbn, &pci_crs],
+        vec![
+            &pci_hid, &pci_adr, &pci_seg, &pci_uid, &pci_bbn, &pci_crs, &prt,
+        ],
     );
     let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &com1, &pvpanic]);
     let mut body = Vec::new();

@@ -49,6 +49,8 @@ pub struct MemoryBar {
     pub size: u64,
     /// Whether the BAR is 64-bit.
     pub is_64bit: bool,
+    /// Whether reads have no side effects (the OS may map it write-combining).
+    pub prefetchable: bool,
 }
 
 /// Errors building a configuration space (VMM bugs, not guest input).
@@ -96,7 +98,7 @@ impl PciConfig {
             | (u32::from(id.class.0) << 24);
         c.regs[11] = u32::from(id.subsystem_vendor) | (u32::from(id.subsystem) << 16);
         c.writable[COMMAND / 4] = COMMAND_WRITABLE;
-        // Interrupt line is scratch for the OS; interrupt pin stays 0 (no INTx).
+        // Interrupt line is scratch for the OS; interrupt pin is 0 (no INTx) unless set.
         c.writable[INTERRUPT_LINE / 4] = 0xff;
         c
     }
@@ -123,7 +125,7 @@ impl PciConfig {
         }
         let reg = BAR0 / 4 + bar.index;
         let mask = !(bar.size - 1);
-        let kind = if bar.is_64bit { 0b100 } else { 0 };
+        let kind = if bar.is_64bit { 0b100 } else { 0 } | if bar.prefetchable { 0b1000 } else { 0 };
         self.regs[reg] = (bar.addr as u32) | kind;
         self.writable[reg] = mask as u32 & !0xf;
         if bar.is_64bit {
@@ -231,6 +233,11 @@ impl PciConfig {
         }
     }
 
+    /// Sets the interrupt pin register (1 = INTA .. 4 = INTD, 0 = none).
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        self.set_byte(INTERRUPT_LINE + 1, pin);
+    }
+
     /// Whether the guest enabled memory decoding.
     pub fn memory_enabled(&self) -> bool {
         self.regs[COMMAND / 4] & 0x2 != 0
@@ -277,6 +284,7 @@ mod tests {
             addr: 0xc000_4000,
             size: 0x4000,
             is_64bit: true,
+            prefetchable: false,
         })
         .expect("bar");
         assert_eq!(read32(&c, BAR0), 0xc000_4004);
@@ -299,6 +307,7 @@ mod tests {
             addr,
             size,
             is_64bit,
+            prefetchable: false,
         };
         assert!(c.add_memory_bar(bar(5, 0, 0x1000, true)).is_err());
         assert!(c.add_memory_bar(bar(0, 0x800, 0x1000, false)).is_err());

@@ -166,6 +166,7 @@ impl VirtioPciDevice {
             addr: bar_addr,
             size: BAR_SIZE,
             is_64bit: true,
+            prefetchable: false,
         })?;
         let queue_sizes = device.queue_max_sizes();
         let nqueues = queue_sizes.len();

@@ -8,6 +8,7 @@
 //! Flush is `fdatasync` on the backing file: durable on the host.
 
 pub mod request;
+pub mod ring_frontend;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub const DEVICE_TYPE: u32 = 2;
 pub const QUEUE_SIZE: u16 = 256;
 /// I/O threads per device.
 pub const IO_THREADS: usize = 4;
+const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
 const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
 const VIRTIO_BLK_F_RO: u32 = 5;
 const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
@@ -62,6 +64,53 @@ pub enum BlockError {
         /// Size found.
         size: u64,
     },
+}
+
+/// The feature bits of a virtio-blk device: discard and write-zeroes only where the backend
+/// has them and the disk is writable; a size limit per segment where the backend needs one.
+pub(crate) fn features(read_only: bool, discard: bool, size_max: bool) -> u64 {
+    let mut f = (1u64 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_RING_F_EVENT_IDX)
+        | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | (1 << VIRTIO_BLK_F_BLK_SIZE)
+        | (1 << VIRTIO_BLK_F_FLUSH);
+    if size_max {
+        f |= 1 << VIRTIO_BLK_F_SIZE_MAX;
+    }
+    if read_only {
+        f |= 1 << VIRTIO_BLK_F_RO;
+    } else if discard {
+        f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+    }
+    f
+}
+
+/// The virtio-blk configuration space: capacity (u64) @0, size_max @8, seg_max @12,
+/// geometry @16, blk_size @20, topology @24, writeback @32, num_queues @34,
+/// max_discard_sectors @36, max_discard_seg @40, discard_sector_alignment @44,
+/// max_write_zeroes_sectors @48, max_write_zeroes_seg @52, write_zeroes_may_unmap @56.
+pub(crate) fn read_config(
+    sectors: u64,
+    seg_max: u32,
+    size_max: Option<u32>,
+    offset: u64,
+    data: &mut [u8],
+) {
+    let mut cfg = [0u8; 60];
+    cfg[0..8].copy_from_slice(&sectors.to_le_bytes());
+    cfg[8..12].copy_from_slice(&size_max.unwrap_or(0).to_le_bytes());
+    cfg[12..16].copy_from_slice(&seg_max.to_le_bytes());
+    cfg[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    cfg[34..36].copy_from_slice(&1u16.to_le_bytes());
+    let max_sectors = u32::MAX / SECTOR_SIZE as u32;
+    cfg[36..40].copy_from_slice(&max_sectors.to_le_bytes());
+    cfg[40..44].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
+    cfg[44..48].copy_from_slice(&8u32.to_le_bytes());
+    cfg[48..52].copy_from_slice(&max_sectors.to_le_bytes());
+    cfg[52..56].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
+    cfg[56] = 1;
+    super::read_config_bytes(&cfg, offset, data);
 }
 
 /// Opens `path` (read-only if asked) and returns the disk and its size in bytes.
@@ -131,38 +180,11 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_BLK_SIZE)
-            | (1 << VIRTIO_BLK_F_FLUSH);
-        if self.disk.read_only() {
-            f |= 1 << VIRTIO_BLK_F_RO;
-        } else {
-            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
-        }
-        f
+        features(self.disk.read_only(), true, false)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // capacity (u64) @0, size_max @8, seg_max @12, geometry @16, blk_size @20,
-        // topology @24, writeback @32, num_queues @34, max_discard_sectors @36,
-        // max_discard_seg @40, discard_sector_alignment @44, max_write_zeroes_sectors @48,
-        // max_write_zeroes_seg @52, write_zeroes_may_unmap @56.
-        let mut cfg = [0u8; 60];
-        cfg[0..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
-        cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        cfg[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        cfg[34..36].copy_from_slice(&1u16.to_le_bytes());
-        let max_sectors = u32::MAX / SECTOR_SIZE as u32;
-        cfg[36..40].copy_from_slice(&max_sectors.to_le_bytes());
-        cfg[40..44].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
-        cfg[44..48].copy_from_slice(&8u32.to_le_bytes());
-        cfg[48..52].copy_from_slice(&max_sectors.to_le_bytes());
-        cfg[52..56].copy_from_slice(&request::MAX_SEGMENTS.to_le_bytes());
-        cfg[56] = 1;
-        super::read_config_bytes(&cfg, offset, data);
+        read_config(self.disk.sectors(), SEG_MAX, None, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -324,7 +346,22 @@ fn submit(
     jobs: &Sender<Job>,
     failure: &dyn DeviceFailure,
 ) -> Result<usize, String> {
-    let mut queued = 0;
+    pop_requests(queue, mem, failure, &mut |head, request| {
+        jobs.send(Job { head, request })
+            .map_err(|_| "I/O threads gone".to_string())
+    })
+}
+
+/// Pops every available chain, parses it and hands it to `take`, with notifications
+/// suppressed meanwhile. Returns how many were taken. A chain too broken to carry a status
+/// byte makes the device need a reset (reported to `failure` and returned as the error).
+pub(crate) fn pop_requests(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    failure: &dyn DeviceFailure,
+    take: &mut dyn FnMut(u16, Request) -> Result<(), String>,
+) -> Result<usize, String> {
+    let mut taken = 0;
     loop {
         queue
             .disable_notification(mem)
@@ -338,9 +375,8 @@ fn submit(
             let descs: Vec<_> = chain.collect();
             match Request::parse(&descs, mem) {
                 Ok(request) => {
-                    jobs.send(Job { head, request })
-                        .map_err(|_| "I/O threads gone".to_string())?;
-                    queued += 1;
+                    take(head, request)?;
+                    taken += 1;
                 }
                 Err(e) => {
                     failure.needs_reset(&format!("malformed request chain {head}: {e}"));
@@ -353,7 +389,7 @@ fn submit(
             .enable_notification(mem)
             .map_err(|e| format!("virtqueue: {e:?}"))?
         {
-            return Ok(queued);
+            return Ok(taken);
         }
     }
 }
@@ -365,10 +401,26 @@ fn complete(
     done: &Receiver<(u16, Completion)>,
     interrupt: &Interrupt,
 ) -> Result<usize, String> {
+    publish_used(
+        queue,
+        mem,
+        done.try_iter().map(|(head, c)| (head, c.written)),
+        interrupt,
+    )
+}
+
+/// Adds `(head, bytes written)` pairs to the used ring, then interrupts the driver if virtio's
+/// notification suppression says it wants to hear about them. Returns how many were added.
+pub(crate) fn publish_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    done: impl IntoIterator<Item = (u16, u32)>,
+    interrupt: &Interrupt,
+) -> Result<usize, String> {
     let mut n = 0;
-    while let Ok((head, c)) = done.try_recv() {
+    for (head, written) in done {
         queue
-            .add_used(mem, head, c.written)
+            .add_used(mem, head, written)
             .map_err(|e| format!("used ring: {e:?}"))?;
         n += 1;
     }

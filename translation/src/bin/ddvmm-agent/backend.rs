@@ -1,0 +1,491 @@
+//! Serving one block channel: ring in, `O_DIRECT` I/O on the backend device, ring out.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ddvmm_translation::ring::{
+    features, flags, AgentRing, Completion, Opcode, RawCompletion, RawRegion, RequestEntry,
+    RingError, Status, SECTOR_SIZE,
+};
+
+use crate::pci::{regs, BarMapping, ChannelDevice, UioIrq};
+use crate::Options;
+
+/// What this agent implements.
+const SUPPORTED: u64 = features::FUA | features::GET_ID;
+/// Heartbeat period.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Device id string returned for get-id.
+const AGENT_ID: &[u8] = b"ddvmm-agent";
+
+/// The window of the backend device this channel may touch, from BAR 0.
+struct Window {
+    backend: String,
+    start: u64,
+    sectors: u64,
+    read_only: bool,
+    mem_size: usize,
+    index: u32,
+}
+
+fn read_window(r: &BarMapping) -> Result<Window, String> {
+    if r.read32(regs::MAGIC) != regs::MAGIC_VALUE || r.read32(regs::VERSION) != regs::VERSION_VALUE
+    {
+        return Err("not a ddvmm channel of register version 1".into());
+    }
+    if r.read32(regs::KIND) != regs::KIND_BLOCK {
+        return Err(format!("unsupported channel kind {}", r.read32(regs::KIND)));
+    }
+    let mut name = Vec::new();
+    for i in (0..regs::BACKEND_LEN).step_by(4) {
+        name.extend_from_slice(&r.read32(regs::BACKEND + i).to_le_bytes());
+    }
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    let backend = String::from_utf8_lossy(&name[..end]).into_owned();
+    Ok(Window {
+        backend,
+        start: r.read64(regs::START),
+        sectors: r.read64(regs::SECTORS),
+        read_only: r.read32(regs::FLAGS) & 1 != 0,
+        mem_size: usize::try_from(r.read64(regs::MEM_SIZE)).map_err(|_| "memory size")?,
+        index: r.read32(regs::INDEX),
+    })
+}
+
+/// A page-aligned buffer for `O_DIRECT`.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: an exclusively owned heap allocation.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(4096), 4096).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc_zeroed(layout) };
+        Some(AlignedBuf {
+            ptr: std::ptr::NonNull::new(p)?,
+            len,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes were allocated (and zeroed) in `new`; `&self` borrows them.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, exclusively through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if let Ok(layout) = Layout::from_size_align(self.len.max(4096), 4096) {
+            // SAFETY: allocated in `new` with this very layout.
+            unsafe { dealloc(self.ptr.as_ptr(), layout) }
+        }
+    }
+}
+
+/// Work for an I/O thread.
+struct Job {
+    id: u64,
+    op: Opcode,
+    fua: bool,
+    offset: u64,
+    buf: Option<AlignedBuf>,
+}
+
+/// A finished job.
+struct Done {
+    id: u64,
+    status: Status,
+    len: u32,
+    slot: Option<u32>,
+    buf: Option<AlignedBuf>,
+}
+
+/// Serves the channel until an unrecoverable error.
+pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
+    let ctx = |e: String| format!("{}: {e}", dev.address);
+    let regs_map = BarMapping::map(&dev.sysfs.join("resource0"), regs::SIZE).map_err(ctx)?;
+    let w = read_window(&regs_map).map_err(ctx)?;
+    let mem = BarMapping::map(&dev.sysfs.join("resource2"), w.mem_size).map_err(ctx)?;
+    let mut irq = UioIrq::open(&dev.uio).map_err(ctx)?;
+    let disk = open_backend(&w).map_err(ctx)?;
+    println!(
+        "ddvmm-agent: channel {} at {}: {} sectors {}+{}{}",
+        w.index,
+        dev.address,
+        w.backend,
+        w.start,
+        w.sectors,
+        if w.read_only { " (read-only)" } else { "" }
+    );
+
+    let disk = Arc::new(disk);
+    let (job_tx, job_rx) = channel::<(Job, Option<u32>)>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = channel::<Done>();
+    let wake = EventFd::new().map_err(ctx)?;
+    for _ in 0..opts.threads {
+        let (rx, tx, disk, wake) = (job_rx.clone(), done_tx.clone(), disk.clone(), wake.clone());
+        std::thread::Builder::new()
+            .name("agent-io".into())
+            .spawn(move || io_thread(&rx, &tx, &disk, &wake))
+            .map_err(|e| ctx(e.to_string()))?;
+    }
+
+    loop {
+        let ring = attach(&mem).map_err(ctx)?;
+        ring.set_ready().map_err(|e| ctx(e.to_string()))?;
+        println!(
+            "ddvmm-agent: channel {} ready, generation {}",
+            w.index,
+            ring.generation()
+        );
+        let mut server = Server {
+            ring,
+            window: &w,
+            jobs: &job_tx,
+            garbage: opts.garbage,
+            in_flight: 0,
+            doorbell: &regs_map,
+        };
+        server.run(&mut irq, &done_rx, &wake);
+        // A new generation: wait for our in-flight jobs to drain (their results belong to the
+        // old one), then attach again.
+        while server.in_flight > 0 {
+            if done_rx.recv().is_err() {
+                break;
+            }
+            server.in_flight -= 1;
+        }
+    }
+}
+
+fn open_backend(w: &Window) -> Result<File, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!w.read_only)
+        .custom_flags(libc::O_DIRECT)
+        .open(&w.backend)
+        .map_err(|e| format!("{}: {e}", w.backend))?;
+    let size = {
+        use std::io::{Seek, SeekFrom};
+        let mut f = &file;
+        f.seek(SeekFrom::End(0))
+            .map_err(|e| format!("{}: {e}", w.backend))?
+    };
+    let end = w
+        .start
+        .checked_add(w.sectors)
+        .and_then(|s| s.checked_mul(SECTOR_SIZE));
+    if end.is_none_or(|e| e > size) {
+        return Err(format!(
+            "{}: window {}+{} sectors exceeds its {} bytes",
+            w.backend, w.start, w.sectors, size
+        ));
+    }
+    Ok(file)
+}
+
+/// Attaches to the ring in `mem`, waiting for the client to create it.
+fn attach(mem: &BarMapping) -> Result<AgentRing<RawRegion>, String> {
+    let mut last = String::new();
+    loop {
+        // SAFETY: `mem` maps `mem.len()` bytes read-write and outlives the ring (the caller
+        // drops the ring before the mapping). This process accesses the mapping only through
+        // the ring's atomics.
+        let region =
+            unsafe { RawRegion::new(mem.as_ptr(), mem.len()) }.map_err(|e| e.to_string())?;
+        match AgentRing::attach(region, SUPPORTED) {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last {
+                    println!("ddvmm-agent: waiting for the client's ring ({msg})");
+                    last = msg;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+struct Server<'a> {
+    ring: AgentRing<RawRegion>,
+    window: &'a Window,
+    jobs: &'a Sender<(Job, Option<u32>)>,
+    garbage: bool,
+    in_flight: usize,
+    doorbell: &'a BarMapping,
+}
+
+impl Server<'_> {
+    /// Serves until the client starts a new generation.
+    fn run(&mut self, irq: &mut UioIrq, done: &Receiver<Done>, wake: &EventFd) {
+        let mut beat = Instant::now();
+        loop {
+            let mut progress = false;
+            while let Some(req) = self.ring.pop_request() {
+                progress = true;
+                match req {
+                    Ok(r) => self.dispatch(r),
+                    Err(RingError::InvalidRequest { id, reason }) => {
+                        eprintln!("ddvmm-agent: invalid request {id}: {reason}");
+                        self.answer(id, Status::IoErr, 0);
+                    }
+                    Err(e) => {
+                        // A corrupt producer index: a client that re-created the ring (new
+                        // generation: attach again) or a broken one (wait for it).
+                        if !self.ring.is_current() {
+                            return;
+                        }
+                        eprintln!("ddvmm-agent: request ring: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
+            let mut completed = false;
+            while let Ok(d) = done.try_recv() {
+                self.in_flight -= 1;
+                self.finish(d);
+                completed = true;
+            }
+            if completed && self.ring.needs_notify_client() {
+                self.doorbell.write32(regs::DOORBELL, 1);
+            }
+            if beat.elapsed() >= HEARTBEAT {
+                let _ = self.ring.heartbeat();
+                beat = Instant::now();
+                if !self.ring.is_current() {
+                    return;
+                }
+            }
+            if progress || completed {
+                continue;
+            }
+            // Sleep: unmask the interrupt, arm the event index, re-check, then wait.
+            if irq.enable().is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if self.ring.enable_notify() {
+                continue;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: irq.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, HEARTBEAT.as_millis() as i32) };
+            if n > 0 {
+                if fds[0].revents & libc::POLLIN != 0 {
+                    irq.ack();
+                }
+                if fds[1].revents & libc::POLLIN != 0 {
+                    wake.drain();
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, id: u64, status: Status, len: u32) {
+        if self.garbage {
+            self.publish_garbage(id, len);
+        }
+        if let Err(e) = self.ring.complete(Completion { id, status, len }) {
+            eprintln!("ddvmm-agent: completion ring: {e}");
+        }
+    }
+
+    /// Test mode: one bogus completion the client must reject (rotating through the kinds).
+    fn publish_garbage(&mut self, id: u64, len: u32) {
+        let kind = id % 4;
+        let raw = RawCompletion {
+            id: match kind {
+                0 => u64::MAX - id,
+                _ => id,
+            },
+            generation: match kind {
+                3 => self.ring.generation().wrapping_add(7),
+                _ => self.ring.generation(),
+            },
+            status: if kind == 1 { 0xdead } else { 0 },
+            len: if kind == 2 {
+                len.saturating_add(4096) | 1
+            } else {
+                len
+            },
+        };
+        let _ = self.ring.publish_unchecked(raw);
+    }
+
+    fn dispatch(&mut self, r: RequestEntry) {
+        let w = self.window;
+        let bytes = u64::from(r.len);
+        let in_window = r
+            .sector
+            .checked_add(bytes.div_ceil(SECTOR_SIZE))
+            .is_some_and(|end| end <= w.sectors);
+        let offset = (w.start + r.sector.min(w.sectors)) * SECTOR_SIZE;
+        let job = |op, fua, buf| Job {
+            id: r.id,
+            op,
+            fua,
+            offset,
+            buf,
+        };
+        match r.op {
+            Opcode::Read | Opcode::Write => {
+                if !in_window || bytes % SECTOR_SIZE != 0 || (r.op == Opcode::Write && w.read_only)
+                {
+                    return self.answer(r.id, Status::IoErr, 0);
+                }
+                let Some(mut buf) = AlignedBuf::new(r.len as usize) else {
+                    return self.answer(r.id, Status::IoErr, 0);
+                };
+                if r.op == Opcode::Write {
+                    let slot = r.slot.unwrap_or(u32::MAX);
+                    if self.ring.read_slot(slot, 0, buf.as_mut_slice()).is_err() {
+                        return self.answer(r.id, Status::IoErr, 0);
+                    }
+                }
+                let fua = r.flags & flags::FUA != 0;
+                self.send(job(r.op, fua, Some(buf)), r.slot);
+            }
+            Opcode::Flush if w.read_only => self.answer(r.id, Status::Ok, 0),
+            Opcode::Flush => self.send(job(Opcode::Flush, false, None), None),
+            Opcode::GetId => {
+                let n = AGENT_ID.len().min(r.len as usize);
+                let slot = r.slot.unwrap_or(u32::MAX);
+                match self.ring.write_slot(slot, 0, &AGENT_ID[..n]) {
+                    Ok(()) => self.answer(r.id, Status::Ok, n as u32),
+                    Err(_) => self.answer(r.id, Status::IoErr, 0),
+                }
+            }
+            Opcode::Discard | Opcode::WriteZeroes => self.answer(r.id, Status::Unsupported, 0),
+        }
+    }
+
+    fn send(&mut self, job: Job, slot: Option<u32>) {
+        let id = job.id;
+        if self.jobs.send((job, slot)).is_ok() {
+            self.in_flight += 1;
+        } else {
+            self.answer(id, Status::IoErr, 0);
+        }
+    }
+
+    fn finish(&mut self, d: Done) {
+        let mut status = d.status;
+        if let (Status::Ok, Some(buf), Some(slot)) = (status, &d.buf, d.slot) {
+            // Read data goes into the slot before the completion is published.
+            if d.len > 0 && self.ring.write_slot(slot, 0, buf.as_slice()).is_err() {
+                status = Status::IoErr;
+            }
+        }
+        let len = if status == Status::Ok { d.len } else { 0 };
+        self.answer(d.id, status, len);
+    }
+}
+
+fn io_thread(
+    jobs: &Mutex<Receiver<(Job, Option<u32>)>>,
+    done: &Sender<Done>,
+    disk: &File,
+    wake: &EventFd,
+) {
+    loop {
+        let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok((mut job, slot)) = next else { return };
+        let (status, len) = run(&mut job, disk);
+        let d = Done {
+            id: job.id,
+            status,
+            len,
+            slot,
+            buf: if job.op == Opcode::Read {
+                job.buf
+            } else {
+                None
+            },
+        };
+        if done.send(d).is_err() {
+            return;
+        }
+        wake.notify();
+    }
+}
+
+fn run(job: &mut Job, disk: &File) -> (Status, u32) {
+    let result = match (job.op, job.buf.as_mut()) {
+        (Opcode::Read, Some(buf)) => disk
+            .read_exact_at(buf.as_mut_slice(), job.offset)
+            .map(|()| buf.len as u32),
+        (Opcode::Write, Some(buf)) => disk
+            .write_all_at(buf.as_slice(), job.offset)
+            .and_then(|()| if job.fua { disk.sync_data() } else { Ok(()) })
+            .map(|()| 0),
+        (Opcode::Flush, _) => disk.sync_data().map(|()| 0),
+        _ => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    match result {
+        Ok(n) => (Status::Ok, n),
+        Err(e) => {
+            eprintln!("ddvmm-agent: {:?} at {}: {e}", job.op, job.offset);
+            (Status::IoErr, 0)
+        }
+    }
+}
+
+/// A non-blocking eventfd the I/O threads use to wake the ring thread.
+#[derive(Clone)]
+struct EventFd(Arc<File>);
+
+impl EventFd {
+    fn new() -> Result<Self, String> {
+        // SAFETY: eventfd takes integers only; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+        }
+        use std::os::fd::FromRawFd;
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(EventFd(Arc::new(unsafe { File::from_raw_fd(fd) })))
+    }
+
+    fn notify(&self) {
+        use std::io::Write;
+        let _ = (&*self.0).write(&1u64.to_ne_bytes());
+    }
+
+    fn drain(&self) {
+        use std::io::Read;
+        let mut b = [0u8; 8];
+        let _ = (&*self.0).read(&mut b);
+    }
+
+    fn fd(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+}

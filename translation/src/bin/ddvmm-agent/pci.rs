@@ -1,0 +1,244 @@
+//! Finding channel devices in sysfs, binding them to `uio_pci_generic`, mapping their BARs.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+/// PCI id of a ddvmm channel (see the VMM's channel device).
+const VENDOR: &str = "0x1b36";
+const DEVICE: &str = "0x11dd";
+const NEW_ID: &str = "/sys/bus/pci/drivers/uio_pci_generic/new_id";
+const DEVICES: &str = "/sys/bus/pci/devices";
+
+/// Register offsets in BAR 0 (the VMM's `devices::channel::regs`).
+pub mod regs {
+    pub const DOORBELL: usize = 0x00;
+    pub const MAGIC: usize = 0x08;
+    pub const VERSION: usize = 0x0c;
+    pub const KIND: usize = 0x10;
+    pub const INDEX: usize = 0x14;
+    pub const START: usize = 0x18;
+    pub const SECTORS: usize = 0x20;
+    pub const FLAGS: usize = 0x28;
+    pub const MEM_SIZE: usize = 0x30;
+    pub const BACKEND: usize = 0x40;
+    pub const BACKEND_LEN: usize = 64;
+    pub const SIZE: usize = 0x1000;
+    pub const MAGIC_VALUE: u32 = u32::from_le_bytes(*b"DDCH");
+    pub const VERSION_VALUE: u32 = 1;
+    pub const KIND_BLOCK: u32 = 1;
+}
+
+/// A channel function found in sysfs and bound to `uio_pci_generic`.
+#[derive(Debug, Clone)]
+pub struct ChannelDevice {
+    /// PCI address, e.g. `0000:00:03.0`.
+    pub address: String,
+    /// Its sysfs directory.
+    pub sysfs: PathBuf,
+    /// `/dev/uioN`.
+    pub uio: PathBuf,
+}
+
+fn read_trimmed(p: &Path) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn uio_of(dev: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dev.join("uio")).ok()?;
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("uio"))
+        .map(|n| PathBuf::from("/dev").join(n))
+}
+
+/// Binds channel devices to `uio_pci_generic` and returns them once each has its `/dev/uioN`
+/// (waiting up to `wait` for udev-less device nodes to appear).
+pub fn find_channels(wait: Duration) -> Result<Vec<ChannelDevice>, String> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(DEVICES)
+        .map_err(|e| format!("{DEVICES}: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            read_trimmed(&p.join("vendor")) == VENDOR && read_trimmed(&p.join("device")) == DEVICE
+        })
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    if paths.iter().any(|p| uio_of(p).is_none()) {
+        // EEXIST when the id is already registered: fine.
+        let id = format!("{} {}", &VENDOR[2..], &DEVICE[2..]);
+        if let Err(e) = OpenOptions::new()
+            .write(true)
+            .open(NEW_ID)
+            .and_then(|mut f| f.write_all(id.as_bytes()))
+        {
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!("{NEW_ID} (is uio_pci_generic loaded?): {e}"));
+            }
+        }
+    }
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    for p in paths {
+        let address = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        loop {
+            if let Some(uio) = uio_of(&p).filter(|u| u.exists()) {
+                out.push(ChannelDevice {
+                    address: address.clone(),
+                    sysfs: p.clone(),
+                    uio,
+                });
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{address}: no /dev/uioN after {wait:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(out)
+}
+
+/// A shared mapping of a sysfs `resourceN` file, unmapped on drop.
+pub struct BarMapping {
+    base: NonNull<u8>,
+    len: usize,
+    _file: File,
+}
+
+// SAFETY: the mapping is plain shared memory / device registers; every access through it is a
+// volatile or atomic access of the caller's choosing, so moving it between threads is sound.
+unsafe impl Send for BarMapping {}
+
+impl BarMapping {
+    /// Maps `len` bytes of `resource` (or its whole size if `len` is 0) read-write.
+    pub fn map(resource: &Path, len: usize) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(resource)
+            .map_err(|e| format!("{}: {e}", resource.display()))?;
+        let size = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", resource.display()))?
+            .len() as usize;
+        let len = if len == 0 { size } else { len };
+        if len == 0 || len > size {
+            return Err(format!(
+                "{}: want {len} bytes, BAR has {size}",
+                resource.display()
+            ));
+        }
+        // SAFETY: a fresh shared mapping of a file we keep open; the kernel picks the address,
+        // so no existing memory is affected. Failure is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap {}: {}",
+                resource.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or("mmap returned null")?;
+        Ok(BarMapping {
+            base,
+            len,
+            _file: file,
+        })
+    }
+
+    /// Base address (page-aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Volatile 32-bit register read at `offset` (must be in range and aligned).
+    pub fn read32(&self, offset: usize) -> u32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.len, "register offset");
+        // SAFETY: in bounds and aligned (asserted); the mapping lives as long as `self`.
+        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(offset).cast::<u32>()) }
+    }
+
+    /// Volatile 64-bit register read as two 32-bit reads (low first).
+    pub fn read64(&self, offset: usize) -> u64 {
+        u64::from(self.read32(offset)) | (u64::from(self.read32(offset + 4)) << 32)
+    }
+
+    /// Volatile 32-bit register write.
+    pub fn write32(&self, offset: usize, value: u32) {
+        assert!(offset % 4 == 0 && offset + 4 <= self.len, "register offset");
+        // SAFETY: in bounds and aligned (asserted); the mapping lives as long as `self`.
+        unsafe { std::ptr::write_volatile(self.base.as_ptr().add(offset).cast::<u32>(), value) }
+    }
+}
+
+impl Drop for BarMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `map`; no references into it remain
+        // (accessors only hand out values).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// The interrupt of a `uio_pci_generic` device.
+pub struct UioIrq {
+    file: File,
+}
+
+impl UioIrq {
+    /// Opens `/dev/uioN`.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(UioIrq { file })
+    }
+
+    /// Unmasks the interrupt (uio_pci_generic clears the INTx-disable bit).
+    pub fn enable(&mut self) -> Result<(), String> {
+        self.file
+            .write_all(&1u32.to_ne_bytes())
+            .map_err(|e| format!("uio irq enable: {e}"))
+    }
+
+    /// Consumes a pending interrupt count, if any (call when readable).
+    pub fn ack(&mut self) {
+        let mut b = [0u8; 4];
+        let _ = self.file.read(&mut b);
+    }
+
+    /// The descriptor to poll.
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}

@@ -1,0 +1,577 @@
+//! The system configuration (TOML): driver VMs, client VMs and which driver VM serves each
+//! client disk. Everything is validated before any VM starts; errors name the offending key.
+//!
+//! ```toml
+//! [api]
+//! socket = "/run/ddvmm.sock"        # optional; default: <config>.sock next to the file
+//!
+//! [[driver]]
+//! name = "storage"
+//! kernel = "guest-images/out/vmlinuz"
+//! initrd = "guest-images/out/driver-initramfs.cpio.gz"
+//! memory = "256M"                   # optional, default 256M
+//! cpus = 1                          # optional, default 1
+//! disks = ["/var/lib/ddvmm/pool.img"]  # devices it owns: /dev/vda, /dev/vdb, ... inside
+//! cmdline = "..."                   # optional, default "console=ttyS0 ddvmm.action=agent"
+//! console = "storage.log"           # optional, default <state dir>/<name>.console
+//!
+//! [[client]]
+//! name = "web"
+//! kernel = "guest-images/out/vmlinuz"
+//! initrd = "guest-images/out/client-initramfs.cpio.gz"
+//! memory = "512M"
+//! cpus = 2
+//!
+//! [[client.disk]]
+//! driver = "storage"                # a [[driver]] name
+//! device = "/dev/vda"               # the driver VM's device (default /dev/vda)
+//! offset = "0M"                     # window start on that device
+//! size = "64M"                      # window size; the client sees a disk of this size
+//! read_only = false
+//! ```
+//!
+//! Relative paths are relative to the configuration file's directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::units::parse_size;
+
+/// Largest `cpus` accepted here (the VMM checks KVM's own limit at start).
+const MAX_CPUS: u32 = 254;
+/// Smallest guest memory that can boot the stock kernel with an initramfs.
+const MIN_MEMORY: u64 = 64 << 20;
+
+/// A configuration error, naming the key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/missing/mistyped key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// What the parser said (it names the key and line).
+        message: String,
+    },
+    /// A semantic error at `key`.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `client[1].disk[0].driver`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    driver: Vec<RawVm>,
+    #[serde(default)]
+    client: Vec<RawVm>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVm {
+    name: String,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    memory: Option<String>,
+    cpus: Option<u32>,
+    console: Option<PathBuf>,
+    #[serde(default)]
+    disks: Vec<PathBuf>,
+    #[serde(default)]
+    disk: Vec<RawClientDisk>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientDisk {
+    driver: String,
+    device: Option<String>,
+    offset: Option<String>,
+    size: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+/// Whether a VM is a driver VM or a client VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Owns devices, runs the agent.
+    Driver,
+    /// Uses disks served by driver VMs.
+    Client,
+}
+
+/// One VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Unique name.
+    pub name: String,
+    /// Driver or client.
+    pub role: Role,
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Console log (None: the daemon picks one).
+    pub console: Option<PathBuf>,
+    /// Driver VMs: backing files of the devices they own, in guest order (/dev/vda, ...).
+    pub disks: Vec<PathBuf>,
+    /// Client VMs: disks served by driver VMs.
+    pub client_disks: Vec<ClientDisk>,
+}
+
+/// A client disk: a window of a driver VM's device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientDisk {
+    /// Serving driver VM.
+    pub driver: String,
+    /// Device path inside the driver VM.
+    pub device: String,
+    /// First byte of the window.
+    pub offset: u64,
+    /// Bytes in the window.
+    pub size: u64,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// API socket path.
+    pub socket: PathBuf,
+    /// Driver VMs, in file order.
+    pub drivers: Vec<VmConfig>,
+    /// Client VMs, in file order.
+    pub clients: Vec<VmConfig>,
+}
+
+impl SystemConfig {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let default_socket = path.with_extension("sock");
+        Self::parse(&text, base, default_socket).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path, default_socket: PathBuf) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut names = BTreeSet::new();
+        let mut drivers = Vec::new();
+        for (i, d) in raw.driver.iter().enumerate() {
+            let key = format!("driver[{i}]");
+            if !d.disk.is_empty() {
+                return Err(invalid(format!("{key}.disk"), "driver VMs own devices with `disks = [...]`; `[[...disk]]` tables are for clients"));
+            }
+            let vm = vm_common(d, &key, Role::Driver, &abs, &mut names)?;
+            drivers.push(vm);
+        }
+        let mut clients = Vec::new();
+        for (i, c) in raw.client.iter().enumerate() {
+            let key = format!("client[{i}]");
+            if !c.disks.is_empty() {
+                return Err(invalid(
+                    format!("{key}.disks"),
+                    "client disks are `[[client.disk]]` tables served by a driver VM",
+                ));
+            }
+            let mut vm = vm_common(c, &key, Role::Client, &abs, &mut names)?;
+            for (j, d) in c.disk.iter().enumerate() {
+                let key = format!("{key}.disk[{j}]");
+                vm.client_disks.push(client_disk(d, &key, &drivers)?);
+            }
+            clients.push(vm);
+        }
+        check_overlaps(&clients)?;
+        Ok(SystemConfig {
+            socket: raw.api.socket.map_or(default_socket, |p| abs(&p)),
+            drivers,
+            clients,
+        })
+    }
+
+    /// All VMs, drivers first.
+    pub fn vms(&self) -> impl Iterator<Item = &VmConfig> {
+        self.drivers.iter().chain(self.clients.iter())
+    }
+}
+
+fn vm_common(
+    raw: &RawVm,
+    key: &str,
+    role: Role,
+    abs: &dyn Fn(&Path) -> PathBuf,
+    names: &mut BTreeSet<String>,
+) -> Result<VmConfig, ConfigError> {
+    let name_ok = !raw.name.is_empty()
+        && raw.name.len() <= 32
+        && raw
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !name_ok {
+        return Err(invalid(
+            format!("{key}.name"),
+            format!("'{}' must be 1-32 letters, digits, '-' or '_'", raw.name),
+        ));
+    }
+    if !names.insert(raw.name.clone()) {
+        return Err(invalid(
+            format!("{key}.name"),
+            format!("duplicate VM name '{}'", raw.name),
+        ));
+    }
+    let existing = |what: &str, p: &Path| -> Result<PathBuf, ConfigError> {
+        use std::os::unix::fs::FileTypeExt;
+        let p = abs(p);
+        let ok =
+            std::fs::metadata(&p).is_ok_and(|m| m.is_file() || m.file_type().is_block_device());
+        if ok {
+            Ok(p)
+        } else {
+            Err(invalid(
+                format!("{key}.{what}"),
+                format!("no such file: {}", p.display()),
+            ))
+        }
+    };
+    let kernel = existing("kernel", &raw.kernel)?;
+    let initrd = raw
+        .initrd
+        .as_deref()
+        .map(|p| existing("initrd", p))
+        .transpose()?;
+    let memory = match &raw.memory {
+        Some(m) => parse_size(m).map_err(|e| invalid(format!("{key}.memory"), e.to_string()))?,
+        None => 256 << 20,
+    };
+    if memory < MIN_MEMORY {
+        return Err(invalid(
+            format!("{key}.memory"),
+            format!(
+                "{memory} bytes is less than the {} MiB minimum",
+                MIN_MEMORY >> 20
+            ),
+        ));
+    }
+    let cpus = raw.cpus.unwrap_or(1);
+    if cpus == 0 || cpus > MAX_CPUS {
+        return Err(invalid(
+            format!("{key}.cpus"),
+            format!("{cpus} is not in 1..={MAX_CPUS}"),
+        ));
+    }
+    let mut disks = Vec::new();
+    for (j, d) in raw.disks.iter().enumerate() {
+        disks.push(existing(&format!("disks[{j}]"), d)?);
+    }
+    let cmdline = raw.cmdline.clone().unwrap_or_else(|| match role {
+        Role::Driver => "console=ttyS0 ddvmm.action=agent".into(),
+        Role::Client => "console=ttyS0".into(),
+    });
+    Ok(VmConfig {
+        name: raw.name.clone(),
+        role,
+        kernel,
+        initrd,
+        cmdline,
+        memory,
+        cpus,
+        console: raw.console.as_deref().map(abs),
+        disks,
+        client_disks: Vec::new(),
+    })
+}
+
+/// `/dev/vda` -> 0, `/dev/vdb` -> 1, ...: which of a driver VM's `disks` a device path is.
+pub fn virtio_disk_index(device: &str) -> Option<usize> {
+    let letter = device.strip_prefix("/dev/vd")?;
+    let mut c = letter.chars();
+    match (c.next(), c.next()) {
+        (Some(l @ 'a'..='z'), None) => Some(l as usize - 'a' as usize),
+        _ => None,
+    }
+}
+
+fn client_disk(
+    raw: &RawClientDisk,
+    key: &str,
+    drivers: &[VmConfig],
+) -> Result<ClientDisk, ConfigError> {
+    let Some(driver) = drivers.iter().find(|d| d.name == raw.driver) else {
+        return Err(invalid(
+            format!("{key}.driver"),
+            format!("unknown driver VM '{}'", raw.driver),
+        ));
+    };
+    let device = raw.device.clone().unwrap_or_else(|| "/dev/vda".into());
+    if !device.starts_with("/dev/") || device.len() >= 64 {
+        return Err(invalid(
+            format!("{key}.device"),
+            format!("'{device}' is not a /dev path"),
+        ));
+    }
+    let size_of =
+        |k: &str, v: &str| parse_size(v).map_err(|e| invalid(format!("{key}.{k}"), e.to_string()));
+    let offset = raw
+        .offset
+        .as_deref()
+        .map_or(Ok(0), |v| size_of("offset", v))?;
+    let size = size_of("size", &raw.size)?;
+    for (k, v) in [("offset", offset), ("size", size)] {
+        if v % 512 != 0 {
+            return Err(invalid(
+                format!("{key}.{k}"),
+                format!("{v} is not a multiple of 512 bytes"),
+            ));
+        }
+    }
+    if size == 0 {
+        return Err(invalid(format!("{key}.size"), "must not be zero"));
+    }
+    // Emulated devices: the window must fit the backing file.
+    if let Some(idx) = virtio_disk_index(&device) {
+        let Some(path) = driver.disks.get(idx) else {
+            return Err(invalid(
+                format!("{key}.device"),
+                format!(
+                    "driver VM '{}' owns {} disk(s); {device} is not one",
+                    driver.name,
+                    driver.disks.len()
+                ),
+            ));
+        };
+        // Seeking to the end sizes regular files and block devices alike.
+        let len = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .unwrap_or(0);
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(invalid(
+                format!("{key}.size"),
+                format!(
+                    "window {offset}+{size} exceeds {} ({len} bytes)",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(ClientDisk {
+        driver: raw.driver.clone(),
+        device,
+        offset,
+        size,
+        read_only: raw.read_only,
+    })
+}
+
+/// Client windows on the same driver device must not overlap: one client's data must never
+/// land in another's slice.
+fn check_overlaps(clients: &[VmConfig]) -> Result<(), ConfigError> {
+    /// Windows claimed so far on one device: (start, end, key).
+    type Claims = Vec<(u64, u64, String)>;
+    let mut by_device: BTreeMap<(&str, &str), Claims> = BTreeMap::new();
+    for (i, c) in clients.iter().enumerate() {
+        for (j, d) in c.client_disks.iter().enumerate() {
+            let key = format!("client[{i}].disk[{j}]");
+            let list = by_device.entry((&d.driver, &d.device)).or_default();
+            for (start, end, other) in list.iter() {
+                if d.offset < *end && *start < d.offset + d.size {
+                    return Err(invalid(
+                        key,
+                        format!("window overlaps {other} on {}:{}", d.driver, d.device),
+                    ));
+                }
+            }
+            list.push((d.offset, d.offset + d.size, key));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("vmlinuz"), b"k").expect("k");
+        std::fs::write(dir.path().join("initrd"), b"i").expect("i");
+        let f = std::fs::File::create(dir.path().join("pool.img")).expect("img");
+        f.set_len(64 << 20).expect("len");
+        let base = r#"
+[[driver]]
+name = "drv"
+kernel = "vmlinuz"
+initrd = "initrd"
+disks = ["pool.img"]
+"#;
+        (dir, base.to_string())
+    }
+
+    fn parse(dir: &tempfile::TempDir, text: &str) -> Result<SystemConfig, ConfigError> {
+        SystemConfig::parse(text, dir.path(), dir.path().join("s.sock"))
+    }
+
+    fn client(name: &str, extra: &str) -> String {
+        format!("[[client]]\nname = \"{name}\"\nkernel = \"vmlinuz\"\nmemory = \"512M\"\n{extra}\n")
+    }
+
+    fn disk(driver: &str, offset: &str, size: &str) -> String {
+        format!(
+            "[[client.disk]]\ndriver = \"{driver}\"\noffset = \"{offset}\"\nsize = \"{size}\"\n"
+        )
+    }
+
+    #[test]
+    fn valid_system() {
+        let (dir, base) = setup();
+        let text = format!(
+            "{base}{}{}{}",
+            client("a", &disk("drv", "0", "32M")),
+            client("b", ""),
+            disk("drv", "32M", "32M")
+        );
+        let c = parse(&dir, &text).expect("valid");
+        assert_eq!(c.drivers.len(), 1);
+        assert_eq!(c.clients[1].client_disks[0].offset, 32 << 20);
+        assert_eq!(c.clients[0].memory, 512 << 20);
+        assert_eq!(c.drivers[0].cmdline, "console=ttyS0 ddvmm.action=agent");
+        assert_eq!(c.socket, dir.path().join("s.sock"));
+    }
+
+    fn err(dir: &tempfile::TempDir, text: &str) -> String {
+        parse(dir, text).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let (dir, base) = setup();
+        let e = err(
+            &dir,
+            &format!("{base}{}", client("a", &disk("nope", "0", "1M"))),
+        );
+        assert!(
+            e.contains("client[0].disk[0].driver") && e.contains("unknown driver VM 'nope'"),
+            "{e}"
+        );
+        let e = err(&dir, &format!("{base}{}", client("drv", "")));
+        assert!(
+            e.contains("client[0].name") && e.contains("duplicate"),
+            "{e}"
+        );
+        let e = err(&dir, &format!("{base}{}", client("a", "bogus = 1")));
+        assert!(e.contains("bogus"), "{e}");
+        let e = err(
+            &dir,
+            &format!("{base}{}", client("a", &disk("drv", "60M", "8M"))),
+        );
+        assert!(
+            e.contains("client[0].disk[0].size") && e.contains("exceeds"),
+            "{e}"
+        );
+        let e = err(
+            &dir,
+            &format!(
+                "{base}{}{}",
+                client("a", &disk("drv", "0", "8M")),
+                client("b", &disk("drv", "4M", "8M"))
+            ),
+        );
+        assert!(
+            e.contains("client[1].disk[0]") && e.contains("overlaps client[0].disk[0]"),
+            "{e}"
+        );
+        let e = err(&dir, &format!("{base}{}", client("a", "cpus = 0")));
+        assert!(e.contains("client[0].cpus"), "{e}");
+        let e = err(
+            &dir,
+            &format!("{base}{}", client("a", "").replace("512M", "1M")),
+        );
+        assert!(e.contains("client[0].memory"), "{e}");
+        let e = err(
+            &dir,
+            &format!("{base}{}", client("a", "initrd = \"missing\"")),
+        );
+        assert!(
+            e.contains("client[0].initrd") && e.contains("no such file"),
+            "{e}"
+        );
+        let e = err(
+            &dir,
+            &format!("{base}{}", client("a", &disk("drv", "0", "12X"))),
+        );
+        assert!(e.contains("client[0].disk[0].size"), "{e}");
+        let e = err(&dir, "[[driver]\nname=");
+        assert!(!e.is_empty());
+    }
+
+    #[test]
+    fn virtio_disk_names() {
+        assert_eq!(virtio_disk_index("/dev/vda"), Some(0));
+        assert_eq!(virtio_disk_index("/dev/vdc"), Some(2));
+        assert_eq!(virtio_disk_index("/dev/nvme0n1"), None);
+        assert_eq!(virtio_disk_index("/dev/vdaa"), None);
+    }
+}

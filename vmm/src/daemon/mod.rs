@@ -1,0 +1,97 @@
+//! The daemon: reads the system configuration, starts driver VMs then client VMs (one VMM
+//! process each), serves the API, and on SIGTERM/SIGINT or an API `shutdown` stops clients
+//! first, then driver VMs.
+//!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`supervisor`]: channels, VMM processes, their states.
+//! - [`api`]: the line protocol on the Unix socket; [`client`] talks it.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+use config::SystemConfig;
+use supervisor::{Supervisor, SupervisorError};
+
+/// Daemon start-up errors.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Another daemon serves the socket.
+    #[error("API socket {0} is in use by a running daemon")]
+    SocketInUse(PathBuf),
+    /// The socket or state directory cannot be set up.
+    #[error("{what} {path}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VM could not be started.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let path = path.to_path_buf();
+    move |source| DaemonError::Io { what, path, source }
+}
+
+/// Runs the daemon for `config_path` until shutdown.
+pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let cfg = SystemConfig::load(config_path)?;
+    let socket = cfg.socket.clone();
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Err(DaemonError::SocketInUse(socket));
+    }
+    let _ = std::fs::remove_file(&socket);
+    let state_dir = socket.with_extension("d");
+    std::fs::create_dir_all(&state_dir)
+        .map_err(io_err("cannot create state directory", &state_dir))?;
+    let listener =
+        UnixListener::bind(&socket).map_err(io_err("cannot bind API socket", &socket))?;
+    let exe = std::env::current_exe().map_err(io_err(
+        "cannot find own executable",
+        Path::new("/proc/self/exe"),
+    ))?;
+    let sup = Supervisor::new(&cfg, exe, state_dir.clone())?;
+    let shutdown = Arc::new(Notify::new());
+    let api = tokio::spawn(api::serve(listener, sup.clone(), shutdown.clone()));
+    tracing::info!(socket = %socket.display(), state = %state_dir.display(), "daemon up");
+    if let Err(e) = sup.start_all() {
+        tracing::error!(error = %e, "start-up failed; stopping what started");
+        sup.stop_all().await;
+        api.abort();
+        let _ = std::fs::remove_file(&socket);
+        return Err(e.into());
+    }
+    let mut term =
+        signal(SignalKind::terminate()).map_err(io_err("signal handler", Path::new("SIGTERM")))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(io_err("signal handler", Path::new("SIGINT")))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+        _ = shutdown.notified() => tracing::info!("shutdown requested"),
+    }
+    sup.stop_all().await;
+    api.abort();
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("daemon stopped");
+    Ok(())
+}

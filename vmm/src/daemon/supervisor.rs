@@ -1,0 +1,524 @@
+//! The supervisor: one VMM process per VM, started, watched and stopped by the daemon.
+//!
+//! The daemon owns every channel's resources (memfd, kick and doorbell eventfds) so that they
+//! outlive any one VMM process, and hands them to the two processes of the channel by
+//! inheritance ([`crate::handoff`]). Each child is a `ddvmm run` of this very binary, with
+//! `PR_SET_PDEATHSIG` so a daemon that dies takes its VMs with it (no orphans). A child's
+//! exit, for whatever reason, only changes that VM's state: the daemon stays up.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ddvmm_translation::ring::offsets as ring_offsets;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::watch;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::{Role, SystemConfig, VmConfig};
+use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
+use crate::memory::create_memfd;
+use crate::stats_page;
+
+/// How long a VM gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Errors of supervisor operations (API-visible).
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    /// No VM of that name.
+    #[error("no VM named '{0}'")]
+    UnknownVm(String),
+    /// Start of a running VM.
+    #[error("VM '{0}' is already running")]
+    AlreadyRunning(String),
+    /// Stop of a VM that is not running.
+    #[error("VM '{0}' is not running")]
+    NotRunning(String),
+    /// Setting up channel resources failed.
+    #[error("channel {what}")]
+    Channel {
+        /// What failed.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process could not be started.
+    #[error("cannot start VM '{name}'")]
+    Spawn {
+        /// VM.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A VM's lifecycle state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Not started (or stopped through the API).
+    Stopped,
+    /// Its VMM process runs.
+    Running,
+    /// Its VMM process ended on its own.
+    Exited,
+}
+
+/// One channel: a client disk served by a driver VM.
+struct Channel {
+    driver: String,
+    client: String,
+    /// Index among the driver VM's channels (its channel device order).
+    driver_index: usize,
+    backend: String,
+    start_sector: u64,
+    sectors: u64,
+    read_only: bool,
+    memory: File,
+    kick: EventFd,
+    doorbell: EventFd,
+    /// Client starts so far: the ring generation's high half (see `ClientRing::create_at`).
+    client_starts: u64,
+}
+
+struct Vm {
+    cfg: VmConfig,
+    state: VmState,
+    pid: Option<u32>,
+    starts: u64,
+    last_exit: Option<String>,
+    since: SystemTime,
+    stats: File,
+    /// Changes when the running process exits.
+    exited: Option<watch::Receiver<bool>>,
+}
+
+/// What `list` reports per VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// Driver or client.
+    pub role: Role,
+    /// State.
+    pub state: VmState,
+    /// VMM process id while running.
+    pub pid: Option<u32>,
+    /// Times started.
+    pub starts: u64,
+    /// How the last process ended.
+    pub last_exit: Option<String>,
+    /// Seconds in the current state.
+    pub seconds_in_state: u64,
+}
+
+/// The supervisor's shared state.
+pub struct Supervisor {
+    exe: PathBuf,
+    state_dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    vms: BTreeMap<String, Vm>,
+    channels: Vec<Channel>,
+    order: Vec<String>,
+}
+
+fn io_ctx(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Channel { what, source }
+}
+
+impl Supervisor {
+    /// Creates channel resources for `cfg`; starts nothing. `state_dir` receives logs.
+    pub fn new(
+        cfg: &SystemConfig,
+        exe: PathBuf,
+        state_dir: PathBuf,
+    ) -> Result<Arc<Self>, SupervisorError> {
+        let region = RING_PARAMS
+            .layout()
+            .map_err(|e| io_ctx("layout")(std::io::Error::other(e)))?
+            .total as u64;
+        let mem_size = region.next_power_of_two();
+        let mut channels = Vec::new();
+        let mut per_driver: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &cfg.clients {
+            for (j, d) in c.client_disks.iter().enumerate() {
+                let label = format!("{}-disk{j}", c.name);
+                let cname = CString::new(format!("ddvmm-chan-{label}")).unwrap_or_default();
+                let memory = create_memfd(&cname)
+                    .map_err(|e| io_ctx(format!("{label} memfd"))(std::io::Error::other(e)))?;
+                memory
+                    .set_len(mem_size)
+                    .map_err(io_ctx(format!("{label} size")))?;
+                let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+                let kick = efd().map_err(io_ctx(format!("{label} eventfd")))?;
+                let doorbell = efd().map_err(io_ctx(format!("{label} eventfd")))?;
+                let idx = per_driver.entry(&d.driver).or_default();
+                channels.push(Channel {
+                    driver: d.driver.clone(),
+                    client: c.name.clone(),
+                    driver_index: *idx,
+                    backend: d.device.clone(),
+                    start_sector: d.offset / 512,
+                    sectors: d.size / 512,
+                    read_only: d.read_only,
+                    memory,
+                    kick,
+                    doorbell,
+                    client_starts: 0,
+                });
+                *idx += 1;
+            }
+        }
+        let mut vms = BTreeMap::new();
+        let mut order = Vec::new();
+        for v in cfg.vms() {
+            let stats = create_memfd(c"ddvmm-stats")
+                .map_err(|e| io_ctx("stats page")(std::io::Error::other(e)))?;
+            stats
+                .set_len(stats_page::PAGE_SIZE)
+                .map_err(io_ctx("stats page"))?;
+            order.push(v.name.clone());
+            vms.insert(
+                v.name.clone(),
+                Vm {
+                    cfg: v.clone(),
+                    state: VmState::Stopped,
+                    pid: None,
+                    starts: 0,
+                    last_exit: None,
+                    since: SystemTime::now(),
+                    stats,
+                    exited: None,
+                },
+            );
+        }
+        Ok(Arc::new(Supervisor {
+            exe,
+            state_dir,
+            inner: Mutex::new(Inner {
+                vms,
+                channels,
+                order,
+            }),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// VM names with a role, in configuration order.
+    pub fn names(&self, role: Role) -> Vec<String> {
+        let g = self.lock();
+        g.order
+            .iter()
+            .filter(|n| g.vms.get(*n).is_some_and(|v| v.cfg.role == role))
+            .cloned()
+            .collect()
+    }
+
+    /// State of every VM.
+    pub fn list(&self) -> Vec<VmInfo> {
+        let g = self.lock();
+        g.order
+            .iter()
+            .filter_map(|n| g.vms.get(n))
+            .map(|v| VmInfo {
+                name: v.cfg.name.clone(),
+                role: v.cfg.role,
+                state: v.state.clone(),
+                pid: v.pid,
+                starts: v.starts,
+                last_exit: v.last_exit.clone(),
+                seconds_in_state: v.since.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Per-VM device counters: what each VMM published, and each channel's ring header.
+    pub fn stats(&self) -> serde_json::Value {
+        let g = self.lock();
+        let mut out = serde_json::Map::new();
+        for name in &g.order {
+            let Some(v) = g.vms.get(name) else { continue };
+            let devices = stats_page::read(&v.stats).unwrap_or(serde_json::Value::Null);
+            let channels: Vec<serde_json::Value> = g
+                .channels
+                .iter()
+                .filter(|c| c.client == *name || c.driver == *name)
+                .map(channel_stats)
+                .collect();
+            out.insert(
+                name.clone(),
+                serde_json::json!({ "devices": devices, "channels": channels }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+
+    /// Starts VM `name`'s VMM process.
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<(), SupervisorError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let vm = inner
+            .vms
+            .get_mut(name)
+            .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+        if vm.state == VmState::Running {
+            return Err(SupervisorError::AlreadyRunning(name.to_string()));
+        }
+        let mut cmd = std::process::Command::new(&self.exe);
+        let mut fds = vec![vm.stats.as_raw_fd()];
+        let console = vm
+            .cfg
+            .console
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(format!("{name}.console")));
+        cmd.arg("--log-level")
+            .arg("info")
+            .arg("run")
+            .arg("--kernel")
+            .arg(&vm.cfg.kernel)
+            .arg("--cmdline")
+            .arg(&vm.cfg.cmdline)
+            .arg("--mem")
+            .arg(format!("{}K", vm.cfg.memory >> 10))
+            .arg("--cpus")
+            .arg(vm.cfg.cpus.to_string())
+            .arg("--console")
+            .arg(&console)
+            .arg("--stats-fd")
+            .arg(vm.stats.as_raw_fd().to_string());
+        if let Some(initrd) = &vm.cfg.initrd {
+            cmd.arg("--initrd").arg(initrd);
+        }
+        for d in &vm.cfg.disks {
+            cmd.arg("--disk").arg(d);
+        }
+        let fd_spec = |c: &Channel| {
+            format!(
+                "mem={},kick={},doorbell={}",
+                c.memory.as_raw_fd(),
+                c.kick.as_raw_fd(),
+                c.doorbell.as_raw_fd()
+            )
+        };
+        // Creation order: a driver's channels by index, a client's disks in configuration order.
+        let mine: Vec<&mut Channel> = inner
+            .channels
+            .iter_mut()
+            .filter(|c| match vm.cfg.role {
+                Role::Driver => c.driver == name,
+                Role::Client => c.client == name,
+            })
+            .collect();
+        for c in mine {
+            fds.extend([
+                c.memory.as_raw_fd(),
+                c.kick.as_raw_fd(),
+                c.doorbell.as_raw_fd(),
+            ]);
+            let ro = if c.read_only { ",ro" } else { "" };
+            match vm.cfg.role {
+                Role::Driver => cmd.arg("--channel").arg(format!(
+                    "{},backend={},start={},sectors={}{ro}",
+                    fd_spec(c),
+                    c.backend,
+                    c.start_sector,
+                    c.sectors
+                )),
+                Role::Client => {
+                    c.client_starts += 1;
+                    let generation = (c.client_starts << 32) | 1;
+                    cmd.arg("--ring-disk").arg(format!(
+                        "{},sectors={},generation={generation},id={}-{}{ro}",
+                        fd_spec(c),
+                        c.sectors,
+                        c.driver,
+                        c.driver_index
+                    ))
+                }
+            };
+        }
+        let log_path = self.state_dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| SupervisorError::Spawn {
+                name: name.to_string(),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| SupervisorError::Spawn {
+            name: name.to_string(),
+            source,
+        })?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        crate::handoff::inherit(&mut cmd, fds);
+        // SAFETY: prctl is async-signal-safe and only sets this (child) process's parent-death
+        // signal, so the VM dies with the daemon instead of being orphaned.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| SupervisorError::Spawn {
+                name: name.to_string(),
+                source,
+            })?;
+        let pid = child.id();
+        let (tx, rx) = watch::channel(false);
+        vm.state = VmState::Running;
+        vm.pid = pid;
+        vm.starts += 1;
+        vm.since = SystemTime::now();
+        vm.exited = Some(rx);
+        tracing::info!(vm = name, pid, log = %log_path.display(), "VM started");
+        let me = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let how = match status {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            {
+                let mut g = me.lock();
+                if let Some(vm) = g.vms.get_mut(&name) {
+                    if vm.state == VmState::Running {
+                        vm.state = VmState::Exited;
+                    }
+                    vm.pid = None;
+                    vm.since = SystemTime::now();
+                    vm.last_exit = Some(how.clone());
+                }
+            }
+            tracing::warn!(vm = %name, exit = %how, "VM process ended");
+            let _ = tx.send(true);
+        });
+        Ok(())
+    }
+
+    /// Stops VM `name`: SIGTERM, then SIGKILL after a grace period; returns once it is gone.
+    pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
+        let (pid, mut exited) = {
+            let mut g = self.lock();
+            let vm = g
+                .vms
+                .get_mut(name)
+                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+            match (vm.state.clone(), vm.pid, vm.exited.clone()) {
+                (VmState::Running, Some(pid), Some(rx)) => {
+                    vm.state = VmState::Stopped;
+                    (pid, rx)
+                }
+                _ => return Err(SupervisorError::NotRunning(name.to_string())),
+            }
+        };
+        let pid = pid as libc::pid_t;
+        // SAFETY: kill only sends a signal; `pid` is our child, not yet reaped (the watch has
+        // not fired), so the number cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let gone = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e))
+            .await
+            .is_ok();
+        if !gone {
+            tracing::warn!(vm = name, "no exit after SIGTERM; SIGKILL");
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = exited.wait_for(|e| *e).await;
+        }
+        tracing::info!(vm = name, "VM stopped");
+        Ok(())
+    }
+
+    /// Starts drivers, then clients.
+    pub fn start_all(self: &Arc<Self>) -> Result<(), SupervisorError> {
+        for role in [Role::Driver, Role::Client] {
+            for name in self.names(role) {
+                self.start(&name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops clients first, then driver VMs.
+    pub async fn stop_all(&self) {
+        for role in [Role::Client, Role::Driver] {
+            for name in self.names(role) {
+                match self.stop(&name).await {
+                    Ok(()) | Err(SupervisorError::NotRunning(_)) => {}
+                    Err(e) => tracing::warn!(error = %e, "stop"),
+                }
+            }
+        }
+    }
+
+    /// Where logs go.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+}
+
+fn describe_exit(s: std::process::ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(0), _) => "exit 0 (guest powered off)".into(),
+        (Some(3), _) => "exit 3 (guest rebooted)".into(),
+        (Some(4), _) => "exit 4 (guest kernel panic)".into(),
+        (Some(5), _) => "exit 5 (guest crashed)".into(),
+        (Some(c), _) => format!("exit {c} (VMM error)"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => "ended".into(),
+    }
+}
+
+fn channel_stats(c: &Channel) -> serde_json::Value {
+    let u32_at = |off: usize| {
+        let mut b = [0u8; 4];
+        c.memory
+            .read_exact_at(&mut b, off as u64)
+            .ok()
+            .map(|()| u32::from_le_bytes(b))
+    };
+    let u64_at = |off: usize| {
+        let mut b = [0u8; 8];
+        c.memory
+            .read_exact_at(&mut b, off as u64)
+            .ok()
+            .map(|()| u64::from_le_bytes(b))
+    };
+    serde_json::json!({
+        "driver": c.driver,
+        "client": c.client,
+        "backend": c.backend,
+        "start_sector": c.start_sector,
+        "sectors": c.sectors,
+        "generation": u64_at(ring_offsets::GENERATION),
+        "agent_ready": u32_at(ring_offsets::AGENT_STATE).map(|s| s == 1),
+        "heartbeat": u64_at(ring_offsets::HEARTBEAT),
+        "requests": u32_at(ring_offsets::REQ_PROD),
+        "completions": u32_at(ring_offsets::CMP_PROD),
+    })
+}

@@ -1,0 +1,289 @@
+//! The channel device: the driver VM's end of a client-to-driver-VM channel.
+//!
+//! A PCI function (vendor [`VENDOR`], device [`DEVICE`], class "other memory controller") with:
+//!
+//! - **BAR 0**, 4 KiB of registers ([`regs`]): the doorbell the agent writes to notify the
+//!   client (an *ioeventfd*: KVM signals the eventfd in the kernel, this process never sees the
+//!   write), and read-only facts the driver VM's agent needs: which of its block devices serves
+//!   this channel, the sector window it may touch, and whether it is read-only. They come from
+//!   the daemon's configuration, never from the client, so a client cannot widen its window.
+//! - **BAR 2**, the channel memory: a memfd shared with the client VMM process, mapped into the
+//!   guest as a KVM memory slot (64-bit prefetchable BAR). The agent maps it through sysfs
+//!   `resource2`. Its content is the ring protocol of `ddvmm_translation::ring`.
+//! - **INTx** (pin A, routed by the DSDT's `_PRT` to an IOAPIC pin): the client's notification.
+//!   The client VMM writes an eventfd that is this VM's *irqfd* with a resample eventfd, so KVM
+//!   raises a level-triggered line and lowers it at the guest's EOI. `uio_pci_generic` in the
+//!   guest masks it with the command register's INTx-disable bit and the agent re-enables it
+//!   through `/dev/uioN`. The status register's interrupt bit reads as set while INTx is
+//!   enabled: the line is exclusive to this device, and the ring's notification suppression
+//!   (the agent arms its event index only before it sleeps) keeps interrupts rare.
+//!
+//! This process is not on the data path: after setup the guest's loads and stores go to shared
+//! memory and both notifications are eventfds handled inside KVM.
+
+use std::fs::File;
+
+use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
+use crate::devices::pci::PciDevice;
+
+/// PCI vendor id (Red Hat's, as used for paravirtual devices; this device id is ours).
+pub const VENDOR: u16 = 0x1b36;
+/// PCI device id of a ddvmm channel.
+pub const DEVICE: u16 = 0x11dd;
+/// Size of the register BAR.
+pub const REGS_SIZE: u64 = 0x1000;
+/// Magic value of [`regs::MAGIC`]: `"DDCH"`.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"DDCH");
+/// Register layout version.
+pub const VERSION: u32 = 1;
+/// [`regs::KIND`] of a block channel.
+pub const KIND_BLOCK: u32 = 1;
+/// Longest backend path, NUL padding included.
+pub const BACKEND_LEN: usize = 64;
+
+/// Register offsets in BAR 0. All little-endian; only the doorbell is writable.
+pub mod regs {
+    /// Write any 32-bit value: notify the client (ioeventfd).
+    pub const DOORBELL: u64 = 0x00;
+    /// [`super::MAGIC`].
+    pub const MAGIC: u64 = 0x08;
+    /// [`super::VERSION`].
+    pub const VERSION: u64 = 0x0c;
+    /// Channel kind ([`super::KIND_BLOCK`]).
+    pub const KIND: u64 = 0x10;
+    /// Channel index within this driver VM.
+    pub const INDEX: u64 = 0x14;
+    /// First sector of the window on the backend device (u64).
+    pub const START: u64 = 0x18;
+    /// Sectors in the window (u64).
+    pub const SECTORS: u64 = 0x20;
+    /// Bit 0: read-only.
+    pub const FLAGS: u64 = 0x28;
+    /// Size in bytes of the channel memory (u64).
+    pub const MEM_SIZE: u64 = 0x30;
+    /// Backend block device path in the driver VM, NUL-padded ([`super::BACKEND_LEN`] bytes).
+    pub const BACKEND: u64 = 0x40;
+    /// End of the defined registers.
+    pub const END: u64 = BACKEND + super::BACKEND_LEN as u64;
+}
+
+/// Status register bit: INTx asserted.
+const STATUS_INTERRUPT: u8 = 1 << 3;
+/// Command register bit: INTx disabled.
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+
+/// What the driver VM is told about one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    /// Index within the driver VM.
+    pub index: u32,
+    /// Block device in the driver VM that serves the channel (e.g. `/dev/vda`).
+    pub backend: String,
+    /// First sector of the client's window.
+    pub start_sector: u64,
+    /// Sectors in the window.
+    pub sectors: u64,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Errors describing a channel.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChannelError {
+    /// The backend path does not fit the register window or is not an absolute path.
+    #[error("channel backend '{0}' must be an absolute path shorter than 64 bytes")]
+    BadBackend(String),
+    /// The window is empty or overflows.
+    #[error("channel window {start}+{sectors} sectors is empty or overflows")]
+    BadWindow {
+        /// First sector.
+        start: u64,
+        /// Sector count.
+        sectors: u64,
+    },
+    /// The channel memory size is not a power of two of at least 4 KiB.
+    #[error("channel memory of {0} bytes is not a power of two of at least 4 KiB")]
+    BadMemorySize(u64),
+    /// The PCI configuration could not be built.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+}
+
+/// The PCI function. The shared memory itself is mapped by the machine (a KVM memory slot at
+/// the BAR 2 address); this object serves configuration space and the register BAR.
+pub struct ChannelDevice {
+    config: PciConfig,
+    regs: [u8; regs::END as usize],
+}
+
+impl ChannelDevice {
+    /// A channel with registers at `regs_addr` (32-bit BAR 0) and `mem_size` bytes of channel
+    /// memory at `mem_addr` (64-bit BAR 2).
+    pub fn new(
+        info: &ChannelInfo,
+        regs_addr: u64,
+        mem_addr: u64,
+        mem_size: u64,
+    ) -> Result<Self, ChannelError> {
+        if !info.backend.starts_with('/') || info.backend.len() >= BACKEND_LEN {
+            return Err(ChannelError::BadBackend(info.backend.clone()));
+        }
+        if info.sectors == 0 || info.start_sector.checked_add(info.sectors).is_none() {
+            return Err(ChannelError::BadWindow {
+                start: info.start_sector,
+                sectors: info.sectors,
+            });
+        }
+        if !mem_size.is_power_of_two() || mem_size < 0x1000 {
+            return Err(ChannelError::BadMemorySize(mem_size));
+        }
+        let mut config = PciConfig::new(&PciIdentity {
+            vendor: VENDOR,
+            device: DEVICE,
+            revision: 1,
+            class: (0x05, 0x80, 0x00),
+            subsystem_vendor: VENDOR,
+            subsystem: DEVICE,
+        });
+        config.add_memory_bar(MemoryBar {
+            index: 0,
+            addr: regs_addr,
+            size: REGS_SIZE,
+            is_64bit: false,
+            prefetchable: false,
+        })?;
+        config.add_memory_bar(MemoryBar {
+            index: 2,
+            addr: mem_addr,
+            size: mem_size,
+            is_64bit: true,
+            prefetchable: true,
+        })?;
+        config.set_interrupt_pin(1);
+        let mut r = [0u8; regs::END as usize];
+        let mut put = |at: u64, bytes: &[u8]| {
+            r[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        };
+        put(regs::MAGIC, &MAGIC.to_le_bytes());
+        put(regs::VERSION, &VERSION.to_le_bytes());
+        put(regs::KIND, &KIND_BLOCK.to_le_bytes());
+        put(regs::INDEX, &info.index.to_le_bytes());
+        put(regs::START, &info.start_sector.to_le_bytes());
+        put(regs::SECTORS, &info.sectors.to_le_bytes());
+        put(regs::FLAGS, &u32::from(info.read_only).to_le_bytes());
+        put(regs::MEM_SIZE, &mem_size.to_le_bytes());
+        put(regs::BACKEND, info.backend.as_bytes());
+        Ok(ChannelDevice { config, regs: r })
+    }
+}
+
+impl PciDevice for ChannelDevice {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+    }
+
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+        // Interrupt status (PCI 2.3): reported while INTx is enabled, see the module docs.
+        let mut cmd = [0u8; 2];
+        self.config.read(config::COMMAND, &mut cmd);
+        if u16::from_le_bytes(cmd) & COMMAND_INTX_DISABLE == 0 {
+            if let Some(i) = config::STATUS
+                .checked_sub(offset)
+                .filter(|i| *i < data.len())
+            {
+                data[i] |= STATUS_INTERRUPT;
+            }
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = match (bar, offset.checked_add(i as u64)) {
+                (0, Some(at)) if at < regs::END => self.regs[at as usize],
+                (0, _) => 0,
+                _ => 0xff,
+            };
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, _data: &[u8]) {
+        // A doorbell write only lands here if the ioeventfd did not match (an odd width);
+        // anything else is a read-only register.
+        tracing::debug!(bar, offset, "ignored write to a channel register");
+    }
+}
+
+/// The channel memory as the machine maps it: the memfd and its size.
+pub struct ChannelMemory {
+    /// Shared with the client VMM process.
+    pub memfd: File,
+    /// Bytes (a power of two; the BAR size).
+    pub size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ChannelInfo {
+        ChannelInfo {
+            index: 3,
+            backend: "/dev/vda".into(),
+            start_sector: 2048,
+            sectors: 4096,
+            read_only: false,
+        }
+    }
+
+    fn read(dev: &mut ChannelDevice, at: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        dev.bar_read(0, at, &mut b);
+        b
+    }
+
+    #[test]
+    fn registers_describe_the_channel() {
+        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
+        assert_eq!(read(&mut d, regs::INDEX, 4), 3u32.to_le_bytes());
+        assert_eq!(read(&mut d, regs::START, 8), 2048u64.to_le_bytes());
+        assert_eq!(read(&mut d, regs::SECTORS, 8), 4096u64.to_le_bytes());
+        assert_eq!(read(&mut d, regs::MEM_SIZE, 8), (1u64 << 24).to_le_bytes());
+        assert_eq!(&read(&mut d, regs::BACKEND, 9)[..], b"/dev/vda\0");
+        // Past the end and across it: zeroes, no panic.
+        assert_eq!(read(&mut d, regs::END - 2, 4), [0, 0, 0, 0]);
+        assert_eq!(read(&mut d, u64::MAX, 4), [0, 0, 0, 0]);
+        d.bar_write(0, regs::MAGIC, &[0; 4]);
+        assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
+    }
+
+    #[test]
+    fn interrupt_status_follows_intx_disable() {
+        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        let mut b = [0u8; 4];
+        d.config_read(config::COMMAND, &mut b);
+        assert_ne!(b[2] & STATUS_INTERRUPT, 0);
+        d.config_write(config::COMMAND, &COMMAND_INTX_DISABLE.to_le_bytes());
+        d.config_read(config::COMMAND, &mut b);
+        assert_eq!(b[2] & STATUS_INTERRUPT, 0);
+        let mut pin = [0u8; 1];
+        d.config_read(config::INTERRUPT_LINE + 1, &mut pin);
+        assert_eq!(pin[0], 1);
+    }
+
+    #[test]
+    fn rejects_bad_descriptions() {
+        let mut i = info();
+        i.backend = "vda".into();
+        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).is_err());
+        let mut i = info();
+        i.sectors = 0;
+        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).is_err());
+        assert!(ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 3 << 20).is_err());
+    }
+}

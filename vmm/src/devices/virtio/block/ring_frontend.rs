@@ -1,0 +1,551 @@
+//! The client frontend: a virtio-blk device whose backend is a ring to a driver VM.
+//!
+//! The guest sees an ordinary virtio-blk disk. Each request is parsed from its descriptor chain
+//! (the same parser as the file-backed disk), checked against the disk's size, and turned into
+//! one ring request ([`ddvmm_translation::ring`]): write data is copied from guest memory into
+//! the request's data slot, read data is copied from the slot into guest memory once the
+//! driver VM completes it. The driver VM never sees guest memory.
+//!
+//! **Journal.** Every request stays in [`Inflight`] — its descriptor head, parsed buffers and
+//! status address — from the moment it is popped until a *valid* completion arrives; only then
+//! is the status written and the head returned to the guest. Nothing else completes it. The
+//! ring itself validates completions (generation, outstanding id, known status, length within
+//! the request); what fails validation is counted in [`RingDiskStats`] and dropped, and a read
+//! completion reporting fewer bytes than asked becomes an I/O error rather than exposing stale
+//! bytes. A request the ring has no room for waits in a backlog, in order.
+//!
+//! Requests go out with `size_max`/`seg_max` advertised so that a stock driver never builds
+//! one larger than a data slot; a guest that does anyway gets an I/O error for that request.
+//! Discard and write-zeroes are not offered (the ring carries them, the agent does not yet).
+//!
+//! Threads: one queue thread waits (epoll) on the queue's notify eventfd, on the channel's
+//! doorbell (the driver VM's ioeventfd) and on a stop eventfd.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ddvmm_translation::ring::{
+    ClientRing, ClientStats, Opcode, RawRegion, Request as RingRequest, RingError, RingParams,
+    Status,
+};
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, FileOffset, GuestMemoryMmap, MmapRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{
+    Request, RequestKind, ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+use super::{features, pop_requests, publish_used, read_config, DEVICE_TYPE, QUEUE_SIZE};
+use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, Interrupt, VirtioDevice};
+use crate::machine::ChannelFds;
+
+/// Largest data segment a guest may put in one descriptor.
+const SIZE_MAX: u32 = 64 << 10;
+/// Ring sizes used by a client: 128 requests in flight, 128 slots of 256 KiB (32 MiB + 12 KiB).
+pub const RING_PARAMS: RingParams = RingParams {
+    ring_entries: 128,
+    slot_count: 128,
+    slot_size: 256 << 10,
+    features: ddvmm_translation::ring::features::ALL,
+};
+
+/// Errors setting up a ring disk.
+#[derive(Debug, Error)]
+pub enum RingDiskError {
+    /// The channel memory cannot be mapped.
+    #[error("cannot map channel memory")]
+    Map(#[source] std::io::Error),
+    /// The ring does not fit or cannot be created.
+    #[error("cannot create the ring")]
+    Ring(#[source] RingError),
+    /// Zero sectors.
+    #[error("a ring disk needs a non-zero size")]
+    Empty,
+}
+
+/// Counters of one ring disk, readable while it runs.
+#[derive(Debug, Default)]
+pub struct RingDiskStats {
+    /// Requests submitted on the ring.
+    pub submitted: AtomicU64,
+    /// Requests completed to the guest (any status).
+    pub completed: AtomicU64,
+    /// Requests completed with an error status.
+    pub errors: AtomicU64,
+    /// Bytes read by the guest.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by the guest.
+    pub written_bytes: AtomicU64,
+    /// Completions rejected by validation (bogus ids, statuses, lengths, generations, indices).
+    pub bogus_completions: AtomicU64,
+}
+
+impl RingDiskStats {
+    /// `name value` lines for the counters.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("submitted", g(&self.submitted)),
+            ("completed", g(&self.completed)),
+            ("errors", g(&self.errors)),
+            ("read_bytes", g(&self.read_bytes)),
+            ("written_bytes", g(&self.written_bytes)),
+            ("bogus_completions", g(&self.bogus_completions)),
+        ]
+    }
+}
+
+/// A request between pop and completion: what is needed to finish it to the guest.
+struct Inflight {
+    head: u16,
+    request: Request,
+}
+
+/// Ring-side state that survives guest device resets.
+struct Frontend {
+    // Declared before `_map`: the ring's raw region points into the mapping.
+    ring: ClientRing<RawRegion>,
+    _map: Arc<MmapRegion>,
+    /// Outstanding requests by ring id. `None`: the guest reset the device since; the
+    /// completion only frees the slot.
+    journal: HashMap<u64, Option<Inflight>>,
+    next_id: u64,
+    seen_bogus: u64,
+}
+
+/// The virtio-blk device model over a ring.
+pub struct RingBlock {
+    fds: ChannelFds,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    state: Arc<Mutex<Option<Frontend>>>,
+    stats: Arc<RingDiskStats>,
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl RingBlock {
+    /// Maps the channel memory and creates the ring in it at `generation`.
+    pub fn new(
+        fds: ChannelFds,
+        sectors: u64,
+        read_only: bool,
+        id: &str,
+        generation: u64,
+    ) -> Result<Self, RingDiskError> {
+        if sectors == 0 {
+            return Err(RingDiskError::Empty);
+        }
+        let size = fds.memory_size().map_err(RingDiskError::Map)?;
+        let len = usize::try_from(size)
+            .map_err(|_| RingDiskError::Map(std::io::Error::other("too large")))?;
+        let file = fds.memory.try_clone().map_err(RingDiskError::Map)?;
+        let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
+            .map_err(|e| RingDiskError::Map(std::io::Error::other(e)))?;
+        let map = Arc::new(map);
+        // SAFETY: the mapping is `len` bytes, readable and writable, and lives in the same
+        // `Frontend` as the ring, declared after it so it is unmapped only after the ring is
+        // gone. In this process the bytes are accessed only through the ring's atomics.
+        let region = unsafe { RawRegion::new(map.as_ptr(), len) }.map_err(RingDiskError::Ring)?;
+        let ring =
+            ClientRing::create_at(region, RING_PARAMS, generation).map_err(RingDiskError::Ring)?;
+        let mut id_bytes = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(RingBlock {
+            fds,
+            sectors,
+            read_only,
+            id: id_bytes,
+            state: Arc::new(Mutex::new(Some(Frontend {
+                ring,
+                _map: map,
+                journal: HashMap::new(),
+                next_id: 1,
+                seen_bogus: 0,
+            }))),
+            stats: Arc::new(RingDiskStats::default()),
+            worker: None,
+        })
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<RingDiskStats> {
+        self.stats.clone()
+    }
+}
+
+impl VirtioDevice for RingBlock {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        features(self.read_only, false, true)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let seg_max = RING_PARAMS.slot_size / SIZE_MAX;
+        read_config(self.sectors, seg_max, Some(SIZE_MAX), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        mut queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        self.reset();
+        let q = queues.remove(0);
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
+        let ctx = QueueContext {
+            mem,
+            kick: self.fds.kick.clone(),
+            doorbell: self.fds.doorbell.clone(),
+            stop: stop.try_clone().map_err(ActivateError::Spawn)?,
+            sectors: self.sectors,
+            read_only: self.read_only,
+            id: self.id,
+            stats: self.stats.clone(),
+        };
+        let state = self.state.clone();
+        let thread = std::thread::Builder::new()
+            .name("ring-blk".into())
+            .spawn(move || {
+                let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(fe) = guard.as_mut() else { return };
+                if let Err(e) = run_queue(fe, q, &ctx, failure.as_ref()) {
+                    failure.needs_reset(&e);
+                }
+                // Whatever is still outstanding belongs to this activation's queue.
+                for slot in fe.journal.values_mut() {
+                    *slot = None;
+                }
+            })
+            .map_err(ActivateError::Spawn)?;
+        self.worker = Some((stop, thread));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some((stop, thread)) = self.worker.take() {
+            let _ = stop.write(1);
+            if thread.join().is_err() {
+                tracing::error!("ring-blk queue thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RingBlock {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+struct QueueContext {
+    mem: GuestMemoryMmap,
+    kick: Arc<EventFd>,
+    doorbell: Arc<EventFd>,
+    stop: EventFd,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    stats: Arc<RingDiskStats>,
+}
+
+const TOKEN_NOTIFY: u64 = 0;
+const TOKEN_DOORBELL: u64 = 1;
+const TOKEN_STOP: u64 = 2;
+
+/// A request ready for the ring, waiting for room.
+struct Outgoing {
+    ring: RingRequest,
+    data: Option<Vec<u8>>,
+    inflight: Inflight,
+}
+
+/// What to do with a parsed guest request.
+enum Plan {
+    /// Answer now with this status and this many bytes written into guest buffers.
+    Local(u8, u32),
+    /// Send it to the driver VM.
+    Ring(RingRequest, Option<Vec<u8>>),
+}
+
+fn run_queue(
+    fe: &mut Frontend,
+    active: ActiveQueue,
+    ctx: &QueueContext,
+    failure: &dyn DeviceFailure,
+) -> Result<(), String> {
+    let ActiveQueue {
+        mut queue,
+        notify,
+        interrupt,
+    } = active;
+    let epoll = Epoll::new().map_err(|e| e.to_string())?;
+    for (fd, token) in [
+        (notify.as_raw_fd(), TOKEN_NOTIFY),
+        (ctx.doorbell.as_raw_fd(), TOKEN_DOORBELL),
+        (ctx.stop.as_raw_fd(), TOKEN_STOP),
+    ] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let mut backlog: VecDeque<Outgoing> = VecDeque::new();
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        // New guest requests: answer the trivial ones, queue the rest in order.
+        let mut local = Vec::new();
+        pop_requests(&mut queue, &ctx.mem, failure, &mut |head, request| {
+            match plan(&request, ctx) {
+                Plan::Local(status, written) => {
+                    finish(&ctx.mem, &request, status, ctx);
+                    local.push((head, written));
+                }
+                Plan::Ring(ring, data) => backlog.push_back(Outgoing {
+                    ring,
+                    data,
+                    inflight: Inflight { head, request },
+                }),
+            }
+            Ok(())
+        })?;
+        publish_used(&mut queue, &ctx.mem, local, &interrupt)?;
+        submit_backlog(fe, &mut backlog, &mut queue, ctx, &interrupt)?;
+        // Completions until the ring is drained with the notification armed.
+        loop {
+            let done = take_completions(fe, ctx);
+            publish_used(&mut queue, &ctx.mem, done, &interrupt)?;
+            submit_backlog(fe, &mut backlog, &mut queue, ctx, &interrupt)?;
+            if !fe.ring.enable_notify() {
+                break;
+            }
+        }
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_NOTIFY => {
+                    let _ = notify.read();
+                }
+                TOKEN_DOORBELL => {
+                    let _ = ctx.doorbell.read();
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Decides how to serve `req`: checks directions, the disk's bounds and the slot size.
+fn plan(req: &Request, ctx: &QueueContext) -> Plan {
+    let ioerr = Plan::Local(VIRTIO_BLK_S_IOERR, 1);
+    let len = req.data_len();
+    let in_bounds = req
+        .sector
+        .checked_mul(SECTOR_SIZE)
+        .and_then(|off| off.checked_add(len))
+        .is_some_and(|end| end <= ctx.sectors * SECTOR_SIZE);
+    let ring = |op, len: u64| RingRequest {
+        id: 0,
+        op,
+        flags: 0,
+        sector: req.sector,
+        len: len as u32,
+    };
+    match req.kind {
+        RequestKind::In | RequestKind::Out => {
+            let write = req.kind == RequestKind::Out;
+            if (write && ctx.read_only)
+                || req.data.iter().any(|(_, _, w)| *w == write)
+                || !in_bounds
+                || len > u64::from(RING_PARAMS.slot_size)
+                || len % SECTOR_SIZE != 0
+            {
+                return ioerr;
+            }
+            if !write {
+                return Plan::Ring(ring(Opcode::Read, len), None);
+            }
+            let mut data = vec![0u8; len as usize];
+            let mut at = 0usize;
+            for (addr, n, _) in &req.data {
+                let n = *n as usize;
+                if ctx.mem.read_slice(&mut data[at..at + n], *addr).is_err() {
+                    return ioerr;
+                }
+                at += n;
+            }
+            Plan::Ring(ring(Opcode::Write, len), Some(data))
+        }
+        RequestKind::Flush if ctx.read_only => Plan::Local(VIRTIO_BLK_S_OK, 1),
+        RequestKind::Flush => Plan::Ring(ring(Opcode::Flush, 0), None),
+        RequestKind::GetId => {
+            let Some((addr, len, true)) = req.data.first().copied() else {
+                return ioerr;
+            };
+            let n = (len as usize).min(ID_BYTES);
+            if ctx.mem.write_slice(&ctx.id[..n], addr).is_err() {
+                return ioerr;
+            }
+            Plan::Local(VIRTIO_BLK_S_OK, n as u32 + 1)
+        }
+        RequestKind::Discard | RequestKind::WriteZeroes | RequestKind::Unsupported(_) => {
+            Plan::Local(VIRTIO_BLK_S_UNSUPP, 1)
+        }
+    }
+}
+
+/// Writes the status byte and counts the completion.
+fn finish(mem: &GuestMemoryMmap, req: &Request, status: u8, ctx: &QueueContext) {
+    if mem.write_obj(status, req.status).is_err() {
+        tracing::error!("status byte vanished from guest memory");
+    }
+    ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
+    if status != VIRTIO_BLK_S_OK {
+        ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Moves backlog requests onto the ring while there is room, then notifies the agent if it
+/// asked. Requests the ring refuses for a reason other than room fail alone.
+fn submit_backlog(
+    fe: &mut Frontend,
+    backlog: &mut VecDeque<Outgoing>,
+    queue: &mut Queue,
+    ctx: &QueueContext,
+    interrupt: &Interrupt,
+) -> Result<(), String> {
+    let mut failed = Vec::new();
+    let mut sent = false;
+    while let Some(mut out) = backlog.pop_front() {
+        out.ring.id = fe.next_id;
+        match fe.ring.submit(out.ring, out.data.as_deref()) {
+            Ok(_) => {
+                fe.next_id += 1;
+                sent = true;
+                ctx.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                if out.ring.op == Opcode::Write {
+                    let n = u64::from(out.ring.len);
+                    ctx.stats.written_bytes.fetch_add(n, Ordering::Relaxed);
+                }
+                fe.journal.insert(out.ring.id, Some(out.inflight));
+            }
+            Err(RingError::RingFull | RingError::NoFreeSlot) => {
+                backlog.push_front(out);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ring refused a request");
+                finish(&ctx.mem, &out.inflight.request, VIRTIO_BLK_S_IOERR, ctx);
+                failed.push((out.inflight.head, 1));
+            }
+        }
+    }
+    if sent && fe.ring.needs_notify_agent() {
+        let _ = ctx.kick.write(1);
+    }
+    publish_used(queue, &ctx.mem, failed, interrupt)?;
+    Ok(())
+}
+
+/// Takes validated completions off the ring, copies read data into guest memory, writes
+/// statuses, and returns the heads to publish.
+fn take_completions(fe: &mut Frontend, ctx: &QueueContext) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    for c in fe.ring.poll_completions() {
+        let entry = fe.journal.remove(&c.req.id).flatten();
+        let mut status = match c.status {
+            Status::Ok => VIRTIO_BLK_S_OK,
+            Status::IoErr => VIRTIO_BLK_S_IOERR,
+            Status::Unsupported => VIRTIO_BLK_S_UNSUPP,
+        };
+        let mut written = 1;
+        if let Some(inflight) = &entry {
+            if c.req.op == Opcode::Read && status == VIRTIO_BLK_S_OK {
+                match copy_read_data(&fe.ring, &c, &inflight.request, ctx) {
+                    Some(n) => written = n + 1,
+                    None => status = VIRTIO_BLK_S_IOERR,
+                }
+            }
+        }
+        if let Some(slot) = c.slot {
+            let _ = fe.ring.release_slot(slot);
+        }
+        if let Some(inflight) = entry {
+            finish(&ctx.mem, &inflight.request, status, ctx);
+            out.push((inflight.head, written));
+        }
+    }
+    let stats: ClientStats = fe.ring.stats();
+    let bogus = stats.bogus();
+    if bogus != fe.seen_bogus {
+        tracing::warn!(
+            new = bogus - fe.seen_bogus,
+            stale_generation = stats.stale_generation,
+            unknown_id = stats.unknown_id,
+            bad_status = stats.bad_status,
+            bad_length = stats.bad_length,
+            bad_index = stats.bad_index,
+            "driver VM published invalid completions; dropped"
+        );
+        fe.seen_bogus = bogus;
+        ctx.stats.bogus_completions.store(bogus, Ordering::Relaxed);
+    }
+    out
+}
+
+/// Copies a completed read from its slot into the guest's buffers. `None` if the driver VM
+/// delivered fewer bytes than asked or the copy failed.
+fn copy_read_data(
+    fe: &ClientRing<RawRegion>,
+    c: &ddvmm_translation::ring::Completed,
+    req: &Request,
+    ctx: &QueueContext,
+) -> Option<u32> {
+    let slot = c.slot?;
+    if c.len != c.req.len {
+        return None;
+    }
+    let mut buf = Vec::new();
+    let mut at = 0usize;
+    for (addr, n, _) in &req.data {
+        buf.resize(*n as usize, 0);
+        fe.read_slot(slot, at, &mut buf).ok()?;
+        ctx.mem.write_slice(&buf, *addr).ok()?;
+        at += *n as usize;
+    }
+    ctx.stats
+        .read_bytes
+        .fetch_add(u64::from(c.len), Ordering::Relaxed);
+    Some(c.len)
+}
