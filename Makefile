@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
 
-.PHONY: all deps images agent driver-image build test demo bench bench-io fuzz lint clean-images
+.PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver fuzz lint clean-images
 
 all: build
 
@@ -61,6 +61,12 @@ bench-io: deps images build
 	    --host-file /usr/share/qemu/linuxboot_dma.bin \
 	    --guest-script bench/guest-io-net.sh \
 	    bench/io-net.sh
+
+# Block I/O through a driver VM vs ddvmm's direct virtio-blk: same guest, fio jobs and backing
+# file, one run; plus the driver VM's resident memory and idle CPU.
+bench-driver: deps images build driver-image
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --driver-image --guest-script bench/guest-blk.sh bench/driver-blk.sh
 
 # Fuzz the virtio descriptor-chain parsers (needs a nightly toolchain; installs cargo-fuzz).
 FUZZ_SECONDS ?= 180

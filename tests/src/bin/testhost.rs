@@ -31,6 +31,9 @@ struct Args {
     /// made available to the host script as `$WORK/guest.img`.
     #[arg(long)]
     guest_script: Option<PathBuf>,
+    /// Also provide the driver-VM image (`make driver-image`) as `$WORK/driver.img`.
+    #[arg(long)]
+    driver_image: bool,
     /// The script to run.
     script: PathBuf,
 }
@@ -74,6 +77,15 @@ fn main() -> ExitCode {
             Ok(img) => host = host.file("guest.img", img, 0o644),
             Err(e) => {
                 eprintln!("testhost: guest script {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if args.driver_image {
+        match ddvmm_tests::driver_initrd() {
+            Ok(img) => host = host.file("driver.img", img, 0o644),
+            Err(e) => {
+                eprintln!("testhost: {e}");
                 return ExitCode::from(1);
             }
         }

@@ -12,7 +12,7 @@
 //! memory = "256M"                   # optional, default 256M
 //! cpus = 1                          # optional, default 1
 //! disks = ["/var/lib/ddvmm/pool.img"]  # devices it owns: /dev/vda, /dev/vdb, ... inside
-//! cmdline = "..."                   # optional, default "console=ttyS0 ddvmm.action=agent"
+//! cmdline = "..."                   # optional, default "console=ttyS0 quiet ddvmm.action=agent"
 //! console = "storage.log"           # optional, default <state dir>/<name>.console
 //!
 //! [[client]]
@@ -328,7 +328,7 @@ fn vm_common(
         disks.push(existing(&format!("disks[{j}]"), d)?);
     }
     let cmdline = raw.cmdline.clone().unwrap_or_else(|| match role {
-        Role::Driver => "console=ttyS0 ddvmm.action=agent".into(),
+        Role::Driver => "console=ttyS0 quiet ddvmm.action=agent".into(),
         Role::Client => "console=ttyS0".into(),
     });
     Ok(VmConfig {
@@ -497,7 +497,10 @@ disks = ["pool.img"]
         assert_eq!(c.drivers.len(), 1);
         assert_eq!(c.clients[1].client_disks[0].offset, 32 << 20);
         assert_eq!(c.clients[0].memory, 512 << 20);
-        assert_eq!(c.drivers[0].cmdline, "console=ttyS0 ddvmm.action=agent");
+        assert_eq!(
+            c.drivers[0].cmdline,
+            "console=ttyS0 quiet ddvmm.action=agent"
+        );
         assert_eq!(c.socket, dir.path().join("s.sock"));
     }
 

@@ -160,6 +160,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             jobs: &job_tx,
             garbage: opts.garbage,
             in_flight: 0,
+            published: false,
             doorbell: &regs_map,
         };
         server.run(&mut irq, &done_rx, &wake);
@@ -229,6 +230,8 @@ struct Server<'a> {
     jobs: &'a Sender<(Job, Option<u32>)>,
     garbage: bool,
     in_flight: usize,
+    /// Completions published since the last doorbell decision.
+    published: bool,
     doorbell: &'a BarMapping,
 }
 
@@ -264,7 +267,8 @@ impl Server<'_> {
                 self.finish(d);
                 completed = true;
             }
-            if completed && self.ring.needs_notify_client() {
+            // Completions published this round (also those answered without I/O).
+            if std::mem::take(&mut self.published) && self.ring.needs_notify_client() {
                 self.doorbell.write32(regs::DOORBELL, 1);
             }
             if beat.elapsed() >= HEARTBEAT {
@@ -310,6 +314,7 @@ impl Server<'_> {
     }
 
     fn answer(&mut self, id: u64, status: Status, len: u32) {
+        self.published = true;
         if self.garbage {
             self.publish_garbage(id, len);
         }

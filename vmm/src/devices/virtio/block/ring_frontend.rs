@@ -347,7 +347,10 @@ fn run_queue(
                 break;
             }
         }
-        let n = match epoll.wait(-1, &mut events) {
+        // With requests outstanding, look again now and then even without a doorbell: a lost
+        // or withheld notification then costs a delay, never a hang of this thread.
+        let timeout = if fe.journal.is_empty() { -1 } else { 1000 };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.to_string()),

@@ -1,0 +1,74 @@
+# Block path benchmark: the same client guest and fio jobs (bench/guest-blk.sh) on
+#   direct  - ddvmm's own virtio-blk over the backing file, and
+#   driver  - a virtio-blk disk served by a driver VM (stock kernel, translation agent,
+#             O_DIRECT on its virtio-blk over the same backing file), through the daemon,
+# in one run. Prints medians, driver/direct ratios, and the driver VM's resident memory and
+# idle CPU use. Absolute numbers come from an emulated CPU here: read the ratios.
+K=$IMAGES/vmlinuz
+DISK=/tmp/pool.img
+dd if=/dev/zero of=$DISK bs=1M count=256 2>/dev/null
+CMD="console=ttyS0 quiet ddvmm.action=run-script"
+
+echo "=== direct ==="
+$DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 --disk $DISK \
+    --cmdline "$CMD" > direct.out 2>&1
+grep RESULT direct.out | sed 's/^/direct /' > results.txt
+grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }
+
+echo "=== through the driver VM ==="
+cat > system.toml <<CFG
+[[driver]]
+name = "storage"
+kernel = "$K"
+initrd = "$WORK/driver.img"
+memory = "256M"
+cpus = 1
+disks = ["$DISK"]
+
+[[client]]
+name = "bench"
+kernel = "$K"
+initrd = "$WORK/guest.img"
+memory = "512M"
+cpus = 2
+cmdline = "$CMD"
+[[client.disk]]
+driver = "storage"
+size = "256M"
+CFG
+$DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
+DAEMON=$!
+CTL="$DDVMM ctl --socket system.sock"
+until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
+    sleep 5
+    kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; break; }
+done
+tr -d '\r' < system.d/bench.console | grep RESULT | sed 's/^/driver /' >> results.txt
+grep -q RESULT system.d/bench.console || { echo "driver run produced no results:"; tail -30 system.d/bench.console; }
+
+# The driver VM now idles (its client is gone): resident memory and CPU over 20 s.
+dpid=$($CTL list | awk '/"name": "storage"/ { f = 1 } f && /"pid"/ { gsub(/[^0-9]/, "", $2); print $2; exit }')
+rss_kib=$(awk '/^VmRSS/ { print $2 }' /proc/$dpid/status)
+ticks() { awk '{ print $14 + $15 }' /proc/$dpid/stat; }
+hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
+t0=$(ticks); sleep 20; t1=$(ticks)
+$CTL stats | grep -E '"(submitted|completed|errors|bogus_completions)"'
+$CTL shutdown > /dev/null
+wait $DAEMON
+
+awk -v rss="$rss_kib" -v ticks="$((t1 - t0))" -v hz="$hz" '
+{ path = $1; m = $3; n[path, m]++; v[path, m, n[path, m]] = $4; if (!(m in seen)) { seen[m] = 1; order[++k] = m } }
+function median(path, m,    c, i, j, t, x) {
+    c = n[path, m]; if (!c) return 0
+    for (i = 1; i <= c; i++) t[i] = v[path, m, i]
+    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (t[j] < t[i]) { x = t[i]; t[i] = t[j]; t[j] = x }
+    return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
+}
+END {
+    printf "\n%-24s %12s %12s %8s\n", "metric (median of runs)", "driver VM", "direct", "ratio"
+    for (i = 1; i <= k; i++) {
+        m = order[i]; d = median("driver", m); q = median("direct", m)
+        printf "%-24s %12.1f %12.1f %8s\n", m, d, q, (q > 0 ? sprintf("%.2f", d / q) : "n/a")
+    }
+    printf "\ndriver VM (256 MiB guest, 1 vCPU): resident %d KiB; idle CPU %.2f%% of one core (20 s)\n", rss, ticks * 100 / hz / 20
+}' results.txt
