@@ -10,9 +10,10 @@ dd if=/dev/zero of=$DISK bs=1M count=256 2>/dev/null
 CMD="console=ttyS0 quiet ddvmm.action=run-script"
 
 echo "=== direct ==="
+# Results are shown as they come (the emulated host's harness treats long silence as a hang).
 $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 --disk $DISK \
-    --cmdline "$CMD" > direct.out 2>&1
-grep RESULT direct.out | sed 's/^/direct /' > results.txt
+    --cmdline "$CMD" 2>&1 | tee direct.out | grep -a RESULT
+tr -d '\r' < direct.out | grep -a RESULT | sed 's/^/direct /' > results.txt
 grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }
 
 echo "=== through the driver VM ==="
@@ -39,8 +40,13 @@ CFG
 $DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
 DAEMON=$!
 CTL="$DDVMM ctl --socket system.sock"
+shown=0
 until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
     sleep 5
+    n=$(grep -a -c RESULT system.d/bench.console 2>/dev/null)
+    if [ "${n:-0}" -gt $shown ]; then
+        grep -a RESULT system.d/bench.console | tail -n $((n - shown)); shown=$n
+    fi
     kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; break; }
 done
 tr -d '\r' < system.d/bench.console | grep RESULT | sed 's/^/driver /' >> results.txt

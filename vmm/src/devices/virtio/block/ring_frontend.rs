@@ -552,3 +552,220 @@ fn copy_read_data(
         .fetch_add(u64::from(c.len), Ordering::Relaxed);
     Some(c.len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::pci::msix::Msix;
+    use crate::memory::create_memfd;
+    use ddvmm_translation::ring::{AgentRing, Completion, RawCompletion};
+    use std::time::{Duration, Instant};
+    use virtio_queue::desc::{split::Descriptor as D, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const SECTORS: u64 = 2048;
+
+    #[derive(Default)]
+    struct Failures(std::sync::atomic::AtomicUsize);
+
+    impl DeviceFailure for Failures {
+        fn needs_reset(&self, _reason: &str) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn fds() -> ChannelFds {
+        let size = RING_PARAMS.layout().expect("layout").total as u64;
+        let memory = create_memfd(c"test-ring").expect("memfd");
+        memory.set_len(size.next_power_of_two()).expect("size");
+        let efd = || Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        ChannelFds {
+            memory: Arc::new(memory),
+            kick: efd(),
+            doorbell: efd(),
+        }
+    }
+
+    /// An honest agent over the same memfd, in a thread, with a bogus completion before each
+    /// real one. Reads return the byte `sector as u8`; writes are checked to hold 0x5A bytes.
+    fn agent(fds: &ChannelFds, stop: Arc<std::sync::atomic::AtomicBool>) -> JoinHandle<u64> {
+        let len = fds.memory_size().expect("size") as usize;
+        let file = fds.memory.try_clone().expect("dup");
+        let doorbell = fds.doorbell.clone();
+        std::thread::spawn(move || {
+            let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len).expect("map");
+            let mut ring = loop {
+                // SAFETY: the mapping lives until the end of this thread, after the ring; this
+                // thread accesses it only through the ring.
+                let r = unsafe { RawRegion::new(map.as_ptr(), len) }.expect("region");
+                if let Ok(a) = AgentRing::attach(r, ddvmm_translation::ring::features::ALL) {
+                    break a;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            ring.set_ready().expect("ready");
+            let mut bad_writes = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let Some(Ok(r)) = ring.pop_request() else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                let mut buf = vec![0u8; r.len as usize];
+                match r.op {
+                    Opcode::Read => {
+                        buf.fill(r.sector as u8);
+                        ring.write_slot(r.slot.expect("slot"), 0, &buf)
+                            .expect("slot");
+                    }
+                    Opcode::Write => {
+                        ring.read_slot(r.slot.expect("slot"), 0, &mut buf)
+                            .expect("slot");
+                        bad_writes += u64::from(buf.iter().any(|b| *b != 0x5A));
+                    }
+                    _ => {}
+                }
+                let gen = ring.generation();
+                for bogus in [
+                    RawCompletion {
+                        id: r.id,
+                        generation: gen,
+                        status: 77,
+                        len: r.len,
+                    },
+                    RawCompletion {
+                        id: r.id,
+                        generation: gen,
+                        status: 0,
+                        len: r.len + 1,
+                    },
+                    RawCompletion {
+                        id: r.id + 1000,
+                        generation: gen,
+                        status: 0,
+                        len: 0,
+                    },
+                ] {
+                    ring.publish_unchecked(bogus).expect("bogus");
+                }
+                ring.complete(Completion {
+                    id: r.id,
+                    status: Status::Ok,
+                    len: r.len,
+                })
+                .expect("complete");
+                let _ = ring.needs_notify_client();
+                doorbell.write(1).expect("doorbell");
+            }
+            bad_writes
+        })
+    }
+
+    #[test]
+    fn serves_requests_through_an_agent_and_rejects_what_it_must() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        let header = |at: u64, kind: u32, sector: u64| {
+            let mut h = [0u8; 16];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            m.write_slice(&h, GuestAddress(at)).expect("header");
+        };
+        // 0: read 8 KiB at sector 8 (two buffers); 1: write 4 KiB of 0x5A at sector 16;
+        // 2: read past the end; 3: read larger than a slot; 4: write into a device-writable
+        // buffer (wrong direction); 5: flush.
+        header(0x1000, 0, 8);
+        header(0x1100, 1, 16);
+        m.write_slice(&[0x5A; 4096], GuestAddress(0x40_0000))
+            .expect("data");
+        header(0x1200, 0, SECTORS - 1);
+        header(0x1300, 0, 0);
+        header(0x1400, 1, 0);
+        header(0x1500, 4, 0);
+        let st = |i: u64| 0x2000 + i;
+        let descs = [
+            RawDescriptor::from(D::new(0x1000, 16, NEXT, 1)),
+            RawDescriptor::from(D::new(0x10_0000, 4096, NEXT | WRITE, 2)),
+            RawDescriptor::from(D::new(0x10_1000, 4096, NEXT | WRITE, 3)),
+            RawDescriptor::from(D::new(st(0), 1, WRITE, 0)),
+            RawDescriptor::from(D::new(0x1100, 16, NEXT, 5)),
+            RawDescriptor::from(D::new(0x40_0000, 4096, NEXT, 6)),
+            RawDescriptor::from(D::new(st(1), 1, WRITE, 0)),
+            RawDescriptor::from(D::new(0x1200, 16, NEXT, 8)),
+            RawDescriptor::from(D::new(0x20_0000, 1024, NEXT | WRITE, 9)),
+            RawDescriptor::from(D::new(st(2), 1, WRITE, 0)),
+            RawDescriptor::from(D::new(0x1300, 16, NEXT, 11)),
+            RawDescriptor::from(D::new(0x30_0000, 512 << 10, NEXT | WRITE, 12)),
+            RawDescriptor::from(D::new(st(3), 1, WRITE, 0)),
+            RawDescriptor::from(D::new(0x1400, 16, NEXT, 14)),
+            RawDescriptor::from(D::new(0x20_0000, 512, NEXT | WRITE, 15)),
+            RawDescriptor::from(D::new(st(4), 1, WRITE, 0)),
+            RawDescriptor::from(D::new(0x1500, 16, NEXT, 17)),
+            RawDescriptor::from(D::new(st(5), 1, WRITE, 0)),
+        ];
+        mock.build_multiple_desc_chains(&descs).expect("chains");
+        m.write_slice(&[0xEE; 6], GuestAddress(st(0)))
+            .expect("status");
+        let q: Queue = mock.create_queue().expect("queue");
+
+        let fds = fds();
+        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let agent = agent(&fds, stop.clone());
+        let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let active = ActiveQueue {
+            queue: q,
+            notify: notify.try_clone().expect("clone"),
+            interrupt: Interrupt::new(Msix::detached(1), 0),
+        };
+        let failures = Arc::new(Failures::default());
+        dev.activate(m.clone(), 0, vec![active], failures.clone())
+            .expect("activate");
+        notify.write(1).expect("notify");
+        let used_idx = mock.used_addr().unchecked_add(2);
+        let start = Instant::now();
+        while m.read_obj::<u16>(used_idx).expect("used") < 6 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "requests never completed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dev.reset();
+        stop.store(true, Ordering::SeqCst);
+        assert_eq!(
+            agent.join().expect("agent"),
+            0,
+            "write data reached the agent intact"
+        );
+        let status: Vec<u8> = (0..6)
+            .map(|i| m.read_obj::<u8>(GuestAddress(st(i))).expect("status"))
+            .collect();
+        assert_eq!(
+            status,
+            [
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_S_OK
+            ]
+        );
+        let mut back = vec![0u8; 8192];
+        m.read_slice(&mut back, GuestAddress(0x10_0000))
+            .expect("read data");
+        assert!(
+            back.iter().all(|b| *b == 8),
+            "read data in both guest buffers"
+        );
+        let s = dev.stats();
+        assert_eq!(s.submitted.load(Ordering::SeqCst), 3);
+        assert_eq!(s.completed.load(Ordering::SeqCst), 6);
+        assert_eq!(s.errors.load(Ordering::SeqCst), 3);
+        assert_eq!(s.bogus_completions.load(Ordering::SeqCst), 9);
+        assert_eq!(failures.0.load(Ordering::SeqCst), 0);
+    }
+}
