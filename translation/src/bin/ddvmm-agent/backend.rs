@@ -121,7 +121,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let regs_map = BarMapping::map(&dev.sysfs.join("resource0"), regs::SIZE).map_err(ctx)?;
     let w = read_window(&regs_map).map_err(ctx)?;
     let mem = BarMapping::map(&dev.sysfs.join("resource2"), w.mem_size).map_err(ctx)?;
-    let mut irq = UioIrq::open(&dev.uio).map_err(ctx)?;
+    let mut irq = UioIrq::open(&dev.uio, &dev.sysfs).map_err(ctx)?;
     let disk = open_backend(&w).map_err(ctx)?;
     println!(
         "ddvmm-agent: channel {} at {}: {} sectors {}+{}{}",
@@ -161,6 +161,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             garbage: opts.garbage,
             in_flight: 0,
             published: false,
+            wakeups: Wakeups::new(),
             doorbell: &regs_map,
         };
         server.run(&mut irq, &done_rx, &wake);
@@ -224,6 +225,31 @@ fn attach(mem: &BarMapping) -> Result<AgentRing<RawRegion>, String> {
     }
 }
 
+/// Why the ring thread woke up, reported every minute (on a wakeup) in the console.
+struct Wakeups {
+    irq: u64,
+    io: u64,
+    timeout: u64,
+    irq_error: u64,
+    enable_errors: u64,
+    last_error: String,
+    last_report: Instant,
+}
+
+impl Wakeups {
+    fn new() -> Self {
+        Wakeups {
+            irq: 0,
+            io: 0,
+            timeout: 0,
+            irq_error: 0,
+            enable_errors: 0,
+            last_error: String::new(),
+            last_report: Instant::now(),
+        }
+    }
+}
+
 struct Server<'a> {
     ring: AgentRing<RawRegion>,
     window: &'a Window,
@@ -232,6 +258,7 @@ struct Server<'a> {
     in_flight: usize,
     /// Completions published since the last doorbell decision.
     published: bool,
+    wakeups: Wakeups,
     doorbell: &'a BarMapping,
 }
 
@@ -282,7 +309,9 @@ impl Server<'_> {
                 continue;
             }
             // Sleep: unmask the interrupt, arm the event index, re-check, then wait.
-            if irq.enable().is_err() {
+            if let Err(e) = irq.enable() {
+                self.wakeups.enable_errors += 1;
+                self.wakeups.last_error = e;
                 std::thread::sleep(Duration::from_millis(1));
             }
             if self.ring.enable_notify() {
@@ -305,10 +334,39 @@ impl Server<'_> {
             if n > 0 {
                 if fds[0].revents & libc::POLLIN != 0 {
                     irq.ack();
+                    self.wakeups.irq += 1;
                 }
                 if fds[1].revents & libc::POLLIN != 0 {
                     wake.drain();
+                    self.wakeups.io += 1;
                 }
+                if fds[0].revents & !libc::POLLIN != 0 {
+                    self.wakeups.irq_error += 1;
+                }
+            } else {
+                self.wakeups.timeout += 1;
+            }
+            if self.wakeups.last_report.elapsed() >= Duration::from_secs(60) {
+                let w = &mut self.wakeups;
+                let intx = std::fs::read_to_string("/proc/interrupts")
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("uio"))
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                println!(
+                    "ddvmm-agent: channel {}: wakeups irq {} io {} timeout {} irq-error {}; \
+                     enable errors {} ({}); {intx}",
+                    self.window.index,
+                    w.irq,
+                    w.io,
+                    w.timeout,
+                    w.irq_error,
+                    w.enable_errors,
+                    w.last_error
+                );
+                w.last_report = Instant::now();
             }
         }
     }

@@ -209,32 +209,70 @@ impl Drop for BarMapping {
 }
 
 /// The interrupt of a `uio_pci_generic` device.
+///
+/// The stock driver masks INTx in its interrupt handler (the command register's
+/// INTx-disable bit) and has no `irqcontrol`: userspace unmasks by clearing that bit through
+/// the function's sysfs `config` file, as the kernel's UIO howto shows.
 pub struct UioIrq {
     file: File,
+    config: File,
+    /// The command register's high byte with INTx enabled (read once at open).
+    command_high: u8,
+    /// An interrupt was handled (so masked by the driver) since the last unmask.
+    masked: bool,
 }
 
+/// Byte of the command register holding INTx-disable (bit 10 = bit 2 of byte 5).
+const COMMAND_HIGH: u64 = 0x05;
+const INTX_DISABLE_HIGH: u8 = 0x04;
+
 impl UioIrq {
-    /// Opens `/dev/uioN`.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    /// Opens `/dev/uioN` and the function's sysfs `config`.
+    pub fn open(path: &Path, sysfs: &Path) -> Result<Self, String> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(UioIrq { file })
+        let cfg = sysfs.join("config");
+        let config = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cfg)
+            .map_err(|e| format!("{}: {e}", cfg.display()))?;
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 1];
+        config
+            .read_exact_at(&mut b, COMMAND_HIGH)
+            .map_err(|e| format!("read PCI command: {e}"))?;
+        Ok(UioIrq {
+            file,
+            config,
+            command_high: b[0] & !INTX_DISABLE_HIGH,
+            // Unmask once at start, whatever state the device was left in.
+            masked: true,
+        })
     }
 
-    /// Unmasks the interrupt (uio_pci_generic clears the INTx-disable bit).
+    /// Unmasks the interrupt if the driver's handler masked it since the last call: one
+    /// configuration write per handled interrupt, nothing otherwise (each access to the
+    /// configuration space exits to the driver VM's VMM).
     pub fn enable(&mut self) -> Result<(), String> {
-        self.file
-            .write_all(&1u32.to_ne_bytes())
-            .map_err(|e| format!("uio irq enable: {e}"))
+        use std::os::unix::fs::FileExt;
+        if self.masked {
+            self.config
+                .write_all_at(&[self.command_high], COMMAND_HIGH)
+                .map_err(|e| format!("write PCI command: {e}"))?;
+            self.masked = false;
+        }
+        Ok(())
     }
 
-    /// Consumes a pending interrupt count, if any (call when readable).
+    /// Consumes the interrupt count (call when readable): the handler has masked INTx.
     pub fn ack(&mut self) {
         let mut b = [0u8; 4];
         let _ = self.file.read(&mut b);
+        self.masked = true;
     }
 
     /// The descriptor to poll.

@@ -84,6 +84,10 @@ pub struct RingDiskStats {
     pub written_bytes: AtomicU64,
     /// Completions rejected by validation (bogus ids, statuses, lengths, generations, indices).
     pub bogus_completions: AtomicU64,
+    /// Notifications sent to the driver VM (its irqfd).
+    pub kicks: AtomicU64,
+    /// Doorbells received from the driver VM.
+    pub doorbells: AtomicU64,
 }
 
 impl RingDiskStats {
@@ -97,6 +101,8 @@ impl RingDiskStats {
             ("read_bytes", g(&self.read_bytes)),
             ("written_bytes", g(&self.written_bytes)),
             ("bogus_completions", g(&self.bogus_completions)),
+            ("kicks", g(&self.kicks)),
+            ("doorbells", g(&self.doorbells)),
         ]
     }
 }
@@ -362,6 +368,7 @@ fn run_queue(
                 }
                 TOKEN_DOORBELL => {
                     let _ = ctx.doorbell.read();
+                    ctx.stats.doorbells.fetch_add(1, Ordering::Relaxed);
                 }
                 _ => return Ok(()),
             }
@@ -476,6 +483,7 @@ fn submit_backlog(
     }
     if sent && fe.ring.needs_notify_agent() {
         let _ = ctx.kick.write(1);
+        ctx.stats.kicks.fetch_add(1, Ordering::Relaxed);
     }
     publish_used(queue, &ctx.mem, failed, interrupt)?;
     Ok(())
