@@ -14,12 +14,15 @@
 //!   The client VMM writes an eventfd that is this VM's *irqfd* with a resample eventfd, so KVM
 //!   raises a level-triggered line and lowers it at the guest's EOI. `uio_pci_generic` in the
 //!   guest masks it with the command register's INTx-disable bit and the agent re-enables it
-//!   through `/dev/uioN`. The status register's interrupt bit reads as set while INTx is
+//!   through the function's sysfs `config` (the stock driver has no `irqcontrol`; `/dev/uioN`
+//!   only counts interrupts). The status register's interrupt bit reads as set while INTx is
 //!   enabled: the line is exclusive to this device, and the ring's notification suppression
 //!   (the agent arms its event index only before it sleeps) keeps interrupts rare.
 //!
 //! This process is not on the data path: after setup the guest's loads and stores go to shared
-//! memory and both notifications are eventfds handled inside KVM.
+//! memory and both notifications are eventfds handled inside KVM. It does see the two
+//! configuration-space accesses per delivered interrupt (the handler's status read, the
+//! agent's unmask); the ring's notification suppression keeps those to one per agent sleep.
 
 use std::fs::File;
 
