@@ -29,46 +29,9 @@ use std::fs::File;
 use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
 
-/// PCI vendor id (Red Hat's, as used for paravirtual devices; this device id is ours).
-pub const VENDOR: u16 = 0x1b36;
-/// PCI device id of a ddvmm channel.
-pub const DEVICE: u16 = 0x11dd;
-/// Size of the register BAR.
-pub const REGS_SIZE: u64 = 0x1000;
-/// Magic value of [`regs::MAGIC`]: `"DDCH"`.
-pub const MAGIC: u32 = u32::from_le_bytes(*b"DDCH");
-/// Register layout version.
-pub const VERSION: u32 = 1;
-/// [`regs::KIND`] of a block channel.
-pub const KIND_BLOCK: u32 = 1;
-/// Longest backend path, NUL padding included.
-pub const BACKEND_LEN: usize = 64;
-
-/// Register offsets in BAR 0. All little-endian; only the doorbell is writable.
-pub mod regs {
-    /// Write any 32-bit value: notify the client (ioeventfd).
-    pub const DOORBELL: u64 = 0x00;
-    /// [`super::MAGIC`].
-    pub const MAGIC: u64 = 0x08;
-    /// [`super::VERSION`].
-    pub const VERSION: u64 = 0x0c;
-    /// Channel kind ([`super::KIND_BLOCK`]).
-    pub const KIND: u64 = 0x10;
-    /// Channel index within this driver VM.
-    pub const INDEX: u64 = 0x14;
-    /// First sector of the window on the backend device (u64).
-    pub const START: u64 = 0x18;
-    /// Sectors in the window (u64).
-    pub const SECTORS: u64 = 0x20;
-    /// Bit 0: read-only.
-    pub const FLAGS: u64 = 0x28;
-    /// Size in bytes of the channel memory (u64).
-    pub const MEM_SIZE: u64 = 0x30;
-    /// Backend block device path in the driver VM, NUL-padded ([`super::BACKEND_LEN`] bytes).
-    pub const BACKEND: u64 = 0x40;
-    /// End of the defined registers.
-    pub const END: u64 = BACKEND + super::BACKEND_LEN as u64;
-}
+pub use ddvmm_translation::channel::{
+    regs, BACKEND_LEN, DEVICE, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, REGS_SIZE, VENDOR, VERSION,
+};
 
 /// Status register bit: INTx asserted.
 const STATUS_INTERRUPT: u8 = 1 << 3;
@@ -173,7 +136,8 @@ impl ChannelDevice {
         put(regs::INDEX, &info.index.to_le_bytes());
         put(regs::START, &info.start_sector.to_le_bytes());
         put(regs::SECTORS, &info.sectors.to_le_bytes());
-        put(regs::FLAGS, &u32::from(info.read_only).to_le_bytes());
+        let flags = if info.read_only { FLAG_READ_ONLY } else { 0 };
+        put(regs::FLAGS, &flags.to_le_bytes());
         put(regs::MEM_SIZE, &mem_size.to_le_bytes());
         put(regs::BACKEND, info.backend.as_bytes());
         Ok(ChannelDevice { config, regs: r })

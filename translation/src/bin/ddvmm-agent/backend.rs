@@ -13,7 +13,11 @@ use ddvmm_translation::ring::{
     RingError, Status, SECTOR_SIZE,
 };
 
-use crate::pci::{regs, BarMapping, ChannelDevice, UioIrq};
+use ddvmm_translation::channel::{
+    regs, BACKEND_LEN, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, REGS_SIZE, VERSION,
+};
+
+use crate::pci::{BarMapping, ChannelDevice, UioIrq};
 use crate::Options;
 
 /// What this agent implements.
@@ -34,15 +38,14 @@ struct Window {
 }
 
 fn read_window(r: &BarMapping) -> Result<Window, String> {
-    if r.read32(regs::MAGIC) != regs::MAGIC_VALUE || r.read32(regs::VERSION) != regs::VERSION_VALUE
-    {
+    if r.read32(regs::MAGIC) != MAGIC || r.read32(regs::VERSION) != VERSION {
         return Err("not a ddvmm channel of register version 1".into());
     }
-    if r.read32(regs::KIND) != regs::KIND_BLOCK {
+    if r.read32(regs::KIND) != KIND_BLOCK {
         return Err(format!("unsupported channel kind {}", r.read32(regs::KIND)));
     }
     let mut name = Vec::new();
-    for i in (0..regs::BACKEND_LEN).step_by(4) {
+    for i in (0..BACKEND_LEN as u64).step_by(4) {
         name.extend_from_slice(&r.read32(regs::BACKEND + i).to_le_bytes());
     }
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
@@ -51,7 +54,7 @@ fn read_window(r: &BarMapping) -> Result<Window, String> {
         backend,
         start: r.read64(regs::START),
         sectors: r.read64(regs::SECTORS),
-        read_only: r.read32(regs::FLAGS) & 1 != 0,
+        read_only: r.read32(regs::FLAGS) & FLAG_READ_ONLY != 0,
         mem_size: usize::try_from(r.read64(regs::MEM_SIZE)).map_err(|_| "memory size")?,
         index: r.read32(regs::INDEX),
     })
@@ -118,7 +121,8 @@ struct Done {
 /// Serves the channel until an unrecoverable error.
 pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let ctx = |e: String| format!("{}: {e}", dev.address);
-    let regs_map = BarMapping::map(&dev.sysfs.join("resource0"), regs::SIZE).map_err(ctx)?;
+    let regs_map =
+        BarMapping::map(&dev.sysfs.join("resource0"), REGS_SIZE as usize).map_err(ctx)?;
     let w = read_window(&regs_map).map_err(ctx)?;
     let mem = BarMapping::map(&dev.sysfs.join("resource2"), w.mem_size).map_err(ctx)?;
     let mut irq = UioIrq::open(&dev.uio, &dev.sysfs).map_err(ctx)?;

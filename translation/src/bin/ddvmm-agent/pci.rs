@@ -7,30 +7,10 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-/// PCI id of a ddvmm channel (see the VMM's channel device).
-const VENDOR: &str = "0x1b36";
-const DEVICE: &str = "0x11dd";
+use ddvmm_translation::channel::{DEVICE, VENDOR};
+
 const NEW_ID: &str = "/sys/bus/pci/drivers/uio_pci_generic/new_id";
 const DEVICES: &str = "/sys/bus/pci/devices";
-
-/// Register offsets in BAR 0 (the VMM's `devices::channel::regs`).
-pub mod regs {
-    pub const DOORBELL: usize = 0x00;
-    pub const MAGIC: usize = 0x08;
-    pub const VERSION: usize = 0x0c;
-    pub const KIND: usize = 0x10;
-    pub const INDEX: usize = 0x14;
-    pub const START: usize = 0x18;
-    pub const SECTORS: usize = 0x20;
-    pub const FLAGS: usize = 0x28;
-    pub const MEM_SIZE: usize = 0x30;
-    pub const BACKEND: usize = 0x40;
-    pub const BACKEND_LEN: usize = 64;
-    pub const SIZE: usize = 0x1000;
-    pub const MAGIC_VALUE: u32 = u32::from_le_bytes(*b"DDCH");
-    pub const VERSION_VALUE: u32 = 1;
-    pub const KIND_BLOCK: u32 = 1;
-}
 
 /// A channel function found in sysfs and bound to `uio_pci_generic`.
 #[derive(Debug, Clone)]
@@ -66,7 +46,8 @@ pub fn find_channels(wait: Duration) -> Result<Vec<ChannelDevice>, String> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            read_trimmed(&p.join("vendor")) == VENDOR && read_trimmed(&p.join("device")) == DEVICE
+            read_trimmed(&p.join("vendor")) == format!("{VENDOR:#06x}")
+                && read_trimmed(&p.join("device")) == format!("{DEVICE:#06x}")
         })
         .collect();
     paths.sort();
@@ -75,7 +56,7 @@ pub fn find_channels(wait: Duration) -> Result<Vec<ChannelDevice>, String> {
     }
     if paths.iter().any(|p| uio_of(p).is_none()) {
         // EEXIST when the id is already registered: fine.
-        let id = format!("{} {}", &VENDOR[2..], &DEVICE[2..]);
+        let id = format!("{VENDOR:04x} {DEVICE:04x}");
         if let Err(e) = OpenOptions::new()
             .write(true)
             .open(NEW_ID)
@@ -179,19 +160,21 @@ impl BarMapping {
     }
 
     /// Volatile 32-bit register read at `offset` (must be in range and aligned).
-    pub fn read32(&self, offset: usize) -> u32 {
+    pub fn read32(&self, offset: u64) -> u32 {
+        let offset = offset as usize;
         assert!(offset % 4 == 0 && offset + 4 <= self.len, "register offset");
         // SAFETY: in bounds and aligned (asserted); the mapping lives as long as `self`.
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(offset).cast::<u32>()) }
     }
 
     /// Volatile 64-bit register read as two 32-bit reads (low first).
-    pub fn read64(&self, offset: usize) -> u64 {
+    pub fn read64(&self, offset: u64) -> u64 {
         u64::from(self.read32(offset)) | (u64::from(self.read32(offset + 4)) << 32)
     }
 
     /// Volatile 32-bit register write.
-    pub fn write32(&self, offset: usize, value: u32) {
+    pub fn write32(&self, offset: u64, value: u32) {
+        let offset = offset as usize;
         assert!(offset % 4 == 0 && offset + 4 <= self.len, "register offset");
         // SAFETY: in bounds and aligned (asserted); the mapping lives as long as `self`.
         unsafe { std::ptr::write_volatile(self.base.as_ptr().add(offset).cast::<u32>(), value) }

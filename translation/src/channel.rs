@@ -1,0 +1,48 @@
+//! The channel device's register block (BAR 0), as both sides see it: the driver VM's VMM
+//! implements it (`ddvmm::devices::channel`), the agent reads it. Version 1.
+//!
+//! All registers are little-endian and read-only except the doorbell. They come from the
+//! daemon's configuration through the driver VM's VMM, never from the client.
+
+/// PCI vendor id (Red Hat's, as used for paravirtual devices; the device id is ours).
+pub const VENDOR: u16 = 0x1b36;
+/// PCI device id of a ddvmm channel.
+pub const DEVICE: u16 = 0x11dd;
+/// Size of the register BAR.
+pub const REGS_SIZE: u64 = 0x1000;
+/// Value of [`regs::MAGIC`]: `"DDCH"`.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"DDCH");
+/// Register layout version.
+pub const VERSION: u32 = 1;
+/// [`regs::KIND`] of a block channel.
+pub const KIND_BLOCK: u32 = 1;
+/// Bit 0 of [`regs::FLAGS`]: the window is read-only.
+pub const FLAG_READ_ONLY: u32 = 1;
+/// Longest backend path, NUL padding included.
+pub const BACKEND_LEN: usize = 64;
+
+/// Register offsets in BAR 0.
+pub mod regs {
+    /// Write any 32-bit value: notify the client (an ioeventfd in the driver VM's VMM).
+    pub const DOORBELL: u64 = 0x00;
+    /// [`super::MAGIC`].
+    pub const MAGIC: u64 = 0x08;
+    /// [`super::VERSION`].
+    pub const VERSION: u64 = 0x0c;
+    /// Channel kind ([`super::KIND_BLOCK`]).
+    pub const KIND: u64 = 0x10;
+    /// Channel index within this driver VM.
+    pub const INDEX: u64 = 0x14;
+    /// First sector of the window on the backend device (u64).
+    pub const START: u64 = 0x18;
+    /// Sectors in the window (u64).
+    pub const SECTORS: u64 = 0x20;
+    /// [`super::FLAG_READ_ONLY`].
+    pub const FLAGS: u64 = 0x28;
+    /// Size in bytes of the channel memory, BAR 2 (u64).
+    pub const MEM_SIZE: u64 = 0x30;
+    /// Backend block device path in the driver VM, NUL-padded ([`super::BACKEND_LEN`] bytes).
+    pub const BACKEND: u64 = 0x40;
+    /// End of the defined registers.
+    pub const END: u64 = BACKEND + super::BACKEND_LEN as u64;
+}
