@@ -391,6 +391,9 @@ fn client_disk(
     if size == 0 {
         return Err(invalid(format!("{key}.size"), "must not be zero"));
     }
+    let Some(end) = offset.checked_add(size) else {
+        return Err(invalid(format!("{key}.size"), "offset + size overflows"));
+    };
     // Emulated devices: the window must fit the backing file.
     if let Some(idx) = virtio_disk_index(&device) {
         let Some(path) = driver.disks.get(idx) else {
@@ -407,7 +410,7 @@ fn client_disk(
         let len = std::fs::File::open(path)
             .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
             .unwrap_or(0);
-        if offset.checked_add(size).is_none_or(|end| end > len) {
+        if end > len {
             return Err(invalid(
                 format!("{key}.size"),
                 format!(

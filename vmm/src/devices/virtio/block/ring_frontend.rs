@@ -384,7 +384,7 @@ fn plan(req: &Request, ctx: &QueueContext) -> Plan {
         .sector
         .checked_mul(SECTOR_SIZE)
         .and_then(|off| off.checked_add(len))
-        .is_some_and(|end| end <= ctx.sectors * SECTOR_SIZE);
+        .is_some_and(|end| end <= ctx.sectors.saturating_mul(SECTOR_SIZE));
     let ring = |op, len: u64| RingRequest {
         id: 0,
         op,
