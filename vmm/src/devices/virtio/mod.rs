@@ -133,3 +133,45 @@ pub trait VirtioDevice: Send {
     /// Stops the device (driver reset); in-flight work is finished or dropped before return.
     fn reset(&mut self);
 }
+
+/// A device's queue thread and the eventfd that tells it to stop.
+pub struct QueueWorker {
+    stop: EventFd,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl QueueWorker {
+    /// Starts thread `name` running `body`, which must return once its stop eventfd (the
+    /// argument) becomes readable.
+    pub fn spawn(
+        name: &str,
+        body: impl FnOnce(EventFd) + Send + 'static,
+    ) -> Result<Self, ActivateError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
+        let stop_worker = stop.try_clone().map_err(ActivateError::Spawn)?;
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(stop_worker))
+            .map_err(ActivateError::Spawn)?;
+        Ok(QueueWorker { stop, thread })
+    }
+
+    /// Signals the thread to stop and waits for it.
+    pub fn stop(self) {
+        let _ = self.stop.write(1);
+        if self.thread.join().is_err() {
+            tracing::error!("a virtio queue thread panicked");
+        }
+    }
+}
+
+/// The one queue of a single-queue device.
+pub fn single_queue(mut queues: Vec<ActiveQueue>) -> Result<ActiveQueue, ActivateError> {
+    if queues.len() != 1 {
+        return Err(ActivateError::QueueCount {
+            expected: 1,
+            got: queues.len(),
+        });
+    }
+    Ok(queues.remove(0))
+}

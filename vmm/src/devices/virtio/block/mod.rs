@@ -14,7 +14,6 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -24,8 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::request::{execute, Completion, Disk, Request, SECTOR_SIZE};
 use super::{
-    ActivateError, ActiveQueue, DeviceFailure, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio device type of a block device.
@@ -152,12 +151,7 @@ fn disk_size(file: &File) -> std::io::Result<u64> {
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<Disk>,
-    worker: Option<Worker>,
-}
-
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<()>,
+    worker: Option<QueueWorker>,
 }
 
 impl Block {
@@ -193,38 +187,23 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         _features: u64,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        let q = single_queue(queues)?;
         self.reset();
-        let q = queues.remove(0);
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
-        let stop_worker = stop.try_clone().map_err(ActivateError::Spawn)?;
         let disk = self.disk.clone();
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                if let Err(e) = run_queue(q, mem, disk, stop_worker, failure.as_ref()) {
-                    failure.needs_reset(&e);
-                }
-            })
-            .map_err(ActivateError::Spawn)?;
-        self.worker = Some(Worker { stop, thread });
+        self.worker = Some(QueueWorker::spawn("virtio-blk", move |stop| {
+            if let Err(e) = run_queue(q, mem, disk, stop, failure.as_ref()) {
+                failure.needs_reset(&e);
+            }
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
-                tracing::error!("virtio-blk queue thread panicked");
-            }
+            w.stop();
         }
     }
 }

@@ -25,7 +25,6 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use ddvmm_translation::ring::{
     ClientRing, ClientStats, Opcode, RawRegion, Request as RingRequest, RingError, RingParams,
@@ -42,7 +41,9 @@ use super::request::{
     VIRTIO_BLK_S_UNSUPP,
 };
 use super::{features, pop_requests, publish_used, read_config, DEVICE_TYPE, QUEUE_SIZE};
-use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker, VirtioDevice,
+};
 use crate::machine::ChannelFds;
 
 /// Largest data segment a guest may put in one descriptor.
@@ -133,7 +134,7 @@ pub struct RingBlock {
     id: [u8; ID_BYTES],
     state: Arc<Mutex<Option<Frontend>>>,
     stats: Arc<RingDiskStats>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<QueueWorker>,
 }
 
 impl RingBlock {
@@ -211,53 +212,38 @@ impl VirtioDevice for RingBlock {
         &mut self,
         mem: GuestMemoryMmap,
         _features: u64,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        let q = single_queue(queues)?;
         self.reset();
-        let q = queues.remove(0);
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
         let ctx = QueueContext {
             mem,
             kick: self.fds.kick.clone(),
             doorbell: self.fds.doorbell.clone(),
-            stop: stop.try_clone().map_err(ActivateError::Spawn)?,
             sectors: self.sectors,
             read_only: self.read_only,
             id: self.id,
             stats: self.stats.clone(),
         };
         let state = self.state.clone();
-        let thread = std::thread::Builder::new()
-            .name("ring-blk".into())
-            .spawn(move || {
-                let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(fe) = guard.as_mut() else { return };
-                if let Err(e) = run_queue(fe, q, &ctx, failure.as_ref()) {
-                    failure.needs_reset(&e);
-                }
-                // Whatever is still outstanding belongs to this activation's queue.
-                for slot in fe.journal.values_mut() {
-                    *slot = None;
-                }
-            })
-            .map_err(ActivateError::Spawn)?;
-        self.worker = Some((stop, thread));
+        self.worker = Some(QueueWorker::spawn("ring-blk", move |stop| {
+            let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(fe) = guard.as_mut() else { return };
+            if let Err(e) = run_queue(fe, q, &ctx, &stop, failure.as_ref()) {
+                failure.needs_reset(&e);
+            }
+            // Whatever is still outstanding belongs to this activation's queue.
+            for slot in fe.journal.values_mut() {
+                *slot = None;
+            }
+        })?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((stop, thread)) = self.worker.take() {
-            let _ = stop.write(1);
-            if thread.join().is_err() {
-                tracing::error!("ring-blk queue thread panicked");
-            }
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
     }
 }
@@ -272,7 +258,6 @@ struct QueueContext {
     mem: GuestMemoryMmap,
     kick: Arc<EventFd>,
     doorbell: Arc<EventFd>,
-    stop: EventFd,
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
@@ -302,6 +287,7 @@ fn run_queue(
     fe: &mut Frontend,
     active: ActiveQueue,
     ctx: &QueueContext,
+    stop: &EventFd,
     failure: &dyn DeviceFailure,
 ) -> Result<(), String> {
     let ActiveQueue {
@@ -313,7 +299,7 @@ fn run_queue(
     for (fd, token) in [
         (notify.as_raw_fd(), TOKEN_NOTIFY),
         (ctx.doorbell.as_raw_fd(), TOKEN_DOORBELL),
-        (ctx.stop.as_raw_fd(), TOKEN_STOP),
+        (stop.as_raw_fd(), TOKEN_STOP),
     ] {
         epoll
             .ctl(
@@ -567,6 +553,7 @@ mod tests {
     use crate::devices::pci::msix::Msix;
     use crate::memory::create_memfd;
     use ddvmm_translation::ring::{AgentRing, Completion, RawCompletion};
+    use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
     use virtio_queue::desc::{split::Descriptor as D, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
