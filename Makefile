@@ -59,7 +59,7 @@ bench-io: deps images build
 	    --program iperf3=/usr/bin/iperf3 \
 	    --host-file /usr/share/qemu/bios-microvm.bin \
 	    --host-file /usr/share/qemu/linuxboot_dma.bin \
-	    --guest-script bench/guest-io-net.sh \
+	    --guest-script bench/guest-blk.sh --guest-script bench/guest-io-net.sh \
 	    bench/io-net.sh
 
 # Block I/O through a driver VM vs ddvmm's direct virtio-blk: same guest, fio jobs and backing

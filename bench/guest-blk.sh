@@ -1,5 +1,6 @@
-# Runs inside the block benchmark guest (client image, ddvmm.action=run-script): fio on
-# /dev/vda, RUNS times, one line per run and metric:  RESULT <metric> <value>
+# Runs inside a benchmark guest (client image, ddvmm.action=run-script) for `make bench-io` and
+# `make bench-driver`: fio on /dev/vda, RUNS times, one line per run and metric:
+#   RESULT <metric> <value>
 RUNS=3
 job() { # name rw bs iodepth
     fio --name="$1" --filename=/dev/vda --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \

@@ -1,24 +1,11 @@
-# Runs inside the benchmark guest (client image, ddvmm.action=run-script): fio on /dev/vda and
-# an iperf3 TCP stream to the host end of the TAP, each RUNS times, one RESULT line per run:
-#   RESULT <metric> <value>
+# Runs inside the benchmark guest after bench/guest-blk.sh (the fio jobs; `make bench-io`
+# passes both): an iperf3 TCP stream to the host end of the TAP, RUNS times, one line per run:
+#   RESULT tcp-mbits <value>
 RUNS=3
 ip addr add 10.77.0.2/24 dev eth0
 ip link set eth0 up
-job() { # name rw bs iodepth
-    fio --name="$1" --filename=/dev/vda --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \
-        --iodepth="$4" --size=192M --runtime=4 --ramp_time=1 --time_based --minimal \
-        > /tmp/fio.out 2>&1 || { echo "FIO-FAILED $1"; cat /tmp/fio.out; return; }
-    # Terse v3: field 8 = read IOPS, 7 = read KiB/s, 49 = write IOPS, 48 = write KiB/s.
-    awk -F';' -v n="$1" '{ printf "RESULT %s-iops %d\nRESULT %s-kibs %d\n", n, $8 + $49, n, $7 + $48 }' /tmp/fio.out
-}
 i=1
 while [ $i -le $RUNS ]; do
-    job randread-4k-qd1 randread 4k 1
-    job randread-4k-qd32 randread 4k 32
-    job randwrite-4k-qd1 randwrite 4k 1
-    job randwrite-4k-qd32 randwrite 4k 32
-    job read-128k-seq read 128k 8
-    job write-128k-seq write 128k 8
     iperf3 -c 10.77.0.1 -t 4 -O 1 -f m > /tmp/ip.out 2>&1
     grep -q sender /tmp/ip.out || { echo "IPERF-FAILED"; cat /tmp/ip.out; }
     awk '/sender/ { print "RESULT tcp-mbits", $7 }' /tmp/ip.out

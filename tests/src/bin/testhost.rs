@@ -28,9 +28,10 @@ struct Args {
     #[arg(long = "host-file", value_name = "PATH")]
     host_files: Vec<PathBuf>,
     /// A script for the benchmark guest: appended to the client image as `/script.sh` and
-    /// made available to the host script as `$WORK/guest.img`.
-    #[arg(long)]
-    guest_script: Option<PathBuf>,
+    /// made available to the host script as `$WORK/guest.img`. Repeatable: the scripts run
+    /// one after the other.
+    #[arg(long = "guest-script", value_name = "PATH")]
+    guest_scripts: Vec<PathBuf>,
     /// Also provide the driver-VM image (`make driver-image`) as `$WORK/driver.img`.
     #[arg(long)]
     driver_image: bool,
@@ -69,14 +70,24 @@ fn main() -> ExitCode {
     for f in &args.host_files {
         host = host.host_file(f.clone());
     }
-    if let Some(path) = &args.guest_script {
-        let initrd = std::fs::read_to_string(path)
-            .map_err(|e| e.to_string())
-            .and_then(|s| ddvmm_tests::client_initrd_with_script(&s).map_err(|e| e.to_string()));
-        match initrd {
+    if !args.guest_scripts.is_empty() {
+        let mut script = String::new();
+        for path in &args.guest_scripts {
+            match std::fs::read_to_string(path) {
+                Ok(s) => {
+                    script.push_str(&s);
+                    script.push('\n');
+                }
+                Err(e) => {
+                    eprintln!("testhost: guest script {}: {e}", path.display());
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        match ddvmm_tests::client_initrd_with_script(&script) {
             Ok(img) => host = host.file("guest.img", img, 0o644),
             Err(e) => {
-                eprintln!("testhost: guest script {}: {e}", path.display());
+                eprintln!("testhost: guest image: {e}");
                 return ExitCode::from(1);
             }
         }
