@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
@@ -111,7 +111,7 @@ async fn connection(
     shutdown: &Notify,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read.take(u64::MAX));
+    let mut lines = BufReader::new(read);
     let mut buf = String::new();
     loop {
         buf.clear();
@@ -137,5 +137,3 @@ async fn connection(
         write.write_all(out.as_bytes()).await?;
     }
 }
-
-use tokio::io::AsyncReadExt as _;
