@@ -21,6 +21,20 @@ pub const FLAG_READ_ONLY: u32 = 1;
 /// Longest backend path, NUL padding included.
 pub const BACKEND_LEN: usize = 64;
 
+/// Values of [`regs::FAULT`]: what the agent must do to its own driver VM.
+pub mod fault {
+    /// Nothing requested.
+    pub const NONE: u32 = 0;
+    /// Panic the driver VM's kernel (`sysrq c`).
+    pub const PANIC: u32 = 1;
+    /// Stop serving and stop the heartbeat, forever.
+    pub const HANG: u32 = 2;
+    /// Publish garbage into the completion ring.
+    pub const CORRUPT: u32 = 3;
+    /// Reboot the driver VM's kernel at once (`sysrq b`).
+    pub const RESET: u32 = 4;
+}
+
 /// Register offsets in BAR 0.
 pub mod regs {
     /// Write any 32-bit value: notify the client (an ioeventfd in the driver VM's VMM).
@@ -41,6 +55,9 @@ pub mod regs {
     pub const FLAGS: u64 = 0x28;
     /// Size in bytes of the channel memory, BAR 2 (u64).
     pub const MEM_SIZE: u64 = 0x30;
+    /// Fault request (u32, read clears it): one of the [`super::fault`] codes, set by the
+    /// daemon through the driver VM's VMM to make the agent fail on purpose (fault injection).
+    pub const FAULT: u64 = 0x38;
     /// Backend block device path in the driver VM, NUL-padded ([`super::BACKEND_LEN`] bytes).
     pub const BACKEND: u64 = 0x40;
     /// End of the defined registers.

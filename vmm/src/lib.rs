@@ -10,10 +10,12 @@
 //! - [`kvm`] opens and checks `/dev/kvm`.
 //! - [`daemon`] supervises driver and client VMs (config, API, channels).
 //! - [`stats_page`] carries a VMM's device counters to the daemon.
+//! - [`control`] is the daemon's command line to each VMM (replay, quarantine, fault injection).
 //! - [`handoff`] passes channel descriptors from the daemon to VMM processes.
 //! - [`units`] parses sizes given on the command line.
 
 pub mod arch;
+pub mod control;
 pub mod daemon;
 pub mod devices;
 pub mod exit;

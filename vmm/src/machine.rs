@@ -4,8 +4,9 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,7 +31,9 @@ use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
-use crate::devices::virtio::block::ring_frontend::{RingBlock, RingDiskError, RingDiskStats};
+use crate::devices::virtio::block::ring_frontend::{
+    RingBlock, RingControl, RingDiskError, RingDiskStats,
+};
 use crate::devices::virtio::block::{open_disk, Block, BlockError};
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::net::Net;
@@ -39,7 +42,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu::{self, Vcpu};
+use crate::vcpu::{self, Vcpu, VcpuInjection};
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +286,28 @@ pub struct Machine {
     exit_rx: Receiver<GuestExit>,
     stop: Arc<AtomicBool>,
     ring_stats: Vec<Arc<RingDiskStats>>,
+    ring_controls: Vec<Arc<RingControl>>,
+    faults: Arc<FaultInjector>,
+}
+
+/// Ways to make a running machine fail on purpose (the daemon's fault injection).
+#[derive(Debug, Default)]
+pub struct FaultInjector {
+    /// The boot vCPU.
+    pub vcpu: Arc<VcpuInjection>,
+    /// Each channel device's fault request register.
+    pub channels: Vec<Arc<AtomicU32>>,
+}
+
+impl FaultInjector {
+    /// Asks the agent behind every channel to fail with `code` (see
+    /// `ddvmm_translation::channel::fault`). False if the machine has no channel.
+    pub fn request_agent_fault(&self, code: u32) -> bool {
+        for c in &self.channels {
+            c.store(code, Ordering::Release);
+        }
+        !self.channels.is_empty()
+    }
 }
 
 impl Machine {
@@ -317,6 +342,7 @@ impl Machine {
         // Open disks before creating the VM: a bad path is a user error, reported first.
         let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
         let mut ring_stats = Vec::new();
+        let mut ring_controls = Vec::new();
         for d in &cfg.disks {
             let disk = open_disk(&d.path, d.read_only)?;
             devices.push((d.path.display().to_string(), Box::new(Block::new(disk))));
@@ -324,6 +350,7 @@ impl Machine {
         for (i, r) in cfg.ring_disks.iter().enumerate() {
             let dev = RingBlock::new(r.fds.clone(), r.sectors, r.read_only, &r.id, r.generation)?;
             ring_stats.push(dev.stats());
+            ring_controls.push(dev.control());
             devices.push((format!("ring disk {i}"), Box::new(dev)));
         }
         for n in &cfg.nets {
@@ -344,9 +371,12 @@ impl Machine {
             pci.add_virtio(&ram, &router, label, device, &mut mmio_bus)?;
         }
         let mut channels = Vec::new();
+        let mut faults = FaultInjector::default();
         for c in &cfg.channels {
             let slot = ram.memory().num_regions() as u32 + channels.len() as u32;
-            channels.push(pci.add_channel(&vm, slot, c, &mut mmio_bus)?);
+            let (map, resample, fault) = pci.add_channel(&vm, slot, c, &mut mmio_bus)?;
+            channels.push((map, resample));
+            faults.channels.push(fault);
         }
         io_bus.insert(pci.finish(), u64::from(PCI_CONFIG_IO), 8)?;
 
@@ -383,6 +413,8 @@ impl Machine {
             exit_rx,
             stop,
             ring_stats,
+            ring_controls,
+            faults: Arc::new(faults),
         })
     }
 
@@ -394,6 +426,16 @@ impl Machine {
     /// Live counters of the ring disks, in configuration order.
     pub fn ring_disk_stats(&self) -> &[Arc<RingDiskStats>] {
         &self.ring_stats
+    }
+
+    /// Control of the ring disks (replay, quarantine), in configuration order.
+    pub fn ring_disk_controls(&self) -> &[Arc<RingControl>] {
+        &self.ring_controls
+    }
+
+    /// Fault injection handles (usable from any thread while the machine runs).
+    pub fn fault_injector(&self) -> Arc<FaultInjector> {
+        self.faults.clone()
     }
 
     /// Places an extra device on the MMIO bus (before [`Self::run`]).
@@ -419,18 +461,23 @@ impl Machine {
                 mmio_bus: self.mmio_bus.clone(),
                 exits: self.exits.clone(),
                 stop: self.stop.clone(),
+                inject: (index == 0).then(|| self.faults.vcpu.clone()),
             };
             let name = format!("vcpu{index}");
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || v.run())
                 .map_err(|e| MachineError::Sys("spawning a vCPU thread", e))?;
+            if index == 0 {
+                self.faults.vcpu.set_thread(Some(handle.as_pthread_t()));
+            }
             threads.push(handle);
         }
         if threads.is_empty() {
             return Err(MachineError::AlreadyRan);
         }
         let exit = self.recv_exit(&threads);
+        self.faults.vcpu.set_thread(None);
         stop_vcpus(&self.stop, threads);
         exit
     }
@@ -672,7 +719,7 @@ impl PciBuilder {
         mem_slot: u32,
         c: &ChannelConfig,
         mmio_bus: &mut Bus,
-    ) -> Result<(MmapRegion, EventFd), MachineError> {
+    ) -> Result<(MmapRegion, EventFd, Arc<AtomicU32>), MachineError> {
         let label = format!("channel {}", c.info.index);
         let size = c
             .fds
@@ -681,6 +728,7 @@ impl PciBuilder {
         let regs_addr = self.alloc_bar(channel::REGS_SIZE, &label)?;
         let mem_addr = self.alloc_bar(size.max(0x1000).next_power_of_two(), &label)?;
         let dev = ChannelDevice::new(&c.info, regs_addr, mem_addr, size)?;
+        let fault = dev.fault_request();
         let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
         let slot = self.add(dev.clone(), &label)?;
         mmio_bus.insert(
@@ -726,7 +774,7 @@ impl PciBuilder {
             backend = %c.info.backend,
             "channel device"
         );
-        Ok((map, resample))
+        Ok((map, resample, fault))
     }
 
     fn finish(self) -> SharedDevice {

@@ -71,6 +71,37 @@ enum CtlOp {
     },
     /// Stop every VM (clients first) and end the daemon.
     Shutdown,
+    /// Inject a fault into a driver VM: panic, hang, kill, triple-fault, corrupt, reset.
+    Inject {
+        /// Driver VM name.
+        vm: String,
+        /// Fault kind.
+        fault: String,
+    },
+    /// Inject many faults of mixed kinds at random intervals; waits for every recovery.
+    Campaign {
+        /// Driver VM name.
+        vm: String,
+        /// Number of faults.
+        #[arg(long, default_value_t = 20)]
+        faults: u32,
+        /// Kinds to use (comma-separated; default: all).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Shortest pause after a recovery before the next fault.
+        #[arg(long, default_value_t = 0)]
+        min_interval_ms: u64,
+        /// Longest pause.
+        #[arg(long, default_value_t = 2000)]
+        max_interval_ms: u64,
+        /// Seed of the kind order and pauses.
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+    },
+    /// Every fault the daemon saw: detection path, latency, outage, replays.
+    Events,
+    /// The daemon's counters in the Prometheus text format.
+    Metrics,
 }
 
 fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
@@ -80,9 +111,28 @@ fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
         CtlOp::Start { vm } => serde_json::json!({"op": "start", "vm": vm}),
         CtlOp::Stop { vm } => serde_json::json!({"op": "stop", "vm": vm}),
         CtlOp::Shutdown => serde_json::json!({"op": "shutdown"}),
+        CtlOp::Inject { vm, fault } => {
+            serde_json::json!({"op": "inject", "vm": vm, "fault": fault})
+        }
+        CtlOp::Campaign {
+            vm,
+            faults,
+            kinds,
+            min_interval_ms,
+            max_interval_ms,
+            seed,
+        } => serde_json::json!({
+            "op": "campaign", "vm": vm, "faults": faults, "kinds": kinds,
+            "min_interval_ms": min_interval_ms, "max_interval_ms": max_interval_ms, "seed": seed,
+        }),
+        CtlOp::Events => serde_json::json!({"op": "events"}),
+        CtlOp::Metrics => serde_json::json!({"op": "metrics"}),
     };
     let reply = ddvmm::daemon::client::call(socket, &req)?;
-    println!("{}", serde_json::to_string_pretty(&reply)?);
+    match reply["text"].as_str() {
+        Some(text) if reply["ok"] == true => print!("{text}"),
+        _ => println!("{}", serde_json::to_string_pretty(&reply)?),
+    }
     Ok(reply["ok"] == true)
 }
 
@@ -134,6 +184,9 @@ struct RunArgs {
     /// A stats page (memfd inherited from the daemon) to publish device counters into.
     #[arg(long, value_name = "FD")]
     stats_fd: Option<i32>,
+    /// The daemon's control socket (inherited): replay, quarantine, fault injection.
+    #[arg(long, value_name = "FD")]
+    control_fd: Option<i32>,
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -202,9 +255,25 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
             StatsWriter::new(file).context("--stats-fd")
         })
         .transpose()?;
+    let control = args
+        .control_fd
+        .map(|fd| {
+            adopter
+                .adopt(fd)
+                .map(std::os::unix::net::UnixStream::from)
+                .context("--control-fd")
+        })
+        .transpose()?;
     let mut machine = Machine::build(&cfg)?;
     if let Some(writer) = stats {
         spawn_stats_publisher(writer, machine.ring_disk_stats().to_vec());
+    }
+    if let Some(stream) = control {
+        let targets = ddvmm::control::ControlTargets {
+            rings: machine.ring_disk_controls().to_vec(),
+            faults: machine.fault_injector(),
+        };
+        ddvmm::control::spawn_server(stream, targets).context("starting the control thread")?;
     }
     let exit = machine.run()?;
     log_vmm_memory();

@@ -5,7 +5,8 @@
 //! [`kick_signal`] until it exits; the signal interrupts `KVM_RUN` with `EINTR`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -27,6 +28,45 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), noop_handler)
 }
 
+/// Fault injection into a running vCPU (the boot vCPU): requests from other threads, applied
+/// by the vCPU thread itself between two `KVM_RUN`s.
+#[derive(Debug, Default)]
+pub struct VcpuInjection {
+    triple_fault: AtomicBool,
+    /// The vCPU thread while it runs (cleared before it is joined).
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+impl VcpuInjection {
+    /// Records the thread to kick.
+    pub fn set_thread(&self, thread: Option<libc::pthread_t>) {
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = thread;
+    }
+
+    /// Makes the guest triple-fault: the vCPU thread empties the IDT and injects an NMI, which
+    /// the CPU can then deliver through neither the NMI, #GP nor #DF vector, so KVM reports a
+    /// shutdown exactly as for a guest that broke its own IDT. Returns whether the vCPU took
+    /// the request within `wait`.
+    pub fn triple_fault(&self, wait: Duration) -> bool {
+        self.triple_fault.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            {
+                let g = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(t) = *g else { return false };
+                // SAFETY: `t` is a live vCPU thread: the machine clears this slot (under the
+                // same lock) before it joins the thread, so the id cannot have been reused.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            if !self.triple_fault.load(Ordering::Acquire) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// Everything a vCPU thread owns.
 pub struct Vcpu {
     /// vCPU index (also its APIC id).
@@ -41,6 +81,8 @@ pub struct Vcpu {
     pub exits: ExitNotifier,
     /// Set by the machine when all vCPUs must stop.
     pub stop: Arc<AtomicBool>,
+    /// Fault injection requests (the boot vCPU only).
+    pub inject: Option<Arc<VcpuInjection>>,
 }
 
 /// What one `KVM_RUN` exit means for the loop.
@@ -54,6 +96,11 @@ impl Vcpu {
     pub fn run(mut self) {
         tracing::debug!(vcpu = self.index, "vCPU thread running");
         while !self.stop.load(Ordering::Acquire) {
+            if let Some(i) = &self.inject {
+                if i.triple_fault.swap(false, Ordering::AcqRel) {
+                    self.break_idt();
+                }
+            }
             match self.run_once() {
                 Step::Continue => {}
                 Step::Exit(exit) => {
@@ -133,6 +180,20 @@ impl Vcpu {
                 Step::Continue
             }
             Err(e) => self.crash(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// Fault injection: an empty IDT plus a pending NMI, so the next event triple-faults.
+    fn break_idt(&mut self) {
+        let result = self.fd.get_sregs().and_then(|mut s| {
+            s.idt.base = 0;
+            s.idt.limit = 0;
+            self.fd.set_sregs(&s)?;
+            self.fd.nmi()
+        });
+        match result {
+            Ok(()) => tracing::warn!(vcpu = self.index, "fault injection: IDT emptied, NMI sent"),
+            Err(e) => tracing::error!(vcpu = self.index, error = %e, "fault injection failed"),
         }
     }
 

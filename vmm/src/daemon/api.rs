@@ -8,6 +8,10 @@
 //! | `{"op":"start","vm":"NAME"}`         | `{"ok":true}`                              |
 //! | `{"op":"stop","vm":"NAME"}`          | `{"ok":true}` once the VM is gone          |
 //! | `{"op":"shutdown"}`                  | `{"ok":true}`, then the daemon stops all   |
+//! | `{"op":"inject","vm":"DRV","fault":"panic"}` | `{"ok":true}` once injected (kinds: `panic`, `hang`, `kill`, `triple-fault`, `corrupt`, `reset`) |
+//! | `{"op":"campaign","vm":"DRV","faults":N,"kinds":[..],"min_interval_ms":A,"max_interval_ms":B,"seed":S}` | `{"ok":true,"events":[..]}` when all N faults are recovered (all fields but `vm`, `faults` optional) |
+//! | `{"op":"events"}`                    | `{"ok":true,"events":[..]}`: every fault, detection, outage |
+//! | `{"op":"metrics"}`                   | `{"ok":true,"text":"<Prometheus text>"}`   |
 //!
 //! Errors: `{"ok":false,"error":"..."}` (unknown operation, bad JSON, unknown VM, ...); the
 //! connection stays usable and the daemon stays up. Lines longer than 64 KiB are refused.
@@ -20,6 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use super::supervisor::Supervisor;
+use crate::control::FaultKind;
 
 /// Longest request line.
 const MAX_LINE: usize = 64 * 1024;
@@ -29,6 +34,19 @@ const MAX_LINE: usize = 64 * 1024;
 struct Request {
     op: String,
     vm: Option<String>,
+    fault: Option<String>,
+    faults: Option<u32>,
+    kinds: Option<Vec<String>>,
+    min_interval_ms: Option<u64>,
+    max_interval_ms: Option<u64>,
+    seed: Option<u64>,
+}
+
+fn fault_kind(s: &str) -> Result<FaultKind, String> {
+    FaultKind::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown fault '{s}' (expected one of {})", names.join(", "))
+    })
 }
 
 /// Answers one request line.
@@ -51,7 +69,7 @@ pub async fn handle_line(
         "list" => serde_json::json!({ "ok": true, "vms": sup.list() }),
         "stats" => serde_json::json!({ "ok": true, "stats": sup.stats() }),
         "start" => match need_vm() {
-            Ok(vm) => match sup.start(&vm) {
+            Ok(vm) => match sup.start_vm(&vm).await {
                 Ok(()) => serde_json::json!({ "ok": true }),
                 Err(e) => fail(error_chain(&e)),
             },
@@ -68,8 +86,51 @@ pub async fn handle_line(
             shutdown.notify_one();
             serde_json::json!({ "ok": true })
         }
+        "inject" => {
+            let args = need_vm().and_then(|vm| {
+                let f = req.fault.as_deref().ok_or("'inject' needs \"fault\"")?;
+                Ok((vm, fault_kind(f)?))
+            });
+            match args {
+                Ok((vm, kind)) => match sup.inject(&vm, kind).await {
+                    Ok(()) => serde_json::json!({ "ok": true }),
+                    Err(e) => fail(error_chain(&e)),
+                },
+                Err(e) => fail(e),
+            }
+        }
+        "campaign" => {
+            let args = need_vm().and_then(|vm| {
+                let n = req.faults.ok_or("'campaign' needs \"faults\"")?;
+                let kinds = req
+                    .kinds
+                    .iter()
+                    .flatten()
+                    .map(|k| fault_kind(k))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let lo = req.min_interval_ms.unwrap_or(0);
+                let hi = req.max_interval_ms.unwrap_or(lo.max(2000));
+                if lo > hi {
+                    return Err("min_interval_ms exceeds max_interval_ms".to_string());
+                }
+                Ok((vm, n, kinds, (lo, hi)))
+            });
+            match args {
+                Ok((vm, n, kinds, interval)) => {
+                    let seed = req.seed.unwrap_or(0x5eed);
+                    match sup.campaign(&vm, n, &kinds, interval, seed).await {
+                        Ok(events) => serde_json::json!({ "ok": true, "events": events }),
+                        Err(e) => fail(error_chain(&e)),
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
+        "events" => serde_json::json!({ "ok": true, "events": sup.events() }),
+        "metrics" => serde_json::json!({ "ok": true, "text": sup.metrics_text() }),
         other => fail(format!(
-            "unknown op '{other}' (expected list, stats, start, stop, shutdown)"
+            "unknown op '{other}' (expected list, stats, start, stop, shutdown, inject, \
+             campaign, events, metrics)"
         )),
     }
 }

@@ -33,9 +33,14 @@ pub fn call(socket: &Path, request: &serde_json::Value) -> Result<serde_json::Va
         path: socket.display().to_string(),
         source,
     })?;
-    // `stop` waits for the VM to go (bounded by the daemon's SIGKILL grace).
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(ClientError::Io)?;
+    // `stop` waits for the VM to go (bounded by the daemon's SIGKILL grace); a campaign
+    // waits for every recovery it causes, bounded by the daemon's own timeouts.
+    let timeout = if request["op"] == "campaign" {
+        None
+    } else {
+        Some(Duration::from_secs(60))
+    };
+    s.set_read_timeout(timeout).map_err(ClientError::Io)?;
     let mut line = request.to_string();
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(ClientError::Io)?;

@@ -28,7 +28,22 @@
 //! offset = "0M"                     # window start on that device
 //! size = "64M"                      # window size; the client sees a disk of this size
 //! read_only = false
+//!
+//! [recovery]                        # optional; every key has a default (shown)
+//! enabled = true                    # restart driver VMs that fault
+//! heartbeat_timeout_ms = 5000       # agent heartbeat older than this: hang
+//! progress_timeout_ms = 15000       # requests outstanding, none completed for this long: hang
+//! boot_timeout_ms = 300000          # a (re)started driver VM's agent must be ready by then
+//! backoff_initial_ms = 100          # delay before the first restart of a series, doubled per
+//! backoff_max_ms = 10000            #   further fault, capped
+//! max_restarts = 10                 # more restarts than this within
+//! restart_window_s = 300            #   this window: quarantine the driver VM
+//! poison_after = 3                  # a request in flight at this many crashes in a row fails alone
+//! restart_on_corrupt = true         # garbage completions count as a fault
 //! ```
+//!
+//! `[api] metrics_listen = "127.0.0.1:9464"` (optional) also serves the Prometheus metrics over
+//! HTTP on that address.
 //!
 //! Relative paths are relative to the configuration file's directory.
 
@@ -91,12 +106,81 @@ struct RawConfig {
     driver: Vec<RawVm>,
     #[serde(default)]
     client: Vec<RawVm>,
+    #[serde(default)]
+    recovery: RecoveryConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
     socket: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// How the daemon detects driver VM faults and restarts them (`[recovery]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Restart faulted driver VMs at all.
+    pub enabled: bool,
+    /// Agent heartbeat age that counts as a hang.
+    pub heartbeat_timeout_ms: u64,
+    /// Time with requests outstanding and none completed that counts as a hang.
+    pub progress_timeout_ms: u64,
+    /// Time a started driver VM has to get its agents ready.
+    pub boot_timeout_ms: u64,
+    /// Delay before the first restart of a series.
+    pub backoff_initial_ms: u64,
+    /// Longest delay before a restart.
+    pub backoff_max_ms: u64,
+    /// Restarts allowed within the window before quarantine.
+    pub max_restarts: u32,
+    /// The window.
+    pub restart_window_s: u64,
+    /// Consecutive crashes after which an in-flight request is poison (0: never).
+    pub poison_after: u32,
+    /// Treat garbage completions as a fault.
+    pub restart_on_corrupt: bool,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            enabled: true,
+            heartbeat_timeout_ms: 5000,
+            progress_timeout_ms: 15000,
+            boot_timeout_ms: 300_000,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 10_000,
+            max_restarts: 10,
+            restart_window_s: 300,
+            poison_after: 3,
+            restart_on_corrupt: true,
+        }
+    }
+}
+
+impl RecoveryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("heartbeat_timeout_ms", self.heartbeat_timeout_ms),
+            ("progress_timeout_ms", self.progress_timeout_ms),
+            ("boot_timeout_ms", self.boot_timeout_ms),
+            ("restart_window_s", self.restart_window_s),
+            ("max_restarts", u64::from(self.max_restarts)),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("recovery.{key}"), "must be at least 1"));
+            }
+        }
+        if self.backoff_initial_ms > self.backoff_max_ms {
+            return Err(invalid(
+                "recovery.backoff_initial_ms",
+                "must not exceed recovery.backoff_max_ms",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +269,10 @@ pub struct SystemConfig {
     pub drivers: Vec<VmConfig>,
     /// Client VMs, in file order.
     pub clients: Vec<VmConfig>,
+    /// Fault detection and restart policy.
+    pub recovery: RecoveryConfig,
+    /// Also serve metrics over HTTP here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl SystemConfig {
@@ -245,10 +333,13 @@ impl SystemConfig {
             clients.push(vm);
         }
         check_overlaps(&clients)?;
+        raw.recovery.validate()?;
         Ok(SystemConfig {
             socket: raw.api.socket.map_or(default_socket, |p| abs(&p)),
             drivers,
             clients,
+            recovery: raw.recovery,
+            metrics_listen: raw.api.metrics_listen,
         })
     }
 
@@ -571,6 +662,20 @@ disks = ["pool.img"]
         assert!(e.contains("client[0].disk[0].size"), "{e}");
         let e = err(&dir, "[[driver]\nname=");
         assert!(!e.is_empty());
+        let e = err(&dir, &format!("{base}[recovery]\nmax_restarts = 0\n"));
+        assert!(e.contains("recovery.max_restarts"), "{e}");
+        let e = err(
+            &dir,
+            &format!("{base}[recovery]\nbackoff_initial_ms = 9\nbackoff_max_ms = 1\n"),
+        );
+        assert!(e.contains("recovery.backoff_initial_ms"), "{e}");
+        let e = err(&dir, &format!("{base}[recovery]\nrestart_after = 1\n"));
+        assert!(e.contains("restart_after"), "{e}");
+        let e = err(
+            &dir,
+            &format!("[api]\nmetrics_listen = \"nowhere\"\n{base}"),
+        );
+        assert!(e.contains("metrics_listen") || e.contains("address"), "{e}");
     }
 
     #[test]

@@ -4,11 +4,15 @@
 //!
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`supervisor`]: channels, VMM processes, their states.
+//! - [`recovery`]: driver VM fault detection, restart and replay, policy, fault injection.
+//! - [`metrics`]: the counters in Prometheus text format.
 //! - [`api`]: the line protocol on the Unix socket; [`client`] talks it.
 
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod metrics;
+pub mod recovery;
 pub mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +76,16 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let sup = Supervisor::new(&cfg, exe, state_dir.clone())?;
     let shutdown = Arc::new(Notify::new());
     let api = tokio::spawn(api::serve(listener, sup.clone(), shutdown.clone()));
+    let metrics_http = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(io_err(
+                "cannot listen for metrics on",
+                Path::new(&addr.to_string()),
+            ))?;
+            Some(tokio::spawn(metrics::serve_http(l, sup.clone())))
+        }
+        None => None,
+    };
     tracing::info!(socket = %socket.display(), state = %state_dir.display(), "daemon up");
     if let Err(e) = sup.start_all() {
         tracing::error!(error = %e, "start-up failed; stopping what started");
@@ -80,6 +94,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         let _ = std::fs::remove_file(&socket);
         return Err(e.into());
     }
+    sup.spawn_watchers();
     let mut term =
         signal(SignalKind::terminate()).map_err(io_err("signal handler", Path::new("SIGTERM")))?;
     let mut int =
@@ -91,6 +106,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
     sup.stop_all().await;
     api.abort();
+    if let Some(h) = metrics_http {
+        h.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("daemon stopped");
     Ok(())

@@ -3,8 +3,10 @@
 //! The daemon owns every channel's resources (memfd, kick and doorbell eventfds) so that they
 //! outlive any one VMM process, and hands them to the two processes of the channel by
 //! inheritance ([`crate::handoff`]). Each child is a `ddvmm run` of this very binary, with
-//! `PR_SET_PDEATHSIG` so a daemon that dies takes its VMs with it (no orphans). A child's
-//! exit, for whatever reason, only changes that VM's state: the daemon stays up.
+//! `PR_SET_PDEATHSIG` so a daemon that dies takes its VMs with it (no orphans), and a control
+//! socket ([`crate::control`]) the daemon uses to replay, quarantine and inject faults. A
+//! child's exit only changes that VM's state, except that a driver VM's unexpected exit is a
+//! fault handled by [`super::recovery`]: the daemon stays up.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -14,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ddvmm_translation::ring::offsets as ring_offsets;
 use serde::Serialize;
@@ -22,7 +24,9 @@ use thiserror::Error;
 use tokio::sync::watch;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{Role, SystemConfig, VmConfig};
+use super::config::{RecoveryConfig, Role, SystemConfig, VmConfig};
+use super::recovery::{Detection, FaultBook};
+use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
 use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
 use crate::memory::create_memfd;
 use crate::stats_page;
@@ -51,6 +55,24 @@ pub enum SupervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// The operation needs a driver VM.
+    #[error("VM '{0}' is not a driver VM")]
+    NotDriver(String),
+    /// The driver VM is being recovered or is quarantined.
+    #[error("driver VM '{0}' is {1}")]
+    Busy(String, &'static str),
+    /// The VMM process refused or failed a control request.
+    #[error("VM '{name}' control")]
+    Control {
+        /// VM.
+        name: String,
+        /// Cause.
+        #[source]
+        source: ControlError,
+    },
+    /// A wait ran out.
+    #[error("{0}")]
+    Timeout(String),
     /// The VMM process could not be started.
     #[error("cannot start VM '{name}'")]
     Spawn {
@@ -72,35 +94,49 @@ pub enum VmState {
     Running,
     /// Its VMM process ended on its own.
     Exited,
+    /// A driver VM given up after too many restarts (its clients' I/O fails).
+    Quarantined,
 }
 
 /// One channel: a client disk served by a driver VM.
-struct Channel {
-    driver: String,
-    client: String,
+pub(super) struct Channel {
+    pub(super) driver: String,
+    pub(super) client: String,
     /// Index among the driver VM's channels (its channel device order).
     driver_index: usize,
+    /// Index among the client's ring disks.
+    pub(super) client_index: usize,
     backend: String,
     start_sector: u64,
     sectors: u64,
     read_only: bool,
-    memory: File,
+    pub(super) memory: File,
     kick: EventFd,
     doorbell: EventFd,
     /// Client starts so far: the ring generation's high half (see `ClientRing::create_at`).
     client_starts: u64,
 }
 
-struct Vm {
-    cfg: VmConfig,
-    state: VmState,
-    pid: Option<u32>,
-    starts: u64,
+pub(super) struct Vm {
+    pub(super) cfg: VmConfig,
+    pub(super) state: VmState,
+    pub(super) pid: Option<u32>,
+    pub(super) starts: u64,
     last_exit: Option<String>,
+    /// How the last process ended, as a fault detection.
+    pub(super) last_detection: Option<Detection>,
     since: SystemTime,
-    stats: File,
+    /// When the current process started.
+    pub(super) started_at: Instant,
+    pub(super) stats: File,
     /// Changes when the running process exits.
-    exited: Option<watch::Receiver<bool>>,
+    pub(super) exited: Option<watch::Receiver<bool>>,
+    /// The running process's control connection.
+    pub(super) control: Option<Arc<tokio::sync::Mutex<ControlClient>>>,
+    /// A recovery of this driver VM is under way.
+    pub(super) recovering: bool,
+    /// The last injected fault not yet detected, and when.
+    pub(super) injected: Option<(FaultKind, Instant)>,
 }
 
 /// What `list` reports per VM.
@@ -127,11 +163,13 @@ pub struct Supervisor {
     exe: PathBuf,
     state_dir: PathBuf,
     inner: Mutex<Inner>,
+    pub(super) recovery: RecoveryConfig,
+    pub(super) book: Mutex<FaultBook>,
 }
 
-struct Inner {
-    vms: BTreeMap<String, Vm>,
-    channels: Vec<Channel>,
+pub(super) struct Inner {
+    pub(super) vms: BTreeMap<String, Vm>,
+    pub(super) channels: Vec<Channel>,
     order: Vec<String>,
 }
 
@@ -171,6 +209,7 @@ impl Supervisor {
                     driver: d.driver.clone(),
                     client: c.name.clone(),
                     driver_index: *idx,
+                    client_index: j,
                     backend: d.device.clone(),
                     start_sector: d.offset / 512,
                     sectors: d.size / 512,
@@ -200,9 +239,14 @@ impl Supervisor {
                     pid: None,
                     starts: 0,
                     last_exit: None,
+                    last_detection: None,
                     since: SystemTime::now(),
+                    started_at: Instant::now(),
                     stats,
                     exited: None,
+                    control: None,
+                    recovering: false,
+                    injected: None,
                 },
             );
         }
@@ -214,10 +258,12 @@ impl Supervisor {
                 channels,
                 order,
             }),
+            recovery: cfg.recovery.clone(),
+            book: Mutex::new(FaultBook::default()),
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -281,8 +327,10 @@ impl Supervisor {
         if vm.state == VmState::Running {
             return Err(SupervisorError::AlreadyRunning(name.to_string()));
         }
+        let (control_here, control_child) =
+            std::os::unix::net::UnixStream::pair().map_err(io_ctx(format!("{name} control")))?;
         let mut cmd = std::process::Command::new(&self.exe);
-        let mut fds = vec![vm.stats.as_raw_fd()];
+        let mut fds = vec![vm.stats.as_raw_fd(), control_child.as_raw_fd()];
         let console = vm
             .cfg
             .console
@@ -302,7 +350,9 @@ impl Supervisor {
             .arg("--console")
             .arg(&console)
             .arg("--stats-fd")
-            .arg(vm.stats.as_raw_fd().to_string());
+            .arg(vm.stats.as_raw_fd().to_string())
+            .arg("--control-fd")
+            .arg(control_child.as_raw_fd().to_string());
         if let Some(initrd) = &vm.cfg.initrd {
             cmd.arg("--initrd").arg(initrd);
         }
@@ -388,35 +438,52 @@ impl Supervisor {
                 name: name.to_string(),
                 source,
             })?;
+        drop(control_child);
+        let control = ControlClient::new(control_here).map_err(|e| SupervisorError::Control {
+            name: name.to_string(),
+            source: e,
+        })?;
         let pid = child.id();
         let (tx, rx) = watch::channel(false);
         vm.state = VmState::Running;
         vm.pid = pid;
         vm.starts += 1;
         vm.since = SystemTime::now();
+        vm.started_at = Instant::now();
         vm.exited = Some(rx);
+        vm.control = Some(Arc::new(tokio::sync::Mutex::new(control)));
         tracing::info!(vm = name, pid, log = %log_path.display(), "VM started");
         let me = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
             let status = child.wait().await;
-            let how = match status {
-                Ok(s) => describe_exit(s),
-                Err(e) => format!("wait failed: {e}"),
+            let (how, detection) = match status {
+                Ok(s) => (describe_exit(s), Detection::from_exit(s)),
+                Err(e) => (format!("wait failed: {e}"), Detection::VmmError),
             };
-            {
+            let unexpected_driver_exit = {
                 let mut g = me.lock();
-                if let Some(vm) = g.vms.get_mut(&name) {
-                    if vm.state == VmState::Running {
-                        vm.state = VmState::Exited;
+                match g.vms.get_mut(&name) {
+                    Some(vm) => {
+                        let unexpected = vm.state == VmState::Running;
+                        if unexpected {
+                            vm.state = VmState::Exited;
+                        }
+                        vm.pid = None;
+                        vm.control = None;
+                        vm.since = SystemTime::now();
+                        vm.last_exit = Some(how.clone());
+                        vm.last_detection = Some(detection);
+                        unexpected && vm.cfg.role == Role::Driver
                     }
-                    vm.pid = None;
-                    vm.since = SystemTime::now();
-                    vm.last_exit = Some(how.clone());
+                    None => false,
                 }
-            }
+            };
             tracing::warn!(vm = %name, exit = %how, "VM process ended");
             let _ = tx.send(true);
+            if unexpected_driver_exit {
+                me.fault_detected(&name, detection);
+            }
         });
         Ok(())
     }
@@ -454,6 +521,52 @@ impl Supervisor {
         Ok(())
     }
 
+    /// SIGKILLs VM `name`'s process (if it runs) and waits until it is reaped. The VM's state
+    /// becomes `Exited`.
+    pub(super) async fn kill_and_wait(&self, name: &str) {
+        let target = {
+            let g = self.lock();
+            g.vms
+                .get(name)
+                .and_then(|vm| Some((vm.pid?, vm.exited.clone()?)))
+        };
+        let Some((pid, mut exited)) = target else {
+            return;
+        };
+        if !*exited.borrow() {
+            // SAFETY: kill only sends a signal; `pid` is our child and not yet reaped (the
+            // watch has not fired), so the number cannot have been reused.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let _ = exited.wait_for(|e| *e).await;
+    }
+
+    /// Sends `req` to VM `name`'s VMM process.
+    pub(super) async fn control(
+        &self,
+        name: &str,
+        req: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<ControlReply, SupervisorError> {
+        let conn = {
+            let g = self.lock();
+            let vm = g
+                .vms
+                .get(name)
+                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+            vm.control
+                .clone()
+                .ok_or_else(|| SupervisorError::NotRunning(name.to_string()))?
+        };
+        let mut c = conn.lock().await;
+        c.call(req, timeout)
+            .await
+            .map_err(|source| SupervisorError::Control {
+                name: name.to_string(),
+                source,
+            })
+    }
+
     /// Starts drivers, then clients.
     pub fn start_all(self: &Arc<Self>) -> Result<(), SupervisorError> {
         for role in [Role::Driver, Role::Client] {
@@ -482,6 +595,15 @@ impl Supervisor {
     }
 }
 
+/// Reads a channel's ring header words the daemon watches.
+pub(super) fn ring_word(c: &Channel, offset: usize, width: usize) -> Option<u64> {
+    let mut b = [0u8; 8];
+    c.memory
+        .read_exact_at(&mut b[..width], offset as u64)
+        .ok()
+        .map(|()| u64::from_le_bytes(b))
+}
+
 fn describe_exit(s: std::process::ExitStatus) -> String {
     match (s.code(), s.signal()) {
         (Some(0), _) => "exit 0 (guest powered off)".into(),
@@ -495,20 +617,8 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
 }
 
 fn channel_stats(c: &Channel) -> serde_json::Value {
-    let u32_at = |off: usize| {
-        let mut b = [0u8; 4];
-        c.memory
-            .read_exact_at(&mut b, off as u64)
-            .ok()
-            .map(|()| u32::from_le_bytes(b))
-    };
-    let u64_at = |off: usize| {
-        let mut b = [0u8; 8];
-        c.memory
-            .read_exact_at(&mut b, off as u64)
-            .ok()
-            .map(|()| u64::from_le_bytes(b))
-    };
+    let u32_at = |off: usize| ring_word(c, off, 4);
+    let u64_at = |off: usize| ring_word(c, off, 8);
     serde_json::json!({
         "driver": c.driver,
         "client": c.client,

@@ -25,6 +25,8 @@
 //! agent's unmask); the ring's notification suppression keeps those to one per agent sleep.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
@@ -80,6 +82,8 @@ pub enum ChannelError {
 pub struct ChannelDevice {
     config: PciConfig,
     regs: [u8; regs::END as usize],
+    /// Pending fault request ([`regs::FAULT`]), set by the VMM's control thread.
+    fault: Arc<AtomicU32>,
 }
 
 impl ChannelDevice {
@@ -140,7 +144,17 @@ impl ChannelDevice {
         put(regs::FLAGS, &flags.to_le_bytes());
         put(regs::MEM_SIZE, &mem_size.to_le_bytes());
         put(regs::BACKEND, info.backend.as_bytes());
-        Ok(ChannelDevice { config, regs: r })
+        Ok(ChannelDevice {
+            config,
+            regs: r,
+            fault: Arc::new(AtomicU32::new(0)),
+        })
+    }
+
+    /// The fault request register: store a [`ddvmm_translation::channel::fault`] code; the
+    /// agent's next read of [`regs::FAULT`] takes (and clears) it.
+    pub fn fault_request(&self) -> Arc<AtomicU32> {
+        self.fault.clone()
     }
 }
 
@@ -169,6 +183,10 @@ impl PciDevice for ChannelDevice {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar == 0 && offset == regs::FAULT && data.len() == 4 {
+            data.copy_from_slice(&self.fault.swap(0, Ordering::AcqRel).to_le_bytes());
+            return;
+        }
         for (i, b) in data.iter_mut().enumerate() {
             *b = match (bar, offset.checked_add(i as u64)) {
                 (0, Some(at)) if at < regs::END => self.regs[at as usize],
@@ -227,6 +245,16 @@ mod tests {
         assert_eq!(read(&mut d, u64::MAX, 4), [0, 0, 0, 0]);
         d.bar_write(0, regs::MAGIC, &[0; 4]);
         assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
+    }
+
+    #[test]
+    fn fault_register_is_taken_by_one_read() {
+        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        assert_eq!(read(&mut d, regs::FAULT, 4), [0; 4]);
+        d.fault_request()
+            .store(ddvmm_translation::channel::fault::PANIC, Ordering::SeqCst);
+        assert_eq!(read(&mut d, regs::FAULT, 4), 1u32.to_le_bytes());
+        assert_eq!(read(&mut d, regs::FAULT, 4), [0; 4]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use ddvmm_translation::ring::{
 };
 
 use ddvmm_translation::channel::{
-    regs, BACKEND_LEN, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, REGS_SIZE, VERSION,
+    fault, regs, BACKEND_LEN, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, REGS_SIZE, VERSION,
 };
 
 use crate::pci::{BarMapping, ChannelDevice, UioIrq};
@@ -163,6 +163,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             window: &w,
             jobs: &job_tx,
             garbage: opts.garbage,
+            poison: opts.poison,
             in_flight: 0,
             published: false,
             wakeups: Wakeups::new(),
@@ -259,6 +260,8 @@ struct Server<'a> {
     window: &'a Window,
     jobs: &'a Sender<(Job, Option<u32>)>,
     garbage: bool,
+    /// Test mode: a request touching this window sector panics the kernel.
+    poison: Option<u64>,
     in_flight: usize,
     /// Completions published since the last doorbell decision.
     published: bool,
@@ -303,6 +306,7 @@ impl Server<'_> {
                 self.doorbell.write32(regs::DOORBELL, 1);
             }
             if beat.elapsed() >= HEARTBEAT {
+                self.take_fault();
                 let _ = self.ring.heartbeat();
                 beat = Instant::now();
                 if !self.ring.is_current() {
@@ -375,6 +379,29 @@ impl Server<'_> {
         }
     }
 
+    /// Fault injection: acts on a request from the daemon (BAR 0 `FAULT`, cleared by reading).
+    fn take_fault(&mut self) {
+        match self.doorbell.read32(regs::FAULT) {
+            fault::NONE => {}
+            fault::PANIC => sysrq(b'c', "panic"),
+            fault::RESET => sysrq(b'b', "reset"),
+            fault::HANG => {
+                println!("ddvmm-agent: fault injection: hang (no more service, no heartbeat)");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            fault::CORRUPT => {
+                println!("ddvmm-agent: fault injection: garbage completions");
+                for id in 0..16u64 {
+                    self.publish_garbage(id.wrapping_mul(0x9E37_79B9), 4096);
+                }
+                self.published = true;
+            }
+            other => eprintln!("ddvmm-agent: unknown fault request {other}"),
+        }
+    }
+
     fn answer(&mut self, id: u64, status: Status, len: u32) {
         self.published = true;
         if self.garbage {
@@ -422,6 +449,11 @@ impl Server<'_> {
             offset,
             buf,
         };
+        if let (Some(p), Opcode::Read | Opcode::Write) = (self.poison, r.op) {
+            if (r.sector..r.sector.saturating_add(bytes / SECTOR_SIZE)).contains(&p) {
+                sysrq(b'c', "poison request");
+            }
+        }
         match r.op {
             Opcode::Read | Opcode::Write => {
                 if !in_window || bytes % SECTOR_SIZE != 0 || (r.op == Opcode::Write && w.read_only)
@@ -473,6 +505,17 @@ impl Server<'_> {
         }
         let len = if status == Status::Ok { d.len } else { 0 };
         self.answer(d.id, status, len);
+    }
+}
+
+/// Makes the kernel act at once through `/proc/sysrq-trigger` (`c` panic, `b` reboot).
+fn sysrq(key: u8, why: &str) {
+    println!(
+        "ddvmm-agent: fault injection: {why} (sysrq {})",
+        key as char
+    );
+    if let Err(e) = std::fs::write("/proc/sysrq-trigger", [key]) {
+        eprintln!("ddvmm-agent: sysrq-trigger: {e}");
     }
 }
 

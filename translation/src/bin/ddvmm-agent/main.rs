@@ -13,7 +13,12 @@
 //!    the ring header twice a second; rings the doorbell when the client asked to be notified.
 //!
 //! Kernel command line: `ddvmm.agent=garbage` publishes a bogus completion before every real
-//! one (a test of the client's validation); `ddvmm.agent.threads=N` sets the pool size.
+//! one (a test of the client's validation); `ddvmm.agent.threads=N` sets the pool size;
+//! `ddvmm.agent.poison=SECTOR` panics the kernel on any read or write touching that sector of a
+//! channel's window (a poison request, for the recovery tests).
+//!
+//! Fault injection: the daemon can ask (through the channel's `FAULT` register, read with every
+//! heartbeat) for a kernel panic, a reboot, a hang or garbage completions.
 
 mod backend;
 mod pci;
@@ -70,6 +75,8 @@ pub struct Options {
     pub garbage: bool,
     /// I/O threads per channel.
     pub threads: usize,
+    /// Panic the kernel on a request touching this sector (window-relative).
+    pub poison: Option<u64>,
 }
 
 impl Options {
@@ -77,10 +84,12 @@ impl Options {
         let mut o = Options {
             garbage: false,
             threads: 8,
+            poison: None,
         };
         for arg in cmdline.split_whitespace() {
             match arg.split_once('=') {
                 Some(("ddvmm.agent", "garbage")) => o.garbage = true,
+                Some(("ddvmm.agent.poison", n)) => o.poison = n.parse().ok(),
                 Some(("ddvmm.agent.threads", n)) => {
                     if let Ok(n) = n.parse::<usize>() {
                         o.threads = n.clamp(1, 64);
@@ -102,6 +111,11 @@ mod tests {
         let o = Options::from_cmdline("console=ttyS0 ddvmm.agent=garbage ddvmm.agent.threads=99");
         assert!(o.garbage);
         assert_eq!(o.threads, 64);
+        assert_eq!(o.poison, None);
+        assert_eq!(
+            Options::from_cmdline("ddvmm.agent.poison=4096").poison,
+            Some(4096)
+        );
         let o = Options::from_cmdline("ddvmm.agent.threads=x");
         assert!(!o.garbage);
         assert_eq!(o.threads, 8);

@@ -18,13 +18,26 @@
 //! one larger than a data slot; a guest that does anyway gets an I/O error for that request.
 //! Discard and write-zeroes are not offered (the ring carries them, the agent does not yet).
 //!
+//! **Recovery.** When the driver VM dies, the daemon replaces it and tells this frontend
+//! through [`RingControl`]: [`RingCommand::Replay`] starts a new ring generation and re-submits
+//! every journaled request in its original order (write data copied again from guest memory;
+//! the dead driver VM's slots are never trusted or reused before the new generation). Nothing is
+//! completed to the guest in between: the guest sees a pause. A request that was in flight at
+//! `poison_after` consecutive crashes fails alone with an I/O error; once a request has been in
+//! flight at `poison_after - 1` crashes it is *isolated* (sent alone, nothing else in flight), so
+//! the next crash can only be its own and innocent neighbours are never blamed.
+//! [`RingCommand::Quarantine`] (the driver VM is given up) fails what is outstanding and every
+//! new request with an I/O error until the next replay.
+//!
 //! Threads: one queue thread waits (epoll) on the queue's notify eventfd, on the channel's
-//! doorbell (the driver VM's ioeventfd) and on a stop eventfd.
+//! doorbell (the driver VM's ioeventfd), on the control eventfd and on a stop eventfd. While the
+//! guest has not activated the device, control commands are applied by the caller's thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, TryLockError};
+use std::time::{Duration, Instant};
 
 use ddvmm_translation::ring::{
     ClientRing, ClientStats, Opcode, RawRegion, Request as RingRequest, RingError, RingParams,
@@ -89,6 +102,16 @@ pub struct RingDiskStats {
     pub kicks: AtomicU64,
     /// Doorbells received from the driver VM.
     pub doorbells: AtomicU64,
+    /// Requests submitted again on a new generation after a driver VM restart.
+    pub replayed: AtomicU64,
+    /// Requests failed as poison (in flight at too many consecutive crashes).
+    pub poisoned: AtomicU64,
+    /// Requests failed because the driver VM is quarantined.
+    pub quarantine_failed: AtomicU64,
+    /// Requests on the ring awaiting completion (a gauge).
+    pub outstanding: AtomicU64,
+    /// Ring generations started after the first (driver VM restarts seen).
+    pub generations: AtomicU64,
 }
 
 impl RingDiskStats {
@@ -104,6 +127,11 @@ impl RingDiskStats {
             ("bogus_completions", g(&self.bogus_completions)),
             ("kicks", g(&self.kicks)),
             ("doorbells", g(&self.doorbells)),
+            ("replayed", g(&self.replayed)),
+            ("poisoned", g(&self.poisoned)),
+            ("quarantine_failed", g(&self.quarantine_failed)),
+            ("outstanding", g(&self.outstanding)),
+            ("generations", g(&self.generations)),
         ]
     }
 }
@@ -112,6 +140,98 @@ impl RingDiskStats {
 struct Inflight {
     head: u16,
     request: Request,
+    /// Driver VM crashes this request was in flight at, in a row.
+    crashes: u32,
+}
+
+/// What the daemon asks of a ring disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingCommand {
+    /// The driver VM was replaced (the old one is gone for good): start a new generation and
+    /// replay. A request in flight at `poison_after` consecutive crashes fails alone (0: never).
+    Replay {
+        /// Crashes after which a request is poison.
+        poison_after: u32,
+    },
+    /// The driver VM is given up: fail what is outstanding and every new request until the
+    /// next replay.
+    Quarantine,
+}
+
+/// What a command did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RingOutcome {
+    /// Requests re-submitted.
+    pub replayed: u64,
+    /// Requests failed as poison.
+    pub poisoned: u64,
+    /// Requests failed by a quarantine.
+    pub failed: u64,
+}
+
+type Pending = (RingCommand, mpsc::Sender<Result<RingOutcome, String>>);
+
+/// The daemon's handle on a ring disk (through the VMM's control thread).
+pub struct RingControl {
+    state: Arc<Mutex<Option<Frontend>>>,
+    pending: Mutex<VecDeque<Pending>>,
+    /// Wakes the queue thread.
+    wake: EventFd,
+}
+
+impl RingControl {
+    /// Applies `cmd` and returns what it did; waits at most `timeout`.
+    pub fn request(&self, cmd: RingCommand, timeout: Duration) -> Result<RingOutcome, String> {
+        let (tx, rx) = mpsc::channel();
+        self.lock_pending().push_back((cmd, tx));
+        let _ = self.wake.write(1);
+        let deadline = Instant::now() + timeout;
+        loop {
+            // The queue thread holds the state while the device is active; if nobody does, the
+            // guest has no queue running and the command is applied right here.
+            let idle = match self.state.try_lock() {
+                Ok(g) => Some(g),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut g) = idle {
+                if let Some(fe) = g.as_mut() {
+                    for (cmd, tx) in self.take() {
+                        let _ = tx.send(apply_idle(fe, cmd));
+                    }
+                }
+            }
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => return r,
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => return Err("the ring disk did not answer in time".into()),
+            }
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Vec<Pending> {
+        self.lock_pending().drain(..).collect()
+    }
+}
+
+/// A command while the guest has no active queue: every journaled request belongs to a queue
+/// that was reset, so there is nothing to replay or fail, only the ring to renew.
+fn apply_idle(fe: &mut Frontend, cmd: RingCommand) -> Result<RingOutcome, String> {
+    match cmd {
+        RingCommand::Replay { poison_after } => {
+            fe.ring.new_generation().map_err(|e| e.to_string())?;
+            fe.journal.clear();
+            fe.isolating = None;
+            fe.quarantined = false;
+            fe.poison_after = poison_after;
+        }
+        RingCommand::Quarantine => fe.quarantined = true,
+    }
+    Ok(RingOutcome::default())
 }
 
 /// Ring-side state that survives guest device resets.
@@ -124,6 +244,22 @@ struct Frontend {
     journal: HashMap<u64, Option<Inflight>>,
     next_id: u64,
     seen_bogus: u64,
+    /// The driver VM is given up: new requests fail at once.
+    quarantined: bool,
+    /// A suspect request sent alone: nothing else goes out until it completes.
+    isolating: Option<u64>,
+    /// From the last replay command.
+    poison_after: u32,
+}
+
+impl Frontend {
+    /// Crash count from which a request is sent alone.
+    fn isolate_at(&self) -> u32 {
+        match self.poison_after {
+            0 | 1 => u32::MAX,
+            k => k - 1,
+        }
+    }
 }
 
 /// The virtio-blk device model over a ring.
@@ -135,6 +271,7 @@ pub struct RingBlock {
     state: Arc<Mutex<Option<Frontend>>>,
     stats: Arc<RingDiskStats>,
     worker: Option<QueueWorker>,
+    control: Arc<RingControl>,
 }
 
 impl RingBlock {
@@ -165,18 +302,29 @@ impl RingBlock {
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let state = Arc::new(Mutex::new(Some(Frontend {
+            ring,
+            _map: map,
+            journal: HashMap::new(),
+            next_id: 1,
+            seen_bogus: 0,
+            quarantined: false,
+            isolating: None,
+            poison_after: 0,
+        })));
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingDiskError::Map)?;
         Ok(RingBlock {
             fds,
             sectors,
             read_only,
             id: id_bytes,
-            state: Arc::new(Mutex::new(Some(Frontend {
-                ring,
-                _map: map,
-                journal: HashMap::new(),
-                next_id: 1,
-                seen_bogus: 0,
-            }))),
+            control: Arc::new(RingControl {
+                state: state.clone(),
+                pending: Mutex::new(VecDeque::new()),
+                wake,
+            }),
+            state,
             stats: Arc::new(RingDiskStats::default()),
             worker: None,
         })
@@ -185,6 +333,11 @@ impl RingBlock {
     /// Live counters.
     pub fn stats(&self) -> Arc<RingDiskStats> {
         self.stats.clone()
+    }
+
+    /// The control handle (replay after a driver VM restart, quarantine).
+    pub fn control(&self) -> Arc<RingControl> {
+        self.control.clone()
     }
 }
 
@@ -227,10 +380,11 @@ impl VirtioDevice for RingBlock {
             stats: self.stats.clone(),
         };
         let state = self.state.clone();
+        let control = self.control.clone();
         self.worker = Some(QueueWorker::spawn("ring-blk", move |stop| {
             let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
             let Some(fe) = guard.as_mut() else { return };
-            if let Err(e) = run_queue(fe, q, &ctx, &stop, failure.as_ref()) {
+            if let Err(e) = run_queue(fe, q, &ctx, &control, &stop, failure.as_ref()) {
                 failure.needs_reset(&e);
             }
             // Whatever is still outstanding belongs to this activation's queue.
@@ -267,6 +421,7 @@ struct QueueContext {
 const TOKEN_NOTIFY: u64 = 0;
 const TOKEN_DOORBELL: u64 = 1;
 const TOKEN_STOP: u64 = 2;
+const TOKEN_CONTROL: u64 = 3;
 
 /// A request ready for the ring, waiting for room.
 struct Outgoing {
@@ -287,6 +442,7 @@ fn run_queue(
     fe: &mut Frontend,
     active: ActiveQueue,
     ctx: &QueueContext,
+    control: &RingControl,
     stop: &EventFd,
     failure: &dyn DeviceFailure,
 ) -> Result<(), String> {
@@ -300,6 +456,7 @@ fn run_queue(
         (notify.as_raw_fd(), TOKEN_NOTIFY),
         (ctx.doorbell.as_raw_fd(), TOKEN_DOORBELL),
         (stop.as_raw_fd(), TOKEN_STOP),
+        (control.wake.as_raw_fd(), TOKEN_CONTROL),
     ] {
         epoll
             .ctl(
@@ -310,20 +467,37 @@ fn run_queue(
             .map_err(|e| e.to_string())?;
     }
     let mut backlog: VecDeque<Outgoing> = VecDeque::new();
-    let mut events = vec![EpollEvent::default(); 4];
+    let mut events = vec![EpollEvent::default(); 5];
     loop {
+        // Commands from the daemon first: a replay must precede anything new.
+        for (cmd, tx) in control.take() {
+            let mut used = Vec::new();
+            let outcome = apply_active(fe, cmd, &mut backlog, ctx, &mut used);
+            publish_used(&mut queue, &ctx.mem, used, &interrupt)?;
+            let _ = tx.send(outcome);
+        }
         // New guest requests: answer the trivial ones, queue the rest in order.
         let mut local = Vec::new();
+        let quarantined = fe.quarantined;
         pop_requests(&mut queue, &ctx.mem, failure, &mut |head, request| {
             match plan(&request, ctx) {
                 Plan::Local(status, written) => {
                     finish(&ctx.mem, &request, status, ctx);
                     local.push((head, written));
                 }
+                Plan::Ring(..) if quarantined => {
+                    finish(&ctx.mem, &request, VIRTIO_BLK_S_IOERR, ctx);
+                    ctx.stats.quarantine_failed.fetch_add(1, Ordering::Relaxed);
+                    local.push((head, 1));
+                }
                 Plan::Ring(ring, data) => backlog.push_back(Outgoing {
                     ring,
                     data,
-                    inflight: Inflight { head, request },
+                    inflight: Inflight {
+                        head,
+                        request,
+                        crashes: 0,
+                    },
                 }),
             }
             Ok(())
@@ -339,6 +513,9 @@ fn run_queue(
                 break;
             }
         }
+        ctx.stats
+            .outstanding
+            .store(fe.journal.len() as u64, Ordering::Relaxed);
         // With requests outstanding, look again now and then even without a doorbell: a lost
         // or withheld notification then costs a delay, never a hang of this thread.
         let timeout = if fe.journal.is_empty() { -1 } else { 1000 };
@@ -356,10 +533,97 @@ fn run_queue(
                     let _ = ctx.doorbell.read();
                     ctx.stats.doorbells.fetch_add(1, Ordering::Relaxed);
                 }
+                TOKEN_CONTROL => {
+                    let _ = control.wake.read();
+                }
                 _ => return Ok(()),
             }
         }
     }
+}
+
+/// Applies a daemon command while the queue runs; heads to publish go to `used`.
+fn apply_active(
+    fe: &mut Frontend,
+    cmd: RingCommand,
+    backlog: &mut VecDeque<Outgoing>,
+    ctx: &QueueContext,
+    used: &mut Vec<(u16, u32)>,
+) -> Result<RingOutcome, String> {
+    let mut outcome = RingOutcome::default();
+    let fail = |inflight: Inflight, used: &mut Vec<(u16, u32)>| {
+        finish(&ctx.mem, &inflight.request, VIRTIO_BLK_S_IOERR, ctx);
+        used.push((inflight.head, 1));
+    };
+    match cmd {
+        RingCommand::Replay { poison_after } => {
+            let old = fe.ring.new_generation().map_err(|e| e.to_string())?;
+            ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
+            fe.quarantined = false;
+            fe.isolating = None;
+            fe.poison_after = poison_after;
+            let mut replay = Vec::new();
+            for r in old {
+                // `None`: the guest reset the queue since; nothing to replay.
+                let Some(mut inflight) = fe.journal.remove(&r.id).flatten() else {
+                    continue;
+                };
+                inflight.crashes += 1;
+                if poison_after > 0 && inflight.crashes >= poison_after {
+                    tracing::error!(
+                        sector = inflight.request.sector,
+                        crashes = inflight.crashes,
+                        "poison request: failed alone"
+                    );
+                    outcome.poisoned += 1;
+                    fail(inflight, used);
+                    continue;
+                }
+                // Write data again from guest memory: the old slot is not trusted.
+                match plan(&inflight.request, ctx) {
+                    Plan::Ring(ring, data) => replay.push(Outgoing {
+                        ring,
+                        data,
+                        inflight,
+                    }),
+                    Plan::Local(status, written) => {
+                        finish(&ctx.mem, &inflight.request, status, ctx);
+                        used.push((inflight.head, written));
+                    }
+                }
+            }
+            fe.journal.clear();
+            outcome.replayed = replay.len() as u64;
+            for out in replay.into_iter().rev() {
+                backlog.push_front(out);
+            }
+            ctx.stats
+                .replayed
+                .fetch_add(outcome.replayed, Ordering::Relaxed);
+            ctx.stats
+                .poisoned
+                .fetch_add(outcome.poisoned, Ordering::Relaxed);
+        }
+        RingCommand::Quarantine => {
+            fe.quarantined = true;
+            // The ring keeps these ids until the next generation; a late completion of one
+            // only frees its slot.
+            for entry in fe.journal.values_mut() {
+                if let Some(inflight) = entry.take() {
+                    outcome.failed += 1;
+                    fail(inflight, used);
+                }
+            }
+            for out in backlog.drain(..) {
+                outcome.failed += 1;
+                fail(out.inflight, used);
+            }
+            ctx.stats
+                .quarantine_failed
+                .fetch_add(outcome.failed, Ordering::Relaxed);
+        }
+    }
+    Ok(outcome)
 }
 
 /// Decides how to serve `req`: checks directions, the disk's bounds and the slot size.
@@ -443,10 +707,20 @@ fn submit_backlog(
 ) -> Result<(), String> {
     let mut failed = Vec::new();
     let mut sent = false;
+    let isolate_at = fe.isolate_at();
     while let Some(mut out) = backlog.pop_front() {
+        // A suspect goes alone: after everything before it, with nothing after it.
+        let suspect = out.inflight.crashes >= isolate_at;
+        if fe.isolating.is_some() || (suspect && !fe.journal.is_empty()) {
+            backlog.push_front(out);
+            break;
+        }
         out.ring.id = fe.next_id;
         match fe.ring.submit(out.ring, out.data.as_deref()) {
             Ok(_) => {
+                if suspect {
+                    fe.isolating = Some(out.ring.id);
+                }
                 fe.next_id += 1;
                 sent = true;
                 ctx.stats.submitted.fetch_add(1, Ordering::Relaxed);
@@ -480,6 +754,9 @@ fn submit_backlog(
 fn take_completions(fe: &mut Frontend, ctx: &QueueContext) -> Vec<(u16, u32)> {
     let mut out = Vec::new();
     for c in fe.ring.poll_completions() {
+        if fe.isolating == Some(c.req.id) {
+            fe.isolating = None;
+        }
         let entry = fe.journal.remove(&c.req.id).flatten();
         let mut status = match c.status {
             Status::Ok => VIRTIO_BLK_S_OK,

@@ -1,0 +1,380 @@
+//! The control connection between the daemon and one VMM process it started.
+//!
+//! A Unix stream socket pair: the daemon keeps one end, the VMM inherits the other
+//! (`ddvmm run --control-fd N`). The daemon sends one JSON [`ControlRequest`] per line and reads
+//! one [`ControlReply`] line back. Commands: replay a ring disk after its driver VM was
+//! replaced, quarantine it, or inject a fault into this VM. The VMM serves the socket on its
+//! own thread; a daemon that goes away closes the socket and the thread ends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::devices::virtio::block::ring_frontend::{RingCommand, RingControl};
+use crate::machine::FaultInjector;
+use ddvmm_translation::channel::fault;
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 4096;
+/// How long a ring disk may take to apply a command.
+const RING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Faults the daemon can inject into a driver VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// Kernel panic inside the guest (`sysrq c` by the agent).
+    Panic,
+    /// The agent stops serving and stops its heartbeat.
+    Hang,
+    /// SIGKILL of the VM's VMM process (done by the daemon itself).
+    Kill,
+    /// The guest CPU triple-faults (empty IDT plus an NMI, from the VMM).
+    TripleFault,
+    /// Garbage in the completion ring (published by the agent).
+    Corrupt,
+    /// Immediate reboot of the guest kernel (`sysrq b`), ending in the i8042 reset line.
+    Reset,
+}
+
+impl FaultKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::Panic,
+        FaultKind::Hang,
+        FaultKind::Kill,
+        FaultKind::TripleFault,
+        FaultKind::Corrupt,
+        FaultKind::Reset,
+    ];
+
+    /// The name used in the API, the CLI and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Panic => "panic",
+            FaultKind::Hang => "hang",
+            FaultKind::Kill => "kill",
+            FaultKind::TripleFault => "triple-fault",
+            FaultKind::Corrupt => "corrupt",
+            FaultKind::Reset => "reset",
+        }
+    }
+
+    /// Parses [`Self::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// One command to a VMM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Ring disk `disk` (configuration order): the driver VM was replaced; new generation and
+    /// replay, poison after `poison_after` crashes (0: never).
+    Replay {
+        /// Ring disk index.
+        disk: usize,
+        /// See [`RingCommand::Replay`].
+        poison_after: u32,
+    },
+    /// Ring disk `disk`: its driver VM is given up.
+    Quarantine {
+        /// Ring disk index.
+        disk: usize,
+    },
+    /// Make this VM fail.
+    Inject {
+        /// How.
+        fault: FaultKind,
+    },
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlReply {
+    /// Whether the command was carried out.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Requests replayed.
+    #[serde(default)]
+    pub replayed: u64,
+    /// Requests failed as poison.
+    #[serde(default)]
+    pub poisoned: u64,
+    /// Requests failed by a quarantine.
+    #[serde(default)]
+    pub failed: u64,
+}
+
+impl ControlReply {
+    fn error(e: impl Into<String>) -> Self {
+        ControlReply {
+            ok: false,
+            error: Some(e.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Errors of the control connection (daemon side).
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The socket failed or closed.
+    #[error("control connection")]
+    Io(#[source] std::io::Error),
+    /// The VMM did not answer in time.
+    #[error("control request timed out")]
+    Timeout,
+    /// The answer is not a reply.
+    #[error("bad control reply")]
+    BadReply(#[source] serde_json::Error),
+    /// The VMM refused or failed.
+    #[error("VMM refused: {0}")]
+    Refused(String),
+}
+
+/// What a VMM process can be asked to act on.
+pub struct ControlTargets {
+    /// Ring disks, in configuration order.
+    pub rings: Vec<Arc<RingControl>>,
+    /// Fault injection handles.
+    pub faults: Arc<FaultInjector>,
+}
+
+impl ControlTargets {
+    /// Carries out one request.
+    pub fn handle(&self, req: &ControlRequest) -> ControlReply {
+        let ring = |disk: usize| {
+            self.rings
+                .get(disk)
+                .ok_or_else(|| format!("no ring disk {disk}"))
+        };
+        let outcome = match *req {
+            ControlRequest::Replay { disk, poison_after } => ring(disk)
+                .and_then(|r| r.request(RingCommand::Replay { poison_after }, RING_TIMEOUT)),
+            ControlRequest::Quarantine { disk } => {
+                ring(disk).and_then(|r| r.request(RingCommand::Quarantine, RING_TIMEOUT))
+            }
+            ControlRequest::Inject { fault } => return self.inject(fault),
+        };
+        match outcome {
+            Ok(o) => ControlReply {
+                ok: true,
+                error: None,
+                replayed: o.replayed,
+                poisoned: o.poisoned,
+                failed: o.failed,
+            },
+            Err(e) => ControlReply::error(e),
+        }
+    }
+
+    fn inject(&self, kind: FaultKind) -> ControlReply {
+        let code = match kind {
+            FaultKind::Panic => fault::PANIC,
+            FaultKind::Hang => fault::HANG,
+            FaultKind::Corrupt => fault::CORRUPT,
+            FaultKind::Reset => fault::RESET,
+            FaultKind::TripleFault => {
+                tracing::warn!("fault injection: triple fault");
+                return if self.faults.vcpu.triple_fault(Duration::from_secs(5)) {
+                    ControlReply {
+                        ok: true,
+                        ..Default::default()
+                    }
+                } else {
+                    ControlReply::error("the boot vCPU did not take the request")
+                };
+            }
+            FaultKind::Kill => return ControlReply::error("kill is done by the daemon"),
+        };
+        tracing::warn!(fault = kind.name(), "fault injection: request to the agent");
+        if self.faults.request_agent_fault(code) {
+            ControlReply {
+                ok: true,
+                ..Default::default()
+            }
+        } else {
+            ControlReply::error("this VM has no channel (no agent to fail)")
+        }
+    }
+}
+
+/// Serves `stream` on a new thread until the daemon closes it.
+pub fn spawn_server(stream: UnixStream, targets: ControlTargets) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            if let Err(e) = serve(stream, &targets) {
+                tracing::warn!(error = %e, "control connection ended");
+            }
+        })
+        .map(|_| ())
+}
+
+fn serve(stream: UnixStream, targets: &ControlTargets) -> std::io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = if n > MAX_LINE {
+            // Resynchronise on the next newline.
+            let mut rest = Vec::new();
+            reader.read_until(b'\n', &mut rest)?;
+            ControlReply::error("request line too long")
+        } else {
+            match serde_json::from_str::<ControlRequest>(line.trim_end()) {
+                Ok(req) => targets.handle(&req),
+                Err(e) => ControlReply::error(format!("bad request: {e}")),
+            }
+        };
+        let mut out = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
+        out.push('\n');
+        writer.write_all(out.as_bytes())?;
+    }
+}
+
+/// The daemon's end of one VMM's control connection.
+pub struct ControlClient {
+    reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    /// Wraps the daemon's end of the socket pair.
+    pub fn new(stream: UnixStream) -> Result<Self, ControlError> {
+        stream.set_nonblocking(true).map_err(ControlError::Io)?;
+        let s = tokio::net::UnixStream::from_std(stream).map_err(ControlError::Io)?;
+        let (r, w) = s.into_split();
+        Ok(ControlClient {
+            reader: tokio::io::BufReader::new(r),
+            writer: w,
+        })
+    }
+
+    /// Sends `req` and waits up to `timeout` for the reply; a refusal is an error.
+    pub async fn call(
+        &mut self,
+        req: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<ControlReply, ControlError> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut line = serde_json::to_string(req).map_err(ControlError::BadReply)?;
+        line.push('\n');
+        let exchange = async {
+            self.writer
+                .write_all(line.as_bytes())
+                .await
+                .map_err(ControlError::Io)?;
+            let mut back = String::new();
+            let n = self
+                .reader
+                .read_line(&mut back)
+                .await
+                .map_err(ControlError::Io)?;
+            if n == 0 {
+                return Err(ControlError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            serde_json::from_str::<ControlReply>(back.trim_end()).map_err(ControlError::BadReply)
+        };
+        let reply = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ControlError::Timeout)??;
+        if reply.ok {
+            Ok(reply)
+        } else {
+            Err(ControlError::Refused(
+                reply.error.unwrap_or_else(|| "no reason given".into()),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_hostile_lines_are_refused() {
+        let r = ControlRequest::Replay {
+            disk: 1,
+            poison_after: 3,
+        };
+        let s = serde_json::to_string(&r).expect("json");
+        assert_eq!(s, r#"{"op":"replay","disk":1,"poison_after":3}"#);
+        assert_eq!(
+            serde_json::from_str::<ControlRequest>(&s).expect("parse"),
+            r
+        );
+        let i: ControlRequest =
+            serde_json::from_str(r#"{"op":"inject","fault":"triple-fault"}"#).expect("inject");
+        assert_eq!(
+            i,
+            ControlRequest::Inject {
+                fault: FaultKind::TripleFault
+            }
+        );
+        for bad in [
+            r#"{"op":"inject","fault":"meteor"}"#,
+            r#"{"op":"replay","disk":-1,"poison_after":3}"#,
+            r#"{"op":"replay","disk":0,"poison_after":3,"x":1}"#,
+            r#"{"op":"reboot"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<ControlRequest>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        for k in FaultKind::ALL {
+            assert_eq!(FaultKind::parse(k.name()), Some(k));
+        }
+    }
+
+    #[test]
+    fn server_answers_every_line_and_survives_garbage() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let targets = ControlTargets {
+            rings: Vec::new(),
+            faults: Arc::new(FaultInjector::default()),
+        };
+        spawn_server(b, targets).expect("server");
+        let mut w = a.try_clone().expect("clone");
+        let mut r = BufReader::new(a);
+        let mut ask = |line: &str| {
+            w.write_all(line.as_bytes()).expect("write");
+            let mut back = String::new();
+            r.read_line(&mut back).expect("read");
+            serde_json::from_str::<ControlReply>(&back).expect("reply")
+        };
+        let rep = ask("not json\n");
+        assert!(
+            !rep.ok
+                && rep
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("bad request"))
+        );
+        let rep = ask(&format!("{}\n", "x".repeat(MAX_LINE + 10)));
+        assert_eq!(rep.error.as_deref(), Some("request line too long"));
+        let rep = ask("{\"op\":\"quarantine\",\"disk\":7}\n");
+        assert_eq!(rep.error.as_deref(), Some("no ring disk 7"));
+        let rep = ask("{\"op\":\"inject\",\"fault\":\"panic\"}\n");
+        assert!(!rep.ok, "no channel, nothing to fail");
+        let rep = ask("{\"op\":\"inject\",\"fault\":\"kill\"}\n");
+        assert!(!rep.ok);
+    }
+}

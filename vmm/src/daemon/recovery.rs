@@ -1,0 +1,960 @@
+//! Driver VM fault detection, restart with replay, restart policy and fault injection.
+//!
+//! **Detection** ([`Detection`]): an unexpected exit of the driver VM's VMM process, classified
+//! by its status (pvpanic kernel panic, vCPU crash such as a triple fault, guest reset, SIGKILL
+//! of the process, VMM error), and — from a watcher task per driver VM that reads the channel
+//! memory and the clients' stats pages ten times a second — a stale agent heartbeat, requests
+//! outstanding with none completing, garbage completions counted by a client, or an agent that
+//! is not ready within the boot timeout. All timeouts come from `[recovery]`.
+//!
+//! **Recovery** of one driver VM, one at a time: SIGKILL what is left of it (a hung VM must not
+//! write channel memory again), apply the policy (too many restarts in the window: quarantine —
+//! the clients fail their outstanding and new requests), tell every running client to start a
+//! new ring generation and replay its outstanding requests (the clients hold them until then:
+//! never completed, never failed, except a poison request), wait an exponential backoff, boot a
+//! fresh driver VM from its image, and wait for its agents and the first completion after the
+//! restart. A fault during that wait starts the next round of the same recovery; the outage
+//! runs from the (injected or detected) fault to that first completion.
+//!
+//! **Injection** ([`Supervisor::inject`]): `kill` is a SIGKILL from here; the others go through
+//! the driver VM's control socket to its VMM (triple fault) or to its agent (panic, reset,
+//! hang, corrupt). A campaign injects many of mixed kinds at random intervals.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ddvmm_translation::ring::offsets as ring_offsets;
+use serde::Serialize;
+
+use super::config::Role;
+use super::supervisor::{ring_word, Supervisor, SupervisorError, VmState};
+use crate::control::{ControlRequest, FaultKind};
+use crate::stats_page;
+
+/// Events kept for the API.
+const MAX_EVENTS: usize = 20_000;
+/// Watcher period.
+const WATCH_PERIOD: Duration = Duration::from_millis(100);
+/// How long a client may take to start a new generation.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a driver VM fault was detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Detection {
+    /// Exit status 4: the guest kernel panicked and said so through pvpanic.
+    Pvpanic,
+    /// Exit status 5: a vCPU crashed (triple fault / KVM shutdown, internal error).
+    VcpuCrash,
+    /// Exit status 3: the guest reset itself (i8042 reset line, KVM reset event).
+    Reset,
+    /// Exit status 0: the guest powered off.
+    Poweroff,
+    /// The VMM process was killed by a signal.
+    ProcessKilled,
+    /// Any other exit of the VMM process.
+    VmmError,
+    /// The agent's heartbeat stopped.
+    Heartbeat,
+    /// Requests outstanding and none completed within the progress timeout.
+    NoProgress,
+    /// A client counted garbage completions.
+    CorruptCompletions,
+    /// The agents were not ready within the boot timeout.
+    BootTimeout,
+}
+
+impl Detection {
+    /// Classifies a VMM process exit.
+    pub fn from_exit(s: std::process::ExitStatus) -> Self {
+        match (s.code(), s.signal()) {
+            (Some(0), _) => Detection::Poweroff,
+            (Some(3), _) => Detection::Reset,
+            (Some(4), _) => Detection::Pvpanic,
+            (Some(5), _) => Detection::VcpuCrash,
+            (None, Some(_)) => Detection::ProcessKilled,
+            _ => Detection::VmmError,
+        }
+    }
+
+    /// Label used in events and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Detection::Pvpanic => "pvpanic",
+            Detection::VcpuCrash => "vcpu-crash",
+            Detection::Reset => "reset",
+            Detection::Poweroff => "poweroff",
+            Detection::ProcessKilled => "process-killed",
+            Detection::VmmError => "vmm-error",
+            Detection::Heartbeat => "heartbeat",
+            Detection::NoProgress => "no-progress",
+            Detection::CorruptCompletions => "corrupt-completions",
+            Detection::BootTimeout => "boot-timeout",
+        }
+    }
+}
+
+/// One detected fault and what came of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultEvent {
+    /// Driver VM.
+    pub driver: String,
+    /// The injected fault this detection is attributed to, if any.
+    pub injected: Option<FaultKind>,
+    /// How it was detected.
+    pub detected_by: Detection,
+    /// Wall clock of the detection (ms since the epoch).
+    pub detected_at_ms: u64,
+    /// Injection to detection.
+    pub detect_ms: Option<f64>,
+    /// Fault to first completion after the restart (set on the round that recovered).
+    pub outage_ms: Option<f64>,
+    /// Requests the clients replayed.
+    pub replayed: u64,
+    /// Requests failed as poison.
+    pub poisoned: u64,
+    /// `restarted`, `quarantined` or `restart-failed`.
+    pub outcome: &'static str,
+}
+
+/// Running sum, count and maximum of a duration in seconds.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    /// Sum.
+    pub sum: f64,
+    /// Count.
+    pub count: u64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Summary {
+    fn add(&mut self, v: f64) {
+        self.sum += v;
+        self.count += 1;
+        self.max = self.max.max(v);
+    }
+}
+
+/// Counters and the event log of all recoveries.
+#[derive(Debug, Default)]
+pub struct FaultBook {
+    /// Most recent events, oldest first.
+    pub events: VecDeque<FaultEvent>,
+    /// Faults by (driver, detection).
+    pub faults: BTreeMap<(String, Detection), u64>,
+    /// Injected faults by (driver, kind).
+    pub injected: BTreeMap<(String, FaultKind), u64>,
+    /// Restarts by driver.
+    pub restarts: BTreeMap<String, u64>,
+    /// Replayed requests by driver.
+    pub replayed: BTreeMap<String, u64>,
+    /// Poison requests by driver.
+    pub poisoned: BTreeMap<String, u64>,
+    /// Quarantines by driver.
+    pub quarantines: BTreeMap<String, u64>,
+    /// Outage by driver (seconds).
+    pub outage: BTreeMap<String, Summary>,
+    /// Detection latency by injected kind (seconds).
+    pub detection: BTreeMap<FaultKind, Summary>,
+    /// Restart times by driver within the policy window.
+    restart_times: BTreeMap<String, VecDeque<Instant>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the watcher remembers about one channel between looks.
+#[derive(Default)]
+struct ChannelWatch {
+    not_ready_since: Option<Instant>,
+    heartbeat: Option<(u64, Instant)>,
+    completed: Option<(u64, Instant)>,
+    bogus: Option<u64>,
+}
+
+/// One channel of a driver VM as the daemon sees it.
+struct ChannelView {
+    /// Position in the supervisor's channel list.
+    index: usize,
+    client: String,
+    disk: usize,
+    /// The agent serves the ring's current generation.
+    ready: bool,
+    heartbeat: u64,
+}
+
+/// A client's ring disk counters, from its stats page.
+fn client_disk_stat(sup: &Supervisor, client: &str, disk: usize, key: &str) -> Option<u64> {
+    let file = {
+        let g = sup.lock();
+        let vm = g.vms.get(client)?;
+        if vm.state != VmState::Running {
+            return None;
+        }
+        vm.stats.try_clone().ok()?
+    };
+    stats_page::read(&file)?["ring_disks"][disk][key].as_u64()
+}
+
+impl Supervisor {
+    fn book(&self) -> std::sync::MutexGuard<'_, FaultBook> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the watcher of every driver VM.
+    pub fn spawn_watchers(self: &Arc<Self>) {
+        for name in self.names(Role::Driver) {
+            let me = self.clone();
+            tokio::spawn(async move { me.watch(name).await });
+        }
+    }
+
+    /// Entry point for every detection: starts a recovery unless one is under way or the
+    /// VM is not supposed to run.
+    pub(super) fn fault_detected(self: &Arc<Self>, name: &str, detection: Detection) {
+        if !self.recovery.enabled {
+            tracing::error!(
+                vm = name,
+                detected_by = detection.name(),
+                "driver VM fault (recovery disabled)"
+            );
+            return;
+        }
+        let injected = {
+            let mut g = self.lock();
+            let Some(vm) = g.vms.get_mut(name) else {
+                return;
+            };
+            if vm.recovering || vm.state == VmState::Stopped || vm.state == VmState::Quarantined {
+                return;
+            }
+            vm.recovering = true;
+            vm.injected.take()
+        };
+        let detected = Instant::now();
+        let detect_ms = injected.map(|(_, t)| (detected - t).as_secs_f64() * 1e3);
+        tracing::warn!(
+            vm = name,
+            detected_by = detection.name(),
+            injected = injected.map(|(k, _)| k.name()),
+            detect_ms,
+            "driver VM fault"
+        );
+        if let Some((kind, t)) = injected {
+            self.book()
+                .detection
+                .entry(kind)
+                .or_default()
+                .add((detected - t).as_secs_f64());
+        }
+        let me = self.clone();
+        let name = name.to_string();
+        let fault_at = injected.map_or(detected, |(_, t)| t);
+        tokio::spawn(async move {
+            me.recover(
+                &name,
+                detection,
+                injected.map(|(k, _)| k),
+                detect_ms,
+                fault_at,
+            )
+            .await;
+            if let Some(vm) = me.lock().vms.get_mut(&name) {
+                vm.recovering = false;
+            }
+        });
+    }
+
+    /// One recovery, in rounds until a driver VM serves again or the VM is quarantined.
+    async fn recover(
+        self: &Arc<Self>,
+        name: &str,
+        mut detection: Detection,
+        mut injected: Option<FaultKind>,
+        mut detect_ms: Option<f64>,
+        fault_at: Instant,
+    ) {
+        loop {
+            self.kill_and_wait(name).await;
+            let mut event = FaultEvent {
+                driver: name.to_string(),
+                injected,
+                detected_by: detection,
+                detected_at_ms: now_ms(),
+                detect_ms,
+                outage_ms: None,
+                replayed: 0,
+                poisoned: 0,
+                outcome: "restarted",
+            };
+            let backoff = {
+                let mut b = self.book();
+                *b.faults.entry((name.to_string(), detection)).or_default() += 1;
+                let window = Duration::from_secs(self.recovery.restart_window_s);
+                let times = b.restart_times.entry(name.to_string()).or_default();
+                while times.front().is_some_and(|t| t.elapsed() > window) {
+                    times.pop_front();
+                }
+                if times.len() >= self.recovery.max_restarts as usize {
+                    None
+                } else {
+                    times.push_back(Instant::now());
+                    let n = times.len().min(32) as u32;
+                    let ms = self
+                        .recovery
+                        .backoff_initial_ms
+                        .saturating_mul(1u64 << (n - 1).min(20))
+                        .min(self.recovery.backoff_max_ms);
+                    Some(Duration::from_millis(ms))
+                }
+            };
+            let Some(backoff) = backoff else {
+                self.quarantine(name).await;
+                event.outcome = "quarantined";
+                self.log_event(event);
+                return;
+            };
+            let (replayed, poisoned) = self.replay_clients(name).await;
+            event.replayed = replayed;
+            event.poisoned = poisoned;
+            {
+                let mut b = self.book();
+                *b.restarts.entry(name.to_string()).or_default() += 1;
+                *b.replayed.entry(name.to_string()).or_default() += replayed;
+                *b.poisoned.entry(name.to_string()).or_default() += poisoned;
+            }
+            tokio::time::sleep(backoff).await;
+            if let Err(e) = self.start(name) {
+                tracing::error!(vm = name, error = %e, "restart failed");
+                event.outcome = "restart-failed";
+                self.log_event(event);
+                detection = Detection::VmmError;
+                (injected, detect_ms) = (None, None);
+                continue;
+            }
+            match self.await_service(name).await {
+                Ok(()) => {
+                    let outage = fault_at.elapsed().as_secs_f64();
+                    event.outage_ms = Some(outage * 1e3);
+                    self.book()
+                        .outage
+                        .entry(name.to_string())
+                        .or_default()
+                        .add(outage);
+                    tracing::warn!(
+                        vm = name,
+                        outage_ms = outage * 1e3,
+                        replayed,
+                        poisoned,
+                        "driver VM recovered"
+                    );
+                    self.log_event(event);
+                    return;
+                }
+                Err(next) => {
+                    self.log_event(event);
+                    tracing::warn!(
+                        vm = name,
+                        detected_by = next.name(),
+                        "fault during recovery"
+                    );
+                    detection = next;
+                    (injected, detect_ms) = (None, None);
+                }
+            }
+        }
+    }
+
+    fn log_event(&self, e: FaultEvent) {
+        let mut b = self.book();
+        if b.events.len() >= MAX_EVENTS {
+            b.events.pop_front();
+        }
+        b.events.push_back(e);
+    }
+
+    /// Tells every running client of `driver` to start a new generation and replay.
+    async fn replay_clients(&self, driver: &str) -> (u64, u64) {
+        let targets = self.client_disks_of(driver);
+        let (mut replayed, mut poisoned) = (0, 0);
+        for (client, disk) in targets {
+            let req = ControlRequest::Replay {
+                disk,
+                poison_after: self.recovery.poison_after,
+            };
+            match self.control(&client, &req, REPLAY_TIMEOUT).await {
+                Ok(r) => {
+                    replayed += r.replayed;
+                    poisoned += r.poisoned;
+                }
+                Err(SupervisorError::NotRunning(_)) => {}
+                Err(e) => tracing::error!(client, disk, error = %e, "replay"),
+            }
+        }
+        (replayed, poisoned)
+    }
+
+    /// (client, ring disk index) of every channel `driver` serves.
+    fn client_disks_of(&self, driver: &str) -> Vec<(String, usize)> {
+        self.lock()
+            .channels
+            .iter()
+            .filter(|c| c.driver == driver)
+            .map(|c| (c.client.clone(), c.client_index))
+            .collect()
+    }
+
+    /// Gives up on `driver`: its clients fail outstanding and new requests.
+    async fn quarantine(&self, driver: &str) {
+        tracing::error!(vm = driver, "too many restarts: driver VM quarantined");
+        if let Some(vm) = self.lock().vms.get_mut(driver) {
+            vm.state = VmState::Quarantined;
+        }
+        *self
+            .book()
+            .quarantines
+            .entry(driver.to_string())
+            .or_default() += 1;
+        for (client, disk) in self.client_disks_of(driver) {
+            match self
+                .control(
+                    &client,
+                    &ControlRequest::Quarantine { disk },
+                    REPLAY_TIMEOUT,
+                )
+                .await
+            {
+                Ok(_) | Err(SupervisorError::NotRunning(_)) => {}
+                Err(e) => tracing::error!(client, disk, error = %e, "quarantine"),
+            }
+        }
+    }
+
+    /// Waits until every channel of the freshly started `driver` has its agent ready on the
+    /// current generation and, where the client had requests outstanding, one of them has
+    /// completed. A fault meanwhile is returned as the next round's detection.
+    async fn await_service(&self, driver: &str) -> Result<(), Detection> {
+        let deadline = Instant::now() + Duration::from_millis(self.recovery.boot_timeout_ms);
+        let mut baseline: BTreeMap<(String, usize), Option<u64>> = BTreeMap::new();
+        for (client, disk) in self.client_disks_of(driver) {
+            let outstanding = client_disk_stat(self, &client, disk, "outstanding").unwrap_or(0);
+            let completed = client_disk_stat(self, &client, disk, "completed");
+            baseline.insert((client, disk), completed.filter(|_| outstanding > 0));
+        }
+        loop {
+            {
+                let g = self.lock();
+                let vm = g.vms.get(driver).ok_or(Detection::VmmError)?;
+                if vm.state != VmState::Running {
+                    return Err(vm.last_detection.unwrap_or(Detection::VmmError));
+                }
+            }
+            let ready = self.agents_ready(driver);
+            let served = baseline
+                .iter()
+                .all(|((client, disk), before)| match before {
+                    None => true,
+                    Some(b) => client_disk_stat(self, client, *disk, "completed")
+                        .is_none_or(|now| now > *b),
+                });
+            if ready && served {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Detection::BootTimeout);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The channels of `driver` whose client runs (only those have a live ring to serve).
+    fn channel_views(&self, driver: &str) -> Vec<ChannelView> {
+        let g = self.lock();
+        g.channels
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.driver == driver)
+            .filter(|(_, c)| {
+                g.vms
+                    .get(&c.client)
+                    .is_some_and(|v| v.state == VmState::Running)
+            })
+            .map(|(index, c)| {
+                let generation = ring_word(c, ring_offsets::GENERATION, 8);
+                let ready = generation.is_some_and(|g| g != 0)
+                    && ring_word(c, ring_offsets::AGENT_GENERATION, 8) == generation
+                    && ring_word(c, ring_offsets::AGENT_STATE, 4) == Some(1);
+                ChannelView {
+                    index,
+                    client: c.client.clone(),
+                    disk: c.client_index,
+                    ready,
+                    heartbeat: ring_word(c, ring_offsets::HEARTBEAT, 8).unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether every live channel's agent serves the channel's current generation.
+    fn agents_ready(&self, driver: &str) -> bool {
+        self.channel_views(driver).iter().all(|c| c.ready)
+    }
+
+    /// The watcher of one driver VM: hang, garbage and boot-timeout detection.
+    async fn watch(self: Arc<Self>, driver: String) {
+        let mut watches: BTreeMap<usize, ChannelWatch> = BTreeMap::new();
+        let mut seen_start = 0;
+        let cfg = self.recovery.clone();
+        let heartbeat_timeout = Duration::from_millis(cfg.heartbeat_timeout_ms);
+        let progress_timeout = Duration::from_millis(cfg.progress_timeout_ms);
+        let boot_timeout = Duration::from_millis(cfg.boot_timeout_ms);
+        loop {
+            tokio::time::sleep(WATCH_PERIOD).await;
+            let (active, starts, started_at) = {
+                let g = self.lock();
+                let Some(vm) = g.vms.get(&driver) else { return };
+                (
+                    vm.state == VmState::Running && !vm.recovering,
+                    vm.starts,
+                    vm.started_at,
+                )
+            };
+            if starts != seen_start {
+                watches.clear();
+                seen_start = starts;
+            }
+            if !active {
+                continue;
+            }
+            let now = Instant::now();
+            let mut found = None;
+            for ChannelView {
+                index,
+                client,
+                disk,
+                ready,
+                heartbeat: hb,
+            } in self.channel_views(&driver)
+            {
+                let w = watches.entry(index).or_default();
+                if !ready {
+                    // Not attached (yet, or again after a client restart): only the boot
+                    // deadline applies.
+                    w.heartbeat = None;
+                    let since = *w.not_ready_since.get_or_insert(now.max(started_at));
+                    if now.duration_since(since) > boot_timeout {
+                        found = Some(Detection::BootTimeout);
+                        break;
+                    }
+                    continue;
+                }
+                w.not_ready_since = None;
+                match w.heartbeat {
+                    Some((v, _)) if v == hb => {}
+                    _ => w.heartbeat = Some((hb, now)),
+                }
+                if w.heartbeat
+                    .is_some_and(|(_, t)| now.duration_since(t) > heartbeat_timeout)
+                {
+                    found = Some(Detection::Heartbeat);
+                    break;
+                }
+                let outstanding = client_disk_stat(&self, &client, disk, "outstanding");
+                let completed = client_disk_stat(&self, &client, disk, "completed");
+                match (outstanding, completed) {
+                    (Some(o), Some(c)) if o > 0 => {
+                        match w.completed {
+                            Some((v, _)) if v == c => {}
+                            _ => w.completed = Some((c, now)),
+                        }
+                        if w.completed
+                            .is_some_and(|(_, t)| now.duration_since(t) > progress_timeout)
+                        {
+                            found = Some(Detection::NoProgress);
+                            break;
+                        }
+                    }
+                    _ => w.completed = None,
+                }
+                if let Some(b) = client_disk_stat(&self, &client, disk, "bogus_completions") {
+                    let grew = w.bogus.is_some_and(|before| b > before);
+                    w.bogus = Some(b);
+                    if grew && cfg.restart_on_corrupt {
+                        found = Some(Detection::CorruptCompletions);
+                        break;
+                    }
+                }
+            }
+            if let Some(d) = found {
+                self.fault_detected(&driver, d);
+            }
+        }
+    }
+
+    /// Injects `kind` into driver VM `name`.
+    pub async fn inject(&self, name: &str, kind: FaultKind) -> Result<(), SupervisorError> {
+        let pid = {
+            let mut g = self.lock();
+            let vm = g
+                .vms
+                .get_mut(name)
+                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+            if vm.cfg.role != Role::Driver {
+                return Err(SupervisorError::NotDriver(name.to_string()));
+            }
+            if vm.recovering {
+                return Err(SupervisorError::Busy(name.to_string(), "recovering"));
+            }
+            if vm.state == VmState::Quarantined {
+                return Err(SupervisorError::Busy(name.to_string(), "quarantined"));
+            }
+            let pid = vm
+                .pid
+                .filter(|_| vm.state == VmState::Running)
+                .ok_or_else(|| SupervisorError::NotRunning(name.to_string()))?;
+            vm.injected = Some((kind, Instant::now()));
+            pid
+        };
+        *self
+            .book()
+            .injected
+            .entry((name.to_string(), kind))
+            .or_default() += 1;
+        tracing::warn!(vm = name, fault = kind.name(), "injecting fault");
+        if kind == FaultKind::Kill {
+            // SAFETY: kill only sends a signal; `pid` is our running, unreaped child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return Ok(());
+        }
+        let r = self
+            .control(
+                name,
+                &ControlRequest::Inject { fault: kind },
+                Duration::from_secs(10),
+            )
+            .await;
+        if r.is_err() {
+            if let Some(vm) = self.lock().vms.get_mut(name) {
+                vm.injected = None;
+            }
+        }
+        r.map(|_| ())
+    }
+
+    /// Starts VM `name`; a driver VM that ran before (or was quarantined) first has its
+    /// clients start a new generation, so the new agent never inherits the old one's state.
+    pub async fn start_vm(self: &Arc<Self>, name: &str) -> Result<(), SupervisorError> {
+        let rerun_driver = {
+            let g = self.lock();
+            let vm = g
+                .vms
+                .get(name)
+                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+            if vm.recovering {
+                return Err(SupervisorError::Busy(name.to_string(), "recovering"));
+            }
+            vm.cfg.role == Role::Driver && vm.starts > 0 && vm.state != VmState::Running
+        };
+        if rerun_driver {
+            self.replay_clients(name).await;
+            if let Some(vm) = self.lock().vms.get_mut(name) {
+                if vm.state == VmState::Quarantined {
+                    vm.state = VmState::Exited;
+                }
+            }
+            self.book().restart_times.remove(name);
+        }
+        self.start(name)
+    }
+
+    /// Waits until driver `name` runs with its agents ready and no recovery under way.
+    async fn wait_serving(&self, name: &str, timeout: Duration) -> Result<(), SupervisorError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (running, recovering, quarantined) = {
+                let g = self.lock();
+                let vm = g
+                    .vms
+                    .get(name)
+                    .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+                (
+                    vm.state == VmState::Running,
+                    vm.recovering,
+                    vm.state == VmState::Quarantined,
+                )
+            };
+            if quarantined {
+                return Err(SupervisorError::Busy(name.to_string(), "quarantined"));
+            }
+            if running && !recovering && self.agents_ready(name) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(SupervisorError::Timeout(format!(
+                    "driver VM '{name}' not serving after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn recoveries(&self, name: &str) -> u64 {
+        let b = self.book();
+        b.events.iter().filter(|e| e.driver == name).count() as u64
+    }
+
+    /// Injects `count` faults of `kinds` (every kind once per round, shuffled) into `name`,
+    /// each after the previous recovery plus a random pause in `interval_ms`; returns the
+    /// events of the campaign.
+    pub async fn campaign(
+        &self,
+        name: &str,
+        count: u32,
+        kinds: &[FaultKind],
+        interval_ms: (u64, u64),
+        seed: u64,
+    ) -> Result<Vec<FaultEvent>, SupervisorError> {
+        let kinds: Vec<FaultKind> = if kinds.is_empty() {
+            FaultKind::ALL.to_vec()
+        } else {
+            kinds.to_vec()
+        };
+        let mut rng = XorShift(seed | 1);
+        let per_fault = Duration::from_millis(
+            self.recovery
+                .boot_timeout_ms
+                .saturating_add(self.recovery.heartbeat_timeout_ms)
+                .saturating_add(self.recovery.progress_timeout_ms)
+                .saturating_add(self.recovery.backoff_max_ms),
+        ) * 2;
+        let first_event = self.book().events.len();
+        let mut round = Vec::new();
+        for i in 0..count {
+            if round.is_empty() {
+                round = kinds.clone();
+                for j in (1..round.len()).rev() {
+                    round.swap(j, (rng.next() % (j as u64 + 1)) as usize);
+                }
+            }
+            let kind = round.pop().unwrap_or(FaultKind::Kill);
+            self.wait_serving(name, per_fault).await?;
+            let (lo, hi) = interval_ms;
+            let pause = lo + rng.next() % (hi.saturating_sub(lo) + 1);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let before = self.recoveries(name);
+            tracing::info!(
+                vm = name,
+                n = i + 1,
+                of = count,
+                fault = kind.name(),
+                "campaign"
+            );
+            self.inject(name, kind).await?;
+            let deadline = Instant::now() + per_fault;
+            while self.recoveries(name) == before {
+                if Instant::now() > deadline {
+                    return Err(SupervisorError::Timeout(format!(
+                        "fault {} ({}) was not detected within {per_fault:?}",
+                        i + 1,
+                        kind.name()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.wait_serving(name, per_fault).await?;
+        let b = self.book();
+        Ok(b.events.iter().skip(first_event).cloned().collect())
+    }
+
+    /// The event log.
+    pub fn events(&self) -> Vec<FaultEvent> {
+        self.book().events.iter().cloned().collect()
+    }
+
+    /// Everything the daemon counts, in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut m = super::metrics::Metrics::default();
+        {
+            let b = self.book();
+            for ((d, det), n) in &b.faults {
+                m.counter(
+                    "ddvmm_driver_faults_total",
+                    "Driver VM faults by detection path",
+                    &[("driver", d), ("detected_by", det.name())],
+                    *n as f64,
+                );
+            }
+            for ((d, k), n) in &b.injected {
+                m.counter(
+                    "ddvmm_injected_faults_total",
+                    "Faults injected through the API",
+                    &[("driver", d), ("kind", k.name())],
+                    *n as f64,
+                );
+            }
+            for (metric, help, map) in [
+                (
+                    "ddvmm_driver_restarts_total",
+                    "Driver VM restarts",
+                    &b.restarts,
+                ),
+                (
+                    "ddvmm_requests_replayed_total",
+                    "Client requests replayed after a restart",
+                    &b.replayed,
+                ),
+                (
+                    "ddvmm_poison_requests_total",
+                    "Requests failed as poison",
+                    &b.poisoned,
+                ),
+                (
+                    "ddvmm_quarantines_total",
+                    "Driver VMs quarantined",
+                    &b.quarantines,
+                ),
+            ] {
+                for (d, n) in map {
+                    m.counter(metric, help, &[("driver", d)], *n as f64);
+                }
+            }
+            for (d, s) in &b.outage {
+                m.summary(
+                    "ddvmm_outage_seconds",
+                    "Fault to first completion after the restart",
+                    &[("driver", d)],
+                    s,
+                );
+            }
+            for (k, s) in &b.detection {
+                m.summary(
+                    "ddvmm_detection_seconds",
+                    "Injected fault to detection",
+                    &[("kind", k.name())],
+                    s,
+                );
+            }
+        }
+        let (vms, disks) = {
+            let g = self.lock();
+            let vms: Vec<(String, bool, u64)> = g
+                .vms
+                .values()
+                .map(|v| (v.cfg.name.clone(), v.state == VmState::Running, v.starts))
+                .collect();
+            let disks: Vec<(String, File2)> = g
+                .vms
+                .values()
+                .filter(|v| v.cfg.role == Role::Client)
+                .filter_map(|v| Some((v.cfg.name.clone(), v.stats.try_clone().ok()?)))
+                .collect();
+            (vms, disks)
+        };
+        for (name, up, starts) in vms {
+            m.gauge(
+                "ddvmm_vm_up",
+                "VMM process running",
+                &[("vm", &name)],
+                f64::from(u8::from(up)),
+            );
+            m.counter(
+                "ddvmm_vm_starts_total",
+                "VMM process starts",
+                &[("vm", &name)],
+                starts as f64,
+            );
+        }
+        for (name, file) in disks {
+            let Some(page) = stats_page::read(&file) else {
+                continue;
+            };
+            let Some(list) = page["ring_disks"].as_array() else {
+                continue;
+            };
+            for (i, d) in list.iter().enumerate() {
+                let Some(obj) = d.as_object() else { continue };
+                let disk = i.to_string();
+                for (k, v) in obj {
+                    let Some(v) = v.as_u64() else { continue };
+                    let valid = k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                    if !valid {
+                        continue;
+                    }
+                    let labels = [("vm", name.as_str()), ("disk", disk.as_str())];
+                    if k == "outstanding" {
+                        m.gauge(
+                            "ddvmm_ring_disk_outstanding",
+                            "Requests on the ring",
+                            &labels,
+                            v as f64,
+                        );
+                    } else {
+                        m.counter(
+                            &format!("ddvmm_ring_disk_{k}_total"),
+                            "Client ring disk counter",
+                            &labels,
+                            v as f64,
+                        );
+                    }
+                }
+            }
+        }
+        m.render()
+    }
+}
+
+type File2 = std::fs::File;
+
+/// A small deterministic generator for campaign timing (not for anything secret).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_map_to_detections() {
+        use std::process::ExitStatus;
+        let code = |c: i32| ExitStatus::from_raw(c << 8);
+        assert_eq!(Detection::from_exit(code(4)), Detection::Pvpanic);
+        assert_eq!(Detection::from_exit(code(5)), Detection::VcpuCrash);
+        assert_eq!(Detection::from_exit(code(3)), Detection::Reset);
+        assert_eq!(Detection::from_exit(code(0)), Detection::Poweroff);
+        assert_eq!(Detection::from_exit(code(1)), Detection::VmmError);
+        assert_eq!(
+            Detection::from_exit(ExitStatus::from_raw(9)),
+            Detection::ProcessKilled
+        );
+    }
+
+    #[test]
+    fn campaign_order_covers_every_kind_each_round() {
+        let mut rng = XorShift(7);
+        let mut round: Vec<u64> = (0..6).collect();
+        for j in (1..round.len()).rev() {
+            round.swap(j, (rng.next() % (j as u64 + 1)) as usize);
+        }
+        let mut sorted = round.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..6).collect::<Vec<_>>());
+    }
+}
