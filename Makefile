@@ -5,7 +5,8 @@ CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
 
-.PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver fuzz lint clean-images
+.PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver \
+	bench-recovery soak-recovery fuzz lint clean-images
 
 all: build
 
@@ -67,6 +68,21 @@ bench-io: deps images build
 bench-driver: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --driver-image --guest-script bench/guest-blk.sh bench/driver-blk.sh
+
+# Driver VM recovery: cold boot, then FAULTS_PER_KIND faults of each kind under fio verify;
+# detection latency and outage per kind (median, p95, max) and outage / cold boot.
+FAULTS_PER_KIND ?= 5
+bench-recovery: deps images build driver-image
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --timeout 14400 --driver-image --guest-script bench/guest-recovery.sh \
+	    --env FAULTS_PER_KIND=$(FAULTS_PER_KIND) bench/recovery.sh
+
+# The same plus SOAK_FAULTS mixed faults (1000 by default; hours on an emulated CPU).
+SOAK_FAULTS ?= 1000
+soak-recovery: deps images build driver-image
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --timeout 86400 --driver-image --guest-script bench/guest-recovery.sh \
+	    --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$(SOAK_FAULTS) bench/recovery.sh
 
 # Fuzz the virtio descriptor-chain parsers (needs a nightly toolchain; installs cargo-fuzz).
 FUZZ_SECONDS ?= 180

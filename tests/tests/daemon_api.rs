@@ -66,9 +66,9 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(dir: &Path) -> Self {
+    fn start(dir: &Path, config_text: &str) -> Self {
         let config = dir.join("system.toml");
-        std::fs::write(&config, "# no VMs\n").expect("config");
+        std::fs::write(&config, config_text).expect("config");
         let child = Command::new(ddvmm_binary().expect("ddvmm"))
             .args(["daemon", "--config"])
             .arg(&config)
@@ -110,7 +110,15 @@ impl Drop for Daemon {
 #[test]
 fn bad_api_calls_get_errors_and_the_daemon_stays_up() {
     let dir = tempdir("api");
-    let mut d = Daemon::start(&dir);
+    // A free port for the metrics endpoint (released just before the daemon binds it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut d = Daemon::start(
+        &dir,
+        &format!("# no VMs\n[api]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    );
     let bad = [
         ("{not json", "bad request"),
         (
@@ -121,6 +129,23 @@ fn bad_api_calls_get_errors_and_the_daemon_stays_up() {
         ("{\"op\":\"stop\",\"vm\":\"ghost\"}", "no VM named 'ghost'"),
         ("{\"op\":\"start\",\"vm\":\"ghost\"}", "no VM named 'ghost'"),
         ("{\"op\":\"list\",\"extra\":1}", "unknown field"),
+        (
+            "{\"op\":\"inject\",\"vm\":\"ghost\",\"fault\":\"panic\"}",
+            "no VM named 'ghost'",
+        ),
+        (
+            "{\"op\":\"inject\",\"vm\":\"ghost\",\"fault\":\"meteor\"}",
+            "unknown fault 'meteor'",
+        ),
+        ("{\"op\":\"inject\",\"vm\":\"ghost\"}", "'inject' needs \\\"fault\\\""),
+        (
+            "{\"op\":\"campaign\",\"vm\":\"ghost\"}",
+            "'campaign' needs \\\"faults\\\"",
+        ),
+        (
+            "{\"op\":\"campaign\",\"vm\":\"ghost\",\"faults\":1,\"min_interval_ms\":9,\"max_interval_ms\":1}",
+            "min_interval_ms exceeds max_interval_ms",
+        ),
     ];
     for (req, needle) in bad {
         let r = d.call(req);
@@ -137,6 +162,27 @@ fn bad_api_calls_get_errors_and_the_daemon_stays_up() {
     let r = d.call("{\"op\":\"list\"}");
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["vms"].as_array().map(Vec::len), Some(0));
+    let r = d.call("{\"op\":\"events\"}");
+    assert_eq!(r["events"].as_array().map(Vec::len), Some(0), "{r}");
+    assert_eq!(d.call("{\"op\":\"metrics\"}")["ok"], true);
+    // The metrics over HTTP: 200 on /metrics, 404 elsewhere, 400 for garbage.
+    let http = |request: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("send");
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut s, &mut reply).expect("reply");
+        reply
+    };
+    let ok = http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+    assert!(
+        ok.contains("Content-Type: text/plain; version=0.0.4"),
+        "{ok}"
+    );
+    assert!(http("GET /other HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(http("\u{1}\u{2}garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
     // The CLI client reports errors with a non-zero exit.
     let out = Command::new(ddvmm_binary().expect("ddvmm"))
         .args(["ctl", "--socket"])

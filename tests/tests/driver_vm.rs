@@ -4,24 +4,15 @@
 //! everywhere; fio in the clients verifies every block; this test then reads the backing
 //! file and checks that each client's data is where it belongs and nowhere else.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ddvmm_tests::{client_initrd_with_script, driver_initrd, repo_root, ScriptOutput, TestHost};
+use ddvmm_tests::system::{assert_clean_ending, backing_file, console, System, MIB};
+use ddvmm_tests::ScriptOutput;
 
 const TIMEOUT: Duration = Duration::from_secs(2400);
-const MIB: u64 = 1 << 20;
 /// Each client's window of the driver VM's disk.
 const SLICE_MIB: u64 = 32;
-
-fn backing_file(name: &str, mib: u64) -> PathBuf {
-    let dir = repo_root().join("target/test-disks");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).expect("create disk");
-    f.set_len(mib * MIB).expect("size disk");
-    path
-}
 
 /// The client workload: a 1 MiB marker at the start of its disk (so the host can find it),
 /// then fio with crc32c verification: random writes at QD16, sequential 128 KiB writes, a
@@ -50,8 +41,6 @@ cmp -n 1048576 /tmp/marker /dev/vda && echo "MARKER-READBACK ok"
     )
 }
 
-/// Runs the daemon with one driver VM (cmdline `driver_cmdline`) and the given clients, waits
-/// for every client to finish its script, prints stats and consoles, shuts down.
 /// How the run ends.
 struct Ending<'a> {
     /// Start this client again through the API once it is done, and wait for it again.
@@ -60,83 +49,28 @@ struct Ending<'a> {
     sigterm: bool,
 }
 
+/// Runs the daemon with one driver VM (cmdline `driver_cmdline`) and the given clients, waits
+/// for every client to finish its script, then ends the system.
 fn run_system(
     name: &str,
     disk: &Path,
     driver_cmdline: &str,
+    extra_config: &str,
     clients: &[(&str, String)],
     ending: Ending,
 ) -> ScriptOutput {
-    let (restart, sigterm) = (ending.restart.unwrap_or(""), ending.sigterm);
-    let mut host = TestHost::new(name).expect("test host").disk(disk).file(
-        "driver.img",
-        driver_initrd().expect("driver image (make driver-image)"),
-        0o644,
-    );
-    let mut config = format!(
-        r#"
-[[driver]]
-name = "storage"
-kernel = "$IMAGES/vmlinuz"
-initrd = "$WORK/driver.img"
-memory = "256M"
-disks = ["$DISK0"]
-cmdline = "{driver_cmdline}"
-"#
-    );
-    for (i, (client, script)) in clients.iter().enumerate() {
-        host = host.file(
-            &format!("{client}.img"),
-            client_initrd_with_script(script).expect("client image"),
-            0o644,
-        );
-        config.push_str(&format!(
-            r#"
-[[client]]
-name = "{client}"
-kernel = "$IMAGES/vmlinuz"
-initrd = "$WORK/{client}.img"
-memory = "384M"
-cmdline = "console=ttyS0 quiet ddvmm.action=run-script"
-[[client.disk]]
-driver = "storage"
-device = "/dev/vda"
-offset = "{}M"
-size = "{SLICE_MIB}M"
-"#,
-            i as u64 * SLICE_MIB
-        ));
-    }
+    let system = System {
+        name,
+        disk,
+        driver_cmdline,
+        clients,
+        slice_mib: SLICE_MIB,
+        extra_config,
+    };
+    let (host, prelude) = system.host_and_prelude();
     let names: Vec<&str> = clients.iter().map(|(c, _)| *c).collect();
     let script = format!(
-        r#"
-cat > $WORK/system.toml <<EOF
-{config}
-EOF
-$DDVMM --log-level info daemon --config $WORK/system.toml > $WORK/daemon.log 2>&1 &
-DAEMON=$!
-CTL="$DDVMM ctl --socket $WORK/system.sock"
-# Progress lines only when a console changes: a guest that freezes (seen rarely under the
-# emulator's nested SVM) makes the run silent, which the harness detects and retries.
-waited=0
-wait_done() {{
-    for c in "$@"; do
-        last=""; quiet=0
-        while ! grep -q DDVMM-GUEST-SCRIPT-EXIT $WORK/system.d/$c.console 2>/dev/null; do
-            sleep 5; waited=$((waited + 5)); quiet=$((quiet + 5))
-            now=$(tail -c 160 $WORK/system.d/$c.console 2>/dev/null | tr -d '\r' | tail -n 1)
-            if [ "$now" != "$last" ]; then echo "$c ($waited s): $now"; last=$now; quiet=0; fi
-            if [ $quiet = 120 ]; then
-                # Once, for the record (the harness then sees silence and retries).
-                echo "=== no progress from $c for 120 s"
-                $CTL stats | grep -E '"(requests|completions|heartbeat|submitted|completed|agent_ready)"' | tr -d ' \n'; echo
-                tail -n 5 $WORK/system.d/storage.console
-            fi
-            kill -0 $DAEMON 2>/dev/null || {{ echo "DAEMON-DIED"; return; }}
-            [ $waited -lt 2000 ] || {{ echo "CLIENT-TIMEOUT $c"; return; }}
-        done
-    done
-}}
+        r#"{prelude}
 wait_done {clients}
 for c in {restart}; do
     # A second run of the same client VM: a new ring generation the agent must pick up.
@@ -145,41 +79,15 @@ for c in {restart}; do
     echo "=== restart $c"; $CTL start $c
     wait_done $c
 done
-sleep 2
-echo "=== list"; $CTL list
-echo "=== stats"; $CTL stats
-if [ {sigterm} = true ]; then echo "=== SIGTERM"; kill -TERM $DAEMON; else echo "=== shutdown"; $CTL shutdown; fi
-wait $DAEMON
-echo "DAEMON-RC=$?"
-for p in /proc/[0-9]*; do
-    tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- "run --kernel" && echo "ORPHAN ${{p#/proc/}}"
-done
-for c in {clients}; do echo "=== console $c"; tr -d '\r' < $WORK/system.d/$c.console | grep -v '^\[' ; done
-echo "=== driver console"; tr -d '\r' < $WORK/system.d/storage.console | grep -E "ddvmm-agent|DDVMM|uio" 
-echo "=== daemon log"; cat $WORK/daemon.log
-for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done
-"#,
+{ending}"#,
         clients = names.join(" "),
+        restart = ending.restart.unwrap_or(""),
+        ending = system.ending(ending.sigterm),
     );
     let out = host.run(&script, TIMEOUT).expect("test host run");
     assert_eq!(out.status, 0, "{}", out.output);
-    assert!(out.output.contains("DAEMON-RC=0"), "{}", out.output);
-    assert!(!out.output.contains("DAEMON-DIED"), "{}", out.output);
-    assert!(
-        !out.output.contains("ORPHAN"),
-        "VMM processes left behind:\n{}",
-        out.output
-    );
+    assert_clean_ending(&out.output);
     out
-}
-
-/// The section of the output after `=== console <client>` up to the next `===`.
-fn console<'a>(out: &'a str, client: &str) -> &'a str {
-    let start = out
-        .find(&format!("=== console {client}\n"))
-        .unwrap_or_else(|| panic!("no console of {client} in:\n{out}"));
-    let rest = &out[start + 12..];
-    &rest[..rest.find("\n===").unwrap_or(rest.len())]
 }
 
 fn assert_fio_clean(out: &str, client: &str) {
@@ -221,6 +129,7 @@ fn driver_vm_serves_two_clients_their_own_slices() {
         "driver-two-clients",
         &disk,
         "console=ttyS0 quiet ddvmm.action=agent",
+        "",
         &[
             ("alpha", client_script("client-alpha")),
             ("beta", client_script("client-beta")),
@@ -270,6 +179,8 @@ fn garbage_completions_are_counted_not_trusted() {
         "driver-garbage",
         &disk,
         "console=ttyS0 quiet ddvmm.action=agent ddvmm.agent=garbage",
+        // Garbage here is the test mode itself, not a fault to recover from.
+        "\n[recovery]\nrestart_on_corrupt = false\n",
         &[("gamma", client_script("client-gamma"))],
         Ending {
             restart: Some("gamma"),

@@ -35,14 +35,31 @@ struct Args {
     /// Also provide the driver-VM image (`make driver-image`) as `$WORK/driver.img`.
     #[arg(long)]
     driver_image: bool,
+    /// A variable for the script, NAME=VALUE (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
     /// The script to run.
     script: PathBuf,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let mut exports = String::new();
+    for e in &args.env {
+        match e.split_once('=') {
+            Some((k, v))
+                if !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+            {
+                exports.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+            }
+            _ => {
+                eprintln!("testhost: --env wants NAME=VALUE, got {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let script = match std::fs::read_to_string(&args.script) {
-        Ok(s) => s,
+        Ok(s) => exports + &s,
         Err(e) => {
             eprintln!("testhost: cannot read {}: {e}", args.script.display());
             return ExitCode::from(1);

@@ -10,7 +10,7 @@
 //! | `{"op":"shutdown"}`                  | `{"ok":true}`, then the daemon stops all   |
 //! | `{"op":"inject","vm":"DRV","fault":"panic"}` | `{"ok":true}` once injected (kinds: `panic`, `hang`, `kill`, `triple-fault`, `corrupt`, `reset`) |
 //! | `{"op":"campaign","vm":"DRV","faults":N,"kinds":[..],"min_interval_ms":A,"max_interval_ms":B,"seed":S}` | `{"ok":true,"events":[..]}` when all N faults are recovered (all fields but `vm`, `faults` optional) |
-//! | `{"op":"events"}`                    | `{"ok":true,"events":[..]}`: every fault, detection, outage |
+//! | `{"op":"events"}`                    | `{"ok":true,"events":[..],"cold_boots_ms":[..]}`: every fault (detection, latency, outage, boot, replays) and the driver VMs' cold boot times |
 //! | `{"op":"metrics"}`                   | `{"ok":true,"text":"<Prometheus text>"}`   |
 //!
 //! Errors: `{"ok":false,"error":"..."}` (unknown operation, bad JSON, unknown VM, ...); the
@@ -126,7 +126,11 @@ pub async fn handle_line(
                 Err(e) => fail(e),
             }
         }
-        "events" => serde_json::json!({ "ok": true, "events": sup.events() }),
+        "events" => serde_json::json!({
+            "ok": true,
+            "events": sup.events(),
+            "cold_boots_ms": sup.cold_boots_ms(),
+        }),
         "metrics" => serde_json::json!({ "ok": true, "text": sup.metrics_text() }),
         other => fail(format!(
             "unknown op '{other}' (expected list, stats, start, stop, shutdown, inject, \

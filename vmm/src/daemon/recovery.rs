@@ -111,6 +111,8 @@ pub struct FaultEvent {
     pub detect_ms: Option<f64>,
     /// Fault to first completion after the restart (set on the round that recovered).
     pub outage_ms: Option<f64>,
+    /// Start of the new driver VM to its agents being ready (set on the round that recovered).
+    pub boot_ms: Option<f64>,
     /// Requests the clients replayed.
     pub replayed: u64,
     /// Requests failed as poison.
@@ -161,6 +163,8 @@ pub struct FaultBook {
     pub detection: BTreeMap<FaultKind, Summary>,
     /// Restart times by driver within the policy window.
     restart_times: BTreeMap<String, VecDeque<Instant>>,
+    /// Boots not caused by a recovery (start to agents ready), milliseconds, most recent last.
+    pub cold_boots_ms: VecDeque<f64>,
 }
 
 fn now_ms() -> u64 {
@@ -290,6 +294,7 @@ impl Supervisor {
                 detected_at_ms: now_ms(),
                 detect_ms,
                 outage_ms: None,
+                boot_ms: None,
                 replayed: 0,
                 poisoned: 0,
                 outcome: "restarted",
@@ -340,9 +345,10 @@ impl Supervisor {
                 continue;
             }
             match self.await_service(name).await {
-                Ok(()) => {
+                Ok(boot) => {
                     let outage = fault_at.elapsed().as_secs_f64();
                     event.outage_ms = Some(outage * 1e3);
+                    event.boot_ms = Some(boot.as_secs_f64() * 1e3);
                     self.book()
                         .outage
                         .entry(name.to_string())
@@ -440,8 +446,10 @@ impl Supervisor {
     /// Waits until every channel of the freshly started `driver` has its agent ready on the
     /// current generation and, where the client had requests outstanding, one of them has
     /// completed. A fault meanwhile is returned as the next round's detection.
-    async fn await_service(&self, driver: &str) -> Result<(), Detection> {
-        let deadline = Instant::now() + Duration::from_millis(self.recovery.boot_timeout_ms);
+    async fn await_service(&self, driver: &str) -> Result<Duration, Detection> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.recovery.boot_timeout_ms);
+        let mut boot = None;
         let mut baseline: BTreeMap<(String, usize), Option<u64>> = BTreeMap::new();
         for (client, disk) in self.client_disks_of(driver) {
             let outstanding = client_disk_stat(self, &client, disk, "outstanding").unwrap_or(0);
@@ -457,6 +465,9 @@ impl Supervisor {
                 }
             }
             let ready = self.agents_ready(driver);
+            if ready && boot.is_none() {
+                boot = Some(started.elapsed());
+            }
             let served = baseline
                 .iter()
                 .all(|((client, disk), before)| match before {
@@ -464,8 +475,8 @@ impl Supervisor {
                     Some(b) => client_disk_stat(self, client, *disk, "completed")
                         .is_none_or(|now| now > *b),
                 });
-            if ready && served {
-                return Ok(());
+            if let (Some(boot), true) = (boot, served) {
+                return Ok(boot);
             }
             if Instant::now() > deadline {
                 return Err(Detection::BootTimeout);
@@ -511,6 +522,7 @@ impl Supervisor {
     async fn watch(self: Arc<Self>, driver: String) {
         let mut watches: BTreeMap<usize, ChannelWatch> = BTreeMap::new();
         let mut seen_start = 0;
+        let mut boot_recorded = 0;
         let cfg = self.recovery.clone();
         let heartbeat_timeout = Duration::from_millis(cfg.heartbeat_timeout_ms);
         let progress_timeout = Duration::from_millis(cfg.progress_timeout_ms);
@@ -534,6 +546,17 @@ impl Supervisor {
                 continue;
             }
             let now = Instant::now();
+            let views = self.channel_views(&driver);
+            // A start that was not a recovery's (those time their own boot): a cold boot.
+            if boot_recorded != starts && !views.is_empty() && views.iter().all(|v| v.ready) {
+                boot_recorded = starts;
+                let mut b = self.book();
+                if b.cold_boots_ms.len() >= MAX_EVENTS {
+                    b.cold_boots_ms.pop_front();
+                }
+                b.cold_boots_ms
+                    .push_back(now.duration_since(started_at).as_secs_f64() * 1e3);
+            }
             let mut found = None;
             for ChannelView {
                 index,
@@ -541,7 +564,7 @@ impl Supervisor {
                 disk,
                 ready,
                 heartbeat: hb,
-            } in self.channel_views(&driver)
+            } in views
             {
                 let w = watches.entry(index).or_default();
                 if !ready {
@@ -777,6 +800,11 @@ impl Supervisor {
     /// The event log.
     pub fn events(&self) -> Vec<FaultEvent> {
         self.book().events.iter().cloned().collect()
+    }
+
+    /// Cold boot times (start to agents ready) of driver VMs, milliseconds.
+    pub fn cold_boots_ms(&self) -> Vec<f64> {
+        self.book().cold_boots_ms.iter().copied().collect()
     }
 
     /// Everything the daemon counts, in the Prometheus text format.

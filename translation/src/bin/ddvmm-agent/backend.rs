@@ -1,6 +1,7 @@
 //! Serving one block channel: ring in, `O_DIRECT` I/O on the backend device, ring out.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -165,6 +166,8 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             garbage: opts.garbage,
             poison: opts.poison,
             in_flight: 0,
+            unpublished: VecDeque::new(),
+            garbage_for: None,
             published: false,
             wakeups: Wakeups::new(),
             doorbell: &regs_map,
@@ -263,6 +266,10 @@ struct Server<'a> {
     /// Test mode: a request touching this window sector panics the kernel.
     poison: Option<u64>,
     in_flight: usize,
+    /// Completions waiting for room in the completion ring (only garbage can fill it).
+    unpublished: VecDeque<Completion>,
+    /// The completion the last bogus entry was published for.
+    garbage_for: Option<u64>,
     /// Completions published since the last doorbell decision.
     published: bool,
     wakeups: Wakeups,
@@ -301,6 +308,7 @@ impl Server<'_> {
                 self.finish(d);
                 completed = true;
             }
+            self.publish_pending();
             // Completions published this round (also those answered without I/O).
             if std::mem::take(&mut self.published) && self.ring.needs_notify_client() {
                 self.doorbell.write32(regs::DOORBELL, 1);
@@ -337,8 +345,15 @@ impl Server<'_> {
                     revents: 0,
                 },
             ];
+            // Completions still waiting for room: look again soon (the client drains the ring
+            // on our doorbell or its own re-poll).
+            let wait = if self.unpublished.is_empty() {
+                HEARTBEAT.as_millis() as i32
+            } else {
+                5
+            };
             // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, HEARTBEAT.as_millis() as i32) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
             if n > 0 {
                 if fds[0].revents & libc::POLLIN != 0 {
                     irq.ack();
@@ -402,13 +417,36 @@ impl Server<'_> {
         }
     }
 
+    /// Queues a completion and publishes what fits. A completion is never dropped: an honest
+    /// agent always finds room, but garbage mode can fill the ring, and then the real answers
+    /// wait here until the client has consumed some.
     fn answer(&mut self, id: u64, status: Status, len: u32) {
-        self.published = true;
-        if self.garbage {
-            self.publish_garbage(id, len);
-        }
-        if let Err(e) = self.ring.complete(Completion { id, status, len }) {
-            eprintln!("ddvmm-agent: completion ring: {e}");
+        self.unpublished.push_back(Completion { id, status, len });
+        self.publish_pending();
+    }
+
+    fn publish_pending(&mut self) {
+        while let Some(c) = self.unpublished.front().copied() {
+            // One bogus entry per real one, not one per attempt (or garbage could take every
+            // slot the client frees).
+            if self.garbage && self.garbage_for != Some(c.id) {
+                self.publish_garbage(c.id, c.len);
+                self.garbage_for = Some(c.id);
+            }
+            match self.ring.complete(c) {
+                Ok(()) => {
+                    self.unpublished.pop_front();
+                    self.published = true;
+                }
+                Err(RingError::RingFull) => {
+                    self.published = true;
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("ddvmm-agent: completion ring: {e}");
+                    self.unpublished.pop_front();
+                }
+            }
         }
     }
 

@@ -935,6 +935,193 @@ mod tests {
         })
     }
 
+    /// The six status bytes the tests' chains point at (consecutive from `at`).
+    fn statuses(m: &GuestMemoryMmap, at: u64) -> [u8; 6] {
+        let mut s = [0u8; 6];
+        m.read_slice(&mut s, GuestAddress(at)).expect("status");
+        s
+    }
+
+    /// An agent that serves in order until it meets a request for `poison`, where it "dies":
+    /// returns without completing anything further (like a crashed driver VM).
+    fn dying_agent(
+        fds: &ChannelFds,
+        poison: u64,
+        generation: u64,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> JoinHandle<bool> {
+        let len = fds.memory_size().expect("size") as usize;
+        let file = fds.memory.try_clone().expect("dup");
+        let doorbell = fds.doorbell.clone();
+        std::thread::spawn(move || {
+            let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len).expect("map");
+            let start = Instant::now();
+            let mut ring = loop {
+                // SAFETY: the mapping outlives the ring (same thread); accessed only through it.
+                let r = unsafe { RawRegion::new(map.as_ptr(), len) }.expect("region");
+                match AgentRing::attach(r, ddvmm_translation::ring::features::ALL) {
+                    Ok(a) if a.generation() == generation => break a,
+                    _ => {}
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "no ring {generation}"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            ring.set_ready().expect("ready");
+            while !stop.load(Ordering::SeqCst) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "agent never stopped"
+                );
+                let Some(Ok(r)) = ring.pop_request() else {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                };
+                if r.sector == poison {
+                    return true;
+                }
+                if r.op == Opcode::Read {
+                    let buf = vec![r.sector as u8; r.len as usize];
+                    ring.write_slot(r.slot.expect("slot"), 0, &buf)
+                        .expect("slot");
+                }
+                ring.complete(Completion {
+                    id: r.id,
+                    status: Status::Ok,
+                    len: r.len,
+                })
+                .expect("complete");
+                doorbell.write(1).expect("doorbell");
+            }
+            false
+        })
+    }
+
+    #[test]
+    fn replays_after_driver_crashes_and_isolates_the_poison_request() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        const POISON: u64 = 64;
+        // Six 4 KiB reads; the third is the poison.
+        let sectors = [8u64, 16, POISON, 24, 32, 40];
+        let mut descs = Vec::new();
+        for (i, sector) in sectors.iter().enumerate() {
+            let i = i as u64;
+            let mut h = [0u8; 16];
+            h[8..].copy_from_slice(&sector.to_le_bytes());
+            m.write_slice(&h, GuestAddress(0x1000 + i * 0x100))
+                .expect("header");
+            let next = (i * 3) as u16;
+            descs.push(RawDescriptor::from(D::new(
+                0x1000 + i * 0x100,
+                16,
+                NEXT,
+                next + 1,
+            )));
+            descs.push(RawDescriptor::from(D::new(
+                0x10_0000 + i * 0x1000,
+                4096,
+                NEXT | WRITE,
+                next + 2,
+            )));
+            descs.push(RawDescriptor::from(D::new(0x2000 + i, 1, WRITE, 0)));
+        }
+        mock.build_multiple_desc_chains(&descs).expect("chains");
+        m.write_slice(&[0xEE; 6], GuestAddress(0x2000))
+            .expect("status");
+        let q: Queue = mock.create_queue().expect("queue");
+
+        let fds = fds();
+        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
+        let control = dev.control();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let active = ActiveQueue {
+            queue: q,
+            notify: notify.try_clone().expect("clone"),
+            interrupt: Interrupt::new(Msix::detached(1), 0),
+        };
+        dev.activate(m.clone(), 0, vec![active], Arc::new(Failures::default()))
+            .expect("activate");
+        notify.write(1).expect("notify");
+        let used_idx = mock.used_addr().unchecked_add(2);
+        let mut generation = 1;
+        let mut crashes = 0;
+        let used = || m.read_obj::<u16>(used_idx).expect("used");
+        loop {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let agent = dying_agent(&fds, POISON, generation, stop.clone());
+            let start = Instant::now();
+            while !agent.is_finished() && used() < 6 {
+                assert!(start.elapsed() < Duration::from_secs(20), "requests lost");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            stop.store(true, Ordering::SeqCst);
+            if !agent.join().expect("agent") {
+                break;
+            }
+            crashes += 1;
+            assert!(crashes <= 3, "the poison request was not isolated");
+            // Nothing completed to the guest after the first two, before the replay.
+            assert_eq!(
+                used(),
+                2,
+                "only the two requests before the poison completed"
+            );
+            let o = control
+                .request(
+                    RingCommand::Replay { poison_after: 3 },
+                    Duration::from_secs(10),
+                )
+                .expect("replay");
+            assert_eq!(o.poisoned, u64::from(crashes == 3));
+            generation += 1;
+            if crashes == 3 {
+                // The poison failed alone; the three behind it come back isolated, one at a
+                // time: they were held back, never on the ring that crashed the third time.
+                assert_eq!(o.replayed, 0);
+            }
+        }
+        assert_eq!(crashes, 3);
+        assert_eq!(used(), 6);
+        dev.reset();
+        assert_eq!(
+            statuses(&m, 0x2000),
+            [
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_OK
+            ]
+        );
+        // Each head was returned exactly once.
+        let mut heads: Vec<u32> = (0..6u64)
+            .map(|i| {
+                m.read_obj::<u32>(mock.used_addr().unchecked_add(4 + i * 8))
+                    .expect("used elem")
+            })
+            .collect();
+        heads.sort();
+        assert_eq!(heads, [0, 3, 6, 9, 12, 15]);
+        for (i, sector) in sectors.iter().enumerate() {
+            if *sector == POISON {
+                continue;
+            }
+            let mut b = [0u8; 4096];
+            m.read_slice(&mut b, GuestAddress(0x10_0000 + i as u64 * 0x1000))
+                .expect("data");
+            assert!(b.iter().all(|x| *x == *sector as u8), "read {i} data");
+        }
+        let s = dev.stats();
+        assert_eq!(s.poisoned.load(Ordering::SeqCst), 1);
+        assert_eq!(s.generations.load(Ordering::SeqCst), 3);
+        assert_eq!(s.errors.load(Ordering::SeqCst), 1);
+        assert_eq!(s.completed.load(Ordering::SeqCst), 6);
+    }
+
     #[test]
     fn serves_requests_through_an_agent_and_rejects_what_it_must() {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
@@ -1012,11 +1199,8 @@ mod tests {
             0,
             "write data reached the agent intact"
         );
-        let status: Vec<u8> = (0..6)
-            .map(|i| m.read_obj::<u8>(GuestAddress(st(i))).expect("status"))
-            .collect();
         assert_eq!(
-            status,
+            statuses(&m, st(0)),
             [
                 VIRTIO_BLK_S_OK,
                 VIRTIO_BLK_S_OK,

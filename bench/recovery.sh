@@ -1,0 +1,125 @@
+# Recovery benchmark: one driver VM serving one client VM that loops fio with crc32c verify.
+# In one run: the driver VM's cold boot time (API stop + start, COLD_BOOTS times), then
+# FAULTS_PER_KIND injected faults of each kind, then SOAK_FAULTS mixed faults (0 by default;
+# `make soak-recovery` sets 1000). Prints per kind the detection latency and the outage
+# (fault to first completion after the restart) as median / p95 / max, the restart boot time,
+# and outage / cold boot. Absolute times come from an emulated CPU here: read the ratios.
+FAULTS_PER_KIND=${FAULTS_PER_KIND:-5}
+SOAK_FAULTS=${SOAK_FAULTS:-0}
+COLD_BOOTS=${COLD_BOOTS:-3}
+K=$IMAGES/vmlinuz
+DISK=/tmp/pool.img
+dd if=/dev/zero of=$DISK bs=1M count=64 2>/dev/null
+
+cat > system.toml <<CFG
+[[driver]]
+name = "storage"
+kernel = "$K"
+initrd = "$WORK/driver.img"
+memory = "256M"
+disks = ["$DISK"]
+
+[[client]]
+name = "bench"
+kernel = "$K"
+initrd = "$WORK/guest.img"
+memory = "384M"
+cmdline = "console=ttyS0 quiet ddvmm.action=run-script"
+[[client.disk]]
+driver = "storage"
+size = "64M"
+
+[recovery]
+heartbeat_timeout_ms = 8000
+progress_timeout_ms = 60000
+backoff_initial_ms = 100
+backoff_max_ms = 2000
+max_restarts = 30
+restart_window_s = 60
+CFG
+$DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
+DAEMON=$!
+CTL="$DDVMM ctl --socket system.sock"
+count() { $CTL events | tr -d ' \n' | grep -o "$1" | wc -l; }
+until grep -q "ROUND 1 " system.d/bench.console 2>/dev/null; do
+    sleep 5; kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; exit 1; }
+done
+echo "client running"
+
+i=0
+while [ $i -lt $COLD_BOOTS ]; do
+    i=$((i + 1))
+    before=$($CTL events | tr -d ' \n' | sed 's/.*"cold_boots_ms":\[\([^]]*\)\].*/\1/' | tr ',' '\n' | grep -c .)
+    $CTL stop storage > /dev/null; $CTL start storage > /dev/null
+    while :; do
+        sleep 1
+        n=$($CTL events | tr -d ' \n' | sed 's/.*"cold_boots_ms":\[\([^]]*\)\].*/\1/' | tr ',' '\n' | grep -c .)
+        [ "$n" -gt "$before" ] && break
+    done
+    echo "cold boot $i done"
+done
+
+campaign() {
+    label=$1; shift
+    $CTL campaign storage "$@" > c-$label.json 2>&1 &
+    cpid=$!; seen=""
+    while kill -0 $cpid 2>/dev/null; do
+        sleep 5
+        n=$(count '"detected_by"')
+        [ "$n" != "$seen" ] && echo "faults so far: $n" && seen=$n
+    done
+    wait $cpid || { echo "campaign $label failed:"; cat c-$label.json; }
+}
+for k in panic hang kill triple-fault corrupt reset; do
+    echo "=== $FAULTS_PER_KIND x $k"
+    campaign $k --faults $FAULTS_PER_KIND --kinds $k --min-interval-ms 500 --max-interval-ms 3000
+done
+if [ "$SOAK_FAULTS" -gt 0 ]; then
+    echo "=== soak: $SOAK_FAULTS mixed faults"
+    campaign soak --faults $SOAK_FAULTS --min-interval-ms 0 --max-interval-ms 3000 --seed 11
+fi
+
+printf 'DDVMM-STOP' | dd of=$DISK bs=1 seek=$((60 * 1048576)) conv=notrunc 2>/dev/null
+sync
+until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
+    sleep 5; kill -0 $DAEMON 2>/dev/null || break
+done
+tr -d '\r' < system.d/bench.console | grep -E "CLIENT-RESULT|FIO-FAILED"
+$CTL events | tr -d ' \n' > events.json
+$CTL metrics | grep -E "^ddvmm_(driver_faults|driver_restarts|requests_replayed|poison|quarantines|ring_disk_errors)"
+$CTL shutdown > /dev/null
+wait $DAEMON
+
+# One line per event: kind detect_ms outage_ms boot_ms; and the cold boots.
+sed 's/"cold_boots_ms":\[\([^]]*\)\]/\n&\n/' events.json | grep '^"cold_boots_ms"' \
+    | sed 's/.*\[\(.*\)\]/\1/' | tr ',' '\n' | grep . | sed 's/^/cold /' > samples.txt
+sed 's/},{/}\n{/g' events.json | grep '"injected":"' | while read -r e; do
+    kind=$(echo "$e" | sed 's/.*"injected":"\([a-z-]*\)".*/\1/')
+    field() { echo "$e" | sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
+    echo "$kind $(field detect_ms) $(field outage_ms) $(field boot_ms)"
+done >> samples.txt
+
+awk '
+function sort(a, c,    i, j, x) { for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x } }
+function pct(a, c, p,    r) { if (!c) return 0; r = int(c * p + 0.999999); if (r < 1) r = 1; return a[r] }
+$1 == "cold" { cb[++ncb] = $2; next }
+NF >= 3 && $3 != "" {
+    k = $1; if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
+    n[k]++; d[k, n[k]] = $2; o[k, n[k]] = $3; b[k, n[k]] = $4
+    all[++na] = $3
+}
+END {
+    sort(cb, ncb); cold = pct(cb, ncb, 0.5)
+    printf "\ndriver VM cold boot (start to agent ready), median of %d: %.0f ms\n\n", ncb, cold
+    printf "%-13s %4s %9s %9s %10s %10s %10s %10s %8s\n", "fault", "n", "detect50", "detect95", "outage50", "outage95", "outageMax", "restart50", "out/cold"
+    for (i = 1; i <= nk; i++) {
+        k = order[i]; c = n[k]
+        for (j = 1; j <= c; j++) { dd[j] = d[k, j]; oo[j] = o[k, j]; bb[j] = b[k, j] }
+        sort(dd, c); sort(oo, c); sort(bb, c)
+        printf "%-13s %4d %9.0f %9.0f %10.0f %10.0f %10.0f %10.0f %8.2f\n", k, c, pct(dd, c, 0.5), pct(dd, c, 0.95), pct(oo, c, 0.5), pct(oo, c, 0.95), oo[c], pct(bb, c, 0.5), (cold > 0 ? pct(oo, c, 0.5) / cold : 0)
+        delete dd; delete oo; delete bb
+    }
+    sort(all, na)
+    printf "%-13s %4d %9s %9s %10.0f %10.0f %10.0f %10s %8.2f\n", "all", na, "", "", pct(all, na, 0.5), pct(all, na, 0.95), all[na], "", (cold > 0 ? pct(all, na, 0.5) / cold : 0)
+    printf "\n(ms; detect = injection to detection; outage = fault to the first completion after the\n restart; restart = new driver VM start to agent ready)\n"
+}' samples.txt

@@ -1,0 +1,389 @@
+//! Transparent recovery end to end: the daemon detects driver VM faults of every kind, boots
+//! a fresh driver VM and has the clients replay their outstanding requests, while the clients
+//! run fio with crc32c verification and never see an error. Then poison-request isolation and
+//! quarantine. Stock kernels, real files; the host checks the backing file afterwards.
+
+use std::time::Duration;
+
+use ddvmm_tests::system::{assert_clean_ending, backing_file, console, System, MIB};
+
+const TIMEOUT: Duration = Duration::from_secs(3600);
+const SLICE_MIB: u64 = 32;
+/// Each client's control block (the host writes a stop sentinel there): MiB 30 of its window.
+const CONTROL_MIB: u64 = 30;
+/// Where each client writes its final pattern: MiB 24 of its window, 2 MiB.
+const FINAL_MIB: u64 = 24;
+
+const RECOVERY: &str = r#"
+[recovery]
+heartbeat_timeout_ms = 8000
+progress_timeout_ms = 60000
+backoff_initial_ms = 100
+backoff_max_ms = 2000
+max_restarts = 1000
+restart_window_s = 3600
+"#;
+
+/// Shell: run a campaign in the background, printing the event count as it grows (so the run
+/// is never silent), then `CAMPAIGN-RC <label> <rc>` and the campaign's events on one line.
+const CAMPAIGN_FN: &str = r#"
+campaign() {
+    label=$1; shift
+    $CTL campaign storage "$@" > $WORK/c-$label.json 2>&1 &
+    cpid=$!; seen=""
+    while kill -0 $cpid 2>/dev/null; do
+        sleep 5
+        n=$($CTL events | grep -o '"detected_by"' | wc -l)
+        [ "$n" != "$seen" ] && echo "faults so far: $n" && seen=$n
+    done
+    wait $cpid; echo "CAMPAIGN-RC $label $?"
+    echo "EVENTS $label $(tr -d ' \n' < $WORK/c-$label.json)"
+}
+stop_clients() {
+    for i in "$@"; do
+        printf 'DDVMM-STOP' | dd of=$DISK0 bs=1 seek=$(( (i * 32 + 30) * 1048576 )) conv=notrunc 2>/dev/null
+    done
+    sync
+}
+"#;
+
+/// A client that loops fio (mixed random read/write, fsync every 16 writes, crc32c verify)
+/// until the host's stop sentinel shows up in its control block, then writes a final random
+/// pattern and prints its checksum.
+fn looping_client(tag: &str) -> String {
+    format!(
+        r#"
+yes "{tag}" | head -c 1048576 > /tmp/marker
+dd if=/tmp/marker of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+echo "MARKER-RC $?"
+round=0; fails=0
+while :; do
+    round=$((round + 1))
+    fio --name=mix --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 \
+        --rw=randrw --bs=4k --offset=1M --size=8M --fsync=16 --verify=crc32c \
+        --verify_fatal=1 --randseed=$round --eta=never --output=/tmp/fio.txt
+    rc=$?
+    if [ $rc != 0 ] || ! grep -q "err= 0" /tmp/fio.txt; then
+        fails=$((fails + 1)); echo "FIO-FAILED round $round rc $rc"; cat /tmp/fio.txt
+    fi
+    echo "ROUND $round rc=$rc"
+    dd if=/dev/vda bs=4096 skip={control} count=1 iflag=direct 2>/dev/null | grep -q DDVMM-STOP && break
+done
+head -c 2097152 /dev/urandom > /tmp/final
+dd if=/tmp/final of=/dev/vda bs=64k seek={final} oflag=direct conv=fsync 2>/dev/null
+echo "FINAL-RC $?"
+echo "FINAL-SHA $(sha256sum /tmp/final | cut -d' ' -f1)"
+echo "ROUNDS $round FAILS $fails"
+"#,
+        control = CONTROL_MIB * 256,
+        final = FINAL_MIB * 16,
+    )
+}
+
+/// `name value` of a metric line `name{labels} value`.
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn metrics_section(out: &str) -> &str {
+    let start = out.find("=== metrics\n").expect("metrics section");
+    let rest = &out[start + 12..];
+    &rest[..rest.find("\n===").unwrap_or(rest.len())]
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(data)
+        .expect("write");
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The field after `key` in a client's console.
+fn field<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no '{key}' in console:\n{console}"))
+}
+
+#[test]
+fn every_fault_kind_is_detected_and_recovered_without_client_errors() {
+    let disk = backing_file("recovery-pool.img", 2 * SLICE_MIB);
+    let clients = [
+        ("alpha", looping_client("client-alpha")),
+        ("beta", looping_client("client-beta")),
+    ];
+    let system = System {
+        name: "recovery-campaign",
+        disk: &disk,
+        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
+        clients: &clients,
+        slice_mib: SLICE_MIB,
+        extra_config: RECOVERY,
+    };
+    let (host, prelude) = system.host_and_prelude();
+    // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.
+    let host = host.expect_guest_crash();
+    let kinds = [
+        ("panic", "pvpanic"),
+        ("hang", "heartbeat"),
+        ("kill", "process-killed"),
+        ("triple-fault", "vcpu-crash"),
+        ("corrupt", "corrupt-completions"),
+        ("reset", "reset"),
+    ];
+    let names: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+    let script = format!(
+        r#"{prelude}{CAMPAIGN_FN}
+wait_console alpha "ROUND 1 "
+wait_console beta "ROUND 1 "
+for k in {names}; do
+    echo "=== fault $k"
+    campaign $k --faults 1 --kinds $k --min-interval-ms 500 --max-interval-ms 2000
+done
+echo "=== mixed campaign"
+campaign mixed --faults 14 --min-interval-ms 0 --max-interval-ms 4000 --seed 7
+stop_clients 0 1
+wait_done alpha beta
+echo "=== events"; $CTL events | tr -d ' \n'; echo
+echo "=== metrics"; $CTL metrics
+{ending}"#,
+        names = names.join(" "),
+        ending = system.ending(false),
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert_clean_ending(log);
+
+    // Each kind alone: injected, detected on its own path, restarted.
+    for (kind, path) in kinds {
+        assert!(
+            log.contains(&format!("CAMPAIGN-RC {kind} 0")),
+            "{kind}:\n{log}"
+        );
+        let events = log
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("EVENTS {kind} ")))
+            .unwrap_or_else(|| panic!("no events of {kind}:\n{log}"));
+        let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
+        let list = v["events"].as_array().expect("events");
+        assert_eq!(list.len(), 1, "{kind}: {events}");
+        let e = &list[0];
+        assert_eq!(e["injected"], kind, "{events}");
+        assert_eq!(
+            e["detected_by"], path,
+            "{kind} detected on the wrong path: {events}"
+        );
+        assert_eq!(e["outcome"], "restarted", "{events}");
+        assert!(e["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "{events}");
+    }
+    assert!(log.contains("CAMPAIGN-RC mixed 0"), "{log}");
+
+    // Counters match the faults: 20 injected, 20 detected, 20 restarts, no quarantine.
+    let m = metrics_section(log);
+    let sum = |prefix: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("ddvmm_injected_faults_total{"), 20.0, "{m}");
+    assert_eq!(sum("ddvmm_driver_faults_total{"), 20.0, "{m}");
+    assert_eq!(
+        metric(m, "ddvmm_driver_restarts_total{driver=\"storage\"}"),
+        Some(20.0),
+        "{m}"
+    );
+    assert_eq!(sum("ddvmm_quarantines_total"), 0.0, "{m}");
+    // Replays the daemon counted are the replays the clients did.
+    let replayed = metric(m, "ddvmm_requests_replayed_total{driver=\"storage\"}").unwrap_or(0.0);
+    assert_eq!(replayed, sum("ddvmm_ring_disk_replayed_total{"), "{m}");
+    assert!(
+        replayed > 0.0,
+        "no request was ever in flight at a fault?\n{m}"
+    );
+    assert_eq!(sum("ddvmm_ring_disk_errors_total{"), 0.0, "{m}");
+    assert_eq!(sum("ddvmm_ring_disk_poisoned_total{"), 0.0, "{m}");
+    assert_eq!(
+        metric(m, "ddvmm_outage_seconds_count{driver=\"storage\"}"),
+        Some(20.0),
+        "{m}"
+    );
+
+    // The clients: every fio round verified, markers and final patterns in the backing file.
+    let pool = std::fs::read(&disk).expect("read pool");
+    for (i, (client, _)) in clients.iter().enumerate() {
+        let c = console(log, client);
+        assert!(
+            c.contains("MARKER-RC 0") && c.contains("FINAL-RC 0"),
+            "{client}:\n{log}"
+        );
+        let rounds = field(c, "ROUNDS ");
+        assert!(rounds.ends_with("FAILS 0"), "{client}: {rounds}\n{log}");
+        let n: u32 = rounds
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(n >= 2, "{client}: only {n} fio rounds");
+        let base = i as u64 * SLICE_MIB * MIB;
+        let marker = format!("client-{client}\n").repeat(MIB as usize)[..MIB as usize].to_string();
+        assert!(
+            pool[base as usize..(base + MIB) as usize] == *marker.as_bytes(),
+            "{client}: marker not at its window start"
+        );
+        let at = (base + FINAL_MIB * MIB) as usize;
+        assert_eq!(
+            sha256_hex(&pool[at..at + 2 * MIB as usize]),
+            field(c, "FINAL-SHA "),
+            "{client}: final pattern not in the backing file"
+        );
+    }
+}
+
+#[test]
+fn poison_request_fails_alone_and_restart_cap_quarantines() {
+    let disk = backing_file("recovery-poison.img", SLICE_MIB);
+    // Sector 40960 = MiB 20 of the window: the agent panics its kernel on any request there.
+    let client = r#"
+fio --name=bg --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=4 \
+    --rw=randrw --bs=4k --offset=1M --size=8M --loops=3 --verify=crc32c --verify_fatal=1 \
+    --eta=never --output=/tmp/fio.txt &
+FIO=$!
+sleep 3
+dd if=/dev/vda of=/dev/null bs=4096 skip=5120 count=1 iflag=direct
+echo "POISON-RC $?"
+wait $FIO; echo "FIO-RC $?"; grep -E "err=" /tmp/fio.txt
+echo "PHASE-1-DONE"
+n=0; state=""
+while :; do
+    if dd if=/dev/vda of=/tmp/probe bs=4096 skip=7680 count=1 iflag=direct 2>/dev/null; then s=ok; else s=err; fi
+    if [ "$s" != "$state" ]; then n=$((n + 1)); echo "PROBE $n $s"; state=$s; fi
+    grep -q DDVMM-STOP /tmp/probe 2>/dev/null && break
+    sleep 2
+done
+echo "PROBE-END"
+"#;
+    let clients = [("alpha", client.to_string())];
+    let system = System {
+        name: "recovery-poison",
+        disk: &disk,
+        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent ddvmm.agent.poison=40960",
+        clients: &clients,
+        slice_mib: SLICE_MIB,
+        extra_config: r#"
+[recovery]
+heartbeat_timeout_ms = 8000
+progress_timeout_ms = 60000
+backoff_initial_ms = 100
+backoff_max_ms = 1000
+max_restarts = 4
+restart_window_s = 3600
+poison_after = 3
+"#,
+    };
+    let (host, prelude) = system.host_and_prelude();
+    // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.
+    let host = host.expect_guest_crash();
+    let script = format!(
+        r#"{prelude}{CAMPAIGN_FN}
+wait_console alpha PHASE-1-DONE
+echo "=== poison events"; $CTL events | tr -d ' \n'; echo
+# Three restarts so far; the fourth is allowed, the fifth fault exceeds the cap.
+campaign kill4 --faults 1 --kinds kill --max-interval-ms 500
+sleep 5
+$CTL inject storage kill
+for i in $(seq 1 60); do $CTL list | tr -d ' \n' | grep -q '"state":"quarantined"' && break; sleep 2; done
+wait_console alpha "PROBE 2 err"
+echo "=== quarantined list"; $CTL list | tr -d ' \n'; echo
+echo "=== restart after quarantine"; $CTL start storage
+wait_console alpha "PROBE 3 ok"
+stop_clients 0
+wait_done alpha
+echo "=== events"; $CTL events | tr -d ' \n'; echo
+echo "=== metrics"; $CTL metrics
+{ending}"#,
+        ending = system.ending(false),
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert_clean_ending(log);
+    let c = console(log, "alpha");
+    // The poison read failed alone; fio, in flight around the same crashes, verified clean.
+    assert!(c.contains("POISON-RC 1"), "{log}");
+    assert!(c.contains("FIO-RC 0") && c.contains("err= 0"), "{log}");
+    assert!(
+        c.contains("PROBE 1 ok") && c.contains("PROBE 2 err") && c.contains("PROBE 3 ok"),
+        "{log}"
+    );
+    assert!(c.contains("PROBE-END"), "{log}");
+    let poison_events = log
+        .split("=== poison events\n")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(poison_events).expect("events JSON");
+    let events = v["events"].as_array().expect("events");
+    assert!(
+        events.iter().all(|e| e["detected_by"] == "pvpanic"),
+        "{poison_events}"
+    );
+    let poisoned: Vec<u64> = events
+        .iter()
+        .filter_map(|e| e["poisoned"].as_u64())
+        .collect();
+    assert_eq!(
+        poisoned,
+        [0, 0, 1],
+        "three kernel panics, then the request failed alone: {poison_events}\n{log}"
+    );
+    let list = log
+        .split("=== quarantined list\n")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(list).expect("list JSON");
+    let state = |name: &str| {
+        v["vms"]
+            .as_array()
+            .and_then(|vms| vms.iter().find(|vm| vm["name"] == name))
+            .map(|vm| vm["state"].clone())
+    };
+    assert_eq!(state("storage"), Some("quarantined".into()), "{list}");
+    assert_eq!(state("alpha"), Some("running".into()), "{list}");
+    let m = metrics_section(log);
+    assert_eq!(
+        metric(m, "ddvmm_poison_requests_total{driver=\"storage\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(m, "ddvmm_quarantines_total{driver=\"storage\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(m, "ddvmm_ring_disk_poisoned_total{vm=\"alpha\",disk=\"0\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
