@@ -999,13 +999,15 @@ mod tests {
         })
     }
 
-    #[test]
-    fn replays_after_driver_crashes_and_isolates_the_poison_request() {
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
-        let mock = MockSplitQueue::new(&m, 64);
-        const POISON: u64 = 64;
-        // Six 4 KiB reads; the third is the poison.
-        let sectors = [8u64, 16, POISON, 24, 32, 40];
+    /// A ring disk whose queue holds six 4 KiB reads of `sectors` (header at 0x1000 + i·0x100,
+    /// data at 0x10_0000 + i·0x1000, status at 0x2000 + i, pre-set to 0xEE), activated and
+    /// notified.
+    fn running_reads(
+        m: &GuestMemoryMmap,
+        mock: &MockSplitQueue<GuestMemoryMmap>,
+        fds: &ChannelFds,
+        sectors: &[u64; 6],
+    ) -> (RingBlock, Arc<RingControl>) {
         let mut descs = Vec::new();
         for (i, sector) in sectors.iter().enumerate() {
             let i = i as u64;
@@ -1032,8 +1034,6 @@ mod tests {
         m.write_slice(&[0xEE; 6], GuestAddress(0x2000))
             .expect("status");
         let q: Queue = mock.create_queue().expect("queue");
-
-        let fds = fds();
         let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
         let control = dev.control();
         let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
@@ -1045,6 +1045,60 @@ mod tests {
         dev.activate(m.clone(), 0, vec![active], Arc::new(Failures::default()))
             .expect("activate");
         notify.write(1).expect("notify");
+        (dev, control)
+    }
+
+    #[test]
+    fn guest_reset_during_an_outage_drops_its_requests_and_renews_the_ring() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        let fds = fds();
+        // The agent dies on the first request: all six stay outstanding.
+        let (mut dev, control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48]);
+        let agent = dying_agent(
+            &fds,
+            8,
+            1,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        assert!(agent.join().expect("agent"), "agent saw the request");
+        // The guest resets the device while the driver VM is down, then the daemon replays:
+        // nothing of the reset queue is replayed or completed, the ring moves on.
+        dev.reset();
+        let o = control
+            .request(
+                RingCommand::Replay { poison_after: 3 },
+                Duration::from_secs(10),
+            )
+            .expect("replay");
+        assert_eq!(o, RingOutcome::default());
+        assert_eq!(statuses(&m, 0x2000), [0xEE; 6], "no status written");
+        assert_eq!(
+            m.read_obj::<u16>(mock.used_addr().unchecked_add(2))
+                .expect("used"),
+            0
+        );
+        // A new agent attaches to generation 2 and finds an empty ring.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let next = dying_agent(&fds, u64::MAX, 2, stop.clone());
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::SeqCst);
+        assert!(
+            !next.join().expect("agent"),
+            "nothing to serve, nothing to die on"
+        );
+        assert_eq!(dev.stats().completed.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn replays_after_driver_crashes_and_isolates_the_poison_request() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        const POISON: u64 = 64;
+        // Six 4 KiB reads; the third is the poison.
+        let sectors = [8u64, 16, POISON, 24, 32, 40];
+        let fds = fds();
+        let (mut dev, control) = running_reads(&m, &mock, &fds, &sectors);
         let used_idx = mock.used_addr().unchecked_add(2);
         let mut generation = 1;
         let mut crashes = 0;
