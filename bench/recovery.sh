@@ -30,6 +30,7 @@ driver = "storage"
 size = "64M"
 
 [recovery]
+boot_timeout_ms = 90000
 heartbeat_timeout_ms = 8000
 progress_timeout_ms = 60000
 backoff_initial_ms = 100
@@ -62,11 +63,12 @@ done
 campaign() {
     label=$1; shift
     $CTL campaign storage "$@" > c-$label.json 2>&1 &
-    cpid=$!; seen=""
+    cpid=$!; seen=""; quiet=0
     while kill -0 $cpid 2>/dev/null; do
-        sleep 5
+        sleep 5; quiet=$((quiet + 5))
         n=$(count '"detected_by"')
-        [ "$n" != "$seen" ] && echo "faults so far: $n" && seen=$n
+        if [ "$n" != "$seen" ]; then echo "faults so far: $n"; seen=$n; quiet=0; fi
+        [ $quiet -ge 60 ] && echo "faults so far: $n (waiting)" && quiet=0
     done
     wait $cpid || { echo "campaign $label failed:"; cat c-$label.json; }
 }

@@ -14,8 +14,11 @@ const CONTROL_MIB: u64 = 30;
 /// Where each client writes its final pattern: MiB 24 of its window, 2 MiB.
 const FINAL_MIB: u64 = 24;
 
+// A driver VM whose boot freezes (the emulator's nested SVM does that, rarely) is a fault like
+// any other: detected after boot_timeout_ms and restarted.
 const RECOVERY: &str = r#"
 [recovery]
+boot_timeout_ms = 90000
 heartbeat_timeout_ms = 8000
 progress_timeout_ms = 60000
 backoff_initial_ms = 100
@@ -30,11 +33,12 @@ const CAMPAIGN_FN: &str = r#"
 campaign() {
     label=$1; shift
     $CTL campaign storage "$@" > $WORK/c-$label.json 2>&1 &
-    cpid=$!; seen=""
+    cpid=$!; seen=""; quiet=0
     while kill -0 $cpid 2>/dev/null; do
-        sleep 5
+        sleep 5; quiet=$((quiet + 5))
         n=$($CTL events | grep -o '"detected_by"' | wc -l)
-        [ "$n" != "$seen" ] && echo "faults so far: $n" && seen=$n
+        if [ "$n" != "$seen" ]; then echo "faults so far: $n"; seen=$n; quiet=0; fi
+        [ $quiet -ge 60 ] && echo "faults so far: $n (waiting)" && quiet=0
     done
     wait $cpid; echo "CAMPAIGN-RC $label $?"
     echo "EVENTS $label $(tr -d ' \n' < $WORK/c-$label.json)"
@@ -185,19 +189,28 @@ echo "=== metrics"; $CTL metrics
             .unwrap_or_else(|| panic!("no events of {kind}:\n{log}"));
         let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
         let list = v["events"].as_array().expect("events");
-        assert_eq!(list.len(), 1, "{kind}: {events}");
+        // One event, or more if the restarted driver VM failed on its own (later rounds of
+        // the same recovery, none injected).
         let e = &list[0];
         assert_eq!(e["injected"], kind, "{events}");
         assert_eq!(
             e["detected_by"], path,
             "{kind} detected on the wrong path: {events}"
         );
-        assert_eq!(e["outcome"], "restarted", "{events}");
-        assert!(e["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "{events}");
+        assert!(
+            list[1..].iter().all(|e| e["injected"].is_null()),
+            "{events}"
+        );
+        assert!(list.iter().all(|e| e["outcome"] == "restarted"), "{events}");
+        let last = &list[list.len() - 1];
+        assert!(
+            last["outage_ms"].as_f64().is_some_and(|o| o > 0.0),
+            "{events}"
+        );
     }
     assert!(log.contains("CAMPAIGN-RC mixed 0"), "{log}");
 
-    // Counters match the faults: 20 injected, 20 detected, 20 restarts, no quarantine.
+    // Counters match the faults: 20 injected and detected, each restarted, no quarantine.
     let m = metrics_section(log);
     let sum = |prefix: &str| -> f64 {
         m.lines()
@@ -205,12 +218,15 @@ echo "=== metrics"; $CTL metrics
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    // (More faults than injected only if a restarted driver VM failed on its own: that is
+    // detected and restarted like the rest.)
     assert_eq!(sum("ddvmm_injected_faults_total{"), 20.0, "{m}");
-    assert_eq!(sum("ddvmm_driver_faults_total{"), 20.0, "{m}");
+    let faults = sum("ddvmm_driver_faults_total{");
+    assert!(faults >= 20.0, "{m}");
     assert_eq!(
         metric(m, "ddvmm_driver_restarts_total{driver=\"storage\"}"),
-        Some(20.0),
-        "{m}"
+        Some(faults),
+        "every fault restarted the driver VM: {m}"
     );
     assert_eq!(sum("ddvmm_quarantines_total"), 0.0, "{m}");
     // Replays the daemon counted are the replays the clients did.

@@ -336,7 +336,13 @@ impl Supervisor {
                 *b.poisoned.entry(name.to_string()).or_default() += poisoned;
             }
             tokio::time::sleep(backoff).await;
-            if let Err(e) = self.start(name) {
+            let started = self.start(name);
+            if started.is_ok() {
+                if let Some(vm) = self.lock().vms.get_mut(name) {
+                    vm.started_by_recovery = true;
+                }
+            }
+            if let Err(e) = started {
                 tracing::error!(vm = name, error = %e, "restart failed");
                 event.outcome = "restart-failed";
                 self.log_event(event);
@@ -529,13 +535,14 @@ impl Supervisor {
         let boot_timeout = Duration::from_millis(cfg.boot_timeout_ms);
         loop {
             tokio::time::sleep(WATCH_PERIOD).await;
-            let (active, starts, started_at) = {
+            let (active, starts, started_at, cold) = {
                 let g = self.lock();
                 let Some(vm) = g.vms.get(&driver) else { return };
                 (
                     vm.state == VmState::Running && !vm.recovering,
                     vm.starts,
                     vm.started_at,
+                    !vm.started_by_recovery,
                 )
             };
             if starts != seen_start {
@@ -547,15 +554,18 @@ impl Supervisor {
             }
             let now = Instant::now();
             let views = self.channel_views(&driver);
-            // A start that was not a recovery's (those time their own boot): a cold boot.
+            // The first look with every agent of this start ready: a cold boot, unless a
+            // recovery started it (recoveries time their own boots).
             if boot_recorded != starts && !views.is_empty() && views.iter().all(|v| v.ready) {
                 boot_recorded = starts;
-                let mut b = self.book();
-                if b.cold_boots_ms.len() >= MAX_EVENTS {
-                    b.cold_boots_ms.pop_front();
+                if cold {
+                    let mut b = self.book();
+                    if b.cold_boots_ms.len() >= MAX_EVENTS {
+                        b.cold_boots_ms.pop_front();
+                    }
+                    b.cold_boots_ms
+                        .push_back(now.duration_since(started_at).as_secs_f64() * 1e3);
                 }
-                b.cold_boots_ms
-                    .push_back(now.duration_since(started_at).as_secs_f64() * 1e3);
             }
             let mut found = None;
             for ChannelView {

@@ -135,6 +135,8 @@ pub(super) struct Vm {
     pub(super) control: Option<Arc<tokio::sync::Mutex<ControlClient>>>,
     /// A recovery of this driver VM is under way.
     pub(super) recovering: bool,
+    /// The running process was started by a recovery (its boot is timed there, not as cold).
+    pub(super) started_by_recovery: bool,
     /// The last injected fault not yet detected, and when.
     pub(super) injected: Option<(FaultKind, Instant)>,
 }
@@ -246,6 +248,7 @@ impl Supervisor {
                     exited: None,
                     control: None,
                     recovering: false,
+                    started_by_recovery: false,
                     injected: None,
                 },
             );
@@ -450,6 +453,7 @@ impl Supervisor {
         vm.starts += 1;
         vm.since = SystemTime::now();
         vm.started_at = Instant::now();
+        vm.started_by_recovery = false;
         vm.exited = Some(rx);
         vm.control = Some(Arc::new(tokio::sync::Mutex::new(control)));
         tracing::info!(vm = name, pid, log = %log_path.display(), "VM started");
