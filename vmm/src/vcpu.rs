@@ -96,8 +96,11 @@ impl Vcpu {
     pub fn run(mut self) {
         tracing::debug!(vcpu = self.index, "vCPU thread running");
         while !self.stop.load(Ordering::Acquire) {
+            // A plain load on every exit; the read-modify-write only when a request is there.
             if let Some(i) = &self.inject {
-                if i.triple_fault.swap(false, Ordering::AcqRel) {
+                if i.triple_fault.load(Ordering::Relaxed)
+                    && i.triple_fault.swap(false, Ordering::AcqRel)
+                {
                     self.break_idt();
                 }
             }
