@@ -194,17 +194,30 @@ struct ChannelView {
     heartbeat: u64,
 }
 
-/// A client's ring disk counters, from its stats page.
-fn client_disk_stat(sup: &Supervisor, client: &str, disk: usize, key: &str) -> Option<u64> {
-    let file = {
+/// The counters of a client ring disk the daemon watches.
+#[derive(Debug, Clone, Copy)]
+struct DiskCounters {
+    outstanding: u64,
+    completed: u64,
+    bogus: u64,
+}
+
+/// A running client's ring disk counters, from one read of its stats page.
+fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<DiskCounters> {
+    let page = {
         let g = sup.lock();
         let vm = g.vms.get(client)?;
         if vm.state != VmState::Running {
             return None;
         }
-        vm.stats.try_clone().ok()?
+        stats_page::read(&vm.stats)?
     };
-    stats_page::read(&file)?["ring_disks"][disk][key].as_u64()
+    let d = &page["ring_disks"][disk];
+    Some(DiskCounters {
+        outstanding: d["outstanding"].as_u64()?,
+        completed: d["completed"].as_u64()?,
+        bogus: d["bogus_completions"].as_u64()?,
+    })
 }
 
 impl Supervisor {
@@ -458,9 +471,10 @@ impl Supervisor {
         let mut boot = None;
         let mut baseline: BTreeMap<(String, usize), Option<u64>> = BTreeMap::new();
         for (client, disk) in self.client_disks_of(driver) {
-            let outstanding = client_disk_stat(self, &client, disk, "outstanding").unwrap_or(0);
-            let completed = client_disk_stat(self, &client, disk, "completed");
-            baseline.insert((client, disk), completed.filter(|_| outstanding > 0));
+            let before = client_disk(self, &client, disk)
+                .filter(|c| c.outstanding > 0)
+                .map(|c| c.completed);
+            baseline.insert((client, disk), before);
         }
         loop {
             {
@@ -478,8 +492,7 @@ impl Supervisor {
                 .iter()
                 .all(|((client, disk), before)| match before {
                     None => true,
-                    Some(b) => client_disk_stat(self, client, *disk, "completed")
-                        .is_none_or(|now| now > *b),
+                    Some(b) => client_disk(self, client, *disk).is_none_or(|c| c.completed > *b),
                 });
             if let (Some(boot), true) = (boot, served) {
                 return Ok(boot);
@@ -599,13 +612,19 @@ impl Supervisor {
                     found = Some(Detection::Heartbeat);
                     break;
                 }
-                let outstanding = client_disk_stat(&self, &client, disk, "outstanding");
-                let completed = client_disk_stat(&self, &client, disk, "completed");
-                match (outstanding, completed) {
-                    (Some(o), Some(c)) if o > 0 => {
+                let Some(counters) = client_disk(&self, &client, disk) else {
+                    w.completed = None;
+                    continue;
+                };
+                match counters {
+                    DiskCounters {
+                        outstanding,
+                        completed,
+                        ..
+                    } if outstanding > 0 => {
                         match w.completed {
-                            Some((v, _)) if v == c => {}
-                            _ => w.completed = Some((c, now)),
+                            Some((v, _)) if v == completed => {}
+                            _ => w.completed = Some((completed, now)),
                         }
                         if w.completed
                             .is_some_and(|(_, t)| now.duration_since(t) > progress_timeout)
@@ -616,13 +635,11 @@ impl Supervisor {
                     }
                     _ => w.completed = None,
                 }
-                if let Some(b) = client_disk_stat(&self, &client, disk, "bogus_completions") {
-                    let grew = w.bogus.is_some_and(|before| b > before);
-                    w.bogus = Some(b);
-                    if grew && cfg.restart_on_corrupt {
-                        found = Some(Detection::CorruptCompletions);
-                        break;
-                    }
+                let grew = w.bogus.is_some_and(|before| counters.bogus > before);
+                w.bogus = Some(counters.bogus);
+                if grew && cfg.restart_on_corrupt {
+                    found = Some(Detection::CorruptCompletions);
+                    break;
                 }
             }
             if let Some(d) = found {
@@ -881,20 +898,20 @@ impl Supervisor {
                 );
             }
         }
-        let (vms, disks) = {
+        let (vms, pages) = {
             let g = self.lock();
             let vms: Vec<(String, bool, u64)> = g
                 .vms
                 .values()
                 .map(|v| (v.cfg.name.clone(), v.state == VmState::Running, v.starts))
                 .collect();
-            let disks: Vec<(String, File2)> = g
+            let pages: Vec<(String, serde_json::Value)> = g
                 .vms
                 .values()
                 .filter(|v| v.cfg.role == Role::Client)
-                .filter_map(|v| Some((v.cfg.name.clone(), v.stats.try_clone().ok()?)))
+                .filter_map(|v| Some((v.cfg.name.clone(), stats_page::read(&v.stats)?)))
                 .collect();
-            (vms, disks)
+            (vms, pages)
         };
         for (name, up, starts) in vms {
             m.gauge(
@@ -910,10 +927,7 @@ impl Supervisor {
                 starts as f64,
             );
         }
-        for (name, file) in disks {
-            let Some(page) = stats_page::read(&file) else {
-                continue;
-            };
+        for (name, page) in pages {
             let Some(list) = page["ring_disks"].as_array() else {
                 continue;
             };
@@ -948,8 +962,6 @@ impl Supervisor {
         m.render()
     }
 }
-
-type File2 = std::fs::File;
 
 /// A small deterministic generator for campaign timing (not for anything secret).
 struct XorShift(u64);
