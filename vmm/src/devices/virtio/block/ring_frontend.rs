@@ -174,6 +174,7 @@ type Pending = (RingCommand, mpsc::Sender<Result<RingOutcome, String>>);
 /// The daemon's handle on a ring disk (through the VMM's control thread).
 pub struct RingControl {
     state: Arc<Mutex<Option<Frontend>>>,
+    stats: Arc<RingDiskStats>,
     pending: Mutex<VecDeque<Pending>>,
     /// Wakes the queue thread.
     wake: EventFd,
@@ -197,7 +198,7 @@ impl RingControl {
             if let Some(mut g) = idle {
                 if let Some(fe) = g.as_mut() {
                     for (cmd, tx) in self.take() {
-                        let _ = tx.send(apply_idle(fe, cmd));
+                        let _ = tx.send(apply_idle(fe, cmd, &self.stats));
                     }
                 }
             }
@@ -220,14 +221,15 @@ impl RingControl {
 
 /// A command while the guest has no active queue: every journaled request belongs to a queue
 /// that was reset, so there is nothing to replay or fail, only the ring to renew.
-fn apply_idle(fe: &mut Frontend, cmd: RingCommand) -> Result<RingOutcome, String> {
+fn apply_idle(
+    fe: &mut Frontend,
+    cmd: RingCommand,
+    stats: &RingDiskStats,
+) -> Result<RingOutcome, String> {
     match cmd {
         RingCommand::Replay { poison_after } => {
-            fe.ring.new_generation().map_err(|e| e.to_string())?;
+            fe.renew(poison_after, stats)?;
             fe.journal.clear();
-            fe.isolating = None;
-            fe.quarantined = false;
-            fe.poison_after = poison_after;
         }
         RingCommand::Quarantine => fe.quarantined = true,
     }
@@ -253,6 +255,21 @@ struct Frontend {
 }
 
 impl Frontend {
+    /// A new ring generation (the old driver VM is gone for good): returns the requests that
+    /// were outstanding on the old one, in submission order.
+    fn renew(
+        &mut self,
+        poison_after: u32,
+        stats: &RingDiskStats,
+    ) -> Result<Vec<RingRequest>, String> {
+        let old = self.ring.new_generation().map_err(|e| e.to_string())?;
+        stats.generations.fetch_add(1, Ordering::Relaxed);
+        self.quarantined = false;
+        self.isolating = None;
+        self.poison_after = poison_after;
+        Ok(old)
+    }
+
     /// Crash count from which a request is sent alone.
     fn isolate_at(&self) -> u32 {
         match self.poison_after {
@@ -314,6 +331,7 @@ impl RingBlock {
         })));
         let wake =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingDiskError::Map)?;
+        let stats = Arc::new(RingDiskStats::default());
         Ok(RingBlock {
             fds,
             sectors,
@@ -321,11 +339,12 @@ impl RingBlock {
             id: id_bytes,
             control: Arc::new(RingControl {
                 state: state.clone(),
+                stats: stats.clone(),
                 pending: Mutex::new(VecDeque::new()),
                 wake,
             }),
             state,
-            stats: Arc::new(RingDiskStats::default()),
+            stats,
             worker: None,
         })
     }
@@ -557,11 +576,7 @@ fn apply_active(
     };
     match cmd {
         RingCommand::Replay { poison_after } => {
-            let old = fe.ring.new_generation().map_err(|e| e.to_string())?;
-            ctx.stats.generations.fetch_add(1, Ordering::Relaxed);
-            fe.quarantined = false;
-            fe.isolating = None;
-            fe.poison_after = poison_after;
+            let old = fe.renew(poison_after, &ctx.stats)?;
             let mut replay = Vec::new();
             for r in old {
                 // `None`: the guest reset the queue since; nothing to replay.
@@ -1088,6 +1103,7 @@ mod tests {
             "nothing to serve, nothing to die on"
         );
         assert_eq!(dev.stats().completed.load(Ordering::SeqCst), 0);
+        assert_eq!(dev.stats().generations.load(Ordering::SeqCst), 1);
     }
 
     #[test]
