@@ -131,6 +131,8 @@ pub(super) struct Vm {
     pub(super) stats: File,
     /// Changes when the running process exits.
     pub(super) exited: Option<watch::Receiver<bool>>,
+    /// Signals for the running process, sent by the task that owns (and alone reaps) it.
+    signals: Option<tokio::sync::mpsc::UnboundedSender<libc::c_int>>,
     /// The running process's control connection.
     pub(super) control: Option<Arc<tokio::sync::Mutex<ControlClient>>>,
     /// A recovery of this driver VM is under way.
@@ -246,6 +248,7 @@ impl Supervisor {
                     started_at: Instant::now(),
                     stats,
                     exited: None,
+                    signals: None,
                     control: None,
                     recovering: false,
                     started_by_recovery: false,
@@ -448,6 +451,8 @@ impl Supervisor {
         })?;
         let pid = child.id();
         let (tx, rx) = watch::channel(false);
+        let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<libc::c_int>();
+        vm.signals = Some(sig_tx);
         vm.state = VmState::Running;
         vm.pid = pid;
         vm.starts += 1;
@@ -460,7 +465,19 @@ impl Supervisor {
         let me = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = loop {
+                tokio::select! {
+                    s = child.wait() => break s,
+                    Some(sig) = sig_rx.recv() => {
+                        if let Some(pid) = child.id() {
+                            // SAFETY: kill only sends a signal. This task owns the child and is
+                            // the only one that reaps it, and `id()` is `Some` only until it is
+                            // reaped, so `pid` still names our child, never a reused number.
+                            unsafe { libc::kill(pid as libc::pid_t, sig) };
+                        }
+                    }
+                }
+            };
             let (how, detection) = match status {
                 Ok(s) => (describe_exit(s), Detection::from_exit(s)),
                 Err(e) => (format!("wait failed: {e}"), Detection::VmmError),
@@ -474,6 +491,7 @@ impl Supervisor {
                             vm.state = VmState::Exited;
                         }
                         vm.pid = None;
+                        vm.signals = None;
                         vm.control = None;
                         vm.since = SystemTime::now();
                         vm.last_exit = Some(how.clone());
@@ -494,55 +512,48 @@ impl Supervisor {
 
     /// Stops VM `name`: SIGTERM, then SIGKILL after a grace period; returns once it is gone.
     pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
-        let (pid, mut exited) = {
+        let mut exited = {
             let mut g = self.lock();
             let vm = g
                 .vms
                 .get_mut(name)
                 .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
-            match (vm.state.clone(), vm.pid, vm.exited.clone()) {
-                (VmState::Running, Some(pid), Some(rx)) => {
-                    vm.state = VmState::Stopped;
-                    (pid, rx)
-                }
-                _ => return Err(SupervisorError::NotRunning(name.to_string())),
+            if vm.state != VmState::Running {
+                return Err(SupervisorError::NotRunning(name.to_string()));
             }
+            vm.state = VmState::Stopped;
+            Self::send_signal(vm, libc::SIGTERM)
+                .ok_or_else(|| SupervisorError::NotRunning(name.to_string()))?
         };
-        let pid = pid as libc::pid_t;
-        // SAFETY: kill only sends a signal; `pid` is our child, not yet reaped (the watch has
-        // not fired), so the number cannot have been reused.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
         let gone = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e))
             .await
             .is_ok();
         if !gone {
             tracing::warn!(vm = name, "no exit after SIGTERM; SIGKILL");
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            self.signal(name, libc::SIGKILL);
             let _ = exited.wait_for(|e| *e).await;
         }
         tracing::info!(vm = name, "VM stopped");
         Ok(())
     }
 
+    /// Sends `sig` to `vm`'s process through the task that owns it; returns the exit watch.
+    fn send_signal(vm: &Vm, sig: libc::c_int) -> Option<watch::Receiver<bool>> {
+        vm.signals.as_ref()?.send(sig).ok()?;
+        vm.exited.clone()
+    }
+
+    /// Sends `sig` to VM `name`'s process if it runs; returns its exit watch.
+    pub(super) fn signal(&self, name: &str, sig: libc::c_int) -> Option<watch::Receiver<bool>> {
+        Self::send_signal(self.lock().vms.get(name)?, sig)
+    }
+
     /// SIGKILLs VM `name`'s process (if it runs) and waits until it is reaped. The VM's state
     /// becomes `Exited`.
     pub(super) async fn kill_and_wait(&self, name: &str) {
-        let target = {
-            let g = self.lock();
-            g.vms
-                .get(name)
-                .and_then(|vm| Some((vm.pid?, vm.exited.clone()?)))
-        };
-        let Some((pid, mut exited)) = target else {
-            return;
-        };
-        if !*exited.borrow() {
-            // SAFETY: kill only sends a signal; `pid` is our child and not yet reaped (the
-            // watch has not fired), so the number cannot have been reused.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        if let Some(mut exited) = self.signal(name, libc::SIGKILL) {
+            let _ = exited.wait_for(|e| *e).await;
         }
-        let _ = exited.wait_for(|e| *e).await;
     }
 
     /// Sends `req` to VM `name`'s VMM process.
