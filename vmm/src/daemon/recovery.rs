@@ -650,7 +650,7 @@ impl Supervisor {
 
     /// Injects `kind` into driver VM `name`.
     pub async fn inject(&self, name: &str, kind: FaultKind) -> Result<(), SupervisorError> {
-        let pid = {
+        {
             let mut g = self.lock();
             let vm = g
                 .vms
@@ -665,12 +665,10 @@ impl Supervisor {
             if vm.state == VmState::Quarantined {
                 return Err(SupervisorError::Busy(name.to_string(), "quarantined"));
             }
-            let pid = vm
-                .pid
-                .filter(|_| vm.state == VmState::Running)
-                .ok_or_else(|| SupervisorError::NotRunning(name.to_string()))?;
+            if vm.state != VmState::Running {
+                return Err(SupervisorError::NotRunning(name.to_string()));
+            }
             vm.injected = Some((kind, Instant::now()));
-            pid
         };
         *self
             .book()
@@ -679,9 +677,10 @@ impl Supervisor {
             .or_default() += 1;
         tracing::warn!(vm = name, fault = kind.name(), "injecting fault");
         if kind == FaultKind::Kill {
-            // SAFETY: kill only sends a signal; `pid` is our running, unreaped child.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            return Ok(());
+            return self
+                .signal(name, libc::SIGKILL)
+                .map(|_| ())
+                .ok_or_else(|| SupervisorError::NotRunning(name.to_string()));
         }
         let r = self
             .control(
@@ -788,10 +787,7 @@ impl Supervisor {
         let mut round = Vec::new();
         for i in 0..count {
             if round.is_empty() {
-                round = kinds.clone();
-                for j in (1..round.len()).rev() {
-                    round.swap(j, (rng.next() % (j as u64 + 1)) as usize);
-                }
+                round = rng.shuffled(&kinds);
             }
             let kind = round.pop().unwrap_or(FaultKind::Kill);
             self.wait_serving(name, per_fault).await?;
@@ -967,6 +963,15 @@ impl Supervisor {
 struct XorShift(u64);
 
 impl XorShift {
+    /// A Fisher-Yates permutation of `items`.
+    fn shuffled<T: Clone>(&mut self, items: &[T]) -> Vec<T> {
+        let mut v = items.to_vec();
+        for j in (1..v.len()).rev() {
+            v.swap(j, (self.next() % (j as u64 + 1)) as usize);
+        }
+        v
+    }
+
     fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
@@ -999,12 +1004,14 @@ mod tests {
     #[test]
     fn campaign_order_covers_every_kind_each_round() {
         let mut rng = XorShift(7);
-        let mut round: Vec<u64> = (0..6).collect();
-        for j in (1..round.len()).rev() {
-            round.swap(j, (rng.next() % (j as u64 + 1)) as usize);
+        let mut orders = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let round = rng.shuffled(&FaultKind::ALL);
+            let mut sorted = round.clone();
+            sorted.sort();
+            assert_eq!(sorted, FaultKind::ALL.to_vec(), "every kind exactly once");
+            orders.insert(round);
         }
-        let mut sorted = round.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..6).collect::<Vec<_>>());
+        assert!(orders.len() > 10, "rounds are not all in the same order");
     }
 }
