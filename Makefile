@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
 
 .PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver \
-	bench-recovery soak-recovery fuzz lint clean-images
+	bench-recovery soak-recovery bench-passthrough fuzz lint clean-images
 
 all: build
 
@@ -83,6 +83,14 @@ soak-recovery: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --timeout 86400 --driver-image --guest-script bench/guest-recovery.sh \
 	    --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$(SOAK_FAULTS) bench/recovery.sh
+
+# VFIO passthrough vs ddvmm's virtio-blk on the same NVMe controller and backing file: fio
+# 4 KiB random read QD32 and 128 KiB sequential read in the same guest, one run.
+bench-passthrough: deps images build
+	truncate -s 256M target/bench-passthrough.img
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --passthrough-disk target/bench-passthrough.img \
+	    --guest-script bench/guest-passthrough.sh bench/passthrough.sh
 
 # Fuzz the virtio descriptor-chain parsers (needs a nightly toolchain; installs cargo-fuzz).
 FUZZ_SECONDS ?= 180

@@ -11,7 +11,7 @@
 #   guest-initramfs.cpio.gz   busybox + pvpanic-mmio + init/guest-init.sh
 #   client-initramfs.cpio.gz  the guest image + virtio_pci/blk/net + fio, iperf3 and their
 #                             shared libraries (all from Debian packages, lib/sharedlibs.sh)
-#   testhost-base.cpio.gz     busybox + kvm/kvm-amd/tun/bridge + init/testhost-init.sh
+#   testhost-base.cpio.gz     busybox + kvm/kvm-amd/tun/bridge/vfio-pci + init/testhost-init.sh
 #                             + /images/{vmlinuz,guest-initramfs.cpio.gz,client-initramfs.cpio.gz}
 #   versions.txt              exact packages, versions and sha256s used
 #   client-packages.txt       "package version how sha256" of every .deb in the client image
@@ -32,7 +32,7 @@ say() { echo "build-images: $*"; }
 
 # Modules per image (names as in modinfo; dependencies are resolved from modules.dep).
 GUEST_MODULES=(pvpanic-mmio)
-TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge)
+TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge vfio vfio_iommu_type1 vfio-pci)
 CLIENT_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net)
 # Driver VMs: the devices they own (virtio stand-ins) and uio_pci_generic for the channel's
 # interrupt. The agent binary is added by `make driver-image` after the cargo build.

@@ -73,6 +73,9 @@ pub enum HarnessError {
         /// What was printed.
         output: String,
     },
+    /// Passthrough devices exist only in the emulated test host.
+    #[error("passthrough devices need the emulated test host (DDVMM_TEST_HOST=emulated)")]
+    PassthroughNeedsEmulatedHost,
     /// A bad DDVMM_TEST_HOST value.
     #[error("DDVMM_TEST_HOST must be 'direct' or 'emulated', not '{0}'")]
     BadOverride(String),
@@ -169,6 +172,7 @@ pub struct TestHost {
     host_files: Vec<(String, PathBuf)>,
     programs: Vec<(String, PathBuf)>,
     disks: Vec<PathBuf>,
+    passthrough: Vec<PathBuf>,
     memory_mib: u32,
     cpus: u32,
     name: String,
@@ -199,6 +203,7 @@ impl TestHost {
             host_files: Vec::new(),
             programs: Vec::new(),
             disks: Vec::new(),
+            passthrough: Vec::new(),
             memory_mib: 3072,
             // One CPU: with two, QEMU 7.2's TCG nested SVM lets a host interrupt (often a
             // cross-CPU kick) land between #VMEXIT and the host's VMLOAD, with the guest's GS
@@ -262,6 +267,17 @@ impl TestHost {
     /// in this very file; direct mode passes the path.
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
         self.disks.push(path.into());
+        self
+    }
+
+    /// Makes a file of this machine available to the script as a PCI function to pass through:
+    /// an NVMe controller of the test host, at a fixed address given to the script as `$PT0`,
+    /// `$PT1`, ... (`0000:00:10.0`, ...), already bound to `vfio-pci`, behind an emulated
+    /// Intel IOMMU (the test host boots with `intel_iommu=on iommu=pt`, so its own devices stay
+    /// untranslated). What a guest writes through it lands in this very file. Emulated mode
+    /// only.
+    pub fn passthrough_disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.passthrough.push(path.into());
         self
     }
 
@@ -332,6 +348,9 @@ impl TestHost {
     }
 
     fn run_direct(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
+        if !self.passthrough.is_empty() {
+            return Err(HarnessError::PassthroughNeedsEmulatedHost);
+        }
         let work =
             std::env::temp_dir().join(format!("ddvmm-test-{}-{}", self.name, std::process::id()));
         std::fs::create_dir_all(&work)
@@ -413,9 +432,15 @@ impl TestHost {
         archive.file(
             "cmd.sh",
             format!(
-                "export WORK=/work\n{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
+                "export WORK=/work\n{}{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
                 (0..self.disks.len())
                     .map(|i| format!("export DISK{i}=/dev/nvme{i}n1\n"))
+                    .collect::<String>(),
+                (0..self.passthrough.len())
+                    .map(|i| {
+                        let a = passthrough_address(i);
+                        format!("export PT{i}={a}\n{}", bind_vfio(&a))
+                    })
                     .collect::<String>()
             )
             .as_bytes(),
@@ -454,8 +479,26 @@ impl TestHost {
             .arg("-kernel")
             .arg(&kernel)
             .arg("-initrd")
-            .arg(&initrd_path)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+            .arg(&initrd_path);
+        if self.passthrough.is_empty() {
+            cmd.args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        } else {
+            // The IOMMU before any other PCI device.
+            cmd.args(["-device", "intel-iommu"]).args([
+                "-append",
+                "console=ttyS0 panic=-1 quiet intel_iommu=on iommu=pt",
+            ]);
+        }
+        for (i, d) in self.passthrough.iter().enumerate() {
+            let slot = passthrough_address(i);
+            cmd.arg("-drive")
+                .arg(format!("file={},if=none,id=pt{i},format=raw", d.display()))
+                .arg("-device")
+                .arg(format!(
+                    "nvme,drive=pt{i},serial=ddvmm-pt{i},addr={}",
+                    &slot[8..]
+                ));
+        }
         for (i, d) in self.disks.iter().enumerate() {
             cmd.arg("-drive")
                 .arg(format!(
@@ -480,6 +523,23 @@ impl TestHost {
             }),
         }
     }
+}
+
+/// PCI address of the `index`th passthrough device in the emulated test host (slots from 0x10,
+/// above those QEMU assigns to the other devices, so they also enumerate last).
+fn passthrough_address(index: usize) -> String {
+    format!("0000:00:{:02x}.0", 0x10 + index)
+}
+
+/// Shell lines that hand the function at `addr` to vfio-pci (it starts bound to the test
+/// host's own `nvme` driver).
+fn bind_vfio(addr: &str) -> String {
+    format!(
+        "d=/sys/bus/pci/devices/{addr}\n\
+         echo vfio-pci > $d/driver_override\n\
+         [ -e $d/driver ] && echo {addr} > $d/driver/unbind\n\
+         echo {addr} > /sys/bus/pci/drivers_probe\n"
+    )
 }
 
 /// The client guest image (fio, iperf3, virtio drivers) with `/script.sh` appended as an extra

@@ -1,5 +1,6 @@
 //! Daemon-level end-to-end runs: the daemon in the test host with one driver VM (`storage`)
-//! owning a file-backed disk of *this* machine, and client VMs whose disks are windows of it.
+//! owning a file-backed disk of *this* machine (emulated virtio-blk, or an NVMe controller
+//! passed through with VFIO), and client VMs whose disks are windows of it.
 //! A test supplies the clients' scripts and the host-side steps; this module writes the
 //! configuration, starts the daemon, and provides shell helpers and a common ending (stats,
 //! shutdown, orphan check, consoles and logs).
@@ -35,6 +36,9 @@ pub struct System<'a> {
     pub slice_mib: u64,
     /// Extra TOML (e.g. a `[recovery]` table).
     pub extra_config: &'a str,
+    /// The driver VM owns the disk as a passed-through NVMe controller (VFIO, `/dev/nvme0n1`
+    /// inside) instead of its emulated virtio-blk stand-in (`/dev/vda`).
+    pub passthrough: bool,
 }
 
 impl System<'_> {
@@ -43,14 +47,21 @@ impl System<'_> {
     /// scripts to end, printing console changes) and `wait_console CLIENT PATTERN` (waits for a
     /// line in a console).
     pub fn host_and_prelude(&self) -> (TestHost, String) {
-        let mut host = TestHost::new(self.name)
-            .expect("test host")
-            .disk(self.disk)
-            .file(
-                "driver.img",
-                driver_initrd().expect("driver image (make driver-image)"),
-                0o644,
-            );
+        let host = TestHost::new(self.name).expect("test host");
+        let (mut host, owned, device) = if self.passthrough {
+            (
+                host.passthrough_disk(self.disk),
+                r#"passthrough = ["$PT0"]"#,
+                "/dev/nvme0n1",
+            )
+        } else {
+            (host.disk(self.disk), r#"disks = ["$DISK0"]"#, "/dev/vda")
+        };
+        host = host.file(
+            "driver.img",
+            driver_initrd().expect("driver image (make driver-image)"),
+            0o644,
+        );
         let mut config = format!(
             r#"
 [[driver]]
@@ -58,7 +69,7 @@ name = "storage"
 kernel = "$IMAGES/vmlinuz"
 initrd = "$WORK/driver.img"
 memory = "256M"
-disks = ["$DISK0"]
+{owned}
 cmdline = "{}"
 "#,
             self.driver_cmdline
@@ -79,7 +90,7 @@ memory = "384M"
 cmdline = "console=ttyS0 quiet ddvmm.action=run-script"
 [[client.disk]]
 driver = "storage"
-device = "/dev/vda"
+device = "{device}"
 offset = "{}M"
 size = "{}M"
 "#,

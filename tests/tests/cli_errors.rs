@@ -170,3 +170,32 @@ fn usage_errors_exit_2() {
     assert_eq!(o.status, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--kernel"), "{}", o.stderr);
 }
+
+#[test]
+fn passthrough_errors_name_the_problem() {
+    let k = kernel();
+    let o = ddvmm(&["run", "--kernel", s(&k), "--vfio", "00:04"]);
+    assert_error(&o, "--vfio 00:04: invalid PCI address \"00:04\"");
+    let o = ddvmm(&["run", "--kernel", s(&k), "--vfio", "0000:7f:1f.7"]);
+    assert_error(
+        &o,
+        "passthrough of 0000:7f:1f.7: PCI device 0000:7f:1f.7 not found on this host",
+    );
+    // A host without an IOMMU (these machines): a function that exists has no IOMMU group.
+    let groups = std::fs::read_dir("/sys/kernel/iommu_groups").map_or(0, |d| d.count());
+    let function = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned());
+    match function {
+        Some(f) if groups == 0 => {
+            let o = ddvmm(&["run", "--kernel", s(&k), "--vfio", &f]);
+            assert_error(
+                &o,
+                &format!("no IOMMU for PCI device {f}: it has no IOMMU group"),
+            );
+        }
+        _ => eprintln!("this host has an IOMMU or no PCI bus: no-IOMMU case not checked here"),
+    }
+}

@@ -47,6 +47,8 @@ struct Ending<'a> {
     restart: Option<&'a str>,
     /// Stop the daemon with SIGTERM instead of the API's `shutdown`.
     sigterm: bool,
+    /// The driver VM owns the disk as a passed-through NVMe controller.
+    passthrough: bool,
 }
 
 /// Runs the daemon with one driver VM (cmdline `driver_cmdline`) and the given clients, waits
@@ -66,6 +68,7 @@ fn run_system(
         clients,
         slice_mib: SLICE_MIB,
         extra_config,
+        passthrough: ending.passthrough,
     };
     let (host, prelude) = system.host_and_prelude();
     let names: Vec<&str> = clients.iter().map(|(c, _)| *c).collect();
@@ -124,9 +127,20 @@ fn mib_regions_containing(hay: &[u8], needle: &[u8]) -> Vec<u64> {
 
 #[test]
 fn driver_vm_serves_two_clients_their_own_slices() {
-    let disk = backing_file("driver-pool.img", 2 * SLICE_MIB);
+    two_clients_own_slices("driver-two-clients", false);
+}
+
+/// The same with the driver VM owning real (emulated-hardware) NVMe through VFIO: Linux's own
+/// nvme driver in the driver VM, the agent serving /dev/nvme0n1.
+#[test]
+fn driver_vm_with_passed_through_nvme_serves_two_clients() {
+    two_clients_own_slices("driver-passthrough", true);
+}
+
+fn two_clients_own_slices(name: &str, passthrough: bool) {
+    let disk = backing_file(&format!("{name}.img"), 2 * SLICE_MIB);
     let out = run_system(
-        "driver-two-clients",
+        name,
         &disk,
         "console=ttyS0 quiet ddvmm.action=agent",
         "",
@@ -137,6 +151,7 @@ fn driver_vm_serves_two_clients_their_own_slices() {
         Ending {
             restart: None,
             sigterm: false,
+            passthrough,
         },
     );
     let log = &out.output.replace('\r', "");
@@ -185,6 +200,7 @@ fn garbage_completions_are_counted_not_trusted() {
         Ending {
             restart: Some("gamma"),
             sigterm: true,
+            passthrough: false,
         },
     );
     let log = &out.output.replace('\r', "");

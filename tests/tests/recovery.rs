@@ -141,6 +141,7 @@ fn every_fault_kind_is_detected_and_recovered_without_client_errors() {
         clients: &clients,
         slice_mib: SLICE_MIB,
         extra_config: RECOVERY,
+        passthrough: false,
     };
     let (host, prelude) = system.host_and_prelude();
     // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.
@@ -315,6 +316,7 @@ max_restarts = 4
 restart_window_s = 3600
 poison_after = 3
 "#,
+        passthrough: false,
     };
     let (host, prelude) = system.host_and_prelude();
     // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.

@@ -13,6 +13,7 @@
 //! - [`control`] is the daemon's command line to each VMM (replay, quarantine, fault injection).
 //! - [`handoff`] passes channel descriptors from the daemon to VMM processes.
 //! - [`units`] parses sizes given on the command line.
+//! - [`vfio`] opens host PCI functions for passthrough (`devices::vfio_pci` is the guest side).
 
 pub mod arch;
 pub mod control;
@@ -26,3 +27,4 @@ pub mod memory;
 pub mod stats_page;
 pub mod units;
 pub mod vcpu;
+pub mod vfio;

@@ -31,6 +31,7 @@ use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
+use crate::devices::vfio_pci::{AttachContext, OpenedFunction, VfioPci, VfioPciError};
 use crate::devices::virtio::block::ring_frontend::{
     RingBlock, RingControl, RingDiskError, RingDiskStats,
 };
@@ -43,6 +44,7 @@ use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, Vcpu, VcpuInjection};
+use crate::vfio::PciAddress;
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +149,8 @@ pub struct MachineConfig {
     pub nets: Vec<NetConfig>,
     /// Channel devices (driver VMs), after the NICs.
     pub channels: Vec<ChannelConfig>,
+    /// Host PCI functions given to the guest through VFIO, after the channels.
+    pub passthrough: Vec<PciAddress>,
     /// What to run.
     pub boot: BootSource,
     /// Guest RAM in bytes.
@@ -255,6 +259,9 @@ pub enum MachineError {
     /// A ring disk could not be set up.
     #[error(transparent)]
     RingDisk(#[from] RingDiskError),
+    /// A host PCI function could not be passed through.
+    #[error(transparent)]
+    Passthrough(#[from] VfioPciError),
     /// All vCPU threads ended without reporting why.
     #[error("all vCPU threads ended without a guest exit")]
     VcpusVanished,
@@ -280,6 +287,9 @@ pub struct Machine {
     exits: ExitNotifier,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
+    /// Passed-through functions: released after the VM (their BAR mappings back memory
+    /// slots) and before guest RAM (their DMA mappings pin it).
+    _passthrough: Vec<SharedPciDevice>,
     /// Channel memory mappings (KVM memory slots) and INTx resample eventfds.
     _channels: Vec<(MmapRegion, EventFd)>,
     ram: GuestRam,
@@ -357,6 +367,11 @@ impl Machine {
             let tap = Tap::open(&n.tap)?;
             devices.push((format!("tap {}", n.tap), Box::new(Net::new(tap, n.mac))));
         }
+        let functions = cfg
+            .passthrough
+            .iter()
+            .map(|a| OpenedFunction::open(Path::new("/sys"), *a))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let vm = Arc::new(kvm::create_vm(&kvm)?);
         kvm::register_ram(&vm, &ram)?;
@@ -366,17 +381,20 @@ impl Machine {
         let mut io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mut mmio_bus = Bus::new();
         let router = Arc::new(IrqRouter::new(vm.clone()));
-        let mut pci = PciBuilder::new();
+        let mut pci = PciBuilder::new(ram.memory().num_regions() as u32);
         for (label, device) in devices {
             pci.add_virtio(&ram, &router, label, device, &mut mmio_bus)?;
         }
         let mut channels = Vec::new();
         let mut faults = FaultInjector::default();
         for c in &cfg.channels {
-            let slot = ram.memory().num_regions() as u32 + channels.len() as u32;
-            let (map, resample, fault) = pci.add_channel(&vm, slot, c, &mut mmio_bus)?;
+            let (map, resample, fault) = pci.add_channel(&vm, c, &mut mmio_bus)?;
             channels.push((map, resample));
             faults.channels.push(fault);
+        }
+        let mut passthrough = Vec::new();
+        for f in functions {
+            passthrough.push(pci.add_vfio(&vm, &ram, &router, f, &mut mmio_bus)?);
         }
         io_bus.insert(pci.finish(), u64::from(PCI_CONFIG_IO), 8)?;
 
@@ -408,6 +426,7 @@ impl Machine {
             exits,
             _vm: vm,
             _kvm: kvm,
+            _passthrough: passthrough,
             _channels: channels,
             ram,
             exit_rx,
@@ -663,10 +682,12 @@ impl BootEntry {
 struct PciBuilder {
     root: PciRoot,
     next_bar: u64,
+    /// Next free KVM memory slot (guest RAM takes the first ones).
+    next_slot: u32,
 }
 
 impl PciBuilder {
-    fn new() -> Self {
+    fn new(first_free_slot: u32) -> Self {
         let mut root = PciRoot::new();
         let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge::new()));
         // Slot 0 of an empty bus.
@@ -674,6 +695,7 @@ impl PciBuilder {
         PciBuilder {
             root,
             next_bar: PCI_MMIO_START,
+            next_slot: first_free_slot,
         }
     }
 
@@ -711,12 +733,44 @@ impl PciBuilder {
         Ok(())
     }
 
+    /// A host function through VFIO: BARs allocated here and placed on the MMIO bus (the
+    /// parts not mapped into the guest trap there).
+    fn add_vfio(
+        &mut self,
+        vm: &VmFd,
+        ram: &GuestRam,
+        router: &Arc<IrqRouter>,
+        f: OpenedFunction,
+        mmio_bus: &mut Bus,
+    ) -> Result<SharedPciDevice, MachineError> {
+        let label = format!("passthrough {}", f.address());
+        let bars = f.bars().to_vec();
+        let mut addrs = Vec::new();
+        for b in &bars {
+            // At least a page, so that BAR pages can be mapped into the guest.
+            addrs.push(self.alloc_bar(b.size.max(0x1000), &label)?);
+        }
+        let ctx = AttachContext {
+            vm,
+            ram,
+            router,
+            next_slot: &mut self.next_slot,
+        };
+        let dev: SharedPciDevice = Arc::new(Mutex::new(VfioPci::attach(f, &addrs, ctx)?));
+        let slot = self.add(dev.clone(), &label)?;
+        for (b, addr) in bars.iter().zip(&addrs) {
+            let region = Arc::new(Mutex::new(BarRegion::new(dev.clone(), b.index)));
+            mmio_bus.insert(region, *addr, b.size)?;
+        }
+        tracing::info!(device = %label, slot, bars = ?addrs, "passed-through PCI function");
+        Ok(dev)
+    }
+
     /// A channel device: registers on the MMIO bus with the doorbell as an ioeventfd, the
-    /// shared memory as KVM memory slot `mem_slot`, and INTx as a level-triggered irqfd.
+    /// shared memory as a KVM memory slot, and INTx as a level-triggered irqfd.
     fn add_channel(
         &mut self,
         vm: &VmFd,
-        mem_slot: u32,
         c: &ChannelConfig,
         mmio_bus: &mut Bus,
     ) -> Result<(MmapRegion, EventFd, Arc<AtomicU32>), MachineError> {
@@ -754,6 +808,8 @@ impl PciBuilder {
             .map_err(|e| MachineError::Sys("dup of channel memory", e))?;
         let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
             .map_err(|e| MachineError::Sys("mapping channel memory", std::io::Error::other(e)))?;
+        let mem_slot = self.next_slot;
+        self.next_slot += 1;
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot: mem_slot,
             flags: 0,

@@ -181,6 +181,10 @@ struct RunArgs {
     /// [,generation=G] (repeatable).
     #[arg(long = "ring-disk", value_name = "SPEC")]
     ring_disks: Vec<String>,
+    /// A host PCI function to pass through with VFIO, by address DDDD:BB:DD.F; it must be
+    /// bound to vfio-pci, in a viable IOMMU group (repeatable).
+    #[arg(long = "vfio", value_name = "PCI-ADDRESS")]
+    vfio: Vec<String>,
     /// A stats page (memfd inherited from the daemon) to publish device counters into.
     #[arg(long, value_name = "FD")]
     stats_fd: Option<i32>,
@@ -233,7 +237,13 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .enumerate()
         .map(|(i, c)| parse_ring_disk(c, i, &mut adopter))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let passthrough = args
+        .vfio
+        .iter()
+        .map(|a| a.parse().with_context(|| format!("--vfio {a}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = MachineConfig {
+        passthrough,
         disks,
         ring_disks,
         nets,

@@ -43,6 +43,7 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
         nets: Vec::new(),
         ring_disks: Vec::new(),
         channels: Vec::new(),
+        passthrough: Vec::new(),
         console: ConsoleOutput::File(console.clone()),
         kvm_device: "/dev/kvm".into(),
     };

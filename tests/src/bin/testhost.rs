@@ -35,6 +35,10 @@ struct Args {
     /// Also provide the driver-VM image (`make driver-image`) as `$WORK/driver.img`.
     #[arg(long)]
     driver_image: bool,
+    /// A file of this machine to give the script as an NVMe controller bound to vfio-pci in
+    /// the emulated test host, `$PT0`, `$PT1`, ... (repeatable).
+    #[arg(long = "passthrough-disk", value_name = "PATH")]
+    passthrough_disks: Vec<PathBuf>,
     /// A variable for the script, NAME=VALUE (repeatable).
     #[arg(long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -86,6 +90,9 @@ fn main() -> ExitCode {
     }
     for f in &args.host_files {
         host = host.host_file(f.clone());
+    }
+    for d in &args.passthrough_disks {
+        host = host.passthrough_disk(d.clone());
     }
     if !args.guest_scripts.is_empty() {
         let mut script = String::new();

@@ -12,6 +12,7 @@
 //! memory = "256M"                   # optional, default 256M
 //! cpus = 1                          # optional, default 1
 //! disks = ["/var/lib/ddvmm/pool.img"]  # devices it owns: /dev/vda, /dev/vdb, ... inside
+//! passthrough = ["0000:01:00.0"]    # host PCI functions it owns (VFIO; bound to vfio-pci)
 //! cmdline = "..."                   # optional, default "console=ttyS0 quiet ddvmm.action=agent"
 //! console = "storage.log"           # optional, default <state dir>/<name>.console
 //!
@@ -24,7 +25,8 @@
 //!
 //! [[client.disk]]
 //! driver = "storage"                # a [[driver]] name
-//! device = "/dev/vda"               # the driver VM's device (default /dev/vda)
+//! device = "/dev/vda"               # the driver VM's device (default /dev/vda, or
+//!                                   #   /dev/nvme0n1 for a driver with passthrough only)
 //! offset = "0M"                     # window start on that device
 //! size = "64M"                      # window size; the client sees a disk of this size
 //! read_only = false
@@ -54,6 +56,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::units::parse_size;
+use crate::vfio::PciAddress;
 
 /// Largest `cpus` accepted here (the VMM checks KVM's own limit at start).
 const MAX_CPUS: u32 = 254;
@@ -196,6 +199,8 @@ struct RawVm {
     #[serde(default)]
     disks: Vec<PathBuf>,
     #[serde(default)]
+    passthrough: Vec<String>,
+    #[serde(default)]
     disk: Vec<RawClientDisk>,
 }
 
@@ -241,6 +246,9 @@ pub struct VmConfig {
     pub console: Option<PathBuf>,
     /// Driver VMs: backing files of the devices they own, in guest order (/dev/vda, ...).
     pub disks: Vec<PathBuf>,
+    /// Driver VMs: host PCI functions they own through VFIO (an NVMe controller shows up as
+    /// /dev/nvme0n1, ...).
+    pub passthrough: Vec<PciAddress>,
     /// Client VMs: disks served by driver VMs.
     pub client_disks: Vec<ClientDisk>,
 }
@@ -313,7 +321,31 @@ impl SystemConfig {
             if !d.disk.is_empty() {
                 return Err(invalid(format!("{key}.disk"), "driver VMs own devices with `disks = [...]`; `[[...disk]]` tables are for clients"));
             }
-            let vm = vm_common(d, &key, Role::Driver, &abs, &mut names)?;
+            let mut vm = vm_common(d, &key, Role::Driver, &abs, &mut names)?;
+            for (j, a) in d.passthrough.iter().enumerate() {
+                let addr = a
+                    .parse::<PciAddress>()
+                    .map_err(|e| invalid(format!("{key}.passthrough[{j}]"), e.to_string()))?;
+                if vm.passthrough.contains(&addr) {
+                    return Err(invalid(
+                        format!("{key}.passthrough[{j}]"),
+                        format!("{addr} is listed twice"),
+                    ));
+                }
+                vm.passthrough.push(addr);
+            }
+            if let Some(other) = drivers
+                .iter()
+                .find(|o: &&VmConfig| o.passthrough.iter().any(|a| vm.passthrough.contains(a)))
+            {
+                return Err(invalid(
+                    format!("{key}.passthrough"),
+                    format!(
+                        "a PCI function is already given to driver VM '{}'",
+                        other.name
+                    ),
+                ));
+            }
             drivers.push(vm);
         }
         let mut clients = Vec::new();
@@ -323,6 +355,12 @@ impl SystemConfig {
                 return Err(invalid(
                     format!("{key}.disks"),
                     "client disks are `[[client.disk]]` tables served by a driver VM",
+                ));
+            }
+            if !c.passthrough.is_empty() {
+                return Err(invalid(
+                    format!("{key}.passthrough"),
+                    "only driver VMs own host PCI functions",
                 ));
             }
             let mut vm = vm_common(c, &key, Role::Client, &abs, &mut names)?;
@@ -432,6 +470,7 @@ fn vm_common(
         cpus,
         console: raw.console.as_deref().map(abs),
         disks,
+        passthrough: Vec::new(),
         client_disks: Vec::new(),
     })
 }
@@ -457,7 +496,15 @@ fn client_disk(
             format!("unknown driver VM '{}'", raw.driver),
         ));
     };
-    let device = raw.device.clone().unwrap_or_else(|| "/dev/vda".into());
+    // Default: the driver VM's first device (a passed-through NVMe controller's namespace if
+    // it owns no emulated disk).
+    let device = raw.device.clone().unwrap_or_else(|| {
+        if driver.disks.is_empty() && !driver.passthrough.is_empty() {
+            "/dev/nvme0n1".into()
+        } else {
+            "/dev/vda".into()
+        }
+    });
     if !device.starts_with("/dev/") || device.len() >= 64 {
         return Err(invalid(
             format!("{key}.device"),
@@ -596,6 +643,57 @@ disks = ["pool.img"]
             "console=ttyS0 quiet ddvmm.action=agent"
         );
         assert_eq!(c.socket, dir.path().join("s.sock"));
+    }
+
+    #[test]
+    fn passthrough_drivers() {
+        let (dir, _) = setup();
+        let drv = |name: &str, pt: &str| {
+            format!("[[driver]]\nname = \"{name}\"\nkernel = \"vmlinuz\"\npassthrough = [{pt}]\n")
+        };
+        let text = format!(
+            "{}{}",
+            drv("nv", r#""0000:01:00.0", "02:00.1""#),
+            client("a", &disk("nv", "0", "32M"))
+        );
+        let c = parse(&dir, &text).expect("valid");
+        assert_eq!(
+            c.drivers[0]
+                .passthrough
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>(),
+            ["0000:01:00.0", "0000:02:00.1"]
+        );
+        // A driver that owns only passed-through NVMe serves its namespace by default.
+        assert_eq!(c.clients[0].client_disks[0].device, "/dev/nvme0n1");
+        let e = err(&dir, &drv("nv", r#""01:00""#));
+        assert!(
+            e.contains("driver[0].passthrough[0]") && e.contains("invalid PCI address"),
+            "{e}"
+        );
+        let e = err(&dir, &drv("nv", r#""01:00.0", "0000:01:00.0""#));
+        assert!(e.contains("listed twice"), "{e}");
+        let e = err(
+            &dir,
+            &format!("{}{}", drv("a", r#""01:00.0""#), drv("b", r#""01:00.0""#)),
+        );
+        assert!(
+            e.contains("driver[1].passthrough") && e.contains("already given to driver VM 'a'"),
+            "{e}"
+        );
+        let e = err(
+            &dir,
+            &format!(
+                "{}{}",
+                drv("a", ""),
+                client("c", r#"passthrough = ["01:00.0"]"#)
+            ),
+        );
+        assert!(
+            e.contains("client[0].passthrough") && e.contains("only driver VMs"),
+            "{e}"
+        );
     }
 
     fn err(dir: &tempfile::TempDir, text: &str) -> String {

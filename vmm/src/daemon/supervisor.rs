@@ -365,6 +365,9 @@ impl Supervisor {
         for d in &vm.cfg.disks {
             cmd.arg("--disk").arg(d);
         }
+        for a in &vm.cfg.passthrough {
+            cmd.arg("--vfio").arg(a.to_string());
+        }
         let fd_spec = |c: &Channel| {
             format!(
                 "mem={},kick={},doorbell={}",

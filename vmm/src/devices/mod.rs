@@ -10,4 +10,5 @@ pub mod i8042;
 pub mod pci;
 pub mod pvpanic;
 pub mod serial;
+pub mod vfio_pci;
 pub mod virtio;

@@ -184,13 +184,31 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     }
 }
 
+/// How long the backend device may take to appear: the kernel probes devices asynchronously
+/// (an NVMe controller's namespaces show up after its admin queue is up), and the agent can
+/// start before that.
+const BACKEND_APPEAR_TIMEOUT: Duration = Duration::from_secs(120);
+
 fn open_backend(w: &Window) -> Result<File, String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!w.read_only)
-        .custom_flags(libc::O_DIRECT)
-        .open(&w.backend)
-        .map_err(|e| format!("{}: {e}", w.backend))?;
+    let deadline = Instant::now() + BACKEND_APPEAR_TIMEOUT;
+    let file = loop {
+        match OpenOptions::new()
+            .read(true)
+            .write(!w.read_only)
+            .custom_flags(libc::O_DIRECT)
+            .open(&w.backend)
+        {
+            Ok(f) => break f,
+            Err(e)
+                if (e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENXIO))
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(format!("{}: {e}", w.backend)),
+        }
+    };
     let size = {
         use std::io::{Seek, SeekFrom};
         let mut f = &file;

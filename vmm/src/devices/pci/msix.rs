@@ -169,6 +169,14 @@ struct State {
     pending: Vec<bool>,
     enabled: bool,
     function_masked: bool,
+    /// Direct mode: which vectors' irqfds KVM currently listens to.
+    attached: Vec<bool>,
+}
+
+impl State {
+    fn deliverable(&self, v: usize) -> bool {
+        self.enabled && !self.function_masked && !self.entries[v].masked()
+    }
 }
 
 /// The MSI-X vectors of one device.
@@ -176,25 +184,43 @@ pub struct Msix {
     router: Option<Arc<IrqRouter>>,
     gsis: Vec<u32>,
     irqfds: Vec<EventFd>,
+    /// Something other than [`Msix::trigger`] writes the irqfds (a passed-through device):
+    /// masking is then done by detaching a vector's irqfd from KVM (see [`Msix::new_direct`]).
+    direct: bool,
     state: Mutex<State>,
 }
 
 impl Msix {
     /// `count` vectors, each with a GSI and a registered irqfd; all masked, MSI-X disabled.
     pub fn new(router: Arc<IrqRouter>, count: u16) -> Result<Arc<Self>, MsixError> {
+        let (gsis, irqfds) = Self::allocate(&router, count)?;
+        for (fd, gsi) in irqfds.iter().zip(&gsis) {
+            router
+                .vm()
+                .register_irqfd(fd, *gsi)
+                .map_err(MsixError::Irqfd)?;
+        }
+        Ok(Self::with_parts(Some(router), gsis, irqfds, false))
+    }
+
+    /// Vectors whose eventfds are signalled directly by a device outside the VMM (VFIO). The
+    /// table is still emulated here; a vector's irqfd is attached to KVM only while it is
+    /// deliverable (MSI-X on, function and vector unmasked). An event that arrives while it
+    /// is detached stays counted in the eventfd, and KVM injects it when the irqfd is attached
+    /// again, which gives the pending-until-unmasked behaviour of real MSI-X.
+    pub fn new_direct(router: Arc<IrqRouter>, count: u16) -> Result<Arc<Self>, MsixError> {
+        let (gsis, irqfds) = Self::allocate(&router, count)?;
+        Ok(Self::with_parts(Some(router), gsis, irqfds, true))
+    }
+
+    fn allocate(router: &IrqRouter, count: u16) -> Result<(Vec<u32>, Vec<EventFd>), MsixError> {
         let mut gsis = Vec::new();
         let mut irqfds = Vec::new();
         for _ in 0..count {
-            let gsi = router.allocate_gsi()?;
-            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(MsixError::EventFd)?;
-            router
-                .vm()
-                .register_irqfd(&fd, gsi)
-                .map_err(MsixError::Irqfd)?;
-            gsis.push(gsi);
-            irqfds.push(fd);
+            gsis.push(router.allocate_gsi()?);
+            irqfds.push(EventFd::new(libc::EFD_NONBLOCK).map_err(MsixError::EventFd)?);
         }
-        Ok(Self::with_parts(Some(router), gsis, irqfds))
+        Ok((gsis, irqfds))
     }
 
     /// Vectors not connected to KVM: triggering one only signals its eventfd. For device tests
@@ -203,19 +229,21 @@ impl Msix {
         let irqfds = (0..count)
             .filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
             .collect::<Vec<_>>();
-        Self::with_parts(None, vec![0; irqfds.len()], irqfds)
+        Self::with_parts(None, vec![0; irqfds.len()], irqfds, false)
     }
 
     fn with_parts(
         router: Option<Arc<IrqRouter>>,
         gsis: Vec<u32>,
         irqfds: Vec<EventFd>,
+        direct: bool,
     ) -> Arc<Self> {
         let n = gsis.len();
         Arc::new(Msix {
             router,
             gsis,
             irqfds,
+            direct,
             state: Mutex::new(State {
                 entries: vec![
                     Entry {
@@ -227,6 +255,7 @@ impl Msix {
                 pending: vec![false; n],
                 enabled: false,
                 function_masked: false,
+                attached: vec![false; n],
             }),
         })
     }
@@ -266,7 +295,7 @@ impl Msix {
         if v >= s.entries.len() {
             return;
         }
-        if !s.enabled || s.function_masked || s.entries[v].masked() {
+        if !s.deliverable(v) {
             s.pending[v] = true;
         } else if let Err(e) = self.irqfds[v].write(1) {
             tracing::warn!(vector, error = %e, "cannot raise MSI-X vector");
@@ -274,6 +303,10 @@ impl Msix {
     }
 
     fn flush_pending(&self, s: &mut State) {
+        if self.direct {
+            self.sync_direct(s);
+            return;
+        }
         if !s.enabled || s.function_masked {
             return;
         }
@@ -283,6 +316,37 @@ impl Msix {
                 let _ = self.irqfds[v].write(1);
             }
         }
+    }
+
+    /// Direct mode: attach the irqfd of every deliverable vector to KVM, detach the others.
+    fn sync_direct(&self, s: &mut State) {
+        let Some(router) = &self.router else { return };
+        for v in 0..s.entries.len() {
+            let want = s.deliverable(v);
+            if want == s.attached[v] {
+                continue;
+            }
+            let (fd, gsi) = (&self.irqfds[v], self.gsis[v]);
+            let result = if want {
+                router.vm().register_irqfd(fd, gsi)
+            } else {
+                router.vm().unregister_irqfd(fd, gsi)
+            };
+            match result {
+                Ok(()) => s.attached[v] = want,
+                Err(e) => tracing::error!(vector = v, error = %e, "cannot (de)attach MSI-X irqfd"),
+            }
+        }
+    }
+
+    /// The eventfds of all vectors, in vector order (what a direct device signals).
+    pub fn irqfds(&self) -> Vec<&EventFd> {
+        self.irqfds.iter().collect()
+    }
+
+    /// Whether MSI-X is enabled (message control).
+    pub fn enabled(&self) -> bool {
+        self.lock().enabled
     }
 
     /// Guest read of the vector table.

@@ -1,0 +1,21 @@
+# Runs inside the benchmark guest for `make bench-passthrough`: fio on the guest's one disk
+# (/dev/nvme0n1 when the NVMe controller is passed through, /dev/vda for virtio-blk), RUNS
+# times, one line per run and metric:
+#   RESULT <metric> <value>
+RUNS=${RUNS:-3}
+DEV=$(ls /dev/nvme0n1 /dev/vda 2>/dev/null | head -1)
+echo "BENCH-DEVICE $DEV"
+job() { # name rw bs iodepth
+    fio --name="$1" --filename="$DEV" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \
+        --iodepth="$4" --size=192M --runtime=4 --ramp_time=1 --time_based --minimal \
+        > /tmp/fio.out 2>&1 || { echo "FIO-FAILED $1"; cat /tmp/fio.out; return; }
+    # Terse v3: field 8 = read IOPS, 7 = read KiB/s; 40 = read completion latency mean (us).
+    awk -F';' -v n="$1" '{ printf "RESULT %s-iops %d\nRESULT %s-kibs %d\n", n, $8, n, $7 }' /tmp/fio.out
+}
+i=1
+while [ $i -le $RUNS ]; do
+    job randread-4k-qd32 randread 4k 32
+    job read-128k-seq read 128k 8
+    job randread-4k-qd1 randread 4k 1
+    i=$((i + 1))
+done
