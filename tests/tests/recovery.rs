@@ -91,6 +91,43 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The sum of every metric line starting with `prefix` (all label sets of one metric).
+fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every injectable fault kind and the detection path it must be caught on.
+const FAULT_PATHS: [(&str, &str); 6] = [
+    ("panic", "pvpanic"),
+    ("hang", "heartbeat"),
+    ("kill", "process-killed"),
+    ("triple-fault", "vcpu-crash"),
+    ("corrupt", "corrupt-completions"),
+    ("reset", "reset"),
+];
+
+/// The recovery test system: one driver VM serving `clients`, recovery configured for the
+/// emulator ([`RECOVERY`]).
+fn recovery_system<'a>(
+    name: &'a str,
+    disk: &'a std::path::Path,
+    clients: &'a [(&'a str, String)],
+    passthrough: bool,
+) -> System<'a> {
+    System {
+        name,
+        disk,
+        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
+        clients,
+        slice_mib: SLICE_MIB,
+        extra_config: RECOVERY,
+        passthrough,
+    }
+}
+
 fn metrics_section(out: &str) -> &str {
     let start = out.find("=== metrics\n").expect("metrics section");
     let rest = &out[start + 12..];
@@ -134,26 +171,11 @@ fn every_fault_kind_is_detected_and_recovered_without_client_errors() {
         ("alpha", looping_client("client-alpha")),
         ("beta", looping_client("client-beta")),
     ];
-    let system = System {
-        name: "recovery-campaign",
-        disk: &disk,
-        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
-        clients: &clients,
-        slice_mib: SLICE_MIB,
-        extra_config: RECOVERY,
-        passthrough: false,
-    };
+    let system = recovery_system("recovery-campaign", &disk, &clients, false);
     let (host, prelude) = system.host_and_prelude();
     // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.
     let host = host.expect_guest_crash();
-    let kinds = [
-        ("panic", "pvpanic"),
-        ("hang", "heartbeat"),
-        ("kill", "process-killed"),
-        ("triple-fault", "vcpu-crash"),
-        ("corrupt", "corrupt-completions"),
-        ("reset", "reset"),
-    ];
+    let kinds = FAULT_PATHS;
     let names: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
     let script = format!(
         r#"{prelude}{CAMPAIGN_FN}
@@ -213,12 +235,7 @@ echo "=== metrics"; $CTL metrics
 
     // Counters match the faults: 20 injected and detected, each restarted, no quarantine.
     let m = metrics_section(log);
-    let sum = |prefix: &str| -> f64 {
-        m.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let sum = |prefix: &str| metric_sum(m, prefix);
     // (More faults than injected only if a restarted driver VM failed on its own: that is
     // detected and restarted like the rest.)
     assert_eq!(sum("ddvmm_injected_faults_total{"), 20.0, "{m}");
@@ -404,4 +421,79 @@ echo "=== metrics"; $CTL metrics
         Some(1.0),
         "{m}"
     );
+}
+
+/// The driver VM owns a passed-through NVMe controller (VFIO): a driver VM killed, panicked or
+/// triple-faulted in the middle of I/O leaves a device that was in flight; the next driver VM
+/// gets it reset (the kernel resets it when the dead VMM's files close, and the new VMM resets
+/// it again before its guest runs) and the client's replayed requests complete with fio's
+/// verification clean.
+#[test]
+fn driver_vm_with_passed_through_nvme_recovers_from_faults() {
+    let disk = backing_file("recovery-passthrough.img", SLICE_MIB);
+    // The host cannot write a stop sentinel into a disk it has given away: the client loops
+    // fio rounds until it is stopped through the API.
+    let clients = [("alpha", looping_client("client-alpha"))];
+    let system = recovery_system("recovery-passthrough", &disk, &clients, true);
+    let (host, prelude) = system.host_and_prelude();
+    let host = host.expect_guest_crash();
+    let kinds: Vec<(&str, &str)> = FAULT_PATHS
+        .into_iter()
+        .filter(|(k, _)| ["kill", "panic", "triple-fault"].contains(k))
+        .collect();
+    let names: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+    let script = format!(
+        r#"{prelude}{CAMPAIGN_FN}
+wait_console alpha "ROUND 1 "
+campaign pt --faults 3 --kinds {kinds} --min-interval-ms 1000 --max-interval-ms 3000
+# One whole fio round after the last recovery, then stop the client.
+n=$(grep -c "^ROUND" $WORK/system.d/alpha.console)
+wait_console alpha "ROUND $((n + 1)) "
+echo "=== stop alpha"; $CTL stop alpha
+echo "=== metrics"; $CTL metrics
+{ending}"#,
+        kinds = names.join(","),
+        ending = system.ending(false),
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert_clean_ending(log);
+    assert!(log.contains("CAMPAIGN-RC pt 0"), "{log}");
+    let events = log
+        .lines()
+        .find_map(|l| l.strip_prefix("EVENTS pt "))
+        .unwrap_or_else(|| panic!("no events:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
+    let list = v["events"].as_array().expect("events");
+    for (kind, path) in kinds {
+        let e = list
+            .iter()
+            .find(|e| e["injected"] == kind)
+            .unwrap_or_else(|| panic!("{kind} not injected: {events}"));
+        assert_eq!(e["detected_by"], path, "{kind}: {events}");
+    }
+    assert!(list.iter().all(|e| e["outcome"] == "restarted"), "{events}");
+
+    let c = console(log, "alpha");
+    assert!(c.contains("MARKER-RC 0"), "{log}");
+    assert!(!c.contains("FIO-FAILED"), "{log}");
+    let ok_rounds = c
+        .lines()
+        .filter(|l| l.starts_with("ROUND ") && l.ends_with("rc=0"))
+        .count();
+    assert!(ok_rounds >= 2, "{ok_rounds} clean fio rounds:\n{log}");
+    let m = metrics_section(log);
+    assert_eq!(metric_sum(m, "ddvmm_ring_disk_errors_total{"), 0.0, "{m}");
+    assert_eq!(metric_sum(m, "ddvmm_injected_faults_total{"), 3.0, "{m}");
+    // The last driver VM got the function reset before its guest ran.
+    let vmm_log = log
+        .split("=== vmm log storage\n")
+        .nth(1)
+        .expect("driver VMM log");
+    assert!(vmm_log.contains("function reset"), "{vmm_log}");
+    // The marker the client wrote went through the driver VM's nvme driver into this file.
+    let pool = std::fs::read(&disk).expect("read pool");
+    let marker = "client-alpha\n".repeat(MIB as usize)[..MIB as usize].to_string();
+    assert!(pool[..MIB as usize] == *marker.as_bytes(), "marker missing");
 }
