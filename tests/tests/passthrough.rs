@@ -7,23 +7,15 @@
 //! - bad host-side inputs (absent function, function bound to a host driver, group already
 //!   held by another VMM) fail with a message naming the problem.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ddvmm_tests::{client_initrd_with_script, repo_root, TestHost};
+use ddvmm_tests::system::backing_file;
+use ddvmm_tests::{client_initrd_with_script, TestHost};
 
 const TIMEOUT: Duration = Duration::from_secs(1500);
 const PATTERN_MIB: u64 = 8;
-
-fn backing_file(name: &str, mib: u64) -> PathBuf {
-    let dir = repo_root().join("target/test-disks");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).expect("create disk");
-    f.set_len(mib << 20).expect("size disk");
-    path
-}
 
 fn sha256_of_prefix(path: &Path, bytes: u64) -> String {
     let out = Command::new("sh")
