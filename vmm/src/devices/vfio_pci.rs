@@ -445,7 +445,10 @@ impl VfioPci {
         self.msix_control = new;
         if enable && !was_enabled {
             msix.set_control(new);
-            if let Err(e) = self.device.set_msix(&msix.irqfds()) {
+            // Never more vectors than the host grants (the table may advertise more).
+            let mut fds = msix.irqfds();
+            fds.truncate(self.device.msix_count() as usize);
+            if let Err(e) = self.device.set_msix(&fds) {
                 tracing::error!(address = %self.address, error = %e, "cannot enable MSI-X on the device");
             }
         } else if !enable && was_enabled {
