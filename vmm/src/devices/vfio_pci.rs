@@ -13,10 +13,11 @@
 //! - Everything else in configuration space (command register, PCIe and power-management
 //!   capabilities, ...) goes to the device, through the kernel's own vfio-pci filtering.
 //!
-//! The function is reset when it is opened (before the guest runs) and when this process lets
-//! go of it: the kernel's vfio-pci clears bus mastering and resets the function when the last
-//! file closes, before the IOMMU mappings (and so the guest's RAM) are released. A driver VM
-//! killed mid-DMA therefore leaves a quiesced device.
+//! The function is reset when it is opened (before the guest runs). Letting go of it is the
+//! kernel's job, the same whether this process exits or is killed: vfio-pci disables its
+//! interrupts, clears bus mastering and resets the function when the device file closes, which
+//! happens before the container (and so the IOMMU mappings of guest RAM) is released. A driver
+//! VM killed mid-DMA therefore leaves a quiesced device.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -275,8 +276,9 @@ pub struct AttachContext<'a> {
 
 /// The function as the guest's PCI bus sees it.
 pub struct VfioPci {
-    // Drop order: mappings (KVM slots are gone with the VM, dropped first), the device file,
-    // then the container (DMA unmapped only after the device is closed and quiesced).
+    // Drop order: mappings (KVM slots are gone with the VM, dropped first), the device file
+    // (the kernel quiesces and resets the function), then the container (DMA unmapped only
+    // after that).
     _mappings: Vec<BarMapping>,
     _kvm_device: Option<DeviceFd>,
     device: VfioDevice,
@@ -443,21 +445,22 @@ impl VfioPci {
         let was_enabled = self.msix_control & CONTROL_ENABLE != 0;
         let enable = new & CONTROL_ENABLE != 0;
         self.msix_control = new;
-        if enable && !was_enabled {
-            msix.set_control(new);
+        // The device's vectors go off before the emulated table stops delivering, and come on
+        // after it is ready to.
+        let (off, on) = (was_enabled && !enable, enable && !was_enabled);
+        if off {
+            if let Err(e) = self.device.set_msix(&[]) {
+                tracing::error!(address = %self.address, error = %e, "cannot disable MSI-X on the device");
+            }
+        }
+        msix.set_control(new);
+        if on {
             // Never more vectors than the host grants (the table may advertise more).
             let mut fds = msix.irqfds();
             fds.truncate(self.device.msix_count() as usize);
             if let Err(e) = self.device.set_msix(&fds) {
                 tracing::error!(address = %self.address, error = %e, "cannot enable MSI-X on the device");
             }
-        } else if !enable && was_enabled {
-            if let Err(e) = self.device.set_msix(&[]) {
-                tracing::error!(address = %self.address, error = %e, "cannot disable MSI-X on the device");
-            }
-            msix.set_control(new);
-        } else {
-            msix.set_control(new);
         }
     }
 
@@ -585,18 +588,6 @@ impl PciDevice for VfioPci {
                     tracing::warn!(address = %self.address, bar, error = %e, "BAR write failed");
                 }
             }
-        }
-    }
-}
-
-impl Drop for VfioPci {
-    fn drop(&mut self) {
-        // Quiesce before the IOMMU mappings go: stop interrupts, reset the function.
-        if self.msix_control & CONTROL_ENABLE != 0 {
-            let _ = self.device.set_msix(&[]);
-        }
-        if let Err(e) = self.device.reset() {
-            tracing::warn!(address = %self.address, error = %e, "reset on release failed");
         }
     }
 }

@@ -32,7 +32,6 @@ pub struct Container {
     // Group before container: the group detaches from the container when it closes.
     group: File,
     container: File,
-    group_number: u32,
     mappings: Vec<Mapping>,
 }
 
@@ -108,14 +107,8 @@ impl Container {
         Ok(Container {
             group,
             container,
-            group_number: dev.group,
             mappings: Vec::new(),
         })
-    }
-
-    /// The group number.
-    pub fn group_number(&self) -> u32 {
-        self.group_number
     }
 
     /// The group file (for KVM's VFIO device).

@@ -119,9 +119,30 @@ impl VfioDevice {
     /// Reads `data.len()` bytes at `offset` of region `index`. Accesses past the region's end
     /// are refused (error), never passed on.
     pub fn read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioError> {
-        let (r, len) = (self.region(index), data.len());
+        let len = data.len();
+        self.access("read", index, offset, len, |at| self.file.read_at(data, at))
+    }
+
+    /// Writes `data` at `offset` of region `index` (bounds-checked like [`Self::read`]).
+    pub fn write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioError> {
+        self.access("write", index, offset, data.len(), |at| {
+            self.file.write_at(data, at)
+        })
+    }
+
+    /// One bounds-checked, whole (never partial) access of `len` bytes at `offset` of region
+    /// `index`; `io` does it at a file offset.
+    fn access(
+        &self,
+        op: &'static str,
+        index: u32,
+        offset: u64,
+        len: usize,
+        io: impl FnOnce(u64) -> std::io::Result<usize>,
+    ) -> Result<(), VfioError> {
+        let r = self.region(index);
         let err = |source| VfioError::Region {
-            op: "read",
+            op,
             region: index,
             offset,
             len,
@@ -130,29 +151,9 @@ impl VfioDevice {
         if offset.saturating_add(len as u64) > r.size {
             return Err(err(std::io::Error::from_raw_os_error(libc::EINVAL)));
         }
-        match self.file.read_at(data, r.offset + offset) {
+        match io(r.offset + offset) {
             Ok(n) if n == len => Ok(()),
             Ok(_) => Err(err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))),
-            Err(e) => Err(err(e)),
-        }
-    }
-
-    /// Writes `data` at `offset` of region `index` (bounds-checked like [`Self::read`]).
-    pub fn write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioError> {
-        let r = self.region(index);
-        let err = |source| VfioError::Region {
-            op: "write",
-            region: index,
-            offset,
-            len: data.len(),
-            source,
-        };
-        if offset.saturating_add(data.len() as u64) > r.size {
-            return Err(err(std::io::Error::from_raw_os_error(libc::EINVAL)));
-        }
-        match self.file.write_at(data, r.offset + offset) {
-            Ok(n) if n == data.len() => Ok(()),
-            Ok(_) => Err(err(std::io::Error::from(std::io::ErrorKind::WriteZero))),
             Err(e) => Err(err(e)),
         }
     }

@@ -344,11 +344,6 @@ impl Msix {
         self.irqfds.iter().collect()
     }
 
-    /// Whether MSI-X is enabled (message control).
-    pub fn enabled(&self) -> bool {
-        self.lock().enabled
-    }
-
     /// Guest read of the vector table.
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
         let s = self.lock();
