@@ -542,6 +542,19 @@ fn bind_vfio(addr: &str) -> String {
     )
 }
 
+/// sha256 (hex) of the first `bytes` bytes of the file at `path` on this machine.
+pub fn sha256_of_prefix(path: &Path, bytes: u64) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {bytes} '{}' | sha256sum | cut -d' ' -f1",
+            path.display()
+        ))
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The client guest image (fio, iperf3, virtio drivers) with `/script.sh` appended as an extra
 /// cpio archive; boot it with `ddvmm.action=run-script`.
 pub fn client_initrd_with_script(script: &str) -> Result<Vec<u8>, HarnessError> {

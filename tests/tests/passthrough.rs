@@ -7,27 +7,13 @@
 //! - bad host-side inputs (absent function, function bound to a host driver, group already
 //!   held by another VMM) fail with a message naming the problem.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use ddvmm_tests::system::backing_file;
-use ddvmm_tests::{client_initrd_with_script, TestHost};
+use ddvmm_tests::{client_initrd_with_script, sha256_of_prefix, TestHost};
 
 const TIMEOUT: Duration = Duration::from_secs(1500);
 const PATTERN_MIB: u64 = 8;
-
-fn sha256_of_prefix(path: &Path, bytes: u64) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c {bytes} '{}' | sha256sum | cut -d' ' -f1",
-            path.display()
-        ))
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn field<'a>(out: &'a str, key: &str) -> &'a str {
     out.lines()

@@ -3,10 +3,9 @@
 //! NVMe namespace), and the test checks the bytes in that file.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use ddvmm_tests::{client_initrd_with_script, repo_root, ScriptOutput, TestHost};
+use ddvmm_tests::{client_initrd_with_script, repo_root, sha256_of_prefix, ScriptOutput, TestHost};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// Bytes the guest writes.
@@ -54,18 +53,6 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
         .find_map(|l| l.trim().strip_prefix(key))
         .map(str::trim)
         .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
-}
-
-fn sha256_of_prefix(path: &Path, bytes: u64) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c {bytes} '{}' | sha256sum | cut -d' ' -f1",
-            path.display()
-        ))
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]
