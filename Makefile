@@ -61,13 +61,13 @@ bench-io: deps images build
 	    --host-file /usr/share/qemu/bios-microvm.bin \
 	    --host-file /usr/share/qemu/linuxboot_dma.bin \
 	    --guest-script bench/guest-blk.sh --guest-script bench/guest-io-net.sh \
-	    bench/io-net.sh
+	    --lib bench/lib.sh bench/io-net.sh
 
 # Block I/O through a driver VM vs ddvmm's direct virtio-blk: same guest, fio jobs and backing
 # file, one run; plus the driver VM's resident memory and idle CPU.
 bench-driver: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
-	    --driver-image --guest-script bench/guest-blk.sh bench/driver-blk.sh
+	    --driver-image --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/driver-blk.sh
 
 # Driver VM recovery: cold boot, then FAULTS_PER_KIND faults of each kind under fio verify;
 # detection latency and outage per kind (median, p95, max) and outage / cold boot.
@@ -84,13 +84,14 @@ soak-recovery: deps images build driver-image
 	    --timeout 86400 --driver-image --guest-script bench/guest-recovery.sh \
 	    --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$(SOAK_FAULTS) bench/recovery.sh
 
-# VFIO passthrough vs ddvmm's virtio-blk on the same NVMe controller and backing file: fio
-# 4 KiB random read QD32 and 128 KiB sequential read in the same guest, one run.
+# VFIO passthrough vs ddvmm's virtio-blk on the same NVMe controller and backing file: the fio
+# jobs of bench/guest-blk.sh (4 KiB random read QD32, 128 KiB sequential read, ...) in the same
+# guest, one run.
 bench-passthrough: deps images build
 	truncate -s 256M target/bench-passthrough.img
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --passthrough-disk target/bench-passthrough.img \
-	    --guest-script bench/guest-passthrough.sh bench/passthrough.sh
+	    --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/passthrough.sh
 
 # Fuzz the virtio descriptor-chain parsers (needs a nightly toolchain; installs cargo-fuzz).
 FUZZ_SECONDS ?= 180

@@ -62,19 +62,7 @@ $CTL stats | grep -E '"(submitted|completed|errors|bogus_completions)"'
 $CTL shutdown > /dev/null
 wait $DAEMON
 
-awk -v rss="$rss_kib" -v ticks="$((t1 - t0))" -v hz="$hz" '
-{ path = $1; m = $3; n[path, m]++; v[path, m, n[path, m]] = $4; if (!(m in seen)) { seen[m] = 1; order[++k] = m } }
-function median(path, m,    c, i, j, t, x) {
-    c = n[path, m]; if (!c) return 0
-    for (i = 1; i <= c; i++) t[i] = v[path, m, i]
-    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (t[j] < t[i]) { x = t[i]; t[i] = t[j]; t[j] = x }
-    return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
-}
-END {
-    printf "\n%-24s %12s %12s %8s\n", "metric (median of runs)", "driver VM", "direct", "ratio"
-    for (i = 1; i <= k; i++) {
-        m = order[i]; d = median("driver", m); q = median("direct", m)
-        printf "%-24s %12.1f %12.1f %8s\n", m, d, q, (q > 0 ? sprintf("%.2f", d / q) : "n/a")
-    }
+ratio_table results.txt driver direct
+awk -v rss="$rss_kib" -v ticks="$((t1 - t0))" -v hz="$hz" 'BEGIN {
     printf "\ndriver VM (256 MiB guest, 1 vCPU): resident %d KiB; idle CPU %.2f%% of one core (20 s)\n", rss, ticks * 100 / hz / 20
-}' results.txt
+}'

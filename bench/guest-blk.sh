@@ -1,9 +1,12 @@
-# Runs inside a benchmark guest (client image, ddvmm.action=run-script) for `make bench-io` and
-# `make bench-driver`: fio on /dev/vda, RUNS times, one line per run and metric:
+# Runs inside a benchmark guest (client image, ddvmm.action=run-script) for `make bench-io`,
+# `make bench-driver` and `make bench-passthrough`: fio on the guest's disk (/dev/nvme0n1 when
+# an NVMe controller is passed through, else /dev/vda), RUNS times, one line per run and metric:
 #   RESULT <metric> <value>
 RUNS=3
+DEV=$(ls /dev/nvme0n1 /dev/vda 2>/dev/null | head -1)
+echo "BENCH-DEVICE $DEV"
 job() { # name rw bs iodepth
-    fio --name="$1" --filename=/dev/vda --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \
+    fio --name="$1" --filename="$DEV" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" \
         --iodepth="$4" --size=192M --runtime=4 --ramp_time=1 --time_based --minimal \
         > /tmp/fio.out 2>&1 || { echo "FIO-FAILED $1"; cat /tmp/fio.out; return; }
     # Terse v3: field 8 = read IOPS, 7 = read KiB/s, 49 = write IOPS, 48 = write KiB/s.

@@ -46,18 +46,4 @@ grep RESULT qemu.out | sed 's/^/qemu /' >> results.txt
 grep -q RESULT qemu.out || { echo "qemu run produced no results:"; tail -30 qemu.out; }
 grep -a -E -A8 "FIO-FAILED|IPERF-FAILED|SCRIPT-EXIT" qemu.out
 
-awk '
-{ vmm = $1; m = $3; n[vmm, m]++; v[vmm, m, n[vmm, m]] = $4; if (!(m in seen)) { seen[m] = 1; order[++k] = m } }
-function median(vmm, m,    c, i, j, t, x) {
-    c = n[vmm, m]; if (!c) return 0
-    for (i = 1; i <= c; i++) t[i] = v[vmm, m, i]
-    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (t[j] < t[i]) { x = t[i]; t[i] = t[j]; t[j] = x }
-    return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
-}
-END {
-    printf "\n%-24s %12s %12s %8s\n", "metric (median of runs)", "ddvmm", "qemu", "ratio"
-    for (i = 1; i <= k; i++) {
-        m = order[i]; d = median("ddvmm", m); q = median("qemu", m)
-        printf "%-24s %12.1f %12.1f %8s\n", m, d, q, (q > 0 ? sprintf("%.2f", d / q) : "n/a")
-    }
-}' results.txt
+ratio_table results.txt ddvmm qemu

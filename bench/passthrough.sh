@@ -1,4 +1,4 @@
-# Passthrough benchmark: the same guest and fio jobs (bench/guest-passthrough.sh) on
+# Passthrough benchmark: the same guest and fio jobs (bench/guest-blk.sh) on
 #   vfio    - the test host's NVMe controller passed through (the guest's own nvme driver), and
 #   virtio  - ddvmm's emulated virtio-blk over the same controller's namespace (the test host's
 #             nvme driver owns it again; same backing file outside),
@@ -42,18 +42,4 @@ while [ $r -le $ROUNDS ]; do
     r=$((r + 1))
 done
 
-awk '
-{ path = $1; m = $3; n[path, m]++; v[path, m, n[path, m]] = $4; if (!(m in seen)) { seen[m] = 1; order[++k] = m } }
-function median(path, m,    c, i, j, t, x) {
-    c = n[path, m]; if (!c) return 0
-    for (i = 1; i <= c; i++) t[i] = v[path, m, i]
-    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (t[j] < t[i]) { x = t[i]; t[i] = t[j]; t[j] = x }
-    return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
-}
-END {
-    printf "\n%-28s %12s %12s %8s\n", "metric (median of runs)", "vfio", "virtio-blk", "ratio"
-    for (i = 1; i <= k; i++) {
-        m = order[i]; a = median("vfio", m); b = median("virtio", m)
-        printf "%-28s %12.1f %12.1f %8s\n", m, a, b, (b > 0 ? sprintf("%.2f", a / b) : "n/a")
-    }
-}' results.txt
+ratio_table results.txt vfio virtio

@@ -39,6 +39,10 @@ struct Args {
     /// the emulated test host, `$PT0`, `$PT1`, ... (repeatable).
     #[arg(long = "passthrough-disk", value_name = "PATH")]
     passthrough_disks: Vec<PathBuf>,
+    /// A shell file to put before the script (functions it shares with other scripts;
+    /// repeatable).
+    #[arg(long = "lib", value_name = "PATH")]
+    libs: Vec<PathBuf>,
     /// A variable for the script, NAME=VALUE (repeatable).
     #[arg(long = "env", value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -62,13 +66,19 @@ fn main() -> ExitCode {
             }
         }
     }
-    let script = match std::fs::read_to_string(&args.script) {
-        Ok(s) => exports + &s,
-        Err(e) => {
-            eprintln!("testhost: cannot read {}: {e}", args.script.display());
-            return ExitCode::from(1);
+    let mut script = exports;
+    for path in args.libs.iter().chain([&args.script]) {
+        match std::fs::read_to_string(path) {
+            Ok(s) => {
+                script.push_str(&s);
+                script.push('\n');
+            }
+            Err(e) => {
+                eprintln!("testhost: cannot read {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
         }
-    };
+    }
     let name = args
         .script
         .file_stem()
