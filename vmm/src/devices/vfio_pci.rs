@@ -155,10 +155,11 @@ fn parse_capabilities(cfg: &[u8; CONFIG_SIZE]) -> (Option<MsixLayout>, Vec<(usiz
     let mut msix = None;
     let mut ptr = usize::from(cfg[CAPABILITIES_POINTER] & 0xfc);
     let mut seen = [false; CONFIG_SIZE];
-    while ptr >= 0x40 && ptr + 12 <= CONFIG_SIZE && !seen[ptr] {
+    // Pointers are dword-aligned bytes, so every capability header (id, next) fits.
+    while ptr >= 0x40 && !seen[ptr] {
         seen[ptr] = true;
         let id = cfg[ptr];
-        if id == CAP_ID_MSIX {
+        if id == CAP_ID_MSIX && ptr + 12 <= CONFIG_SIZE {
             let word = |o: usize| u32::from_le_bytes([cfg[o], cfg[o + 1], cfg[o + 2], cfg[o + 3]]);
             let control = u16::from_le_bytes([cfg[ptr + 2], cfg[ptr + 3]]);
             let (table, pba) = (word(ptr + 4), word(ptr + 8));
@@ -658,9 +659,16 @@ mod tests {
         let (m, patches) = parse_capabilities(&c);
         assert!(m.is_none());
         assert_eq!(patches, vec![(CAPABILITIES_POINTER, 0x40), (0x41, 0)]);
-        c[0x41] = 0xfc; // runs off the end
-        let (_, patches) = parse_capabilities(&c);
-        assert_eq!(patches, vec![(CAPABILITIES_POINTER, 0x40), (0x41, 0)]);
+        // The last dword holds a capability; an MSI-X there would not fit and is ignored.
+        c[0x41] = 0xfc;
+        c[0xfc] = CAP_ID_MSIX;
+        c[0xfd] = 0x40; // and loops back
+        let (m, patches) = parse_capabilities(&c);
+        assert!(m.is_none());
+        assert_eq!(
+            patches,
+            vec![(CAPABILITIES_POINTER, 0x40), (0x41, 0xfc), (0xfd, 0)]
+        );
         c[CAPABILITIES_POINTER] = 0x10; // points into the header
         assert_eq!(parse_capabilities(&c).1, vec![(CAPABILITIES_POINTER, 0)]);
     }
