@@ -490,13 +490,12 @@ impl TestHost {
             ]);
         }
         for (i, d) in self.passthrough.iter().enumerate() {
-            let slot = passthrough_address(i);
             cmd.arg("-drive")
                 .arg(format!("file={},if=none,id=pt{i},format=raw", d.display()))
                 .arg("-device")
                 .arg(format!(
-                    "nvme,drive=pt{i},serial=ddvmm-pt{i},addr={}",
-                    &slot[8..]
+                    "nvme,drive=pt{i},serial=ddvmm-pt{i},addr={:x}.0",
+                    passthrough_slot(i)
                 ));
         }
         for (i, d) in self.disks.iter().enumerate() {
@@ -525,10 +524,15 @@ impl TestHost {
     }
 }
 
-/// PCI address of the `index`th passthrough device in the emulated test host (slots from 0x10,
-/// above those QEMU assigns to the other devices, so they also enumerate last).
+/// Slot of the `index`th passthrough device in the emulated test host (from 0x10, above those
+/// QEMU assigns to the other devices, so they also enumerate last).
+fn passthrough_slot(index: usize) -> usize {
+    0x10 + index
+}
+
+/// Its PCI address there.
 fn passthrough_address(index: usize) -> String {
-    format!("0000:00:{:02x}.0", 0x10 + index)
+    format!("0000:00:{:02x}.0", passthrough_slot(index))
 }
 
 /// Shell lines that hand the function at `addr` to vfio-pci (it starts bound to the test
