@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
-APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3
+APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
 .PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver \
 	bench-recovery soak-recovery bench-passthrough fuzz lint clean-images

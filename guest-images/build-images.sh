@@ -32,11 +32,11 @@ say() { echo "build-images: $*"; }
 
 # Modules per image (names as in modinfo; dependencies are resolved from modules.dep).
 GUEST_MODULES=(pvpanic-mmio)
-TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge vfio vfio_iommu_type1 vfio-pci)
+TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge veth vfio vfio_iommu_type1 vfio-pci)
 CLIENT_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net)
 # Driver VMs: the devices they own (virtio stand-ins) and uio_pci_generic for the channel's
 # interrupt. The agent binary is added by `make driver-image` after the cargo build.
-DRIVER_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net uio_pci_generic)
+DRIVER_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net uio_pci_generic tun bridge)
 # Binaries of the client image: package:path (package versions pinned in packages.lock).
 CLIENT_BINARIES=(fio:/usr/bin/fio iperf3:/usr/bin/iperf3)
 

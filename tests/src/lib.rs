@@ -387,7 +387,7 @@ impl TestHost {
         for (i, d) in self.disks.iter().enumerate() {
             cmd.env(format!("DISK{i}"), d);
         }
-        let (output, status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo)?;
+        let (output, status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo, None)?;
         let _ = std::fs::remove_dir_all(&work);
         Ok(ScriptOutput {
             output,
@@ -508,7 +508,13 @@ impl TestHost {
                 .arg(format!("nvme,drive=disk{i},serial=ddvmm-disk{i}"));
         }
         let _guard = EMULATOR.lock().unwrap_or_else(|p| p.into_inner());
-        let (output, qemu_status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo)?;
+        let monitor = dir.join(format!("{}.monitor", self.name));
+        let _ = std::fs::remove_file(&monitor);
+        cmd.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+        let result = run_with_timeout(cmd, timeout, &self.log_path(), self.echo, Some(&monitor));
+        let _ = std::fs::remove_file(&monitor);
+        let (output, qemu_status) = result?;
         let _ = std::fs::remove_file(&initrd_path);
         match parse_exit_marker(&output) {
             Some(status) => Ok(ScriptOutput {
@@ -615,6 +621,7 @@ fn run_with_timeout(
     timeout: Duration,
     log: &Path,
     echo: bool,
+    monitor: Option<&Path>,
 ) -> Result<(String, Option<i32>), HarnessError> {
     if let Some(dir) = log.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -688,6 +695,10 @@ fn run_with_timeout(
                     .unwrap_or_else(|p| p.into_inner())
                     .elapsed();
                 if quiet > QUIET_LIMIT {
+                    // What the emulator was doing, for the kept log of the failed host.
+                    let snapshot = monitor
+                        .map(|m| emulator_snapshot(child.id(), m))
+                        .unwrap_or_default();
                     let _ = child.kill();
                     let _ = child.wait();
                     for r in readers {
@@ -695,7 +706,7 @@ fn run_with_timeout(
                     }
                     return Err(HarnessError::Stalled {
                         quiet,
-                        output: text(&buf),
+                        output: text(&buf) + &snapshot,
                     });
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -707,6 +718,57 @@ fn run_with_timeout(
         let _ = r.join();
     }
     Ok((text(&buf), status))
+}
+
+/// The emulator's vCPU states (from its monitor) and its threads' CPU times, twice 5 s apart:
+/// tells a guest that is spinning from one that is halted from an emulator that is stuck.
+fn emulator_snapshot(pid: u32, monitor: &Path) -> String {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    let mut out = String::from("\n=== harness: emulator snapshot at stall\n");
+    for round in 0..2 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.flatten().collect::<Vec<_>>())
+            .unwrap_or_default();
+        for t in tasks {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            // Fields after the command's closing parenthesis: state is 3rd, utime 14th, stime 15th.
+            let rest: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "thread {:?} {} state {} utime {} stime {}",
+                t.file_name(),
+                comm.trim(),
+                rest.first().unwrap_or(&"?"),
+                rest.get(11).unwrap_or(&"?"),
+                rest.get(12).unwrap_or(&"?")
+            );
+        }
+        let Ok(mut s) = UnixStream::connect(monitor) else {
+            let _ = writeln!(out, "monitor {} unreachable", monitor.display());
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"info cpus\ninfo registers -a\n");
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 8192];
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&chunk[..n]);
+        }
+        out.push_str(&String::from_utf8_lossy(&reply));
+    }
+    out
 }
 
 fn text(buf: &Mutex<Vec<u8>>) -> String {

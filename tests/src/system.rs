@@ -39,7 +39,51 @@ pub struct System<'a> {
     /// The driver VM owns the disk as a passed-through NVMe controller (VFIO, `/dev/nvme0n1`
     /// inside) instead of its emulated virtio-blk stand-in (`/dev/vda`).
     pub passthrough: bool,
+    /// The driver VM also owns a NIC (emulated virtio-net on the persistent host TAP
+    /// `ddtap0`) and every client gets a NIC on its bridge ([`client_mac`]). The host side:
+    /// `ddtap0` and a veth end on bridge `hbr0`, the veth's other end in network namespace
+    /// `peer` at [`PEER_IP`]; `iperf3` and iproute2's `ip` are in the test host.
+    pub network: bool,
 }
+
+/// The host-side peer's address (in network namespace `peer`).
+pub const PEER_IP: &str = "10.0.0.1";
+
+/// Client `i`'s address on the driver VM's bridge.
+pub fn client_ip(i: usize) -> String {
+    format!("10.0.0.{}", i + 2)
+}
+
+/// Client `i`'s MAC address.
+pub fn client_mac(i: usize) -> String {
+    format!("52:54:00:dd:00:{:02x}", i + 1)
+}
+
+/// Client-script lines that configure `eth0` with client `i`'s address.
+pub fn client_net_up(i: usize) -> String {
+    format!(
+        "ip addr add {}/24 dev eth0\nip link set eth0 up\n",
+        client_ip(i)
+    )
+}
+
+/// The host side of [`System::network`]: a persistent TAP (it outlives each driver VMM
+/// process, so a restarted driver VM finds its link where it was), a bridge, and a peer
+/// behind a veth pair in its own network namespace.
+const HOST_NETWORK: &str = r#"
+ip tuntap add dev ddtap0 mode tap vnet_hdr
+ip link add hbr0 type bridge
+ip link set ddtap0 master hbr0
+ip link add veth0 type veth peer name veth1
+ip link set veth0 master hbr0
+ip netns add peer
+ip link set veth1 netns peer
+ip -n peer addr add PEER_IP/24 dev veth1
+ip -n peer link set veth1 up
+ip -n peer link set lo up
+for l in veth0 hbr0 ddtap0; do ip link set $l up; done
+PEER="ip netns exec peer"
+"#;
 
 impl System<'_> {
     /// The test host with every image, and the script prelude: configuration written, daemon
@@ -62,6 +106,14 @@ impl System<'_> {
             driver_initrd().expect("driver image (make driver-image)"),
             0o644,
         );
+        let taps = if self.network {
+            host = host
+                .program("ip", which("ip"))
+                .program("iperf3", which("iperf3"));
+            r#"taps = ["ddtap0"]"#
+        } else {
+            ""
+        };
         let mut config = format!(
             r#"
 [[driver]]
@@ -70,6 +122,7 @@ kernel = "$IMAGES/vmlinuz"
 initrd = "$WORK/driver.img"
 memory = "256M"
 {owned}
+{taps}
 cmdline = "{}"
 "#,
             self.driver_cmdline
@@ -97,10 +150,21 @@ size = "{}M"
                 i as u64 * self.slice_mib,
                 self.slice_mib
             ));
+            if self.network {
+                config.push_str(&format!(
+                    "[[client.net]]\ndriver = \"storage\"\nmac = \"{}\"\n",
+                    client_mac(i)
+                ));
+            }
         }
         config.push_str(self.extra_config);
+        let network = if self.network {
+            HOST_NETWORK.replace("PEER_IP", PEER_IP)
+        } else {
+            String::new()
+        };
         let prelude = format!(
-            r#"
+            r#"{network}
 cat > $WORK/system.toml <<EOF
 {config}
 EOF
@@ -157,6 +221,39 @@ for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/
             clients = names.join(" "),
         )
     }
+}
+
+/// The path of program `name` on this machine (`PATH`, then the sbin directories).
+fn which(name: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| panic!("{name} not found (apt-get install iproute2 iperf3)"))
+}
+
+/// `name value` of a metric line `name{labels} value`.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The sum of every metric line starting with `prefix` (all label sets of one metric).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `=== metrics` section of a run's output.
+pub fn metrics_section(out: &str) -> &str {
+    let start = out.find("=== metrics\n").expect("metrics section");
+    let rest = &out[start + 12..];
+    &rest[..rest.find("\n===").unwrap_or(rest.len())]
 }
 
 /// Checks what every system run must show: the daemon ended cleanly, none died, no VMM

@@ -69,6 +69,7 @@ fn run_system(
         slice_mib: SLICE_MIB,
         extra_config,
         passthrough: ending.passthrough,
+        network: false,
     };
     let (host, prelude) = system.host_and_prelude();
     let names: Vec<&str> = clients.iter().map(|(c, _)| *c).collect();

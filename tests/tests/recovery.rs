@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use ddvmm_tests::system::{assert_clean_ending, backing_file, console, System, MIB};
+use ddvmm_tests::system::{
+    assert_clean_ending, backing_file, console, metric, metric_sum, metrics_section, System, MIB,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
 const SLICE_MIB: u64 = 32;
@@ -84,21 +86,6 @@ echo "ROUNDS $round FAILS $fails"
     )
 }
 
-/// `name value` of a metric line `name{labels} value`.
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The sum of every metric line starting with `prefix` (all label sets of one metric).
-fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Every injectable fault kind and the detection path it must be caught on.
 const FAULT_PATHS: [(&str, &str); 6] = [
     ("panic", "pvpanic"),
@@ -125,13 +112,8 @@ fn recovery_system<'a>(
         slice_mib: SLICE_MIB,
         extra_config: RECOVERY,
         passthrough,
+        network: false,
     }
-}
-
-fn metrics_section(out: &str) -> &str {
-    let start = out.find("=== metrics\n").expect("metrics section");
-    let rest = &out[start + 12..];
-    &rest[..rest.find("\n===").unwrap_or(rest.len())]
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -334,6 +316,7 @@ restart_window_s = 3600
 poison_after = 3
 "#,
         passthrough: false,
+        network: false,
     };
     let (host, prelude) = system.host_and_prelude();
     // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.

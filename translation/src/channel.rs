@@ -16,6 +16,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"DDCH");
 pub const VERSION: u32 = 1;
 /// [`regs::KIND`] of a block channel.
 pub const KIND_BLOCK: u32 = 1;
+/// [`regs::KIND`] of a network channel: `BACKEND` names the driver VM's uplink interface (the
+/// NIC it owns, e.g. `eth0`), `MAC` the client's address; the window registers are zero.
+pub const KIND_NET: u32 = 2;
 /// Bit 0 of [`regs::FLAGS`]: the window is read-only.
 pub const FLAG_READ_ONLY: u32 = 1;
 /// Longest backend path, NUL padding included.
@@ -43,7 +46,7 @@ pub mod regs {
     pub const MAGIC: u64 = 0x08;
     /// [`super::VERSION`].
     pub const VERSION: u64 = 0x0c;
-    /// Channel kind ([`super::KIND_BLOCK`]).
+    /// Channel kind ([`super::KIND_BLOCK`], [`super::KIND_NET`]).
     pub const KIND: u64 = 0x10;
     /// Channel index within this driver VM.
     pub const INDEX: u64 = 0x14;
@@ -58,8 +61,11 @@ pub mod regs {
     /// Fault request (u32, read clears it): one of the [`super::fault`] codes, set by the
     /// daemon through the driver VM's VMM to make the agent fail on purpose (fault injection).
     pub const FAULT: u64 = 0x38;
-    /// Backend block device path in the driver VM, NUL-padded ([`super::BACKEND_LEN`] bytes).
+    /// Backend block device path (block) or uplink interface name (net) in the driver VM,
+    /// NUL-padded ([`super::BACKEND_LEN`] bytes).
     pub const BACKEND: u64 = 0x40;
+    /// Net: the client's MAC address in the low 6 bytes (u64, byte 0 first on the wire).
+    pub const MAC: u64 = BACKEND + super::BACKEND_LEN as u64;
     /// End of the defined registers.
-    pub const END: u64 = BACKEND + super::BACKEND_LEN as u64;
+    pub const END: u64 = MAC + 8;
 }

@@ -52,10 +52,10 @@
 //! |--------|------|----------|----------------------------------------------------------------|
 //! | `0x00` | 8    | `id`     | chosen by the client, unique among its outstanding requests    |
 //! | `0x08` | 4    | `opcode` | 0 read, 1 write, 2 flush, 3 discard, 4 write-zeroes, 5 get-id; |
-//! |        |      |          | 0x100..=0x1FF reserved for network                             |
+//! |        |      |          | 0x100 net-tx, 0x101 net-rx (0x102..=0x1FF reserved, network)   |
 //! | `0x0C` | 4    | `flags`  | bit 0 FUA (write, write-zeroes), bit 1 UNMAP (write-zeroes)    |
 //! | `0x10` | 8    | `sector` | start in 512-byte sectors                                      |
-//! | `0x18` | 4    | `len`    | bytes (read/write/get-id: ≤ `slot_size`; flush: 0)             |
+//! | `0x18` | 4    | `len`    | bytes (read/write/get-id/net: ≤ `slot_size`; flush: 0)         |
 //! | `0x1C` | 4    | `slot`   | data slot for read/write/get-id, else `0xFFFF_FFFF`            |
 //!
 //! Completion entry (32 bytes, at `cmp_ring_offset + 32·(index mod ring_entries)`):
@@ -67,6 +67,20 @@
 //! | `0x10` | 4    | `status`     | 0 ok, 1 I/O error, 2 unsupported                 |
 //! | `0x14` | 4    | `len`        | bytes done (read: valid bytes at slot start)     |
 //! | `0x18` | 8    | reserved     | zero                                             |
+//!
+//! # Network channels
+//!
+//! A channel of kind net (see [`crate::channel`]) uses the same rings with two opcodes. The
+//! slot of a `net-tx` request holds a 12-byte `virtio_net_hdr_v1` (the client guest's, so
+//! checksum and segmentation offload requests pass through) followed by one Ethernet frame;
+//! the agent completes it once the frame is handed to the driver VM's network stack (status 1
+//! if it refused it). A `net-rx` request lends the agent its slot as a receive buffer: when a
+//! frame for the client arrives, the agent writes a header (all zero: no offloads towards the
+//! client) and the frame into the slot and completes the request with `len` = bytes written.
+//! The client keeps a number of `net-rx` requests posted; they are outstanding for as long as
+//! no frame arrives, so only `net-tx` requests count towards progress. On a new generation
+//! both are replayed like block requests: transmits are sent again (at least once), receive
+//! buffers are posted again. Flags are zero; `sector` is ignored (zero).
 //!
 //! Slot `i` occupies `slots_offset + i·slot_size .. + slot_size`. One request uses at most one
 //! slot, so the largest request is `slot_size` bytes (frontends split larger ones).

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::devices::virtio::block::ring_frontend::{RingCommand, RingControl};
+use crate::devices::virtio::ring_control::{RingCommand, RingCommands};
 use crate::machine::FaultInjector;
 use ddvmm_translation::channel::fault;
 
@@ -143,7 +143,7 @@ pub enum ControlError {
 /// What a VMM process can be asked to act on.
 pub struct ControlTargets {
     /// Ring disks, in configuration order.
-    pub rings: Vec<Arc<RingControl>>,
+    pub rings: Vec<Arc<dyn RingCommands>>,
     /// Fault injection handles.
     pub faults: Arc<FaultInjector>,
 }

@@ -32,13 +32,13 @@ use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
 use crate::devices::vfio_pci::{AttachContext, OpenedFunction, VfioPci, VfioPciError};
-use crate::devices::virtio::block::ring_frontend::{
-    RingBlock, RingControl, RingDiskError, RingDiskStats,
-};
+use crate::devices::virtio::block::ring_frontend::{RingBlock, RingDiskError, RingDiskStats};
 use crate::devices::virtio::block::{open_disk, Block, BlockError};
+use crate::devices::virtio::net::ring_frontend::{RingNet, RingNetError, RingNetStats};
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use crate::devices::virtio::ring_control::RingCommands;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::{self, KvmError};
@@ -138,6 +138,17 @@ pub struct RingDiskConfig {
     pub generation: u64,
 }
 
+/// A client NIC whose backend is a ring to a driver VM (virtio-net in front).
+#[derive(Debug, Clone)]
+pub struct RingNetConfig {
+    /// Shared memory and eventfds.
+    pub fds: ChannelFds,
+    /// The guest's MAC address (and the only source address its frames may carry).
+    pub mac: [u8; 6],
+    /// Ring generation to start at (see `ClientRing::create_at`).
+    pub generation: u64,
+}
+
 /// What to boot and on what virtual hardware.
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
@@ -147,6 +158,8 @@ pub struct MachineConfig {
     pub ring_disks: Vec<RingDiskConfig>,
     /// virtio-net NICs, after the disks.
     pub nets: Vec<NetConfig>,
+    /// virtio-net NICs served by a driver VM over a ring, after the TAP NICs.
+    pub ring_nets: Vec<RingNetConfig>,
     /// Channel devices (driver VMs), after the NICs.
     pub channels: Vec<ChannelConfig>,
     /// Host PCI functions given to the guest through VFIO, after the channels.
@@ -259,6 +272,9 @@ pub enum MachineError {
     /// A ring disk could not be set up.
     #[error(transparent)]
     RingDisk(#[from] RingDiskError),
+    /// A ring NIC could not be set up.
+    #[error(transparent)]
+    RingNet(#[from] RingNetError),
     /// A host PCI function could not be passed through.
     #[error(transparent)]
     Passthrough(#[from] VfioPciError),
@@ -296,7 +312,9 @@ pub struct Machine {
     exit_rx: Receiver<GuestExit>,
     stop: Arc<AtomicBool>,
     ring_stats: Vec<Arc<RingDiskStats>>,
-    ring_controls: Vec<Arc<RingControl>>,
+    net_stats: Vec<Arc<RingNetStats>>,
+    /// Ring disks, then ring NICs.
+    ring_controls: Vec<Arc<dyn RingCommands>>,
     faults: Arc<FaultInjector>,
 }
 
@@ -367,6 +385,13 @@ impl Machine {
             let tap = Tap::open(&n.tap)?;
             devices.push((format!("tap {}", n.tap), Box::new(Net::new(tap, n.mac))));
         }
+        let mut net_stats = Vec::new();
+        for (i, r) in cfg.ring_nets.iter().enumerate() {
+            let dev = RingNet::new(r.fds.clone(), r.mac, r.generation)?;
+            net_stats.push(dev.stats());
+            ring_controls.push(dev.control());
+            devices.push((format!("ring NIC {i}"), Box::new(dev)));
+        }
         let functions = cfg
             .passthrough
             .iter()
@@ -432,6 +457,7 @@ impl Machine {
             exit_rx,
             stop,
             ring_stats,
+            net_stats,
             ring_controls,
             faults: Arc::new(faults),
         })
@@ -447,8 +473,14 @@ impl Machine {
         &self.ring_stats
     }
 
-    /// Control of the ring disks (replay, quarantine), in configuration order.
-    pub fn ring_disk_controls(&self) -> &[Arc<RingControl>] {
+    /// Live counters of the ring NICs, in configuration order.
+    pub fn ring_net_stats(&self) -> &[Arc<RingNetStats>] {
+        &self.net_stats
+    }
+
+    /// Control of the ring devices (replay, quarantine): the ring disks in configuration
+    /// order, then the ring NICs.
+    pub fn ring_controls(&self) -> &[Arc<dyn RingCommands>] {
         &self.ring_controls
     }
 

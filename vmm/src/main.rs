@@ -5,14 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ddvmm::devices::channel::ChannelInfo;
+use ddvmm::devices::channel::{ChannelInfo, ChannelKind};
 use ddvmm::devices::virtio::block::ring_frontend::RingDiskStats;
 use ddvmm::devices::virtio::net::parse_mac;
+use ddvmm::devices::virtio::net::ring_frontend::RingNetStats;
 use ddvmm::exit::GuestExit;
 use ddvmm::handoff::Adopter;
 use ddvmm::machine::{
     BootSource, ChannelConfig, ChannelFds, ConsoleOutput, DiskConfig, Machine, MachineConfig,
-    NetConfig, RingDiskConfig,
+    NetConfig, RingDiskConfig, RingNetConfig,
 };
 use ddvmm::stats_page::StatsWriter;
 use ddvmm::units::parse_size;
@@ -35,7 +36,7 @@ enum Command {
     ///
     /// Exit status: 0 powered off, 1 VMM error, 2 usage error, 3 rebooted, 4 kernel panic,
     /// 5 crash (triple fault, KVM internal error).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start and supervise the driver and client VMs of a system configuration (TOML), and
     /// serve the API on its Unix socket until SIGTERM, SIGINT or `ctl shutdown`.
     Daemon {
@@ -172,8 +173,9 @@ struct RunArgs {
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=52:54:00:xx:xx:xx] (repeatable).
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<String>,
-    /// A channel device (driver VM), with descriptors inherited from the daemon:
-    /// mem=FD,kick=FD,doorbell=FD,backend=/dev/vdX,start=SECTOR,sectors=N[,ro] (repeatable).
+    /// A channel device (driver VM), with descriptors inherited from the daemon: a block
+    /// window mem=FD,kick=FD,doorbell=FD,backend=/dev/vdX,start=SECTOR,sectors=N[,ro] or a
+    /// network port mem=FD,kick=FD,doorbell=FD,backend=UPLINK,mac=MAC (repeatable).
     #[arg(long = "channel", value_name = "SPEC")]
     channels: Vec<String>,
     /// A virtio-blk disk served by a driver VM over a ring (client VM), with descriptors
@@ -181,6 +183,11 @@ struct RunArgs {
     /// [,generation=G] (repeatable).
     #[arg(long = "ring-disk", value_name = "SPEC")]
     ring_disks: Vec<String>,
+    /// A virtio-net NIC served by a driver VM over a ring (client VM), with descriptors
+    /// inherited from the daemon: mem=FD,kick=FD,doorbell=FD,mac=MAC[,generation=G]
+    /// (repeatable).
+    #[arg(long = "ring-net", value_name = "SPEC")]
+    ring_nets: Vec<String>,
     /// A host PCI function to pass through with VFIO, by address DDDD:BB:DD.F; it must be
     /// bound to vfio-pci, in a viable IOMMU group (repeatable).
     #[arg(long = "vfio", value_name = "PCI-ADDRESS")]
@@ -237,6 +244,11 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .enumerate()
         .map(|(i, c)| parse_ring_disk(c, i, &mut adopter))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let ring_nets = args
+        .ring_nets
+        .iter()
+        .map(|c| parse_ring_net(c, &mut adopter))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let passthrough = args
         .vfio
         .iter()
@@ -247,6 +259,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         disks,
         ring_disks,
         nets,
+        ring_nets,
         channels,
         boot: BootSource::Linux {
             kernel: args.kernel,
@@ -276,11 +289,15 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .transpose()?;
     let mut machine = Machine::build(&cfg)?;
     if let Some(writer) = stats {
-        spawn_stats_publisher(writer, machine.ring_disk_stats().to_vec());
+        spawn_stats_publisher(
+            writer,
+            machine.ring_disk_stats().to_vec(),
+            machine.ring_net_stats().to_vec(),
+        );
     }
     if let Some(stream) = control {
         let targets = ddvmm::control::ControlTargets {
-            rings: machine.ring_disk_controls().to_vec(),
+            rings: machine.ring_controls().to_vec(),
             faults: machine.fault_injector(),
         };
         ddvmm::control::spawn_server(stream, targets).context("starting the control thread")?;
@@ -419,15 +436,26 @@ fn parse_channel(spec: &str, index: u32, adopter: &mut Adopter) -> anyhow::Resul
     let o = SpecOptions::parse(
         "--channel",
         spec,
-        &["mem", "kick", "doorbell", "backend", "start", "sectors"],
+        &[
+            "mem", "kick", "doorbell", "backend", "start", "sectors", "mac",
+        ],
         &["ro"],
     )?;
+    let kind = match o.values.get("mac") {
+        Some(mac) => ChannelKind::Net {
+            mac: parse_mac(mac)
+                .ok_or_else(|| anyhow::anyhow!("--channel {spec}: bad mac={mac}"))?,
+        },
+        None => ChannelKind::Block {
+            start_sector: o.num("start")?,
+            sectors: o.num("sectors")?,
+            read_only: o.flag("ro"),
+        },
+    };
     let info = ChannelInfo {
         index,
         backend: o.str("backend")?.to_string(),
-        start_sector: o.num("start")?,
-        sectors: o.num("sectors")?,
-        read_only: o.flag("ro"),
+        kind,
     };
     Ok(ChannelConfig {
         info,
@@ -462,21 +490,47 @@ fn parse_ring_disk(
     })
 }
 
-/// Publishes the ring disks' counters to the stats page four times a second.
-fn spawn_stats_publisher(mut writer: StatsWriter, disks: Vec<Arc<RingDiskStats>>) {
+fn parse_ring_net(spec: &str, adopter: &mut Adopter) -> anyhow::Result<RingNetConfig> {
+    let o = SpecOptions::parse(
+        "--ring-net",
+        spec,
+        &["mem", "kick", "doorbell", "mac", "generation"],
+        &[],
+    )?;
+    let mac = o.str("mac")?;
+    Ok(RingNetConfig {
+        mac: parse_mac(mac).ok_or_else(|| anyhow::anyhow!("--ring-net {spec}: bad mac={mac}"))?,
+        generation: if o.values.contains_key("generation") {
+            o.num("generation")?
+        } else {
+            1
+        },
+        fds: o.fds(adopter)?,
+    })
+}
+
+/// Publishes the ring devices' counters to the stats page four times a second.
+fn spawn_stats_publisher(
+    mut writer: StatsWriter,
+    disks: Vec<Arc<RingDiskStats>>,
+    nets: Vec<Arc<RingNetStats>>,
+) {
+    let object = |pairs: Vec<(&'static str, u64)>| {
+        serde_json::Value::Object(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect(),
+        )
+    };
     let publish = move || loop {
-        let list: Vec<serde_json::Value> = disks
-            .iter()
-            .map(|d| {
-                serde_json::Value::Object(
-                    d.snapshot()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v.into()))
-                        .collect(),
-                )
-            })
-            .collect();
-        let json = serde_json::json!({ "ring_disks": list }).to_string();
+        let disks: Vec<_> = disks.iter().map(|d| object(d.snapshot())).collect();
+        let nets: Vec<_> = nets.iter().map(|n| object(n.snapshot())).collect();
+        // `rings`: every ring device in control order (disks, then NICs), for the daemon's
+        // watcher, which needs only the progress counters both kinds have.
+        let rings: Vec<_> = disks.iter().chain(&nets).collect();
+        let json = serde_json::json!({ "ring_disks": disks, "ring_nets": nets, "rings": rings })
+            .to_string();
         if let Err(e) = writer.publish(&json) {
             tracing::warn!(error = %e, "stats page");
             return;
@@ -515,7 +569,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     match cli.command {
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(*args) {
             Ok(exit) => {
                 eprintln!("ddvmm: {exit}");
                 ExitCode::from(exit.status_code() as u8)

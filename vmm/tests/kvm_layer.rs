@@ -41,6 +41,7 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
         vcpus,
         disks: Vec::new(),
         nets: Vec::new(),
+        ring_nets: Vec::new(),
         ring_disks: Vec::new(),
         channels: Vec::new(),
         passthrough: Vec::new(),

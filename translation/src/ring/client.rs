@@ -244,7 +244,8 @@ impl<R: SharedRegion> ClientRing<R> {
         self.free.len()
     }
 
-    /// Queues `req`, copying `data` (required for, and only for, [`Opcode::Write`]; exactly
+    /// Queues `req`, copying `data` (required for, and only for, [`Opcode::Write`] and
+    /// [`Opcode::NetTx`]; exactly
     /// `req.len` bytes) into a free slot. Publishes the entry; call
     /// [`needs_notify_agent`](Self::needs_notify_agent) after a batch. Returns the slot used.
     pub fn submit(&mut self, req: Request, data: Option<&[u8]>) -> Result<Option<u32>, RingError> {
@@ -252,11 +253,11 @@ impl<R: SharedRegion> ClientRing<R> {
         if self.by_id.contains_key(&req.id) {
             return Err(RingError::DuplicateId(req.id));
         }
-        match (req.op, data) {
-            (Opcode::Write, Some(d)) if d.len() == req.len as usize => {}
-            (Opcode::Write, _) => return Err(bad("write data must be exactly len bytes")),
-            (_, Some(_)) => return Err(bad("only writes carry data")),
-            (_, None) => {}
+        match (req.op.carries_data(), data) {
+            (true, Some(d)) if d.len() == req.len as usize => {}
+            (true, _) => return Err(bad("write data must be exactly len bytes")),
+            (false, Some(_)) => return Err(bad("only writes carry data")),
+            (false, None) => {}
         }
         // Structural check with a placeholder slot, so the rules are the agent's.
         let slot_probe = if req.op.uses_slot() { 0 } else { NO_SLOT };

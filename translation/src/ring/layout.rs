@@ -95,7 +95,9 @@ pub mod features {
     pub const WRITE_ZEROES: u64 = 1 << 2;
     /// The agent implements [`super::Opcode::GetId`].
     pub const GET_ID: u64 = 1 << 3;
-    /// Every bit version 1.0 defines.
+    /// The agent carries network frames ([`super::Opcode::NetTx`], [`super::Opcode::NetRx`]).
+    pub const NET: u64 = 1 << 4;
+    /// Every block bit version 1.0 defines.
     pub const ALL: u64 = FUA | DISCARD | WRITE_ZEROES | GET_ID;
 }
 
@@ -123,6 +125,12 @@ pub enum Opcode {
     WriteZeroes = 4,
     /// Put the device id string (up to `len` bytes) into the slot.
     GetId = 5,
+    /// Network: send the frame of `len` bytes in the slot (a 12-byte virtio-net header, then
+    /// the Ethernet frame). Completes once the driver VM took it (`len` 0).
+    NetTx = 0x100,
+    /// Network: a receive buffer of `len` bytes (the slot). Completes when a frame arrived,
+    /// with `len` = bytes written (12-byte virtio-net header, then the frame).
+    NetRx = 0x101,
 }
 
 impl Opcode {
@@ -135,13 +143,23 @@ impl Opcode {
             3 => Self::Discard,
             4 => Self::WriteZeroes,
             5 => Self::GetId,
+            0x100 => Self::NetTx,
+            0x101 => Self::NetRx,
             _ => return None,
         })
     }
 
     /// Whether the request moves data through a slot (and so must name one).
     pub fn uses_slot(self) -> bool {
-        matches!(self, Self::Read | Self::Write | Self::GetId)
+        matches!(
+            self,
+            Self::Read | Self::Write | Self::GetId | Self::NetTx | Self::NetRx
+        )
+    }
+
+    /// Whether the client puts the request's data into the slot (and so must supply it).
+    pub fn carries_data(self) -> bool {
+        matches!(self, Self::Write | Self::NetTx)
     }
 
     /// Flag bits valid with this opcode.

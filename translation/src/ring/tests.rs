@@ -64,7 +64,9 @@ fn serve(agent: &mut AgentRing<Arc<HeapRegion>>, disk: &mut [u8]) -> usize {
                 Status::Ok
             }
             Opcode::Flush => Status::Ok,
-            Opcode::Discard | Opcode::WriteZeroes => Status::Unsupported,
+            Opcode::Discard | Opcode::WriteZeroes | Opcode::NetTx | Opcode::NetRx => {
+                Status::Unsupported
+            }
         };
         let done = if e.op == Opcode::GetId { 9 } else { e.len };
         agent

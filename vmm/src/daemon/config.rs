@@ -13,6 +13,7 @@
 //! cpus = 1                          # optional, default 1
 //! disks = ["/var/lib/ddvmm/pool.img"]  # devices it owns: /dev/vda, /dev/vdb, ... inside
 //! passthrough = ["0000:01:00.0"]    # host PCI functions it owns (VFIO; bound to vfio-pci)
+//! taps = ["ddtap0"]                 # host TAPs of its emulated NICs: eth0, eth1, ... inside
 //! cmdline = "..."                   # optional, default "console=ttyS0 quiet ddvmm.action=agent"
 //! console = "storage.log"           # optional, default <state dir>/<name>.console
 //!
@@ -30,6 +31,11 @@
 //! offset = "0M"                     # window start on that device
 //! size = "64M"                      # window size; the client sees a disk of this size
 //! read_only = false
+//!
+//! [[client.net]]                    # a NIC: a port on the driver VM's bridge
+//! driver = "storage"                # a [[driver]] name (it must own a NIC)
+//! mac = "52:54:00:12:34:56"         # the client's address; frames from any other are dropped
+//! uplink = "eth0"                   # optional: the driver VM's interface bridged with it
 //!
 //! [recovery]                        # optional; every key has a default (shown)
 //! enabled = true                    # restart driver VMs that fault
@@ -201,7 +207,19 @@ struct RawVm {
     #[serde(default)]
     passthrough: Vec<String>,
     #[serde(default)]
+    taps: Vec<String>,
+    #[serde(default)]
     disk: Vec<RawClientDisk>,
+    #[serde(default)]
+    net: Vec<RawClientNet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientNet {
+    driver: String,
+    mac: String,
+    uplink: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,8 +267,23 @@ pub struct VmConfig {
     /// Driver VMs: host PCI functions they own through VFIO (an NVMe controller shows up as
     /// /dev/nvme0n1, ...).
     pub passthrough: Vec<PciAddress>,
+    /// Driver VMs: host TAP devices of their emulated NICs (eth0, eth1, ... inside).
+    pub taps: Vec<String>,
     /// Client VMs: disks served by driver VMs.
     pub client_disks: Vec<ClientDisk>,
+    /// Client VMs: NICs served by driver VMs.
+    pub client_nets: Vec<ClientNet>,
+}
+
+/// A client NIC: a port on a driver VM's bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientNet {
+    /// Serving driver VM.
+    pub driver: String,
+    /// The client's MAC address (its frames must carry it as their source).
+    pub mac: [u8; 6],
+    /// The driver VM's interface the port is bridged with.
+    pub uplink: String,
 }
 
 /// A client disk: a window of a driver VM's device.
@@ -321,7 +354,30 @@ impl SystemConfig {
             if !d.disk.is_empty() {
                 return Err(invalid(format!("{key}.disk"), "driver VMs own devices with `disks = [...]`; `[[...disk]]` tables are for clients"));
             }
+            if !d.net.is_empty() {
+                return Err(invalid(
+                    format!("{key}.net"),
+                    "driver VMs own NICs with `taps = [...]`; `[[...net]]` tables are for clients",
+                ));
+            }
             let mut vm = vm_common(d, &key, Role::Driver, &abs, &mut names)?;
+            for (j, t) in d.taps.iter().enumerate() {
+                if !valid_ifname(t) {
+                    return Err(invalid(
+                        format!("{key}.taps[{j}]"),
+                        format!(
+                            "'{t}' is not an interface name (1-15 bytes, no '/', ':' or spaces)"
+                        ),
+                    ));
+                }
+                if vm.taps.contains(t) || drivers.iter().any(|o: &VmConfig| o.taps.contains(t)) {
+                    return Err(invalid(
+                        format!("{key}.taps[{j}]"),
+                        format!("TAP '{t}' is used twice"),
+                    ));
+                }
+                vm.taps.push(t.clone());
+            }
             for (j, a) in d.passthrough.iter().enumerate() {
                 let addr = a
                     .parse::<PciAddress>()
@@ -363,10 +419,32 @@ impl SystemConfig {
                     "only driver VMs own host PCI functions",
                 ));
             }
+            if !c.taps.is_empty() {
+                return Err(invalid(
+                    format!("{key}.taps"),
+                    "client NICs are `[[client.net]]` tables served by a driver VM",
+                ));
+            }
             let mut vm = vm_common(c, &key, Role::Client, &abs, &mut names)?;
             for (j, d) in c.disk.iter().enumerate() {
                 let key = format!("{key}.disk[{j}]");
                 vm.client_disks.push(client_disk(d, &key, &drivers)?);
+            }
+            for (j, n) in c.net.iter().enumerate() {
+                let key = format!("{key}.net[{j}]");
+                let net = client_net(n, &key, &drivers)?;
+                let taken = clients
+                    .iter()
+                    .chain(std::iter::once(&vm))
+                    .flat_map(|o: &VmConfig| o.client_nets.iter())
+                    .any(|o| o.mac == net.mac);
+                if taken {
+                    return Err(invalid(
+                        format!("{key}.mac"),
+                        format!("{} is given to two client NICs", n.mac),
+                    ));
+                }
+                vm.client_nets.push(net);
             }
             clients.push(vm);
         }
@@ -471,7 +549,63 @@ fn vm_common(
         console: raw.console.as_deref().map(abs),
         disks,
         passthrough: Vec::new(),
+        taps: Vec::new(),
         client_disks: Vec::new(),
+        client_nets: Vec::new(),
+    })
+}
+
+/// A Linux network interface name.
+fn valid_ifname(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+fn client_net(
+    raw: &RawClientNet,
+    key: &str,
+    drivers: &[VmConfig],
+) -> Result<ClientNet, ConfigError> {
+    let Some(driver) = drivers.iter().find(|d| d.name == raw.driver) else {
+        return Err(invalid(
+            format!("{key}.driver"),
+            format!("unknown driver VM '{}'", raw.driver),
+        ));
+    };
+    if driver.taps.is_empty() && driver.passthrough.is_empty() {
+        return Err(invalid(
+            format!("{key}.driver"),
+            format!(
+                "driver VM '{}' owns no NIC (give it `taps = [...]` or a passed-through NIC)",
+                driver.name
+            ),
+        ));
+    }
+    let mac = crate::devices::virtio::net::parse_mac(&raw.mac).ok_or_else(|| {
+        invalid(
+            format!("{key}.mac"),
+            format!("'{}' is not a MAC address (aa:bb:cc:dd:ee:ff)", raw.mac),
+        )
+    })?;
+    if mac[0] & 1 != 0 || mac == [0; 6] {
+        return Err(invalid(
+            format!("{key}.mac"),
+            format!("{} is not a unicast address", raw.mac),
+        ));
+    }
+    let uplink = raw.uplink.clone().unwrap_or_else(|| "eth0".into());
+    if !valid_ifname(&uplink) {
+        return Err(invalid(
+            format!("{key}.uplink"),
+            format!("'{uplink}' is not an interface name"),
+        ));
+    }
+    Ok(ClientNet {
+        driver: driver.name.clone(),
+        mac,
+        uplink,
     })
 }
 

@@ -212,7 +212,7 @@ fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<DiskCounte
         }
         stats_page::read(&vm.stats)?
     };
-    let d = &page["ring_disks"][disk];
+    let d = &page["rings"][disk];
     Some(DiskCounters {
         outstanding: d["outstanding"].as_u64()?,
         completed: d["completed"].as_u64()?,
@@ -924,33 +924,43 @@ impl Supervisor {
             );
         }
         for (name, page) in pages {
-            let Some(list) = page["ring_disks"].as_array() else {
-                continue;
-            };
-            for (i, d) in list.iter().enumerate() {
-                let Some(obj) = d.as_object() else { continue };
-                let disk = i.to_string();
-                for (k, v) in obj {
-                    let Some(v) = v.as_u64() else { continue };
-                    let valid = k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
-                    if !valid {
-                        continue;
-                    }
-                    let labels = [("vm", name.as_str()), ("disk", disk.as_str())];
-                    if k == "outstanding" {
-                        m.gauge(
-                            "ddvmm_ring_disk_outstanding",
-                            "Requests on the ring",
-                            &labels,
-                            v as f64,
-                        );
-                    } else {
-                        m.counter(
-                            &format!("ddvmm_ring_disk_{k}_total"),
-                            "Client ring disk counter",
-                            &labels,
-                            v as f64,
-                        );
+            for (key, prefix, label, help) in [
+                (
+                    "ring_disks",
+                    "ddvmm_ring_disk",
+                    "disk",
+                    "Client ring disk counter",
+                ),
+                (
+                    "ring_nets",
+                    "ddvmm_ring_net",
+                    "nic",
+                    "Client ring NIC counter",
+                ),
+            ] {
+                let Some(list) = page[key].as_array() else {
+                    continue;
+                };
+                for (i, d) in list.iter().enumerate() {
+                    let Some(obj) = d.as_object() else { continue };
+                    let index = i.to_string();
+                    for (k, v) in obj {
+                        let Some(v) = v.as_u64() else { continue };
+                        let valid = k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                        if !valid {
+                            continue;
+                        }
+                        let labels = [("vm", name.as_str()), (label, index.as_str())];
+                        if k == "outstanding" {
+                            m.gauge(
+                                &format!("{prefix}_outstanding"),
+                                "Requests on the ring",
+                                &labels,
+                                v as f64,
+                            );
+                        } else {
+                            m.counter(&format!("{prefix}_{k}_total"), help, &labels, v as f64);
+                        }
                     }
                 }
             }

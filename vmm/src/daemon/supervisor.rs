@@ -28,8 +28,10 @@ use super::config::{RecoveryConfig, Role, SystemConfig, VmConfig};
 use super::recovery::{Detection, FaultBook};
 use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
 use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
+use crate::devices::virtio::net::ring_frontend::NET_RING_PARAMS;
 use crate::memory::create_memfd;
 use crate::stats_page;
+use ddvmm_translation::ring::RingParams;
 
 /// How long a VM gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -106,10 +108,13 @@ pub(super) struct Channel {
     driver_index: usize,
     /// Index among the client's ring disks.
     pub(super) client_index: usize,
+    /// Block: the device in the driver VM. Net: the driver VM's uplink interface.
     backend: String,
     start_sector: u64,
     sectors: u64,
     read_only: bool,
+    /// `Some`: a network port for the client NIC with this MAC (no window).
+    mac: Option<[u8; 6]>,
     pub(super) memory: File,
     kick: EventFd,
     doorbell: EventFd,
@@ -189,35 +194,50 @@ impl Supervisor {
         exe: PathBuf,
         state_dir: PathBuf,
     ) -> Result<Arc<Self>, SupervisorError> {
-        let region = RING_PARAMS
-            .layout()
-            .map_err(|e| io_ctx("layout")(std::io::Error::other(e)))?
-            .total as u64;
-        let mem_size = region.next_power_of_two();
+        let mem_size = |params: RingParams| -> Result<u64, SupervisorError> {
+            let total = params
+                .layout()
+                .map_err(|e| io_ctx("layout")(std::io::Error::other(e)))?
+                .total as u64;
+            Ok(total.next_power_of_two())
+        };
+        let (disk_mem, net_mem) = (mem_size(RING_PARAMS)?, mem_size(NET_RING_PARAMS)?);
         let mut channels = Vec::new();
         let mut per_driver: BTreeMap<&str, usize> = BTreeMap::new();
         for c in &cfg.clients {
-            for (j, d) in c.client_disks.iter().enumerate() {
-                let label = format!("{}-disk{j}", c.name);
+            // Ring devices in the client's control order: disks, then NICs.
+            let disks = c.client_disks.iter().map(|d| {
+                let port = (d.driver.as_str(), d.device.clone(), None);
+                (port, d.offset / 512, d.size / 512, d.read_only, disk_mem)
+            });
+            let nets = c.client_nets.iter().map(|n| {
+                let port = (n.driver.as_str(), n.uplink.clone(), Some(n.mac));
+                (port, 0, 0, false, net_mem)
+            });
+            for (j, ((driver, backend, mac), start_sector, sectors, read_only, size)) in
+                disks.chain(nets).enumerate()
+            {
+                let label = format!("{}-ring{j}", c.name);
                 let cname = CString::new(format!("ddvmm-chan-{label}")).unwrap_or_default();
                 let memory = create_memfd(&cname)
                     .map_err(|e| io_ctx(format!("{label} memfd"))(std::io::Error::other(e)))?;
                 memory
-                    .set_len(mem_size)
+                    .set_len(size)
                     .map_err(io_ctx(format!("{label} size")))?;
                 let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
                 let kick = efd().map_err(io_ctx(format!("{label} eventfd")))?;
                 let doorbell = efd().map_err(io_ctx(format!("{label} eventfd")))?;
-                let idx = per_driver.entry(&d.driver).or_default();
+                let idx = per_driver.entry(driver).or_default();
                 channels.push(Channel {
-                    driver: d.driver.clone(),
+                    driver: driver.to_string(),
                     client: c.name.clone(),
                     driver_index: *idx,
                     client_index: j,
-                    backend: d.device.clone(),
-                    start_sector: d.offset / 512,
-                    sectors: d.size / 512,
-                    read_only: d.read_only,
+                    backend,
+                    start_sector,
+                    sectors,
+                    read_only,
+                    mac,
                     memory,
                     kick,
                     doorbell,
@@ -368,6 +388,9 @@ impl Supervisor {
         for a in &vm.cfg.passthrough {
             cmd.arg("--vfio").arg(a.to_string());
         }
+        for t in &vm.cfg.taps {
+            cmd.arg("--net").arg(format!("tap={t}"));
+        }
         let fd_spec = |c: &Channel| {
             format!(
                 "mem={},kick={},doorbell={}",
@@ -392,23 +415,40 @@ impl Supervisor {
                 c.doorbell.as_raw_fd(),
             ]);
             let ro = if c.read_only { ",ro" } else { "" };
-            match vm.cfg.role {
-                Role::Driver => cmd.arg("--channel").arg(format!(
+            let generation = |c: &mut Channel| {
+                c.client_starts += 1;
+                (c.client_starts << 32) | 1
+            };
+            match (vm.cfg.role, c.mac) {
+                (Role::Driver, None) => cmd.arg("--channel").arg(format!(
                     "{},backend={},start={},sectors={}{ro}",
                     fd_spec(c),
                     c.backend,
                     c.start_sector,
                     c.sectors
                 )),
-                Role::Client => {
-                    c.client_starts += 1;
-                    let generation = (c.client_starts << 32) | 1;
+                (Role::Driver, Some(mac)) => cmd.arg("--channel").arg(format!(
+                    "{},backend={},mac={}",
+                    fd_spec(c),
+                    c.backend,
+                    format_mac(&mac)
+                )),
+                (Role::Client, None) => {
+                    let generation = generation(c);
                     cmd.arg("--ring-disk").arg(format!(
                         "{},sectors={},generation={generation},id={}-{}{ro}",
                         fd_spec(c),
                         c.sectors,
                         c.driver,
                         c.driver_index
+                    ))
+                }
+                (Role::Client, Some(mac)) => {
+                    let generation = generation(c);
+                    cmd.arg("--ring-net").arg(format!(
+                        "{},mac={},generation={generation}",
+                        fd_spec(c),
+                        format_mac(&mac)
                     ))
                 }
             };
@@ -634,6 +674,14 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
     }
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 fn channel_stats(c: &Channel) -> serde_json::Value {
     let u32_at = |off: usize| ring_word(c, off, 4);
     let u64_at = |off: usize| ring_word(c, off, 8);
@@ -643,6 +691,7 @@ fn channel_stats(c: &Channel) -> serde_json::Value {
         "backend": c.backend,
         "start_sector": c.start_sector,
         "sectors": c.sectors,
+        "mac": c.mac.as_ref().map(format_mac),
         "generation": u64_at(ring_offsets::GENERATION),
         "agent_ready": u32_at(ring_offsets::AGENT_STATE).map(|s| s == 1),
         "heartbeat": u64_at(ring_offsets::HEARTBEAT),

@@ -32,7 +32,8 @@ use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
 
 pub use ddvmm_translation::channel::{
-    regs, BACKEND_LEN, DEVICE, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, REGS_SIZE, VENDOR, VERSION,
+    regs, BACKEND_LEN, DEVICE, FLAG_READ_ONLY, KIND_BLOCK, KIND_NET, MAGIC, REGS_SIZE, VENDOR,
+    VERSION,
 };
 
 /// Status register bit: INTx asserted.
@@ -45,14 +46,30 @@ const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 pub struct ChannelInfo {
     /// Index within the driver VM.
     pub index: u32,
-    /// Block device in the driver VM that serves the channel (e.g. `/dev/vda`).
+    /// Block: the device in the driver VM that serves the channel (e.g. `/dev/vda`). Net: the
+    /// driver VM's uplink interface the client's port is bridged with (e.g. `eth0`).
     pub backend: String,
-    /// First sector of the client's window.
-    pub start_sector: u64,
-    /// Sectors in the window.
-    pub sectors: u64,
-    /// Refuse writes.
-    pub read_only: bool,
+    /// What the channel carries.
+    pub kind: ChannelKind,
+}
+
+/// A block window or a network port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// A window of the backend block device.
+    Block {
+        /// First sector of the client's window.
+        start_sector: u64,
+        /// Sectors in the window.
+        sectors: u64,
+        /// Refuse writes.
+        read_only: bool,
+    },
+    /// A port on the driver VM's bridge for one client NIC.
+    Net {
+        /// The client's MAC address: the only source address its frames may carry.
+        mac: [u8; 6],
+    },
 }
 
 /// Errors describing a channel.
@@ -61,6 +78,9 @@ pub enum ChannelError {
     /// The backend path does not fit the register window or is not an absolute path.
     #[error("channel backend '{0}' must be an absolute path shorter than 64 bytes")]
     BadBackend(String),
+    /// The uplink interface name is not a Linux interface name.
+    #[error("channel uplink '{0}' must be an interface name of 1-15 bytes")]
+    BadUplink(String),
     /// The window is empty or overflows.
     #[error("channel window {start}+{sectors} sectors is empty or overflows")]
     BadWindow {
@@ -95,14 +115,32 @@ impl ChannelDevice {
         mem_addr: u64,
         mem_size: u64,
     ) -> Result<Self, ChannelError> {
-        if !info.backend.starts_with('/') || info.backend.len() >= BACKEND_LEN {
-            return Err(ChannelError::BadBackend(info.backend.clone()));
-        }
-        if info.sectors == 0 || info.start_sector.checked_add(info.sectors).is_none() {
-            return Err(ChannelError::BadWindow {
-                start: info.start_sector,
-                sectors: info.sectors,
-            });
+        match info.kind {
+            ChannelKind::Block {
+                start_sector,
+                sectors,
+                ..
+            } => {
+                if !info.backend.starts_with('/') || info.backend.len() >= BACKEND_LEN {
+                    return Err(ChannelError::BadBackend(info.backend.clone()));
+                }
+                if sectors == 0 || start_sector.checked_add(sectors).is_none() {
+                    return Err(ChannelError::BadWindow {
+                        start: start_sector,
+                        sectors,
+                    });
+                }
+            }
+            ChannelKind::Net { .. } => {
+                let ok = (1..libc::IFNAMSIZ).contains(&info.backend.len())
+                    && info
+                        .backend
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+                if !ok {
+                    return Err(ChannelError::BadUplink(info.backend.clone()));
+                }
+            }
         }
         if !mem_size.is_power_of_two() || mem_size < 0x1000 {
             return Err(ChannelError::BadMemorySize(mem_size));
@@ -136,12 +174,24 @@ impl ChannelDevice {
         };
         put(regs::MAGIC, &MAGIC.to_le_bytes());
         put(regs::VERSION, &VERSION.to_le_bytes());
-        put(regs::KIND, &KIND_BLOCK.to_le_bytes());
         put(regs::INDEX, &info.index.to_le_bytes());
-        put(regs::START, &info.start_sector.to_le_bytes());
-        put(regs::SECTORS, &info.sectors.to_le_bytes());
-        let flags = if info.read_only { FLAG_READ_ONLY } else { 0 };
-        put(regs::FLAGS, &flags.to_le_bytes());
+        match info.kind {
+            ChannelKind::Block {
+                start_sector,
+                sectors,
+                read_only,
+            } => {
+                put(regs::KIND, &KIND_BLOCK.to_le_bytes());
+                put(regs::START, &start_sector.to_le_bytes());
+                put(regs::SECTORS, &sectors.to_le_bytes());
+                let flags = if read_only { FLAG_READ_ONLY } else { 0 };
+                put(regs::FLAGS, &flags.to_le_bytes());
+            }
+            ChannelKind::Net { mac } => {
+                put(regs::KIND, &KIND_NET.to_le_bytes());
+                put(regs::MAC, &mac);
+            }
+        }
         put(regs::MEM_SIZE, &mem_size.to_le_bytes());
         put(regs::BACKEND, info.backend.as_bytes());
         Ok(ChannelDevice {
@@ -219,9 +269,11 @@ mod tests {
         ChannelInfo {
             index: 3,
             backend: "/dev/vda".into(),
-            start_sector: 2048,
-            sectors: 4096,
-            read_only: false,
+            kind: ChannelKind::Block {
+                start_sector: 2048,
+                sectors: 4096,
+                read_only: false,
+            },
         }
     }
 
@@ -245,6 +297,22 @@ mod tests {
         assert_eq!(read(&mut d, u64::MAX, 4), [0, 0, 0, 0]);
         d.bar_write(0, regs::MAGIC, &[0; 4]);
         assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
+    }
+
+    #[test]
+    fn net_registers_carry_uplink_and_mac() {
+        let i = ChannelInfo {
+            index: 1,
+            backend: "eth0".into(),
+            kind: ChannelKind::Net {
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+            },
+        };
+        let mut d = ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        assert_eq!(read(&mut d, regs::KIND, 4), KIND_NET.to_le_bytes());
+        assert_eq!(&read(&mut d, regs::BACKEND, 5)[..], b"eth0\0");
+        assert_eq!(read(&mut d, regs::MAC, 8), [0x52, 0x54, 0, 1, 2, 3, 0, 0]);
+        assert_eq!(read(&mut d, regs::SECTORS, 8), [0; 8]);
     }
 
     #[test]
@@ -277,8 +345,23 @@ mod tests {
         i.backend = "vda".into();
         assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).is_err());
         let mut i = info();
-        i.sectors = 0;
+        i.kind = ChannelKind::Block {
+            start_sector: 0,
+            sectors: 0,
+            read_only: false,
+        };
         assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).is_err());
+        let net = |uplink: &str| ChannelInfo {
+            index: 0,
+            backend: uplink.into(),
+            kind: ChannelKind::Net { mac: [2; 6] },
+        };
+        for bad in ["", "/dev/vda", "a-name-too-long-x", "eth 0"] {
+            assert!(
+                ChannelDevice::new(&net(bad), 0xc000_0000, 0xc100_0000, 1 << 24).is_err(),
+                "{bad}"
+            );
+        }
         assert!(ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 3 << 20).is_err());
     }
 }

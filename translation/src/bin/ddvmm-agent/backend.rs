@@ -24,7 +24,7 @@ use crate::Options;
 /// What this agent implements.
 const SUPPORTED: u64 = features::FUA | features::GET_ID;
 /// Heartbeat period.
-const HEARTBEAT: Duration = Duration::from_millis(500);
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Device id string returned for get-id.
 const AGENT_ID: &[u8] = b"ddvmm-agent";
 
@@ -152,7 +152,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     }
 
     loop {
-        let ring = attach(&mem).map_err(ctx)?;
+        let ring = attach(&mem, SUPPORTED).map_err(ctx)?;
         ring.set_ready().map_err(|e| ctx(e.to_string()))?;
         println!(
             "ddvmm-agent: channel {} ready, generation {}",
@@ -228,8 +228,18 @@ fn open_backend(w: &Window) -> Result<File, String> {
     Ok(file)
 }
 
+/// The channel kind BAR 0 announces ([`KIND_BLOCK`], `KIND_NET`), after checking the
+/// register layout's magic and version.
+pub fn channel_kind(dev: &ChannelDevice) -> Result<u32, String> {
+    let r = BarMapping::map(&dev.sysfs.join("resource0"), REGS_SIZE as usize)?;
+    if r.read32(regs::MAGIC) != MAGIC || r.read32(regs::VERSION) != VERSION {
+        return Err("not a ddvmm channel of register version 1".into());
+    }
+    Ok(r.read32(regs::KIND))
+}
+
 /// Attaches to the ring in `mem`, waiting for the client to create it.
-fn attach(mem: &BarMapping) -> Result<AgentRing<RawRegion>, String> {
+pub(crate) fn attach(mem: &BarMapping, supported: u64) -> Result<AgentRing<RawRegion>, String> {
     let mut last = String::new();
     loop {
         // SAFETY: `mem` maps `mem.len()` bytes read-write and outlives the ring (the caller
@@ -237,7 +247,7 @@ fn attach(mem: &BarMapping) -> Result<AgentRing<RawRegion>, String> {
         // the ring's atomics.
         let region =
             unsafe { RawRegion::new(mem.as_ptr(), mem.len()) }.map_err(|e| e.to_string())?;
-        match AgentRing::attach(region, SUPPORTED) {
+        match AgentRing::attach(region, supported) {
             Ok(r) => return Ok(r),
             Err(e) => {
                 let msg = e.to_string();
@@ -412,26 +422,10 @@ impl Server<'_> {
         }
     }
 
-    /// Fault injection: acts on a request from the daemon (BAR 0 `FAULT`, cleared by reading).
+    /// Fault injection requested by the daemon.
     fn take_fault(&mut self) {
-        match self.doorbell.read32(regs::FAULT) {
-            fault::NONE => {}
-            fault::PANIC => sysrq(b'c', "panic"),
-            fault::RESET => sysrq(b'b', "reset"),
-            fault::HANG => {
-                println!("ddvmm-agent: fault injection: hang (no more service, no heartbeat)");
-                loop {
-                    std::thread::sleep(Duration::from_secs(3600));
-                }
-            }
-            fault::CORRUPT => {
-                println!("ddvmm-agent: fault injection: garbage completions");
-                for id in 0..16u64 {
-                    self.publish_garbage(id.wrapping_mul(0x9E37_79B9), 4096);
-                }
-                self.published = true;
-            }
-            other => eprintln!("ddvmm-agent: unknown fault request {other}"),
+        if take_fault(self.doorbell, &mut self.ring) {
+            self.published = true;
         }
     }
 
@@ -468,26 +462,9 @@ impl Server<'_> {
         }
     }
 
-    /// Test mode: one bogus completion the client must reject (rotating through the kinds).
+    /// Test mode: one bogus completion the client must reject.
     fn publish_garbage(&mut self, id: u64, len: u32) {
-        let kind = id % 4;
-        let raw = RawCompletion {
-            id: match kind {
-                0 => u64::MAX - id,
-                _ => id,
-            },
-            generation: match kind {
-                3 => self.ring.generation().wrapping_add(7),
-                _ => self.ring.generation(),
-            },
-            status: if kind == 1 { 0xdead } else { 0 },
-            len: if kind == 2 {
-                len.saturating_add(4096) | 1
-            } else {
-                len
-            },
-        };
-        let _ = self.ring.publish_unchecked(raw);
+        publish_garbage(&mut self.ring, id, len);
     }
 
     fn dispatch(&mut self, r: RequestEntry) {
@@ -538,7 +515,9 @@ impl Server<'_> {
                     Err(_) => self.answer(r.id, Status::IoErr, 0),
                 }
             }
-            Opcode::Discard | Opcode::WriteZeroes => self.answer(r.id, Status::Unsupported, 0),
+            Opcode::Discard | Opcode::WriteZeroes | Opcode::NetTx | Opcode::NetRx => {
+                self.answer(r.id, Status::Unsupported, 0)
+            }
         }
     }
 
@@ -562,6 +541,61 @@ impl Server<'_> {
         let len = if status == Status::Ok { d.len } else { 0 };
         self.answer(d.id, status, len);
     }
+}
+
+/// Fault injection: acts on a request from the daemon (BAR 0 `FAULT`, cleared by reading).
+/// Returns whether it published (garbage) completions.
+pub(crate) fn take_fault(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>) -> bool {
+    match regs_map.read32(regs::FAULT) {
+        fault::NONE => false,
+        fault::PANIC => {
+            sysrq(b'c', "panic");
+            false
+        }
+        fault::RESET => {
+            sysrq(b'b', "reset");
+            false
+        }
+        fault::HANG => {
+            println!("ddvmm-agent: fault injection: hang (no more service, no heartbeat)");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        fault::CORRUPT => {
+            println!("ddvmm-agent: fault injection: garbage completions");
+            for id in 0..16u64 {
+                publish_garbage(ring, id.wrapping_mul(0x9E37_79B9), 4096);
+            }
+            true
+        }
+        other => {
+            eprintln!("ddvmm-agent: unknown fault request {other}");
+            false
+        }
+    }
+}
+
+/// Test mode: one bogus completion the client must reject (rotating through the kinds).
+fn publish_garbage(ring: &mut AgentRing<RawRegion>, id: u64, len: u32) {
+    let kind = id % 4;
+    let raw = RawCompletion {
+        id: match kind {
+            0 => u64::MAX - id,
+            _ => id,
+        },
+        generation: match kind {
+            3 => ring.generation().wrapping_add(7),
+            _ => ring.generation(),
+        },
+        status: if kind == 1 { 0xdead } else { 0 },
+        len: if kind == 2 {
+            len.saturating_add(4096) | 1
+        } else {
+            len
+        },
+    };
+    let _ = ring.publish_unchecked(raw);
 }
 
 /// Makes the kernel act at once through `/proc/sysrq-trigger` (`c` panic, `b` reboot).

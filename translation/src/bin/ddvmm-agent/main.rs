@@ -12,6 +12,9 @@
 //! 4. Sleeps on the interrupt only after arming the ring's event index; bumps a heartbeat in
 //!    the ring header twice a second; rings the doorbell when the client asked to be notified.
 //!
+//! Network channels (kind 2) are served by `net`: a TAP per client on the driver VM's own
+//! Linux bridge with the NIC it owns.
+//!
 //! Kernel command line: `ddvmm.agent=garbage` publishes a bogus completion before every real
 //! one (a test of the client's validation); `ddvmm.agent.threads=N` sets the pool size;
 //! `ddvmm.agent.poison=SECTOR` panics the kernel on any read or write touching that sector of a
@@ -21,6 +24,7 @@
 //! heartbeat) for a kernel panic, a reboot, a hang or garbage completions.
 
 mod backend;
+mod net;
 mod pci;
 
 use std::process::ExitCode;
@@ -43,10 +47,12 @@ fn main() -> ExitCode {
     for dev in devices {
         let opts = opts.clone();
         let name = format!("channel-{}", dev.address);
-        match std::thread::Builder::new()
-            .name(name)
-            .spawn(move || backend::serve(&dev, &opts))
-        {
+        match std::thread::Builder::new().name(name).spawn(move || {
+            match backend::channel_kind(&dev)? {
+                ddvmm_translation::channel::KIND_NET => net::serve(&dev),
+                _ => backend::serve(&dev, &opts),
+            }
+        }) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 eprintln!("ddvmm-agent: cannot start a channel thread: {e}");

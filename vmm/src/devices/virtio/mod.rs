@@ -9,11 +9,12 @@
 pub mod block;
 pub mod net;
 pub mod pci;
+pub mod ring_control;
 
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -174,4 +175,29 @@ pub fn single_queue(mut queues: Vec<ActiveQueue>) -> Result<ActiveQueue, Activat
         });
     }
     Ok(queues.remove(0))
+}
+
+/// Adds `(head, bytes written)` pairs to the used ring, then interrupts the driver if virtio's
+/// notification suppression says it wants to hear about them. Returns how many were added.
+pub fn publish_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    done: impl IntoIterator<Item = (u16, u32)>,
+    interrupt: &Interrupt,
+) -> Result<usize, String> {
+    let mut n = 0;
+    for (head, written) in done {
+        queue
+            .add_used(mem, head, written)
+            .map_err(|e| format!("used ring: {e:?}"))?;
+        n += 1;
+    }
+    if n > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(|e| format!("used ring: {e:?}"))?
+    {
+        interrupt.trigger();
+    }
+    Ok(n)
 }

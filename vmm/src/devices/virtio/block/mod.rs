@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::request::{execute, Completion, Disk, Request, SECTOR_SIZE};
 use super::{
-    single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio device type of a block device.
@@ -386,31 +386,6 @@ fn complete(
         done.try_iter().map(|(head, c)| (head, c.written)),
         interrupt,
     )
-}
-
-/// Adds `(head, bytes written)` pairs to the used ring, then interrupts the driver if virtio's
-/// notification suppression says it wants to hear about them. Returns how many were added.
-pub(crate) fn publish_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    done: impl IntoIterator<Item = (u16, u32)>,
-    interrupt: &Interrupt,
-) -> Result<usize, String> {
-    let mut n = 0;
-    for (head, written) in done {
-        queue
-            .add_used(mem, head, written)
-            .map_err(|e| format!("used ring: {e:?}"))?;
-        n += 1;
-    }
-    if n > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(|e| format!("used ring: {e:?}"))?
-    {
-        interrupt.trigger();
-    }
-    Ok(n)
 }
 
 fn io_thread(

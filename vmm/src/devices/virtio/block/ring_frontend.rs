@@ -36,8 +36,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, TryLockError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use ddvmm_translation::ring::{
     ClientRing, ClientStats, Opcode, RawRegion, Request as RingRequest, RingError, RingParams,
@@ -53,9 +52,13 @@ use super::request::{
     Request, RequestKind, ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
 };
-use super::{features, pop_requests, publish_used, read_config, DEVICE_TYPE, QUEUE_SIZE};
+use super::{features, pop_requests, read_config, DEVICE_TYPE, QUEUE_SIZE};
+use crate::devices::virtio::ring_control::{
+    IdleRing, RingCommand, RingCommands, RingControl, RingOutcome,
+};
 use crate::devices::virtio::{
-    single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker, VirtioDevice,
+    publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker,
+    VirtioDevice,
 };
 use crate::machine::ChannelFds;
 
@@ -144,96 +147,18 @@ struct Inflight {
     crashes: u32,
 }
 
-/// What the daemon asks of a ring disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RingCommand {
-    /// The driver VM was replaced (the old one is gone for good): start a new generation and
-    /// replay. A request in flight at `poison_after` consecutive crashes fails alone (0: never).
-    Replay {
-        /// Crashes after which a request is poison.
-        poison_after: u32,
-    },
-    /// The driver VM is given up: fail what is outstanding and every new request until the
-    /// next replay.
-    Quarantine,
-}
-
-/// What a command did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RingOutcome {
-    /// Requests re-submitted.
-    pub replayed: u64,
-    /// Requests failed as poison.
-    pub poisoned: u64,
-    /// Requests failed by a quarantine.
-    pub failed: u64,
-}
-
-type Pending = (RingCommand, mpsc::Sender<Result<RingOutcome, String>>);
-
-/// The daemon's handle on a ring disk (through the VMM's control thread).
-pub struct RingControl {
-    state: Arc<Mutex<Option<Frontend>>>,
-    stats: Arc<RingDiskStats>,
-    pending: Mutex<VecDeque<Pending>>,
-    /// Wakes the queue thread.
-    wake: EventFd,
-}
-
-impl RingControl {
-    /// Applies `cmd` and returns what it did; waits at most `timeout`.
-    pub fn request(&self, cmd: RingCommand, timeout: Duration) -> Result<RingOutcome, String> {
-        let (tx, rx) = mpsc::channel();
-        self.lock_pending().push_back((cmd, tx));
-        let _ = self.wake.write(1);
-        let deadline = Instant::now() + timeout;
-        loop {
-            // The queue thread holds the state while the device is active; if nobody does, the
-            // guest has no queue running and the command is applied right here.
-            let idle = match self.state.try_lock() {
-                Ok(g) => Some(g),
-                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            };
-            if let Some(mut g) = idle {
-                if let Some(fe) = g.as_mut() {
-                    for (cmd, tx) in self.take() {
-                        let _ = tx.send(apply_idle(fe, cmd, &self.stats));
-                    }
-                }
+impl IdleRing for Frontend {
+    fn apply_idle(&mut self, cmd: RingCommand) -> Result<RingOutcome, String> {
+        match cmd {
+            RingCommand::Replay { poison_after } => {
+                let stats = self.stats.clone();
+                self.renew(poison_after, &stats)?;
+                self.journal.clear();
             }
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(r) => return r,
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(_) => return Err("the ring disk did not answer in time".into()),
-            }
+            RingCommand::Quarantine => self.quarantined = true,
         }
+        Ok(RingOutcome::default())
     }
-
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn take(&self) -> Vec<Pending> {
-        self.lock_pending().drain(..).collect()
-    }
-}
-
-/// A command while the guest has no active queue: every journaled request belongs to a queue
-/// that was reset, so there is nothing to replay or fail, only the ring to renew.
-fn apply_idle(
-    fe: &mut Frontend,
-    cmd: RingCommand,
-    stats: &RingDiskStats,
-) -> Result<RingOutcome, String> {
-    match cmd {
-        RingCommand::Replay { poison_after } => {
-            fe.renew(poison_after, stats)?;
-            fe.journal.clear();
-        }
-        RingCommand::Quarantine => fe.quarantined = true,
-    }
-    Ok(RingOutcome::default())
 }
 
 /// Ring-side state that survives guest device resets.
@@ -252,6 +177,7 @@ struct Frontend {
     isolating: Option<u64>,
     /// From the last replay command.
     poison_after: u32,
+    stats: Arc<RingDiskStats>,
 }
 
 impl Frontend {
@@ -288,7 +214,7 @@ pub struct RingBlock {
     state: Arc<Mutex<Option<Frontend>>>,
     stats: Arc<RingDiskStats>,
     worker: Option<QueueWorker>,
-    control: Arc<RingControl>,
+    control: Arc<RingControl<Frontend>>,
 }
 
 impl RingBlock {
@@ -319,6 +245,7 @@ impl RingBlock {
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let stats = Arc::new(RingDiskStats::default());
         let state = Arc::new(Mutex::new(Some(Frontend {
             ring,
             _map: map,
@@ -328,21 +255,15 @@ impl RingBlock {
             quarantined: false,
             isolating: None,
             poison_after: 0,
+            stats: stats.clone(),
         })));
-        let wake =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingDiskError::Map)?;
-        let stats = Arc::new(RingDiskStats::default());
+        let control = RingControl::new(state.clone()).map_err(RingDiskError::Map)?;
         Ok(RingBlock {
             fds,
             sectors,
             read_only,
             id: id_bytes,
-            control: Arc::new(RingControl {
-                state: state.clone(),
-                stats: stats.clone(),
-                pending: Mutex::new(VecDeque::new()),
-                wake,
-            }),
+            control: Arc::new(control),
             state,
             stats,
             worker: None,
@@ -355,7 +276,7 @@ impl RingBlock {
     }
 
     /// The control handle (replay after a driver VM restart, quarantine).
-    pub fn control(&self) -> Arc<RingControl> {
+    pub fn control(&self) -> Arc<dyn RingCommands> {
         self.control.clone()
     }
 }
@@ -461,7 +382,7 @@ fn run_queue(
     fe: &mut Frontend,
     active: ActiveQueue,
     ctx: &QueueContext,
-    control: &RingControl,
+    control: &RingControl<Frontend>,
     stop: &EventFd,
     failure: &dyn DeviceFailure,
 ) -> Result<(), String> {
@@ -475,7 +396,7 @@ fn run_queue(
         (notify.as_raw_fd(), TOKEN_NOTIFY),
         (ctx.doorbell.as_raw_fd(), TOKEN_DOORBELL),
         (stop.as_raw_fd(), TOKEN_STOP),
-        (control.wake.as_raw_fd(), TOKEN_CONTROL),
+        (control.wake_fd().as_raw_fd(), TOKEN_CONTROL),
     ] {
         epoll
             .ctl(
@@ -553,7 +474,7 @@ fn run_queue(
                     ctx.stats.doorbells.fetch_add(1, Ordering::Relaxed);
                 }
                 TOKEN_CONTROL => {
-                    let _ = control.wake.read();
+                    let _ = control.wake_fd().read();
                 }
                 _ => return Ok(()),
             }
@@ -1022,7 +943,7 @@ mod tests {
         mock: &MockSplitQueue<GuestMemoryMmap>,
         fds: &ChannelFds,
         sectors: &[u64; 6],
-    ) -> (RingBlock, Arc<RingControl>) {
+    ) -> (RingBlock, Arc<dyn RingCommands>) {
         let mut descs = Vec::new();
         for (i, sector) in sectors.iter().enumerate() {
             let i = i as u64;

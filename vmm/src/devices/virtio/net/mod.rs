@@ -8,6 +8,7 @@
 //! configuration. Checksum and TSO offloads are negotiated with the driver and mirrored on the
 //! TAP (`TUNSETOFFLOAD`), so large segments cross the rings whole.
 
+pub mod ring_frontend;
 pub mod tap;
 
 use std::os::fd::AsRawFd;
