@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
 .PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver \
-	bench-recovery soak-recovery bench-passthrough fuzz lint clean-images
+	bench-recovery soak-recovery bench-passthrough bench-net fuzz lint clean-images
 
 all: build
 
@@ -68,6 +68,13 @@ bench-io: deps images build
 bench-driver: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --driver-image --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/driver-blk.sh
+
+# Network path, driver VM vs direct virtio-net on the same TAP and peer: TCP both ways and
+# ping latency (median, p99), one run.
+bench-net: deps images build driver-image
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --driver-image --program iperf3=/usr/bin/iperf3 --program ip=$$(command -v ip) \
+	    --guest-script bench/guest-net.sh --lib bench/lib.sh bench/driver-net.sh
 
 # Driver VM recovery: cold boot, then FAULTS_PER_KIND faults of each kind under fio verify;
 # detection latency and outage per kind (median, p95, max) and outage / cold boot.

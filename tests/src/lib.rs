@@ -187,6 +187,13 @@ const GUEST_CRASH_MARK: &str = "guest crashed on vCPU";
 /// booting, and scripts that run long silent jobs print progress.
 const QUIET_LIMIT: Duration = Duration::from_secs(300);
 
+/// Silence after which the emulated host gets an NMI (and again after each further period).
+/// Measured: a stalled test host sits in its idle loop, HLT with interrupts enabled, its vCPU
+/// thread asleep in QEMU: the timer interrupt that should wake it never arrives (QEMU 7.2 TCG
+/// with nested SVM). Scripts print at least once a minute, so a healthy host never gets one
+/// (and one it does get only logs an unknown NMI).
+const KICK_AFTER: Duration = Duration::from_secs(75);
+
 /// Runs of one script in the emulated test host before an emulator failure is reported.
 pub const EMULATED_ATTEMPTS: u32 = 3;
 
@@ -432,7 +439,14 @@ impl TestHost {
         archive.file(
             "cmd.sh",
             format!(
-                "export WORK=/work\n{}{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
+                "export WORK=/work\n{}{}{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
+                // busybox sh runs its own applets before anything on PATH: a program copied
+                // in under the name of an applet (`ip`) is reached through a function.
+                self.programs
+                    .iter()
+                    .filter(|(n, _)| is_shell_name(n))
+                    .map(|(n, _)| format!("{n}() {{ /usr/bin/{n} \"$@\"; }}\n"))
+                    .collect::<String>(),
                 (0..self.disks.len())
                     .map(|i| format!("export DISK{i}=/dev/nvme{i}n1\n"))
                     .collect::<String>(),
@@ -677,6 +691,7 @@ fn run_with_timeout(
         }));
     }
     let start = Instant::now();
+    let mut kicks = 0u32;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status.code(),
@@ -694,6 +709,20 @@ fn run_with_timeout(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .elapsed();
+                if quiet < KICK_AFTER {
+                    kicks = 0;
+                } else if let Some(m) = monitor.filter(|_| quiet >= KICK_AFTER * (kicks + 1)) {
+                    // A halted test-host CPU that missed its wakeup: an NMI brings it back.
+                    kicks += 1;
+                    let note = format!(
+                        "\n=== harness: no output for {quiet:.0?}: NMI {kicks} sent to the emulated host\n"
+                    );
+                    let _ = monitor_command(m, "nmi");
+                    eprint!("{note}");
+                    buf.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(note.as_bytes());
+                }
                 if quiet > QUIET_LIMIT {
                     // What the emulator was doing, for the kept log of the failed host.
                     let snapshot = monitor
@@ -724,8 +753,6 @@ fn run_with_timeout(
 /// tells a guest that is spinning from one that is halted from an emulator that is stuck.
 fn emulator_snapshot(pid: u32, monitor: &Path) -> String {
     use std::fmt::Write as _;
-    use std::io::Write as _;
-    use std::os::unix::net::UnixStream;
     let mut out = String::from("\n=== harness: emulator snapshot at stall\n");
     for round in 0..2 {
         if round > 0 {
@@ -752,23 +779,41 @@ fn emulator_snapshot(pid: u32, monitor: &Path) -> String {
                 rest.get(12).unwrap_or(&"?")
             );
         }
-        let Ok(mut s) = UnixStream::connect(monitor) else {
-            let _ = writeln!(out, "monitor {} unreachable", monitor.display());
-            continue;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.write_all(b"info cpus\ninfo registers -a\n");
-        let mut reply = Vec::new();
-        let mut chunk = [0u8; 8192];
-        while let Ok(n) = s.read(&mut chunk) {
-            if n == 0 {
-                break;
+        match monitor_command(monitor, "info cpus\ninfo registers -a") {
+            Ok(reply) => out.push_str(&reply),
+            Err(e) => {
+                let _ = writeln!(out, "monitor {}: {e}", monitor.display());
             }
-            reply.extend_from_slice(&chunk[..n]);
         }
-        out.push_str(&String::from_utf8_lossy(&reply));
     }
     out
+}
+
+/// Sends `command` lines to the emulator's human monitor and returns what it printed within
+/// a few seconds.
+fn monitor_command(monitor: &Path, command: &str) -> std::io::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(monitor)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// Whether `name` can name a shell function.
+fn is_shell_name(name: &str) -> bool {
+    let mut c = name.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 fn text(buf: &Mutex<Vec<u8>>) -> String {

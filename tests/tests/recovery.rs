@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use ddvmm_tests::system::{
-    assert_clean_ending, backing_file, console, metric, metric_sum, metrics_section, System, MIB,
+    assert_clean_ending, backing_file, client_net_up, console, metric, metric_sum, metrics_section,
+    System, MIB, PEER_IP,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
@@ -479,4 +480,120 @@ echo "=== metrics"; $CTL metrics
     let pool = std::fs::read(&disk).expect("read pool");
     let marker = "client-alpha\n".repeat(MIB as usize)[..MIB as usize].to_string();
     assert!(pool[..MIB as usize] == *marker.as_bytes(), "marker missing");
+}
+
+/// Bytes of each long stream: at 0.5 Mbit/s about 400 s, longer than the fault campaign.
+const STREAM_BYTES: u64 = 24 << 20;
+
+/// The fault kinds of the network campaign (garbage completions take the same recovery path
+/// as a crash once detected, and are covered by the block campaign).
+const NET_FAULTS: [&str; 5] = ["panic", "hang", "kill", "triple-fault", "reset"];
+
+/// A client that opens one long, paced TCP stream with the peer and reports how it ended:
+/// an upload (`iperf3` to the peer) or, with `download`, a checksummed download (the peer
+/// sends its file, the client writes what it received and prints the checksum).
+fn streaming_client(i: usize, port: u16, download: bool) -> String {
+    let (direction, report) = if download {
+        (
+            "-R -F /tmp/rx.bin",
+            r#"echo "RX-SHA $(sha256sum /tmp/rx.bin | cut -d' ' -f1) $(wc -c < /tmp/rx.bin)""#,
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        r#"{net_up}
+ping -c 2 -W 10 {PEER_IP} > /dev/null 2>&1; echo "PING rc=$?"
+c0=$(cat /sys/class/net/eth0/carrier_changes)
+echo "STREAMING"
+# Progress in the console (the harness takes a long silence for a hung emulator).
+(while sleep 20; do echo "PROGRESS $(cat /sys/class/net/eth0/statistics/rx_bytes)"; done) &
+# The peer's retransmission timer backs off while the driver VM is down (a download stalls
+# for up to a minute after close outages): the stream may idle longer than iperf3's default.
+iperf3 -c {PEER_IP} -p {port} {direction} -n {STREAM_BYTES} -b 500K --connect-timeout 30000 \
+    --rcv-timeout 900000 > /tmp/iperf.txt 2>&1
+echo "IPERF-RC $?"
+grep -E "sender|receiver|error" /tmp/iperf.txt | sed 's/^\[[ 0-9]*\]/STREAM/'
+{report}
+echo "CARRIER-CHANGES $c0 $(cat /sys/class/net/eth0/carrier_changes)"
+"#,
+        net_up = client_net_up(i),
+    )
+}
+
+#[test]
+fn tcp_streams_survive_driver_vm_faults_of_every_kind() {
+    let disk = backing_file("recovery-net.img", 2 * SLICE_MIB);
+    let clients = [
+        ("alpha", streaming_client(0, 5201, false)),
+        ("beta", streaming_client(1, 5202, true)),
+    ];
+    let mut system = recovery_system("recovery-net", &disk, &clients, false);
+    system.network = true;
+    let (host, prelude) = system.host_and_prelude();
+    let host = host.expect_guest_crash();
+    let kinds = NET_FAULTS;
+    let script = format!(
+        r#"{prelude}{CAMPAIGN_FN}
+head -c {STREAM_BYTES} /dev/urandom > $WORK/src.bin
+echo "SRC-SHA $(sha256sum $WORK/src.bin | cut -d' ' -f1) $(wc -c < $WORK/src.bin)"
+$PEER iperf3 -s -1 -p 5201 --rcv-timeout 900000 > /dev/null 2>&1 &
+$PEER iperf3 -s -1 -p 5202 --rcv-timeout 900000 -F $WORK/src.bin > /dev/null 2>&1 &
+wait_console alpha STREAMING
+wait_console beta STREAMING
+sleep 10
+campaign net --faults {n} --kinds {kinds} --min-interval-ms 10000 --max-interval-ms 15000
+echo "STREAMS-FINISHED-AT-CAMPAIGN-END $(grep -l IPERF-RC $WORK/system.d/alpha.console $WORK/system.d/beta.console | wc -l)"
+wait_done alpha beta
+echo "=== metrics"; $CTL metrics
+{ending}"#,
+        n = kinds.len(),
+        kinds = kinds.join(","),
+        ending = system.ending(false),
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert_clean_ending(log);
+    assert!(log.contains("CAMPAIGN-RC net 0"), "{log}");
+    // Every kind was injected, detected on its path and restarted while both streams ran.
+    let events = log
+        .lines()
+        .find_map(|l| l.strip_prefix("EVENTS net "))
+        .unwrap_or_else(|| panic!("no events:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
+    let list = v["events"].as_array().expect("events");
+    for (kind, path) in FAULT_PATHS.iter().filter(|(k, _)| kinds.contains(k)) {
+        assert!(
+            list.iter()
+                .any(|e| e["injected"] == *kind && e["detected_by"] == *path),
+            "{kind} not detected by {path}: {events}"
+        );
+    }
+    assert!(list.iter().all(|e| e["outcome"] == "restarted"), "{events}");
+    assert!(
+        log.contains("STREAMS-FINISHED-AT-CAMPAIGN-END 0"),
+        "a stream ended before the last fault was recovered:\n{log}"
+    );
+    for name in ["alpha", "beta"] {
+        let c = console(log, name);
+        // One TCP connection each, never reset, and the link never went down.
+        assert!(c.contains("IPERF-RC 0"), "{name}:\n{c}");
+        let changes = field(c, "CARRIER-CHANGES ");
+        let (before, after) = changes.split_once(' ').expect("two counts");
+        assert_eq!(before, after, "{name}'s link changed state:\n{c}");
+    }
+    // The download arrived whole and intact.
+    assert_eq!(
+        field(console(log, "beta"), "RX-SHA "),
+        field(log, "SRC-SHA "),
+        "{log}"
+    );
+    let m = metrics_section(log);
+    let sum = |k: &str| metric_sum(m, &format!("ddvmm_ring_net_{k}_total{{"));
+    // Receive buffers were posted again after every restart; frames in flight were re-sent.
+    assert!(sum("rx_reposted") > 0.0, "{m}");
+    assert!(sum("generations") >= 2.0 * kinds.len() as f64, "{m}");
+    assert_eq!(sum("tx_dropped_spoofed"), 0.0, "{m}");
+    assert_eq!(sum("tx_dropped_failed"), 0.0, "{m}");
 }

@@ -813,3 +813,69 @@ fn two_threads_100k_requests() {
     assert_eq!(client.stats().completed, N);
     assert_eq!(client.stats().bogus(), 0);
 }
+
+#[test]
+fn network_frames_cross_both_ways_and_are_replayed() {
+    let (mut client, mut agent) = pair(8, 4);
+    agent.set_ready().unwrap();
+    let frame = pattern(3, 1514);
+    client
+        .submit(req(1, Opcode::NetTx, 0, 1514), Some(&frame))
+        .unwrap();
+    client.submit(req(2, Opcode::NetRx, 0, SLOT), None).unwrap();
+    // A transmit must carry its frame; a receive buffer must not.
+    assert!(client.submit(req(3, Opcode::NetTx, 0, 60), None).is_err());
+    assert!(client
+        .submit(req(3, Opcode::NetRx, 0, SLOT), Some(&frame[..60]))
+        .is_err());
+    assert!(client
+        .submit(req(3, Opcode::NetRx, 0, SLOT + 1), None)
+        .is_err());
+
+    let tx = agent.pop_request().unwrap().unwrap();
+    assert_eq!((tx.op, tx.len), (Opcode::NetTx, 1514));
+    let mut got = vec![0u8; 1514];
+    agent.read_slot(tx.slot.unwrap(), 0, &mut got).unwrap();
+    assert_eq!(got, frame);
+    let rx = agent.pop_request().unwrap().unwrap();
+    assert_eq!(rx.op, Opcode::NetRx);
+    let incoming = pattern(9, 98);
+    agent.write_slot(rx.slot.unwrap(), 0, &incoming).unwrap();
+    let gen = agent.generation();
+    // A receive completion longer than the buffer is rejected, then the real one counts.
+    agent
+        .publish_unchecked(RawCompletion {
+            id: 2,
+            generation: gen,
+            status: 0,
+            len: SLOT + 1,
+        })
+        .unwrap();
+    for (id, len) in [(1, 0), (2, 98)] {
+        agent
+            .complete(Completion {
+                id,
+                status: Status::Ok,
+                len,
+            })
+            .unwrap();
+    }
+    let done = client.poll_completions();
+    assert_eq!(client.stats().bad_length, 1);
+    assert_eq!(done.len(), 2);
+    let rx_done = done.iter().find(|c| c.req.op == Opcode::NetRx).unwrap();
+    let mut back = vec![0u8; rx_done.len as usize];
+    client
+        .read_slot(rx_done.slot.unwrap(), 0, &mut back)
+        .unwrap();
+    assert_eq!(back, incoming);
+
+    // Outstanding frames and buffers come back for replay, in order, on a new generation.
+    client
+        .submit(req(4, Opcode::NetTx, 0, 60), Some(&frame[..60]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    client.submit(req(5, Opcode::NetRx, 0, SLOT), None).ok();
+    let replay = client.new_generation().unwrap();
+    let ops: Vec<_> = replay.iter().map(|r| (r.id, r.op)).collect();
+    assert_eq!(ops, [(4, Opcode::NetTx), (5, Opcode::NetRx)]);
+}

@@ -1,0 +1,86 @@
+# Network path benchmark: the same client guest (bench/guest-net.sh: ping latency, iperf3 TCP
+# both ways) against the same peer on the same host network, in one run, through
+#   direct  - ddvmm's own virtio-net on the host TAP, and
+#   driver  - a virtio-net NIC served by a driver VM (stock kernel, its own bridge and
+#             virtio-net driver on the same TAP), through the daemon.
+# The peer sits behind a veth pair in network namespace `peer`. Prints medians and
+# driver/direct ratios; absolute numbers come from an emulated CPU here: read the ratios.
+K=$IMAGES/vmlinuz
+CMD="console=ttyS0 quiet ddvmm.action=run-script"
+MAC=52:54:00:dd:00:01
+IP=/usr/bin/ip
+$IP tuntap add dev ddtap0 mode tap vnet_hdr
+$IP link add hbr0 type bridge
+$IP link set ddtap0 master hbr0
+$IP link add veth0 type veth peer name veth1
+$IP link set veth0 master hbr0
+$IP netns add peer
+$IP link set veth1 netns peer
+$IP -n peer addr add 10.0.0.1/24 dev veth1
+$IP -n peer link set veth1 up
+$IP -n peer link set lo up
+for l in veth0 hbr0 ddtap0; do $IP link set $l up; done
+$IP netns exec peer iperf3 -s -D
+: > results.txt
+ROUNDS=${ROUNDS:-2}
+
+direct() {
+    echo "=== direct (round $1) ==="
+    $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 \
+        --net tap=ddtap0,mac=$MAC --cmdline "$CMD" 2>&1 | tee direct.out | grep -a RESULT
+    tr -d '\r' < direct.out | grep -a RESULT | sed 's/^/direct /' >> results.txt
+    grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }
+    $IP -n peer neigh flush dev veth1
+}
+
+driver() {
+    echo "=== through the driver VM (round $1) ==="
+    cat > system.toml <<CFG
+[[driver]]
+name = "netdrv"
+kernel = "$K"
+initrd = "$WORK/driver.img"
+memory = "256M"
+cpus = 1
+taps = ["ddtap0"]
+
+[[client]]
+name = "bench"
+kernel = "$K"
+initrd = "$WORK/guest.img"
+memory = "512M"
+cpus = 2
+cmdline = "$CMD"
+[[client.net]]
+driver = "netdrv"
+mac = "$MAC"
+CFG
+    rm -rf system.d
+    $DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
+    DAEMON=$!
+    CTL="$DDVMM ctl --socket system.sock"
+    shown=0
+    until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
+        sleep 5
+        n=$(grep -a -c RESULT system.d/bench.console 2>/dev/null)
+        if [ "${n:-0}" -gt $shown ]; then
+            grep -a RESULT system.d/bench.console | tail -n $((n - shown)); shown=$n
+        fi
+        kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; break; }
+    done
+    tr -d '\r' < system.d/bench.console | grep RESULT | sed 's/^/driver /' >> results.txt
+    grep -q RESULT system.d/bench.console || { echo "driver run produced no results:"; tail -30 system.d/bench.console; }
+    $CTL metrics | grep -E 'ddvmm_ring_net_(tx_frames|rx_frames|kicks|doorbells|tx_dropped|rx_dropped)'
+    $CTL shutdown > /dev/null
+    wait $DAEMON
+    $IP -n peer neigh flush dev veth1
+}
+
+# Alternating rounds, so slow drifts of the emulator hit both paths alike.
+r=1
+while [ $r -le $ROUNDS ]; do
+    direct $r
+    driver $r
+    r=$((r + 1))
+done
+ratio_table results.txt driver direct
