@@ -199,3 +199,26 @@ fn passthrough_errors_name_the_problem() {
         _ => eprintln!("this host has an IOMMU or no PCI bus: no-IOMMU case not checked here"),
     }
 }
+
+#[test]
+fn ring_nic_and_channel_specs_name_the_problem() {
+    let k = kernel();
+    let o = ddvmm(&[
+        "run",
+        "--kernel",
+        s(&k),
+        "--ring-net",
+        "mem=3,kick=4,doorbell=5,mac=52:54:00:zz:00:01",
+    ]);
+    assert_error(&o, "--ring-net mem=3,kick=4,doorbell=5,mac=52:54:00:zz:00:01: bad mac=");
+    let o = ddvmm(&["run", "--kernel", s(&k), "--ring-net", "mem=3,kick=4"]);
+    assert_error(&o, "missing mac=");
+    let o = ddvmm(&[
+        "run",
+        "--kernel",
+        s(&k),
+        "--channel",
+        "mem=3,kick=4,doorbell=5,backend=eth0,mac=1:2",
+    ]);
+    assert_error(&o, "bad mac=1:2");
+}

@@ -830,6 +830,76 @@ disks = ["pool.img"]
         );
     }
 
+    #[test]
+    fn client_nics() {
+        let (dir, _) = setup();
+        let drv = |name: &str, taps: &str| {
+            format!("[[driver]]\nname = \"{name}\"\nkernel = \"vmlinuz\"\ntaps = [{taps}]\n")
+        };
+        let net = |driver: &str, mac: &str| {
+            format!("[[client.net]]\ndriver = \"{driver}\"\nmac = \"{mac}\"\n")
+        };
+        let text = format!(
+            "{}{}{}",
+            drv("n", r#""ddtap0""#),
+            client("a", &net("n", "52:54:00:00:00:01")),
+            client("b", &net("n", "52:54:00:00:00:02"))
+        );
+        let c = parse(&dir, &text).expect("valid");
+        assert_eq!(c.drivers[0].taps, ["ddtap0"]);
+        assert_eq!(
+            c.clients[1].client_nets,
+            [ClientNet {
+                driver: "n".into(),
+                mac: [0x52, 0x54, 0, 0, 0, 2],
+                uplink: "eth0".into(),
+            }]
+        );
+        let cases = [
+            (
+                format!("{}{}", drv("n", ""), client("a", &net("n", "52:54:00:00:00:01"))),
+                "client[0].net[0].driver: driver VM 'n' owns no NIC",
+            ),
+            (
+                format!("{}{}", drv("n", r#""t0""#), client("a", &net("x", "52:54:00:00:00:01"))),
+                "client[0].net[0].driver: unknown driver VM 'x'",
+            ),
+            (
+                format!("{}{}", drv("n", r#""t0""#), client("a", &net("n", "52:54:00:00:01"))),
+                "client[0].net[0].mac: '52:54:00:00:01' is not a MAC address",
+            ),
+            (
+                format!("{}{}", drv("n", r#""t0""#), client("a", &net("n", "01:00:5e:00:00:01"))),
+                "client[0].net[0].mac: 01:00:5e:00:00:01 is not a unicast address",
+            ),
+            (
+                format!(
+                    "{}{}{}",
+                    drv("n", r#""t0""#),
+                    client("a", &net("n", "52:54:00:00:00:01")),
+                    client("b", &net("n", "52:54:00:00:00:01"))
+                ),
+                "client[1].net[0].mac: 52:54:00:00:00:01 is given to two client NICs",
+            ),
+            (
+                format!("{}{}", drv("n", r#""t0""#), drv("m", r#""t0""#)),
+                "driver[1].taps[0]: TAP 't0' is used twice",
+            ),
+            (
+                drv("n", r#""a/b""#),
+                "driver[0].taps[0]: 'a/b' is not an interface name",
+            ),
+            (
+                format!("{}{}", drv("n", r#""t0""#), client("a", r#"taps = ["t1"]"#)),
+                "client[0].taps: client NICs are `[[client.net]]` tables",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&dir, &text);
+            assert!(e.contains(want), "{e}\nwanted: {want}");
+        }
+    }
+
     fn err(dir: &tempfile::TempDir, text: &str) -> String {
         parse(dir, text).expect_err("must fail").to_string()
     }
