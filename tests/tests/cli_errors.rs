@@ -210,7 +210,10 @@ fn ring_nic_and_channel_specs_name_the_problem() {
         "--ring-net",
         "mem=3,kick=4,doorbell=5,mac=52:54:00:zz:00:01",
     ]);
-    assert_error(&o, "--ring-net mem=3,kick=4,doorbell=5,mac=52:54:00:zz:00:01: bad mac=");
+    assert_error(
+        &o,
+        "--ring-net mem=3,kick=4,doorbell=5,mac=52:54:00:zz:00:01: bad mac=",
+    );
     let o = ddvmm(&["run", "--kernel", s(&k), "--ring-net", "mem=3,kick=4"]);
     assert_error(&o, "missing mac=");
     let o = ddvmm(&[

@@ -857,19 +857,35 @@ disks = ["pool.img"]
         );
         let cases = [
             (
-                format!("{}{}", drv("n", ""), client("a", &net("n", "52:54:00:00:00:01"))),
+                format!(
+                    "{}{}",
+                    drv("n", ""),
+                    client("a", &net("n", "52:54:00:00:00:01"))
+                ),
                 "client[0].net[0].driver: driver VM 'n' owns no NIC",
             ),
             (
-                format!("{}{}", drv("n", r#""t0""#), client("a", &net("x", "52:54:00:00:00:01"))),
+                format!(
+                    "{}{}",
+                    drv("n", r#""t0""#),
+                    client("a", &net("x", "52:54:00:00:00:01"))
+                ),
                 "client[0].net[0].driver: unknown driver VM 'x'",
             ),
             (
-                format!("{}{}", drv("n", r#""t0""#), client("a", &net("n", "52:54:00:00:01"))),
+                format!(
+                    "{}{}",
+                    drv("n", r#""t0""#),
+                    client("a", &net("n", "52:54:00:00:01"))
+                ),
                 "client[0].net[0].mac: '52:54:00:00:01' is not a MAC address",
             ),
             (
-                format!("{}{}", drv("n", r#""t0""#), client("a", &net("n", "01:00:5e:00:00:01"))),
+                format!(
+                    "{}{}",
+                    drv("n", r#""t0""#),
+                    client("a", &net("n", "01:00:5e:00:00:01"))
+                ),
                 "client[0].net[0].mac: 01:00:5e:00:00:01 is not a unicast address",
             ),
             (

@@ -10,7 +10,45 @@ use std::collections::VecDeque;
 use std::sync::{mpsc, Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
+use ddvmm_translation::ring::{ClientRing, RawRegion, RingError, RingParams};
+use vm_memory::{FileOffset, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::machine::ChannelFds;
+
+/// Errors setting up a frontend's ring.
+#[derive(Debug, thiserror::Error)]
+pub enum RingSetupError {
+    /// The channel memory cannot be mapped.
+    #[error("cannot map channel memory")]
+    Map(#[source] std::io::Error),
+    /// The ring does not fit or cannot be created.
+    #[error("cannot create the ring")]
+    Ring(#[source] RingError),
+}
+
+/// Maps the channel memory of `fds` and creates a client ring with `params` in it at
+/// `generation`. The ring points into the returned mapping: keep the mapping alive (declared
+/// after the ring in the owning struct) for as long as the ring.
+pub fn map_client_ring(
+    fds: &ChannelFds,
+    params: RingParams,
+    generation: u64,
+) -> Result<(ClientRing<RawRegion>, Arc<MmapRegion>), RingSetupError> {
+    let size = fds.memory_size().map_err(RingSetupError::Map)?;
+    let len = usize::try_from(size)
+        .map_err(|_| RingSetupError::Map(std::io::Error::other("too large")))?;
+    let file = fds.memory.try_clone().map_err(RingSetupError::Map)?;
+    let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
+        .map_err(|e| RingSetupError::Map(std::io::Error::other(e)))?;
+    let map = Arc::new(map);
+    // SAFETY: the mapping is `len` bytes, readable and writable, and the caller keeps it (the
+    // returned `Arc`) alive for as long as the ring, as documented above. In this process the
+    // bytes are accessed only through the ring's atomics.
+    let region = unsafe { RawRegion::new(map.as_ptr(), len) }.map_err(RingSetupError::Ring)?;
+    let ring = ClientRing::create_at(region, params, generation).map_err(RingSetupError::Ring)?;
+    Ok((ring, map))
+}
 
 /// What the daemon asks of a ring frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -44,7 +44,7 @@ use ddvmm_translation::ring::{
 };
 use thiserror::Error;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, FileOffset, GuestMemoryMmap, MmapRegion};
+use vm_memory::{Bytes, GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -54,7 +54,7 @@ use super::request::{
 };
 use super::{features, pop_requests, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::virtio::ring_control::{
-    IdleRing, RingCommand, RingCommands, RingControl, RingOutcome,
+    map_client_ring, IdleRing, RingCommand, RingCommands, RingControl, RingOutcome, RingSetupError,
 };
 use crate::devices::virtio::{
     publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker,
@@ -75,12 +75,12 @@ pub const RING_PARAMS: RingParams = RingParams {
 /// Errors setting up a ring disk.
 #[derive(Debug, Error)]
 pub enum RingDiskError {
-    /// The channel memory cannot be mapped.
-    #[error("cannot map channel memory")]
-    Map(#[source] std::io::Error),
-    /// The ring does not fit or cannot be created.
-    #[error("cannot create the ring")]
-    Ring(#[source] RingError),
+    /// The ring cannot be set up.
+    #[error(transparent)]
+    Setup(#[from] RingSetupError),
+    /// A control eventfd cannot be created.
+    #[error("cannot create the control eventfd")]
+    Control(#[source] std::io::Error),
     /// Zero sectors.
     #[error("a ring disk needs a non-zero size")]
     Empty,
@@ -229,19 +229,7 @@ impl RingBlock {
         if sectors == 0 {
             return Err(RingDiskError::Empty);
         }
-        let size = fds.memory_size().map_err(RingDiskError::Map)?;
-        let len = usize::try_from(size)
-            .map_err(|_| RingDiskError::Map(std::io::Error::other("too large")))?;
-        let file = fds.memory.try_clone().map_err(RingDiskError::Map)?;
-        let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
-            .map_err(|e| RingDiskError::Map(std::io::Error::other(e)))?;
-        let map = Arc::new(map);
-        // SAFETY: the mapping is `len` bytes, readable and writable, and lives in the same
-        // `Frontend` as the ring, declared after it so it is unmapped only after the ring is
-        // gone. In this process the bytes are accessed only through the ring's atomics.
-        let region = unsafe { RawRegion::new(map.as_ptr(), len) }.map_err(RingDiskError::Ring)?;
-        let ring =
-            ClientRing::create_at(region, RING_PARAMS, generation).map_err(RingDiskError::Ring)?;
+        let (ring, map) = map_client_ring(&fds, RING_PARAMS, generation)?;
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -257,7 +245,7 @@ impl RingBlock {
             poison_after: 0,
             stats: stats.clone(),
         })));
-        let control = RingControl::new(state.clone()).map_err(RingDiskError::Map)?;
+        let control = RingControl::new(state.clone()).map_err(RingDiskError::Control)?;
         Ok(RingBlock {
             fds,
             sectors,
@@ -770,6 +758,7 @@ mod tests {
     use std::time::{Duration, Instant};
     use virtio_queue::desc::{split::Descriptor as D, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::FileOffset;
     use vm_memory::{Address, GuestAddress};
 
     const NEXT: u16 = 1;

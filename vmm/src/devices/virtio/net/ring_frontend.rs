@@ -32,14 +32,14 @@ use ddvmm_translation::ring::{
     RingParams, Status,
 };
 use virtio_queue::QueueT;
-use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
+use vm_memory::{GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::VNET_HDR_LEN;
 use super::{gather, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::virtio::ring_control::{
-    IdleRing, RingCommand, RingCommands, RingControl, RingOutcome,
+    map_client_ring, IdleRing, RingCommand, RingCommands, RingControl, RingOutcome, RingSetupError,
 };
 use crate::devices::virtio::{
     publish_used, ActivateError, ActiveQueue, DeviceFailure, QueueWorker, VirtioDevice,
@@ -76,12 +76,12 @@ pub const RX_PENDING_MAX: usize = 256;
 /// Errors setting up a ring NIC.
 #[derive(Debug, thiserror::Error)]
 pub enum RingNetError {
-    /// The channel memory cannot be mapped.
-    #[error("cannot map channel memory")]
-    Map(#[source] std::io::Error),
-    /// The ring does not fit or cannot be created.
-    #[error("cannot create the ring")]
-    Ring(#[source] RingError),
+    /// The ring cannot be set up.
+    #[error(transparent)]
+    Setup(#[from] RingSetupError),
+    /// A control eventfd cannot be created.
+    #[error("cannot create the control eventfd")]
+    Control(#[source] std::io::Error),
 }
 
 /// Counters of one ring NIC, readable while it runs.
@@ -276,19 +276,7 @@ pub struct RingNet {
 impl RingNet {
     /// Maps the channel memory and creates the ring in it at `generation`.
     pub fn new(fds: ChannelFds, mac: [u8; 6], generation: u64) -> Result<Self, RingNetError> {
-        let size = fds.memory_size().map_err(RingNetError::Map)?;
-        let len = usize::try_from(size)
-            .map_err(|_| RingNetError::Map(std::io::Error::other("too large")))?;
-        let file = fds.memory.try_clone().map_err(RingNetError::Map)?;
-        let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
-            .map_err(|e| RingNetError::Map(std::io::Error::other(e)))?;
-        let map = Arc::new(map);
-        // SAFETY: the mapping is `len` bytes, readable and writable, and lives in the same
-        // `NetRing` as the ring, declared after it so it is unmapped only after the ring is
-        // gone. In this process the bytes are accessed only through the ring's atomics.
-        let region = unsafe { RawRegion::new(map.as_ptr(), len) }.map_err(RingNetError::Ring)?;
-        let ring = ClientRing::create_at(region, NET_RING_PARAMS, generation)
-            .map_err(RingNetError::Ring)?;
+        let (ring, map) = map_client_ring(&fds, NET_RING_PARAMS, generation)?;
         let stats = Arc::new(RingNetStats::default());
         let state = Arc::new(Mutex::new(Some(NetRing {
             ring,
@@ -301,7 +289,7 @@ impl RingNet {
             quarantined: false,
             stats: stats.clone(),
         })));
-        let control = RingControl::new(state.clone()).map_err(RingNetError::Map)?;
+        let control = RingControl::new(state.clone()).map_err(RingNetError::Control)?;
         Ok(RingNet {
             fds,
             mac,
@@ -515,12 +503,7 @@ impl Worker {
                 )
             }
         };
-        publish_used(
-            &mut self.tx.queue,
-            &self.mem,
-            dropped.into_iter().map(|h| (h, 0)),
-            &self.tx.interrupt,
-        )?;
+        self.return_tx(dropped)?;
         Ok(outcome)
     }
 
@@ -596,13 +579,7 @@ impl Worker {
             fe.seen_bogus = bogus;
             self.stats.bogus_completions.store(bogus, Ordering::Relaxed);
         }
-        publish_used(
-            &mut self.tx.queue,
-            &self.mem,
-            tx_done.into_iter().map(|h| (h, 0)),
-            &self.tx.interrupt,
-        )?;
-        Ok(())
+        self.return_tx(tx_done)
     }
 
     /// Copies a received frame out of its slot into the pending queue.
@@ -729,10 +706,15 @@ impl Worker {
         if sent {
             self.kick_if_asked(fe);
         }
+        self.return_tx(dropped)
+    }
+
+    /// Gives transmit chains back to the guest (sent, or dropped).
+    fn return_tx(&mut self, heads: Vec<u16>) -> Result<(), String> {
         publish_used(
             &mut self.tx.queue,
             &self.mem,
-            dropped.into_iter().map(|h| (h, 0)),
+            heads.into_iter().map(|h| (h, 0)),
             &self.tx.interrupt,
         )?;
         Ok(())
