@@ -482,24 +482,30 @@ echo "=== metrics"; $CTL metrics
     assert!(pool[..MIB as usize] == *marker.as_bytes(), "marker missing");
 }
 
-/// Bytes of each long stream: at 0.5 Mbit/s about 400 s, longer than the fault campaign.
+/// Bytes of each long stream: at 64 KiB/s about 400 s, longer than the fault campaign.
 const STREAM_BYTES: u64 = 24 << 20;
 
 /// The fault kinds of the network campaign (garbage completions take the same recovery path
 /// as a crash once detected, and are covered by the block campaign).
 const NET_FAULTS: [&str; 5] = ["panic", "hang", "kill", "triple-fault", "reset"];
 
-/// A client that opens one long, paced TCP stream with the peer and reports how it ended:
-/// an upload (`iperf3` to the peer) or, with `download`, a checksummed download (the peer
-/// sends its file, the client writes what it received and prints the checksum).
-fn streaming_client(i: usize, port: u16, download: bool) -> String {
-    let (direction, report) = if download {
-        (
-            "-R -F /tmp/rx.bin",
-            r#"echo "RX-SHA $(sha256sum /tmp/rx.bin | cut -d' ' -f1) $(wc -c < /tmp/rx.bin)""#,
+/// A client that keeps one long, paced TCP connection with the peer and reports how it ended:
+/// an upload (`iperf3` to the peer) or, with `download`, a checksummed download (HTTP from the
+/// peer, which sends its file at 64 KiB/s; the client prints what it received).
+fn streaming_client(i: usize, download: bool) -> String {
+    let transfer = if download {
+        format!(
+            // (busybox wget's read timeout is 900 s by default; its -T crashes in 1.35.)
+            r#"wget -q -O /tmp/rx.bin http://{PEER_IP}:8080/cgi-bin/stream
+echo "TRANSFER-RC $?"
+echo "RX-SHA $(sha256sum /tmp/rx.bin | cut -d' ' -f1) $(wc -c < /tmp/rx.bin)""#
         )
     } else {
-        ("", "")
+        format!(
+            r#"iperf3 -c {PEER_IP} -n {STREAM_BYTES} -b 500K --connect-timeout 30000 > /tmp/iperf.txt 2>&1
+echo "TRANSFER-RC $?"
+grep -E "sender|receiver|error" /tmp/iperf.txt | sed 's/^\[[ 0-9]*\]/STREAM/'"#
+        )
     };
     format!(
         r#"{net_up}
@@ -508,13 +514,7 @@ c0=$(cat /sys/class/net/eth0/carrier_changes)
 echo "STREAMING"
 # Progress in the console (the harness takes a long silence for a hung emulator).
 (while sleep 20; do echo "PROGRESS $(cat /sys/class/net/eth0/statistics/rx_bytes)"; done) &
-# The peer's retransmission timer backs off while the driver VM is down (a download stalls
-# for up to a minute after close outages): the stream may idle longer than iperf3's default.
-iperf3 -c {PEER_IP} -p {port} {direction} -n {STREAM_BYTES} -b 500K --connect-timeout 30000 \
-    --rcv-timeout 900000 > /tmp/iperf.txt 2>&1
-echo "IPERF-RC $?"
-grep -E "sender|receiver|error" /tmp/iperf.txt | sed 's/^\[[ 0-9]*\]/STREAM/'
-{report}
+{transfer}
 echo "CARRIER-CHANGES $c0 $(cat /sys/class/net/eth0/carrier_changes)"
 "#,
         net_up = client_net_up(i),
@@ -525,8 +525,8 @@ echo "CARRIER-CHANGES $c0 $(cat /sys/class/net/eth0/carrier_changes)"
 fn tcp_streams_survive_driver_vm_faults_of_every_kind() {
     let disk = backing_file("recovery-net.img", 2 * SLICE_MIB);
     let clients = [
-        ("alpha", streaming_client(0, 5201, false)),
-        ("beta", streaming_client(1, 5202, true)),
+        ("alpha", streaming_client(0, false)),
+        ("beta", streaming_client(1, true)),
     ];
     let mut system = recovery_system("recovery-net", &disk, &clients, false);
     system.network = true;
@@ -537,18 +537,31 @@ fn tcp_streams_survive_driver_vm_faults_of_every_kind() {
         r#"{prelude}{CAMPAIGN_FN}
 head -c {STREAM_BYTES} /dev/urandom > $WORK/src.bin
 echo "SRC-SHA $(sha256sum $WORK/src.bin | cut -d' ' -f1) $(wc -c < $WORK/src.bin)"
-$PEER iperf3 -s -1 -p 5201 --rcv-timeout 900000 > /dev/null 2>&1 &
-$PEER iperf3 -s -1 -p 5202 --rcv-timeout 900000 -F $WORK/src.bin > /dev/null 2>&1 &
+# The peer: an iperf3 server for the upload, and an HTTP server whose CGI sends the file
+# paced at 64 KiB/s (one TCP connection for the whole download).
+mkdir -p $WORK/www/cgi-bin
+cat > $WORK/www/cgi-bin/stream <<CGI
+#!/bin/sh
+printf 'Content-Type: application/octet-stream\r\n\r\n'
+i=0
+while [ \$i -lt {blocks} ]; do
+    dd if=$WORK/src.bin bs=65536 skip=\$i count=1 2>/dev/null; i=\$((i + 1)); sleep 1
+done
+CGI
+chmod +x $WORK/www/cgi-bin/stream
+$PEER iperf3 -s -1 --rcv-timeout 900000 > /dev/null 2>&1 &
+$PEER httpd -p 8080 -h $WORK/www
 wait_console alpha STREAMING
 wait_console beta STREAMING
 sleep 10
 campaign net --faults {n} --kinds {kinds} --min-interval-ms 10000 --max-interval-ms 15000
-echo "STREAMS-FINISHED-AT-CAMPAIGN-END $(grep -l IPERF-RC $WORK/system.d/alpha.console $WORK/system.d/beta.console | wc -l)"
+echo "STREAMS-FINISHED-AT-CAMPAIGN-END $(grep -l TRANSFER-RC $WORK/system.d/alpha.console $WORK/system.d/beta.console | wc -l)"
 wait_done alpha beta
 echo "=== metrics"; $CTL metrics
 {ending}"#,
         n = kinds.len(),
         kinds = kinds.join(","),
+        blocks = STREAM_BYTES / 65536,
         ending = system.ending(false),
     );
     let out = host.run(&script, TIMEOUT).expect("test host run");
@@ -578,7 +591,7 @@ echo "=== metrics"; $CTL metrics
     for name in ["alpha", "beta"] {
         let c = console(log, name);
         // One TCP connection each, never reset, and the link never went down.
-        assert!(c.contains("IPERF-RC 0"), "{name}:\n{c}");
+        assert!(c.contains("TRANSFER-RC 0"), "{name}:\n{c}");
         let changes = field(c, "CARRIER-CHANGES ");
         let (before, after) = changes.split_once(' ').expect("two counts");
         assert_eq!(before, after, "{name}'s link changed state:\n{c}");
