@@ -70,10 +70,12 @@ bench-driver: deps images build driver-image
 	    --driver-image --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/driver-blk.sh
 
 # Network path, driver VM vs direct virtio-net on the same TAP and peer: TCP both ways and
-# ping latency (median, p99), one run.
+# ping latency (median, p99), one run of NET_ROUNDS alternating rounds.
+NET_ROUNDS ?= 2
 bench-net: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --driver-image --program iperf3=/usr/bin/iperf3 --program ip=$$(command -v ip) \
+	    --env ROUNDS=$(NET_ROUNDS) \
 	    --guest-script bench/guest-net.sh --lib bench/lib.sh bench/driver-net.sh
 
 # Driver VM recovery: cold boot, then FAULTS_PER_KIND faults of each kind under fio verify;
