@@ -480,7 +480,7 @@ fn agent_validates_requests() {
         (ok, None),
         (
             RawRequest {
-                opcode: 0x100,
+                opcode: 0x102,
                 ..ok
             },
             Some("unknown opcode"),
