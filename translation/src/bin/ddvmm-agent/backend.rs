@@ -361,18 +361,6 @@ impl Server<'_> {
             if self.ring.enable_notify() {
                 continue;
             }
-            let mut fds = [
-                libc::pollfd {
-                    fd: irq.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: wake.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
             // Completions still waiting for room: look again soon (the client drains the ring
             // on our doorbell or its own re-poll).
             let wait = if self.unpublished.is_empty() {
@@ -380,22 +368,16 @@ impl Server<'_> {
             } else {
                 5
             };
-            // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
-            if n > 0 {
-                if fds[0].revents & libc::POLLIN != 0 {
-                    irq.ack();
-                    self.wakeups.irq += 1;
-                }
-                if fds[1].revents & libc::POLLIN != 0 {
-                    wake.drain();
-                    self.wakeups.io += 1;
-                }
-                if fds[0].revents & !libc::POLLIN != 0 {
-                    self.wakeups.irq_error += 1;
-                }
-            } else {
-                self.wakeups.timeout += 1;
+            let woken = irq.wait(Some(wake.fd()), wait);
+            let w = &mut self.wakeups;
+            w.irq += u64::from(woken.irq);
+            w.irq_error += u64::from(woken.irq_error);
+            if woken.other {
+                wake.drain();
+                w.io += 1;
+            }
+            if !(woken.irq || woken.irq_error || woken.other) {
+                w.timeout += 1;
             }
             if self.wakeups.last_report.elapsed() >= Duration::from_secs(60) {
                 let w = &mut self.wakeups;

@@ -389,23 +389,8 @@ fn serve_generation(
         if ring.enable_notify() {
             continue;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: irq.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: tap.as_raw_fd(),
-                events: if posted.is_empty() { 0 } else { libc::POLLIN },
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, HEARTBEAT.as_millis() as i32) };
-        if n > 0 && fds[0].revents & libc::POLLIN != 0 {
-            irq.ack();
-        }
+        let tap_fd = (!posted.is_empty()).then(|| tap.as_raw_fd());
+        irq.wait(tap_fd, HEARTBEAT.as_millis() as i32);
     }
 }
 

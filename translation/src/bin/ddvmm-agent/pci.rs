@@ -258,8 +258,43 @@ impl UioIrq {
         self.masked = true;
     }
 
-    /// The descriptor to poll.
-    pub fn fd(&self) -> i32 {
-        self.file.as_raw_fd()
+    /// Waits up to `timeout_ms` for the interrupt or for `other` to become readable (`None`:
+    /// the interrupt alone), acknowledging the interrupt if it came.
+    pub fn wait(&mut self, other: Option<i32>, timeout_ms: i32) -> Woken {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: other.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call
+        // (a negative fd is ignored by poll).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        let woken = Woken {
+            irq: n > 0 && fds[0].revents & libc::POLLIN != 0,
+            irq_error: n > 0 && fds[0].revents & !libc::POLLIN != 0,
+            other: n > 0 && fds[1].revents & libc::POLLIN != 0,
+        };
+        if woken.irq {
+            self.ack();
+        }
+        woken
     }
+}
+
+/// What ended a [`UioIrq::wait`] (all false: the timeout).
+#[derive(Debug, Clone, Copy)]
+pub struct Woken {
+    /// The interrupt (acknowledged).
+    pub irq: bool,
+    /// The interrupt descriptor reported an error.
+    pub irq_error: bool,
+    /// The other descriptor is readable.
+    pub other: bool,
 }

@@ -89,13 +89,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac[6] @0, status @6, max_virtqueue_pairs @8, mtu @10.
-        let mut cfg = [0u8; 12];
-        cfg[..6].copy_from_slice(&self.mac);
-        cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
-        cfg[10..12].copy_from_slice(&MTU.to_le_bytes());
-        super::read_config_bytes(&cfg, offset, data);
+        read_net_config(&self.mac, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -389,6 +383,18 @@ where
         off += n;
     }
     off as u32
+}
+
+/// Reads the virtio-net configuration space of a NIC with `mac`: mac[6] @0, status @6 (link
+/// always up: a TAP or a driver VM restart is never shown to the guest), max_virtqueue_pairs
+/// @8, mtu @10.
+pub fn read_net_config(mac: &[u8; 6], offset: u64, data: &mut [u8]) {
+    let mut cfg = [0u8; 12];
+    cfg[..6].copy_from_slice(mac);
+    cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+    cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+    cfg[10..12].copy_from_slice(&MTU.to_le_bytes());
+    super::read_config_bytes(&cfg, offset, data);
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.

@@ -37,7 +37,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::VNET_HDR_LEN;
-use super::{gather, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
+use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::virtio::ring_control::{
     map_client_ring, IdleRing, RingCommand, RingCommands, RingControl, RingOutcome, RingSetupError,
 };
@@ -53,8 +53,6 @@ const VIRTIO_NET_F_MAC: u32 = 5;
 const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
 const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
 const VIRTIO_NET_F_STATUS: u32 = 16;
-const LINK_UP: u16 = 1;
-const MTU: u16 = 1500;
 /// Ethernet header: destination, source, ethertype.
 const ETH_HLEN: usize = 14;
 
@@ -333,13 +331,7 @@ impl VirtioDevice for RingNet {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // mac[6] @0, status @6 (always up: a restart is invisible), max pairs @8, mtu @10.
-        let mut cfg = [0u8; 12];
-        cfg[..6].copy_from_slice(&self.mac);
-        cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
-        cfg[10..12].copy_from_slice(&MTU.to_le_bytes());
-        crate::devices::virtio::read_config_bytes(&cfg, offset, data);
+        read_net_config(&self.mac, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
