@@ -13,6 +13,8 @@
 //! `=emulated` forces a mode.
 
 pub mod cpio;
+pub mod records;
+pub mod slots;
 pub mod system;
 
 use std::collections::BTreeSet;
@@ -57,11 +59,28 @@ pub enum HarnessError {
         /// What was printed.
         output: String,
     },
-    /// Nothing was printed for too long: the run is hung.
-    #[error("no output for {quiet:?}; output so far:\n{output}")]
-    Stalled {
+    /// The emulator wedged: the test host's own heartbeat stopped (the only failure that is
+    /// retried; see [`TestHost::run`]).
+    #[error("the emulated test host wedged: {evidence}; output so far:\n{output}")]
+    Wedged {
+        /// Why we know it was the emulator.
+        evidence: String,
+        /// What was printed (with the emulator's state appended).
+        output: String,
+    },
+    /// Nothing was printed for too long while the test host itself was alive (its heartbeat
+    /// went on): our hang. The output ends with the test host's diagnostics.
+    #[error("no output for {quiet:?} while the test host was alive (our hang); output and diagnostics:\n{output}")]
+    Hung {
         /// How long it was silent.
         quiet: Duration,
+        /// What was printed, then the diagnostics.
+        output: String,
+    },
+    /// A guest crashed (triple fault or KVM internal error, reported by `ddvmm`) in a test that
+    /// did not inject one.
+    #[error("a guest crashed and the test did not expect it; output:\n{output}")]
+    UnexpectedGuestCrash {
         /// What was printed.
         output: String,
     },
@@ -127,11 +146,28 @@ pub fn select_host() -> Result<HostKind, HarnessError> {
     })
 }
 
-/// The repository root.
+/// The repository root, found at run time: `CARGO_MANIFEST_DIR` as cargo and nextest set it
+/// for the test process (this crate's folder), else the nearest ancestor of the running
+/// executable (`target/release/...`) that holds this workspace. Never the path compiled in:
+/// a checkout that was copied or moved must test its own images and binaries.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
+    fn is_root(p: &Path) -> bool {
+        p.join("tests/src/lib.rs").is_file() && p.join("guest-images").is_dir()
+    }
+    let from_env = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .and_then(|d| d.ancestors().find(|a| is_root(a)).map(Path::to_path_buf));
+    let from_exe = || {
+        let exe = std::env::current_exe().ok()?;
+        exe.ancestors().find(|a| is_root(a)).map(Path::to_path_buf)
+    };
+    let from_cwd = || {
+        let cwd = std::env::current_dir().ok()?;
+        cwd.ancestors().find(|a| is_root(a)).map(Path::to_path_buf)
+    };
+    from_env
+        .or_else(from_exe)
+        .or_else(from_cwd)
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
@@ -178,21 +214,74 @@ pub struct TestHost {
     name: String,
     echo: bool,
     expect_guest_crash: bool,
+    quiet_limit: Duration,
 }
 
 /// What `ddvmm` prints when a guest triple-faults or KVM reports an internal error.
 const GUEST_CRASH_MARK: &str = "guest crashed on vCPU";
 
-/// A run that prints nothing for this long is hung. Guests here print continuously while
-/// booting, and scripts that run long silent jobs print progress.
+/// A run that prints nothing for this long while its test host is alive is hung (ours).
+/// Scripts print progress at least every minute (the system prelude's `wait_console` does).
 const QUIET_LIMIT: Duration = Duration::from_secs(300);
 
-/// Runs of one script in the emulated test host before an emulator failure is reported.
-pub const EMULATED_ATTEMPTS: u32 = 4;
+/// The test host prints a heartbeat on its second serial port every [`HEARTBEAT_PERIOD_S`]
+/// seconds from a plain shell loop: as long as its kernel schedules anything, it ticks.
+const HEARTBEAT_PERIOD_S: u32 = 2;
 
-/// Serializes emulated runs inside one test process: two TCG machines on a 2-core box only
-/// slow each other down.
-static EMULATOR: Mutex<()> = Mutex::new(());
+/// No heartbeat for this long: the emulator wedged (the test host's CPU no longer runs).
+/// Measured heartbeat gaps under load are seconds; this is generous.
+const WEDGE_LIMIT: Duration = Duration::from_secs(90);
+
+/// The first heartbeat must come within this long of QEMU's start (boot and unpacking a
+/// large initramfs included).
+const FIRST_HEARTBEAT_LIMIT: Duration = Duration::from_secs(240);
+
+/// How long the test host may take to print its diagnostics once asked.
+const DIAG_LIMIT: Duration = Duration::from_secs(90);
+
+/// What the diagnostics script prints last.
+const DIAG_END: &str = "DDVMM-DIAG-END";
+
+/// Runs of one script in the emulated test host; only an evidenced emulator wedge (or a
+/// test-host kernel crash) is retried.
+pub const EMULATED_ATTEMPTS: u32 = 3;
+
+/// Diagnostics of a hung run (test host alive, our code stuck), printed by the test host on
+/// request: every process, the kernel stacks of the VMM processes' threads, the daemon's
+/// stats and the tails of every console and log under `$WORK`. Every step is bounded.
+const DIAG_SCRIPT: &str = r#"W=${WORK:-/work}
+echo; echo "=== harness diagnostics (the test host is alive; the run went silent)"
+echo "uptime $(cat /proc/uptime) load $(cat /proc/loadavg)"
+ps -o pid,ppid,stat,time,args 2>/dev/null || ps
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}; cmd=$(tr '\0' ' ' < $d/cmdline 2>/dev/null | head -c 300)
+    case "$cmd" in *diag.sh*) continue ;; *ddvmm*) ;; *) continue ;; esac
+    echo "--- pid $p: $cmd"
+    for t in /proc/$p/task/*; do
+        echo "task ${t##*/} $(cat $t/comm 2>/dev/null) state $(cut -d')' -f2 $t/stat 2>/dev/null | cut -d' ' -f2) wchan $(cat $t/wchan 2>/dev/null)"
+        head -n 12 $t/stack 2>/dev/null | sed 's/^/    /'
+    done
+done
+[ -S $W/system.sock ] && { echo "--- daemon stats"; timeout 10 $DDVMM ctl --socket $W/system.sock stats 2>&1 | tr -d ' \n' | head -c 4000; echo; }
+for f in $W/system.d/*.console $W/*.console; do
+    [ -f "$f" ] && { echo "--- tail $f"; tail -n 25 "$f" | tr -d '\r'; }
+done
+for f in $W/system.d/*.log $W/*.log; do
+    [ -f "$f" ] && { echo "--- tail $f"; tail -n 40 "$f"; }
+done
+echo "--- dmesg"; dmesg 2>/dev/null | tail -n 30
+echo "DDVMM-DIAG-END"
+"#;
+
+/// The test host's side of the heartbeat channel (its second serial port): a tick every
+/// [`HEARTBEAT_PERIOD_S`] seconds, and `diag` requests answered on the console.
+fn heartbeat_lines() -> String {
+    format!(
+        "stty -F /dev/ttyS1 -echo 2>/dev/null\n\
+         (while :; do echo \"DDVMM-HB $(cut -d' ' -f1 /proc/uptime)\"; sleep {HEARTBEAT_PERIOD_S}; done > /dev/ttyS1) &\n\
+         (while read -r req; do case \"$req\" in diag*) sh /work/.diag.sh > /dev/console 2>&1 ;; esac; done < /dev/ttyS1) &\n"
+    )
+}
 
 impl TestHost {
     /// A test host chosen by [`select_host`]; `name` labels its console log.
@@ -219,6 +308,7 @@ impl TestHost {
             name: name.to_string(),
             echo: false,
             expect_guest_crash: false,
+            quiet_limit: QUIET_LIMIT,
         })
     }
 
@@ -236,6 +326,12 @@ impl TestHost {
     /// The script makes a guest crash on purpose: do not treat a crash as an emulator fault.
     pub fn expect_guest_crash(mut self) -> Self {
         self.expect_guest_crash = true;
+        self
+    }
+
+    /// A run silent for this long while its host is alive is hung (default [`QUIET_LIMIT`]).
+    pub fn quiet_limit(mut self, limit: Duration) -> Self {
+        self.quiet_limit = limit;
         self
     }
 
@@ -289,66 +385,77 @@ impl TestHost {
 
     /// Runs `script` and returns its output and exit status. `timeout` catches hangs only.
     ///
-    /// In emulated mode a run whose *test host* fails is retried, up to [`EMULATED_ATTEMPTS`]
-    /// runs in all: one that stalls completely (no output for [`QUIET_LIMIT`]) or whose
-    /// test-host kernel dies before the script's exit marker. Both come from the emulator's
-    /// nested SVM, not from the code under test: the test host's own KVM takes a page fault
-    /// inside `__svm_vcpu_run` (right after `VMRUN`) and recurses into its stack guard
-    /// ("stack guard page was hit" / "corrupted stack end detected inside scheduler"), more
-    /// often the more VMs run at once (seen in about a third of three-VM runs). The stall, as
-    /// recorded by [`emulator_snapshot`] (kept with the failed output): the test host's only CPU
-    /// sits in its idle loop, halted with interrupts enabled, its QEMU thread asleep, and
-    /// nothing wakes it, not even an NMI sent through the monitor (tried every 75 s, no effect;
-    /// QEMU 10.0 from bookworm-backports stalls the same way). A guest or VMM failure cannot
-    /// cause either: the test host's `/init` always prints the marker.
-    /// Likewise a run in which a guest *crashed* (triple fault, reported by `ddvmm`) unless the
-    /// test expects one ([`Self::expect_guest_crash`]): once in CI a stock guest triple-faulted
-    /// under fio in the emulator, in a test that passes in every other run. Each failed output
-    /// is kept in `target/testhost-logs/<name>.failed-host[-N].log` and reported on stderr, so a
-    /// persistent problem still fails the test.
+    /// Emulated mode retries a run only when there is evidence that the *emulator* failed,
+    /// never on silence alone and never on a crash of a guest:
+    /// - **wedge**: the test host's heartbeat (a shell loop printing on its second serial
+    ///   port every [`HEARTBEAT_PERIOD_S`] s) stopped for [`WEDGE_LIMIT`]. Seen with QEMU 7.2
+    ///   and 10.0 TCG: the test host's only CPU halted with interrupts enabled and nothing
+    ///   wakes it (an NMI through the monitor does not either); [`emulator_snapshot`] is kept
+    ///   with the failed output as the record.
+    /// - **test-host kernel crash**: QEMU ended without the exit marker and the test host's
+    ///   console ends in a kernel crash (the nested-SVM "stack guard page was hit" in
+    ///   `__svm_vcpu_run`, seen with two test-host CPUs).
+    ///
+    /// Everything else fails at once: a silent run whose test host still ticks is *our* hang
+    /// ([`HarnessError::Hung`], with the test host's diagnostics), a timeout is ours, and a
+    /// guest crash the test did not ask for ([`Self::expect_guest_crash`]) is a failure. Every
+    /// retry is printed on stderr past the test capture, kept in
+    /// `target/testhost-logs/<name>.attempt-N.log` and recorded for the suite's report
+    /// ([`records`]), up to [`EMULATED_ATTEMPTS`] runs in all.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
-        if self.host == HostKind::Direct {
-            return self.run_direct(script, timeout);
-        }
+        let started = Instant::now();
         let mut attempt = 1;
-        loop {
-            let result = self.run_emulated(script, timeout);
-            let why = match &result {
-                Err(HarnessError::Stalled { quiet, output }) => {
-                    Some((format!("stalled (no output for {quiet:?})"), output.clone()))
+        let result = loop {
+            let attempt_start = Instant::now();
+            let result = if self.host == HostKind::Direct {
+                self.run_direct(script, timeout)
+            } else {
+                self.run_emulated(script, timeout)
+            };
+            let retry = match &result {
+                Err(HarnessError::Wedged { evidence, output }) => {
+                    Some(("emulator wedged", evidence.clone(), output))
                 }
-                Err(HarnessError::NoExitMarker { output, .. }) => Some((
-                    "died before reporting (test-host kernel crash)".to_string(),
-                    output.clone(),
-                )),
-                Ok(out) if !self.expect_guest_crash && out.output.contains(GUEST_CRASH_MARK) => {
-                    Some((
-                        "ran a guest that crashed unexpectedly".to_string(),
-                        out.output.clone(),
-                    ))
+                Err(HarnessError::NoExitMarker { output, .. }) => {
+                    test_host_kernel_crash(output).map(|e| ("test-host kernel crashed", e, output))
                 }
                 _ => None,
             };
-            let Some((why, output)) = why.filter(|_| attempt < EMULATED_ATTEMPTS) else {
-                return result;
-            };
-            let suffix = if attempt == 1 {
-                String::new()
-            } else {
-                format!("-{attempt}")
+            let Some((cause, evidence, output)) = retry.filter(|_| attempt < EMULATED_ATTEMPTS)
+            else {
+                break result;
             };
             let kept = self
                 .log_path()
-                .with_extension(format!("failed-host{suffix}.log"));
+                .with_extension(format!("attempt-{attempt}.log"));
             let _ = std::fs::write(&kept, output);
-            eprintln!(
-                "testhost: {}: the emulated host {why}; retrying ({}/{EMULATED_ATTEMPTS}), see {}",
-                self.name,
-                attempt + 1,
-                kept.display()
-            );
+            records::record_retry(&records::Retry {
+                host: &self.name,
+                attempt,
+                cause,
+                evidence: &evidence,
+                log: &kept,
+                elapsed: attempt_start.elapsed(),
+            });
             attempt += 1;
-        }
+        };
+        let result = match result {
+            Ok(out) if !self.expect_guest_crash && out.output.contains(GUEST_CRASH_MARK) => {
+                Err(HarnessError::UnexpectedGuestCrash { output: out.output })
+            }
+            other => other,
+        };
+        let label = match &result {
+            Ok(out) => format!("script rc {}", out.status),
+            Err(HarnessError::Wedged { .. }) => "emulator wedged".into(),
+            Err(HarnessError::Hung { .. }) => "hung (ours)".into(),
+            Err(HarnessError::Timeout { .. }) => "timeout (ours)".into(),
+            Err(HarnessError::NoExitMarker { .. }) => "test host died".into(),
+            Err(HarnessError::UnexpectedGuestCrash { .. }) => "unexpected guest crash".into(),
+            Err(e) => format!("harness error: {e}"),
+        };
+        records::record_run(&self.name, self.host, started.elapsed(), attempt, &label);
+        result
     }
 
     fn run_direct(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
@@ -380,10 +487,28 @@ impl TestHost {
             bin.display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
         );
-        let mut cmd = Command::new("sh");
+        let diag = work.join(".diag.sh");
+        std::fs::write(&diag, DIAG_SCRIPT)
+            .map_err(|e| HarnessError::Io(format!("write {}", diag.display()), e))?;
+        // Its own network, mount and PID namespaces where `unshare` can make them: parallel
+        // tests do not see each other's TAPs, bridges, `ip netns` names or VMM processes,
+        // and killing the run (timeout) takes every process it started with it.
+        let isolate = Path::new("/usr/bin/unshare").exists();
+        let mut cmd = if isolate {
+            let mut c = Command::new("/usr/bin/unshare");
+            c.args(["--net", "--mount", "--pid", "--fork", "--kill-child", "sh"]);
+            c
+        } else {
+            Command::new("sh")
+        };
+        let netns = if isolate {
+            "mkdir -p /run/netns && mount -t tmpfs tmpfs /run/netns && ip link set lo up\n"
+        } else {
+            ""
+        };
         cmd.env("PATH", path)
             .arg("-c")
-            .arg(format!("exec 2>&1\n{script}"))
+            .arg(format!("exec 2>&1\n{netns}{script}"))
             .current_dir(&work)
             .env("DDVMM", ddvmm_binary()?)
             .env("IMAGES", images_dir())
@@ -391,7 +516,18 @@ impl TestHost {
         for (i, d) in self.disks.iter().enumerate() {
             cmd.env(format!("DISK{i}"), d);
         }
-        let (output, status) = run_with_timeout(cmd, timeout, &self.log_path(), self.echo, None)?;
+        let watch = Watch::Direct {
+            diag: &diag,
+            work: &work,
+        };
+        let (output, status) = run_with_timeout(
+            cmd,
+            timeout,
+            self.quiet_limit,
+            &self.log_path(),
+            self.echo,
+            &watch,
+        )?;
         let _ = std::fs::remove_dir_all(&work);
         Ok(ScriptOutput {
             output,
@@ -433,10 +569,12 @@ impl TestHost {
         for (name, contents, mode) in &self.files {
             archive.file(&format!("work/{name}"), contents, *mode);
         }
+        archive.file("work/.diag.sh", DIAG_SCRIPT.as_bytes(), 0o755);
         archive.file(
             "cmd.sh",
             format!(
-                "export WORK=/work\n{}{}{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
+                "export WORK=/work\n{}{}{}{}mkdir -p /work\ncd /work\nexec 2>&1\n{script}\n",
+                heartbeat_lines(),
                 // busybox sh runs its own applets before anything on PATH: a program copied
                 // in under the name of an applet (`ip`) is reached through a function.
                 self.programs
@@ -491,14 +629,17 @@ impl TestHost {
             .arg(&kernel)
             .arg("-initrd")
             .arg(&initrd_path);
+        // The test host's own NVMe disks: the kernel's default 30 s I/O timeout is shorter
+        // than an emulated command can take under load (seen: aborted commands, EIO passed to
+        // a client's fio); 255 s is the largest value the parameter takes.
+        let cmdline = "console=ttyS0 panic=-1 quiet nvme_core.io_timeout=255";
         if self.passthrough.is_empty() {
-            cmd.args(["-append", "console=ttyS0 panic=-1 quiet"]);
+            cmd.arg("-append").arg(cmdline);
         } else {
             // The IOMMU before any other PCI device.
-            cmd.args(["-device", "intel-iommu"]).args([
-                "-append",
-                "console=ttyS0 panic=-1 quiet intel_iommu=on iommu=pt",
-            ]);
+            cmd.args(["-device", "intel-iommu"])
+                .arg("-append")
+                .arg(format!("{cmdline} intel_iommu=on iommu=pt"));
         }
         for (i, d) in self.passthrough.iter().enumerate() {
             cmd.arg("-drive")
@@ -518,13 +659,34 @@ impl TestHost {
                 .arg("-device")
                 .arg(format!("nvme,drive=disk{i},serial=ddvmm-disk{i}"));
         }
-        let _guard = EMULATOR.lock().unwrap_or_else(|p| p.into_inner());
+        let _slot = slots::acquire(&dir.join("slots"));
         let monitor = dir.join(format!("{}.monitor", self.name));
+        let heartbeat = dir.join(format!("{}.heartbeat", self.name));
         let _ = std::fs::remove_file(&monitor);
+        let _ = std::fs::remove_file(&heartbeat);
         cmd.arg("-monitor")
-            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
-        let result = run_with_timeout(cmd, timeout, &self.log_path(), self.echo, Some(&monitor));
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+            // ttyS1: the heartbeat channel.
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=hb,path={},server=on,wait=off",
+                heartbeat.display()
+            ))
+            .args(["-serial", "chardev:hb"]);
+        let watch = Watch::Emulated {
+            heartbeat: &heartbeat,
+            monitor: &monitor,
+        };
+        let result = run_with_timeout(
+            cmd,
+            timeout,
+            self.quiet_limit,
+            &self.log_path(),
+            self.echo,
+            &watch,
+        );
         let _ = std::fs::remove_file(&monitor);
+        let _ = std::fs::remove_file(&heartbeat);
         let (output, qemu_status) = result?;
         let _ = std::fs::remove_file(&initrd_path);
         match parse_exit_marker(&output) {
@@ -625,14 +787,69 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, HarnessError> {
         .collect())
 }
 
+/// How a run is watched besides its output.
+enum Watch<'a> {
+    /// On this machine: diagnostics come from running the diagnostics script here.
+    Direct {
+        /// The script.
+        diag: &'a Path,
+        /// The run's `$WORK`.
+        work: &'a Path,
+    },
+    /// In the emulated test host: its heartbeat socket (ttyS1) and QEMU's monitor.
+    Emulated {
+        /// The heartbeat channel (QEMU listens, we connect).
+        heartbeat: &'a Path,
+        /// The human monitor.
+        monitor: &'a Path,
+    },
+}
+
+/// The heartbeat channel's state, shared with the thread that reads it.
+#[derive(Default)]
+struct Heartbeat {
+    /// When the last tick arrived, and the test host's uptime it carried.
+    last: Option<(Instant, String)>,
+    /// The write half, for diagnostics requests.
+    writer: Option<std::os::unix::net::UnixStream>,
+}
+
+/// Connects to the test host's heartbeat socket (retrying while QEMU starts) and records
+/// every tick until the socket closes.
+fn watch_heartbeat(path: PathBuf, state: Arc<Mutex<Heartbeat>>) {
+    use std::io::BufRead as _;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => return,
+        }
+    };
+    lock(&state).writer = stream.try_clone().ok();
+    for line in std::io::BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        if let Some(uptime) = line.trim().strip_prefix("DDVMM-HB ") {
+            lock(&state).last = Some((Instant::now(), uptime.to_string()));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs `cmd`, capturing stdout+stderr, killing it after `timeout`. Also writes the output to
-/// `log` for post-mortem reading.
+/// `log` as it arrives (a hung run can be watched from outside). Tells the emulator's wedge
+/// (heartbeat stopped: [`HarnessError::Wedged`]) from our hang (silent for [`QUIET_LIMIT`]
+/// with a live test host: [`HarnessError::Hung`], diagnostics appended).
 fn run_with_timeout(
     mut cmd: Command,
     timeout: Duration,
+    quiet_limit: Duration,
     log: &Path,
     echo: bool,
-    monitor: Option<&Path>,
+    watch: &Watch<'_>,
 ) -> Result<(String, Option<i32>), HarnessError> {
     if let Some(dir) = log.parent() {
         let _ = std::fs::create_dir_all(dir);
@@ -645,7 +862,6 @@ fn run_with_timeout(
         .map_err(|e| HarnessError::Io(format!("spawn {:?}", cmd.get_program()), e))?;
     let buf = Arc::new(Mutex::new(Vec::new()));
     let last_output = Arc::new(Mutex::new(Instant::now()));
-    // The log is written as output arrives, so a hung run can be watched from outside.
     let live_log = Arc::new(Mutex::new(std::fs::File::create(log).ok()));
     let mut readers = Vec::new();
     for mut stream in [
@@ -676,59 +892,145 @@ fn run_with_timeout(
                     let _ = out.write_all(&chunk[..n]);
                     let _ = out.flush();
                 }
-                buf.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&chunk[..n]);
-                *last_output.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                if let Some(f) = live_log.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                lock(&buf).extend_from_slice(&chunk[..n]);
+                *lock(&last_output) = Instant::now();
+                if let Some(f) = lock(&live_log).as_mut() {
                     use std::io::Write;
                     let _ = f.write_all(&chunk[..n]);
                 }
             }
         }));
     }
+    let heartbeat = Arc::new(Mutex::new(Heartbeat::default()));
+    if let Watch::Emulated {
+        heartbeat: path, ..
+    } = watch
+    {
+        let (path, state) = (path.to_path_buf(), heartbeat.clone());
+        std::thread::spawn(move || watch_heartbeat(path, state));
+    }
     let start = Instant::now();
+    // Ends the run: kills the child, joins the readers, returns everything printed.
+    let finish = |child: &mut std::process::Child, readers: Vec<std::thread::JoinHandle<()>>| {
+        let _ = child.kill();
+        let _ = child.wait();
+        for r in readers {
+            let _ = r.join();
+        }
+        text(&buf)
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status.code(),
-            Ok(None) if start.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                for r in readers {
-                    let _ = r.join();
-                }
-                let output = text(&buf);
-                return Err(HarnessError::Timeout { timeout, output });
-            }
-            Ok(None) => {
-                let quiet = last_output
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .elapsed();
-                if quiet > QUIET_LIMIT {
-                    // What the emulator was doing, for the kept log of the failed host.
-                    let snapshot = monitor
-                        .map(|m| emulator_snapshot(child.id(), m))
-                        .unwrap_or_default();
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    for r in readers {
-                        let _ = r.join();
-                    }
-                    return Err(HarnessError::Stalled {
-                        quiet,
-                        output: text(&buf) + &snapshot,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Ok(None) => {}
             Err(e) => return Err(HarnessError::Io("wait for child".into(), e)),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let quiet = lock(&last_output).elapsed();
+        if let Watch::Emulated { monitor, .. } = watch {
+            let beat = lock(&heartbeat).last.clone();
+            let (silent, last_uptime) = match &beat {
+                Some((at, uptime)) => (at.elapsed(), uptime.clone()),
+                None => (start.elapsed(), "none yet".to_string()),
+            };
+            let limit = if beat.is_some() {
+                WEDGE_LIMIT
+            } else {
+                FIRST_HEARTBEAT_LIMIT
+            };
+            if silent > limit {
+                let snapshot = emulator_snapshot(child.id(), monitor);
+                let evidence = format!(
+                    "no test-host heartbeat for {} s (last at test-host uptime {last_uptime} s); \
+                     output silent for {} s; {}",
+                    silent.as_secs(),
+                    quiet.as_secs(),
+                    snapshot_summary(&snapshot)
+                );
+                let output = finish(&mut child, readers) + &snapshot;
+                return Err(HarnessError::Wedged { evidence, output });
+            }
+        }
+        let timed_out = start.elapsed() > timeout;
+        if timed_out || quiet > quiet_limit {
+            // Ours: the test host (or this machine) is alive. Diagnostics, then fail.
+            let diag = diagnostics(watch, &heartbeat, &buf);
+            let output = finish(&mut child, readers) + &diag;
+            return Err(if timed_out {
+                HarnessError::Timeout { timeout, output }
+            } else {
+                HarnessError::Hung { quiet, output }
+            });
         }
     };
     for r in readers {
         let _ = r.join();
     }
     Ok((text(&buf), status))
+}
+
+/// Diagnostics of a live run: the test host prints them on its console when asked on the
+/// heartbeat channel (we wait for them up to [`DIAG_LIMIT`]); direct mode runs the script here.
+fn diagnostics(watch: &Watch<'_>, heartbeat: &Mutex<Heartbeat>, buf: &Mutex<Vec<u8>>) -> String {
+    match watch {
+        Watch::Direct { diag, work } => Command::new("sh")
+            .arg(diag)
+            .env("WORK", work)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("diagnostics: {e}")),
+        Watch::Emulated { .. } => {
+            let asked = lock(heartbeat).writer.as_mut().map(|w| {
+                use std::io::Write as _;
+                w.write_all(b"diag\n")
+            });
+            if !matches!(asked, Some(Ok(()))) {
+                return "\n=== harness: could not ask the test host for diagnostics\n".into();
+            }
+            let from = lock(buf).len();
+            let start = Instant::now();
+            while start.elapsed() < DIAG_LIMIT {
+                if String::from_utf8_lossy(&lock(buf)[from..]).contains(DIAG_END) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Already in the output (the console); nothing to append.
+            String::new()
+        }
+    }
+}
+
+/// The evidence lines of an emulator snapshot: QEMU's vCPU states.
+fn snapshot_summary(snapshot: &str) -> String {
+    let cpus: Vec<&str> = snapshot
+        .lines()
+        .filter(|l| l.contains("CPU #"))
+        .map(str::trim)
+        .collect();
+    if cpus.is_empty() {
+        "monitor gave no vCPU state".into()
+    } else {
+        format!("QEMU: {}", cpus.join(" | "))
+    }
+}
+
+/// The lines showing that the test host's own kernel crashed, if its console ends with them.
+fn test_host_kernel_crash(output: &str) -> Option<String> {
+    const SIGNS: [&str; 4] = [
+        "Kernel panic - not syncing",
+        "stack guard page was hit",
+        "corrupted stack end detected",
+        "BUG: kernel NULL pointer",
+    ];
+    let lines: Vec<&str> = output.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(80)..];
+    let found: Vec<&str> = tail
+        .iter()
+        .filter(|l| SIGNS.iter().any(|s| l.contains(s)))
+        .map(|l| l.trim())
+        .collect();
+    (!found.is_empty()).then(|| format!("test-host console: {}", found.join(" | ")))
 }
 
 /// The emulator's vCPU states (from its monitor) and its threads' CPU times, twice 5 s apart:
@@ -828,12 +1130,41 @@ mod tests {
     }
 
     #[test]
-    fn this_machine_is_classified() {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let pvm = Path::new("/sys/module/kvm_pvm").exists();
-        if pvm {
-            assert!(!kvm_runs_unmodified_guests(&cpuinfo, true, pvm));
-        }
+    fn only_a_test_host_kernel_crash_at_the_end_counts_as_one() {
+        let crashed = "boot\nrunning\n[  99.1] BUG: stack guard page was hit at 0000\n[  99.2] Kernel panic - not syncing: Fatal exception\n";
+        let e = test_host_kernel_crash(crashed).expect("crash found");
+        assert!(
+            e.contains("stack guard page") && e.contains("Kernel panic"),
+            "{e}"
+        );
+        // A guest's panic far back in the output, then a long run: not the test host's.
+        let old = format!(
+            "guest: Kernel panic - not syncing: test\n{}",
+            "progress\n".repeat(200)
+        );
+        assert_eq!(test_host_kernel_crash(&old), None);
+        assert_eq!(test_host_kernel_crash("all fine\n"), None);
+    }
+
+    #[test]
+    fn wedge_evidence_names_the_vcpu_state() {
+        let snap = "thread x\n* CPU #0: thread_id=123 (halted)\nRAX=0\n";
+        assert_eq!(
+            snapshot_summary(snap),
+            "QEMU: * CPU #0: thread_id=123 (halted)"
+        );
+        assert_eq!(snapshot_summary("nothing"), "monitor gave no vCPU state");
+    }
+
+    #[test]
+    fn repo_root_is_this_checkout() {
+        let root = repo_root();
+        assert!(
+            root.join("tests/src/lib.rs").is_file(),
+            "{}",
+            root.display()
+        );
+        assert!(root.join("Makefile").is_file(), "{}", root.display());
     }
 
     #[test]

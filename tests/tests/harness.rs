@@ -1,0 +1,55 @@
+//! The harness's own promises, tested against a real test host: a run that hangs while its
+//! test host is alive is *our* hang: it fails at once (one attempt, no retry) with the test
+//! host's diagnostics, instead of being retried as an emulator fault.
+
+use std::time::{Duration, Instant};
+
+use ddvmm_tests::{HarnessError, TestHost};
+
+#[test]
+fn a_hung_daemon_fails_at_once_with_diagnostics_and_is_not_retried() {
+    // A daemon with nothing to run, frozen with SIGSTOP (a deadlock stand-in), and a script
+    // that waits for it forever without printing.
+    let host = TestHost::new("harness-hang")
+        .expect("test host")
+        .quiet_limit(Duration::from_secs(45));
+    let script = r#"
+echo "" > $WORK/empty.toml
+$DDVMM daemon --config $WORK/empty.toml > $WORK/daemon.log 2>&1 &
+DAEMON=$!
+sleep 3
+kill -STOP $DAEMON
+echo "DAEMON-FROZEN $DAEMON"
+while :; do sleep 60; done
+"#;
+    let start = Instant::now();
+    let result = host.run(script, Duration::from_secs(1200));
+    let took = start.elapsed();
+    let Err(HarnessError::Hung { output, .. }) = result else {
+        panic!("expected a hang, got {result:?}");
+    };
+    assert!(output.contains("DAEMON-FROZEN"), "{output}");
+    // The diagnostics came from the live test host: the frozen daemon is listed, stopped.
+    assert!(output.contains("=== harness diagnostics"), "{output}");
+    assert!(output.contains("DDVMM-DIAG-END"), "{output}");
+    let frozen = output
+        .lines()
+        .find(|l| l.contains("daemon --config") && l.starts_with("--- pid"))
+        .unwrap_or_else(|| panic!("daemon not in diagnostics:\n{output}"));
+    assert!(!frozen.is_empty());
+    assert!(
+        output.contains("state T"),
+        "the stopped daemon's threads show state T:\n{output}"
+    );
+    // One attempt: a hang is never retried (the whole run well under two quiet limits plus
+    // boot and diagnostics).
+    assert!(took < Duration::from_secs(600), "took {took:?}");
+    let runs = ddvmm_tests::records::read_records(&ddvmm_tests::records::runs_file());
+    let mine = runs
+        .iter()
+        .rev()
+        .find(|r| r["host"] == "harness-hang")
+        .expect("run recorded");
+    assert_eq!(mine["attempts"], 1, "{mine}");
+    assert_eq!(mine["result"], "hung (ours)", "{mine}");
+}
