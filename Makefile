@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
-.PHONY: all deps images agent driver-image build test demo bench bench-io bench-driver \
+.PHONY: all deps images agent driver-image build nextest test test-long demo bench bench-io bench-driver \
 	bench-recovery soak-recovery bench-passthrough bench-net fuzz lint clean-images
 
 all: build
@@ -36,9 +36,31 @@ agent:
 driver-image: images agent
 	bash guest-images/pack-driver.sh $(AGENT)
 
-# One profile (release) for the binary under test and the tests themselves.
-test: deps images build driver-image
-	$(CARGO) test --release --workspace
+# nextest runs every test in its own process, two at a time, longest first
+# (.config/nextest.toml); installed from crates.io where a machine lacks it.
+nextest:
+	@$(CARGO) nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+
+# One profile (release) for the binary under test and the tests themselves. The report at the
+# end: every test's time and test-host attempts, every retry with its cause and evidence.
+LOGS := target/testhost-logs
+test: deps images build driver-image nextest
+	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl
+	@rc=0; \
+	$(CARGO) nextest run --release --workspace $(NEXTEST_ARGS) || rc=$$?; \
+	$(CARGO) test --release --workspace --doc -q || rc=$$?; \
+	$(CARGO) run --release -q -p ddvmm-tests --bin test-report; \
+	exit $$rc
+
+# The long campaigns: the 20-fault recovery campaign (one of each kind, then 14 mixed faults).
+# The 1000-fault soak is `make soak-recovery`.
+test-long: deps images build driver-image nextest
+	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl
+	@rc=0; \
+	DDVMM_MIXED_FAULTS=14 $(CARGO) nextest run --release -p ddvmm-tests --test recovery \
+	    -E 'test(=every_fault_kind_is_detected_and_recovered_without_client_errors)' || rc=$$?; \
+	$(CARGO) run --release -q -p ddvmm-tests --bin test-report; \
+	exit $$rc
 
 demo: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo \

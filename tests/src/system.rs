@@ -163,6 +163,7 @@ size = "{}M"
         } else {
             String::new()
         };
+        const NO_PROGRESS_S: u32 = 300;
         let prelude = format!(
             r#"{network}
 cat > $WORK/system.toml <<EOF
@@ -171,23 +172,23 @@ EOF
 $DDVMM --log-level info daemon --config $WORK/system.toml > $WORK/daemon.log 2>&1 &
 DAEMON=$!
 CTL="$DDVMM ctl --socket $WORK/system.sock"
-# Progress lines only when a console changes: a guest that freezes (seen rarely under the
-# emulator's nested SVM) makes the run silent, which the harness detects and retries.
+# Polls once a second; prints when a console changes and every minute when it does not. A
+# console unchanged for {NO_PROGRESS_S} s is a hang of ours (the harness tells an emulator wedge
+# apart by the test host's heartbeat): the run ends at once with diagnostics.
 waited=0
 wait_console() {{
-    c=$1; pattern=$2; last=""; quiet=0
+    c=$1; pattern=$2; last=""; same=0
     while ! grep -q "$pattern" $WORK/system.d/$c.console 2>/dev/null; do
-        sleep 5; waited=$((waited + 5)); quiet=$((quiet + 5))
+        sleep 1; waited=$((waited + 1)); same=$((same + 1))
         now=$(tail -c 160 $WORK/system.d/$c.console 2>/dev/null | tr -d '\r' | tail -n 1)
-        if [ "$now" != "$last" ]; then echo "$c ($waited s): $now"; last=$now; quiet=0; fi
-        if [ $quiet = 120 ]; then
-            # Once, for the record (the harness then sees silence and retries).
-            echo "=== no progress from $c for 120 s"
-            $CTL stats | grep -E '"(requests|completions|heartbeat|submitted|completed|agent_ready|outstanding)"' | tr -d ' \n'; echo
-            tail -n 5 $WORK/system.d/storage.console
+        if [ "$now" != "$last" ]; then echo "$c ($waited s): $now"; last=$now; same=0
+        elif [ $((same % 60)) = 0 ]; then echo "$c ($waited s): unchanged for $same s, waiting for '$pattern'"; fi
+        if [ $same -ge {NO_PROGRESS_S} ]; then
+            echo "NO-PROGRESS $c: console unchanged for $same s, waiting for '$pattern'"
+            sh $WORK/.diag.sh; exit 98
         fi
-        kill -0 $DAEMON 2>/dev/null || {{ echo "DAEMON-DIED"; return; }}
-        [ $waited -lt 3000 ] || {{ echo "CLIENT-TIMEOUT $c"; return; }}
+        kill -0 $DAEMON 2>/dev/null || {{ echo "DAEMON-DIED"; sh $WORK/.diag.sh; exit 97; }}
+        [ $waited -lt 3000 ] || {{ echo "CLIENT-TIMEOUT $c"; sh $WORK/.diag.sh; exit 96; }}
     done
 }}
 wait_done() {{
@@ -204,14 +205,20 @@ wait_done() {{
         let names: Vec<&str> = self.clients.iter().map(|(c, _)| *c).collect();
         format!(
             r#"
-sleep 2
 echo "=== list"; $CTL list
 echo "=== stats"; $CTL stats
+echo "=== final events"; $CTL events | tr -d ' \n'; echo
+echo "=== final metrics"; $CTL metrics | grep -E "^ddvmm_(vm_starts|driver_faults|driver_restarts)_total"
 if [ {sigterm} = true ]; then echo "=== SIGTERM"; kill -TERM $DAEMON; else echo "=== shutdown"; $CTL shutdown; fi
 wait $DAEMON
 echo "DAEMON-RC=$?"
+# Only this run's VMMs (their command lines name files under its $WORK).
 for p in /proc/[0-9]*; do
-    tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q -- "run --kernel" && echo "ORPHAN ${{p#/proc/}}"
+    tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -- "run --kernel" | grep -q -- "$WORK/" && echo "ORPHAN ${{p#/proc/}}"
+done
+# Kernel error lines of the clients: each one fails the test (assert_clean_ending).
+for c in {clients}; do
+    tr -d '\r' < $WORK/system.d/$c.console | grep -E "{KERNEL_ERRORS}" | sed "s/^/KERNEL-ERROR $c: /" | head -n 20
 done
 for c in {clients}; do echo "=== console $c"; tr -d '\r' < $WORK/system.d/$c.console | grep -v '^\[' ; done
 echo "=== driver console"; tr -d '\r' < $WORK/system.d/storage.console | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
@@ -219,9 +226,13 @@ echo "=== daemon log"; tail -n 200 $WORK/daemon.log
 for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done
 "#,
             clients = names.join(" "),
+            KERNEL_ERRORS = KERNEL_ERRORS,
         )
     }
 }
+
+/// Kernel console lines that mean a client saw an error (an extended regular expression).
+pub const KERNEL_ERRORS: &str = "I/O error|critical medium error|Buffer I/O|Oops|BUG:|Call Trace|blocked for more than|hung_task|Kernel panic|general protection|soft lockup|rcu.*stall";
 
 /// The path of program `name` on this machine (`PATH`, then the sbin directories).
 fn which(name: &str) -> PathBuf {
@@ -257,12 +268,51 @@ pub fn metrics_section(out: &str) -> &str {
 }
 
 /// Checks what every system run must show: the daemon ended cleanly, none died, no VMM
-/// process outlived it.
+/// process outlived it, no client's kernel printed an error line.
 pub fn assert_clean_ending(out: &str) {
     assert!(out.contains("DAEMON-RC=0"), "{out}");
     assert!(!out.contains("DAEMON-DIED"), "{out}");
     assert!(!out.contains("CLIENT-TIMEOUT"), "{out}");
+    assert!(!out.contains("NO-PROGRESS"), "{out}");
     assert!(!out.contains("ORPHAN"), "VMM processes left behind:\n{out}");
+    let errors: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("KERNEL-ERROR "))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "client kernels reported errors:\n{}\n\n{out}",
+        errors.join("\n")
+    );
+}
+
+/// Checks that a system that is not about recovery never faulted: no fault event, no fault
+/// or restart counted, and the driver VM started exactly once.
+pub fn assert_no_faults(out: &str) {
+    let out = &out.replace('\r', "");
+    let events = out
+        .split("=== final events\n")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .unwrap_or_else(|| panic!("no final events in:\n{out}"));
+    let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
+    let list = v["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        list.is_empty(),
+        "unexpected driver VM faults: {events}\n{out}"
+    );
+    let m = out
+        .split("=== final metrics\n")
+        .nth(1)
+        .map(|s| &s[..s.find("\n===").unwrap_or(s.len())])
+        .unwrap_or_else(|| panic!("no final metrics in:\n{out}"));
+    assert_eq!(metric_sum(m, "ddvmm_driver_faults_total"), 0.0, "{m}");
+    assert_eq!(metric_sum(m, "ddvmm_driver_restarts_total"), 0.0, "{m}");
+    assert_eq!(
+        metric(m, "ddvmm_vm_starts_total{vm=\"storage\"}"),
+        Some(1.0),
+        "the driver VM started more than once: {m}"
+    );
 }
 
 /// The section of the output after `=== console <client>` up to the next `===`.

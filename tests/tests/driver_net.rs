@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use ddvmm_tests::system::{
-    assert_clean_ending, backing_file, client_ip, client_mac, client_net_up, console, metric,
-    metrics_section, System, PEER_IP,
+    assert_clean_ending, assert_no_faults, backing_file, client_ip, client_mac, client_net_up,
+    console, metric, metrics_section, System, PEER_IP,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2400);
@@ -87,6 +87,7 @@ echo "=== metrics"; $CTL metrics
     let log = &out.output.replace('\r', "");
     assert_eq!(out.status, 0, "{log}");
     assert_clean_ending(log);
+    assert_no_faults(log);
     for (i, (name, _)) in clients.iter().enumerate() {
         let c = console(log, name);
         // A plain virtio-net device with the configured MAC, link up.

@@ -7,7 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ddvmm_tests::system::{assert_clean_ending, backing_file, console, System, MIB};
+use ddvmm_tests::system::{
+    assert_clean_ending, assert_no_faults, backing_file, console, System, MIB,
+};
 use ddvmm_tests::ScriptOutput;
 
 const TIMEOUT: Duration = Duration::from_secs(2400);
@@ -91,6 +93,7 @@ done
     let out = host.run(&script, TIMEOUT).expect("test host run");
     assert_eq!(out.status, 0, "{}", out.output);
     assert_clean_ending(&out.output);
+    assert_no_faults(&out.output);
     out
 }
 

@@ -1,0 +1,192 @@
+//! `test-report`: the end of `make test`. Prints every test's time (nextest's JUnit report)
+//! with the test-host attempts the harness recorded, then every retry with its cause and
+//! evidence, retries by cause, and emulator wedges per test-host hour.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ddvmm_tests::records::{read_records, retries_file, runs_file};
+use ddvmm_tests::repo_root;
+
+/// One `<testcase>` of a JUnit report.
+struct Case {
+    name: String,
+    binary: String,
+    seconds: f64,
+    failed: bool,
+}
+
+/// The value of `attr="..."` in a tag's text.
+fn attr(tag: &str, attr: &str) -> Option<String> {
+    let at = tag.find(&format!(" {attr}=\""))? + attr.len() + 3;
+    let end = tag[at..].find('"')?;
+    Some(
+        tag[at..at + end]
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// The test cases of a JUnit XML report (only what nextest writes: one `<testcase>` per
+/// test, a `<failure>` or `<error>` child when it failed).
+fn junit_cases(xml: &str) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut rest = xml;
+    while let Some(at) = rest.find("<testcase ") {
+        rest = &rest[at..];
+        let tag_end = rest.find('>').unwrap_or(rest.len());
+        let tag = &rest[..tag_end];
+        let body_end = if tag.ends_with('/') {
+            tag_end
+        } else {
+            rest.find("</testcase>").unwrap_or(rest.len())
+        };
+        let body = &rest[..body_end];
+        cases.push(Case {
+            name: attr(tag, "name").unwrap_or_default(),
+            binary: attr(tag, "classname").unwrap_or_default(),
+            seconds: attr(tag, "time")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0),
+            failed: body.contains("<failure") || body.contains("<error"),
+        });
+        rest = &rest[tag_end.max(1)..];
+    }
+    cases
+}
+
+fn main() {
+    let junit: PathBuf = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/nextest/default/junit.xml"));
+    let runs = read_records(&runs_file());
+    let retries = read_records(&retries_file());
+    let mut cases = junit_cases(&std::fs::read_to_string(&junit).unwrap_or_default());
+    cases.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+
+    // Attempts per test (a test may run several test hosts).
+    let mut attempts: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &runs {
+        let test = r["test"].as_str().unwrap_or("?").to_string();
+        *attempts.entry(test).or_default() += r["attempts"].as_u64().unwrap_or(1);
+    }
+    println!("\n=== test timings (longest first; attempts = test-host runs, retries included)");
+    println!("{:>9}  {:>8}  {:<6}  test", "seconds", "attempts", "result");
+    let mut total = 0.0;
+    for c in &cases {
+        total += c.seconds;
+        let n = attempts
+            .get(&c.name)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into());
+        // Fast unit tests are summed, not listed.
+        if c.seconds < 5.0 && n == "-" && !c.failed {
+            continue;
+        }
+        println!(
+            "{:>9.1}  {:>8}  {:<6}  {} {}",
+            c.seconds,
+            n,
+            if c.failed { "FAIL" } else { "pass" },
+            c.binary,
+            c.name
+        );
+    }
+    let fast = cases
+        .iter()
+        .filter(|c| c.seconds < 5.0 && !attempts.contains_key(&c.name) && !c.failed)
+        .count();
+    println!(
+        "{:>9}  {fast} more tests under 5 s each; {} tests, {:.0} s of test time in all",
+        "",
+        cases.len(),
+        total
+    );
+    if cases.is_empty() {
+        println!("(no JUnit report at {})", junit.display());
+    }
+
+    let modes: BTreeMap<&str, usize> = runs.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r["mode"].as_str().unwrap_or("?")).or_default() += 1;
+        m
+    });
+    let host_seconds: f64 = runs.iter().filter_map(|r| r["seconds"].as_f64()).sum();
+    println!(
+        "\n=== test hosts: {} runs ({}), {:.2} test-host hours",
+        runs.len(),
+        modes
+            .iter()
+            .map(|(m, n)| format!("{n} {m}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        host_seconds / 3600.0
+    );
+    let mut by_cause: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &retries {
+        *by_cause
+            .entry(r["cause"].as_str().unwrap_or("?"))
+            .or_default() += 1;
+    }
+    if retries.is_empty() {
+        println!("=== retries: none");
+    } else {
+        println!(
+            "=== retries: {} ({})",
+            retries.len(),
+            by_cause
+                .iter()
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for r in &retries {
+            println!(
+                "  {} [{}] attempt {}: {}; evidence: {}; log: {}",
+                r["test"].as_str().unwrap_or("?"),
+                r["host"].as_str().unwrap_or("?"),
+                r["attempt"],
+                r["cause"].as_str().unwrap_or("?"),
+                r["evidence"].as_str().unwrap_or("?"),
+                r["log"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    let wedges = by_cause.get("emulator wedged").copied().unwrap_or(0);
+    if host_seconds > 0.0 {
+        println!(
+            "=== emulator wedges: {wedges} in {:.2} test-host hours ({:.2} per hour)",
+            host_seconds / 3600.0,
+            wedges as f64 / (host_seconds / 3600.0)
+        );
+    }
+    let failed: Vec<&Case> = cases.iter().filter(|c| c.failed).collect();
+    if !failed.is_empty() {
+        println!("=== failed: {}", failed.len());
+        for c in failed {
+            println!("  {} {}", c.binary, c.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_nextest_junit() {
+        let xml = r#"<?xml version="1.0"?><testsuites><testsuite name="ddvmm-tests::boot">
+<testcase name="a" classname="ddvmm-tests::boot" timestamp="x" time="13.25"></testcase>
+<testcase name="b&amp;c" classname="ddvmm-tests::boot" time="2.5"><failure type="x">boom</failure><system-out>..</system-out></testcase>
+<testcase name="d" classname="ddvmm::kvm" time="0.01"/>
+</testsuite></testsuites>"#;
+        let c = junit_cases(xml);
+        assert_eq!(c.len(), 3);
+        assert_eq!(
+            (c[0].name.as_str(), c[0].seconds, c[0].failed),
+            ("a", 13.25, false)
+        );
+        assert_eq!((c[1].name.as_str(), c[1].failed), ("b&c", true));
+        assert_eq!((c[2].binary.as_str(), c[2].failed), ("ddvmm::kvm", false));
+    }
+}
