@@ -32,11 +32,13 @@ say() { echo "build-images: $*"; }
 
 # Modules per image (names as in modinfo; dependencies are resolved from modules.dep).
 GUEST_MODULES=(pvpanic-mmio)
-TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge veth vfio vfio_iommu_type1 vfio-pci)
+# nvme: the test host's disks and passthrough controllers (built into the cloud flavour, a
+# module in the generic one; built-in modules are skipped).
+TESTHOST_MODULES=(irqbypass kvm kvm-amd tun bridge veth vfio vfio_iommu_type1 vfio-pci nvme)
 CLIENT_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net)
 # Driver VMs: the devices they own (virtio stand-ins) and uio_pci_generic for the channel's
 # interrupt. The agent binary is added by `make driver-image` after the cargo build.
-DRIVER_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net uio_pci_generic tun bridge)
+DRIVER_MODULES=(pvpanic-mmio virtio_pci virtio_blk virtio_net uio_pci_generic tun bridge nvme)
 # Binaries of the client image: package:path (package versions pinned in packages.lock).
 CLIENT_BINARIES=(fio:/usr/bin/fio iperf3:/usr/bin/iperf3)
 
@@ -162,10 +164,12 @@ rm -rf "$out/kernel-root" "$out/busybox-root"
 dpkg-deb -x "$kernel_deb" "$out/kernel-root"
 dpkg-deb -x "$busybox_deb" "$out/busybox-root"
 shopt -s nullglob
-releases=("$out"/kernel-root/lib/modules/*/)
+# Modules under lib/modules (bookworm) or usr/lib/modules (merged-/usr packages: trixie).
+releases=("$out"/kernel-root/lib/modules/*/ "$out"/kernel-root/usr/lib/modules/*/)
 vmlinuzes=("$out"/kernel-root/boot/vmlinuz-*)
 shopt -u nullglob
-(( ${#releases[@]} == 1 )) || die "$kernel_pkg: expected one lib/modules/<release>, found ${#releases[@]}"
+(( ${#releases[@]} == 1 )) ||
+    die "$kernel_pkg: expected one lib/modules/<release> or usr/lib/modules/<release>, found ${#releases[@]} (not a Debian linux-image package?)"
 (( ${#vmlinuzes[@]} == 1 )) || die "$kernel_pkg: expected one boot/vmlinuz-*, found ${#vmlinuzes[@]}"
 moddir=${releases[0]%/}
 release=${moddir##*/}

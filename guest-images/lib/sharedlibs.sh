@@ -7,10 +7,13 @@
 # a downloaded, sha256-checked Debian package.
 #
 #   debpkg_choose_version PKG...
-#       Print "PKG VERSION HOW" per package (HOW: pinned | installed | candidate), from
-#       one batched `apt-cache policy`: the pin in $DEBPKG_PINS[PKG] if any, else the
-#       version installed on this machine if apt can still download it, else apt's
-#       candidate. Packages unknown to apt (virtual, missing) print nothing.
+#       Print "PKG VERSION HOW" per package (HOW: pinned | installed | suite), from one
+#       batched `apt-cache policy`: the pin in $DEBPKG_PINS[PKG] if any, else the version
+#       installed on this machine if apt can still download it, else the newest version
+#       apt can download from the image suite $DEBPKG_SUITE (its -updates, -security and
+#       -backports included), never from another suite the apt configuration also lists:
+#       a library from a newer release would need a newer glibc than the image ships.
+#       Packages unknown to apt (virtual, missing) or absent from the suite print nothing.
 #
 #   sharedlibs_install TREE PKG:/PATH...
 #       Copy /PATH out of package PKG into TREE (same path), plus the interpreter and
@@ -25,26 +28,39 @@
 # die MESSAGE. Extracted packages are cached under $SHAREDLIBS_WORK/<pkg>.
 
 declare -A DEBPKG_PINS=()
+# The Debian suite unpinned libraries come from (default: this machine's release).
+DEBPKG_SUITE=${DEBPKG_SUITE:-$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")}
 
 debpkg_choose_version() {
     (( $# )) || return 0
     local p pins=''
     for p in "${!DEBPKG_PINS[@]}"; do pins+="$p=${DEBPKG_PINS[$p]} "; done
-    { LC_ALL=C apt-cache policy "$@" 2>/dev/null || true; } | _SL_PINS=$pins awk '
+    { LC_ALL=C apt-cache policy "$@" 2>/dev/null || true; } |
+        _SL_PINS=$pins _SL_SUITE=$DEBPKG_SUITE awk '
         BEGIN { n = split(ENVIRON["_SL_PINS"], a, " "); for (i = 1; i <= n; i++) if (a[i] != "") {
-                    k = a[i]; sub(/=.*/, "", k); v = a[i]; sub(/^[^=]*=/, "", v); pin[k] = v } }
+                    k = a[i]; sub(/=.*/, "", k); v = a[i]; sub(/^[^=]*=/, "", v); pin[k] = v }
+                suite = ENVIRON["_SL_SUITE"] }
         function flush() {
             if (pkg == "") return
             if (pkg in pin)                                  print pkg, pin[pkg], "pinned"
             else if (inst != "(none)" && (inst in dl))       print pkg, inst, "installed"
-            else if (cand != "(none)" && cand != "")         print pkg, cand, "candidate"
+            else if (best != "")                             print pkg, best, "suite"
+            else if (suite == "" && cand != "(none)" && cand != "") print pkg, cand, "candidate"
             pkg = ""; delete dl
         }
-        /^[^ ]/            { flush(); pkg = $1; sub(/:.*/, "", pkg); inst = ""; cand = ""; next }
+        /^[^ ]/            { flush(); pkg = $1; sub(/:.*/, "", pkg); inst = ""; cand = ""; best = ""; next }
         /^  Installed:/    { inst = $2; next }
         /^  Candidate:/    { cand = $2; next }
         /^ (\*\*\*|   ) [^ ]+ -?[0-9]+$/ { ver = $(NF - 1); next }
-        /^        -?[0-9]+ / { if ($2 != "/var/lib/dpkg/status") dl[ver] = 1; next }
+        /^        -?[0-9]+ / {
+            if ($2 != "/var/lib/dpkg/status") {
+                dl[ver] = 1
+                # Versions are listed newest first: the first one from the suite wins.
+                s = $3; sub(/\/.*/, "", s)
+                if (best == "" && suite != "" && (s == suite || index(s, suite "-") == 1)) best = ver
+            }
+            next
+        }
         END { flush() }'
 }
 
@@ -165,6 +181,13 @@ sharedlibs_install() {
         pkg=${spec%%:*} path=${spec#*:}
         _sl_root "$pkg" || die "unknown package $pkg"
         _sl_find "$pkg" "$path" || die "$pkg has no $path"
+        # A requested binary wins over a busybox applet of the same path (e2fsprogs' mke2fs
+        # over busybox's); any other file already there is a conflict.
+        if [[ -L $_sl_tree/${path#/} && $(readlink "$_sl_tree/${path#/}") == */busybox ]]; then
+            rm -f "$_sl_tree/${path#/}"
+        elif [[ -e $_sl_tree/${path#/} || -L $_sl_tree/${path#/} ]]; then
+            die "$pkg:$path: the image already has a file at $path"
+        fi
         _sl_place "$pkg" "${path#/}" "${_sl_hit[2]}"
     done
     SHAREDLIBS_PKGS=$(for p in "${!_sl_used[@]}"; do

@@ -60,8 +60,9 @@ fn assert_boots_to_init(cpus: u32) {
         format!("smp: Brought up 1 node, {cpus} CPUs")
     };
     assert!(log.contains(&smp), "missing {smp:?} in:\n{log}");
-    // Power-off went through ACPI, not a crash or reset.
+    // Power-off went through ACPI, not a crash or reset, and the kernel saw no error.
     assert!(!log.contains("Kernel panic"), "{log}");
+    ddvmm_tests::assert_no_kernel_errors(log);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use ddvmm_tests::repo_root;
 use ddvmm_tests::system::{
     assert_clean_ending, assert_no_faults, backing_file, client_ip, client_mac, client_net_up,
     console, metric, metrics_section, System, PEER_IP,
@@ -73,11 +74,21 @@ fn two_clients_reach_the_peer_and_each_other_through_the_driver_vm() {
         network: true,
     };
     let (host, prelude) = system.host_and_prelude();
+    // Every frame leaving the driver VM for the host's bridge and the peer crosses the TAP:
+    // a capture there counts alpha's genuine frames and any with the spoofed source.
+    let host = host.program("sniff", repo_root().join("target/release/sniff"));
+    let alpha_mac = client_mac(0);
     let script = format!(
         r#"{prelude}
 $PEER iperf3 -s -1 -p 5201 > /dev/null 2>&1 &
 $PEER iperf3 -s -1 -p 5202 > /dev/null 2>&1 &
+sniff ddtap0 {SPOOFED_MAC} $WORK/sniff-stop > $WORK/sniff-spoofed.txt 2>&1 &
+S1=$!
+sniff ddtap0 {alpha_mac} $WORK/sniff-stop > $WORK/sniff-alpha.txt 2>&1 &
+S2=$!
 wait_done alpha beta
+touch $WORK/sniff-stop; wait $S1 $S2
+cat $WORK/sniff-spoofed.txt $WORK/sniff-alpha.txt
 echo "=== bridge"; $PEER ip neigh show
 echo "=== metrics"; $CTL metrics
 {ending}"#,
@@ -136,6 +147,23 @@ echo "=== metrics"; $CTL metrics
         assert!(get(vm, "rx_frames") > 0.0, "{vm}: {m}");
         assert_eq!(get(vm, "bogus_completions"), 0.0, "{vm}: {m}");
     }
+    // Not one frame with the spoofed source left the driver VM (while the same capture saw
+    // alpha's own frames: the stream, the pings).
+    let sniffed = |mac: &str| -> u64 {
+        log.lines()
+            .find_map(|l| l.strip_prefix(&format!("SNIFF ddtap0 {mac} ")))
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no capture result for {mac}:\n{log}"))
+    };
+    assert_eq!(
+        sniffed(SPOOFED_MAC),
+        0,
+        "spoofed frames reached the host's bridge:\n{log}"
+    );
+    assert!(
+        sniffed(&client_mac(0)) > 100,
+        "the capture saw too little of alpha:\n{log}"
+    );
     // The peer learnt the clients by their own MACs only.
     let neigh = &log[log.find("=== bridge").expect("neighbours")..];
     assert!(!neigh.contains(SPOOFED_MAC), "{neigh}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ddvmm_tests::system::{
     assert_clean_ending, assert_no_faults, backing_file, console, System, MIB,
 };
-use ddvmm_tests::ScriptOutput;
+use ddvmm_tests::{ScriptOutput, TestHost};
 
 const TIMEOUT: Duration = Duration::from_secs(2400);
 /// Each client's window of the driver VM's disk.
@@ -142,6 +142,9 @@ fn driver_vm_with_passed_through_nvme_serves_two_clients() {
 }
 
 fn two_clients_own_slices(name: &str, passthrough: bool) {
+    if passthrough && !TestHost::new(name).expect("host").has_passthrough_devices() {
+        return;
+    }
     let disk = backing_file(&format!("{name}.img"), 2 * SLICE_MIB);
     let out = run_system(
         name,

@@ -40,6 +40,12 @@ echo "GUEST-NVME $DEV $(cat /sys/class/nvme/nvme0/model 2>/dev/null | tr -d ' ')
 
 #[test]
 fn passed_through_nvme_runs_fio_verify_and_survives_sigkill() {
+    if !TestHost::new("passthrough")
+        .expect("host")
+        .has_passthrough_devices()
+    {
+        return;
+    }
     let disk = backing_file("passthrough.img", 128);
     let small = backing_file("passthrough-hostdisk.img", 8);
     let write = guest_script(&format!(

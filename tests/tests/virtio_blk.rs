@@ -2,10 +2,13 @@
 //! whose backing file lives on *this* machine (in emulated mode it reaches the test host as an
 //! NVMe namespace), and the test checks the bytes in that file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ddvmm_tests::{client_initrd_with_script, repo_root, sha256_of_prefix, ScriptOutput, TestHost};
+use ddvmm_tests::system::backing_file;
+use ddvmm_tests::{
+    assert_no_kernel_errors, client_initrd_with_script, sha256_of_prefix, ScriptOutput, TestHost,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(900);
 /// Bytes the guest writes.
@@ -13,16 +16,6 @@ const PATTERN_MIB: u64 = 16;
 
 fn guest_initrd(script: &str) -> Vec<u8> {
     client_initrd_with_script(script).expect("client image with script")
-}
-
-/// A fresh zero-filled backing file.
-fn backing_file(name: &str, mib: u64) -> PathBuf {
-    let dir = repo_root().join("target/test-disks");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).expect("create disk");
-    f.set_len(mib << 20).expect("size disk");
-    path
 }
 
 /// Boots the client image with `disk_arg` as its virtio disk and runs `guest_script` in it.
@@ -45,6 +38,7 @@ echo "VMM-RC=$?"
         "VMM did not power off cleanly:\n{}",
         out.output
     );
+    assert_no_kernel_errors(&out.output);
     out
 }
 
@@ -117,8 +111,11 @@ echo "GUEST-READBACK $(dd if=/dev/vda bs=1M count={PATTERN_MIB} iflag=direct 2>/
     );
 }
 
+/// The guest sees a read-only disk (its kernel then refuses writes itself; the device's own
+/// refusal of a write request is tested at the device, `read_only_disk_refuses_writes` in
+/// `vmm/src/devices/virtio/block/request.rs`), and the backing file keeps its bytes.
 #[test]
-fn read_only_disk_rejects_writes() {
+fn read_only_disk_is_read_only_in_the_guest() {
     let disk = backing_file("blk-ro.img", 16);
     std::fs::write(&disk, vec![0x5au8; 16 << 20]).expect("fill");
     let before = sha256_of_prefix(&disk, 16 << 20);
@@ -167,4 +164,93 @@ cat /tmp/fio1.txt /tmp/fio2.txt
     assert_eq!(log.matches("err= 0").count(), 2, "{log}");
     assert!(!log.contains("verify: bad"), "{log}");
     assert!(!log.contains("crc32c: verify failed"), "{log}");
+}
+
+/// A guest's FLUSH reaches the backing device: the test host counts the flush commands its
+/// NVMe disk (the backing file here) completes (`/sys/block/*/stat`, field 16). The guest's
+/// direct 1 MiB write causes none; its fsync of `/dev/vda` (a virtio FLUSH request,
+/// `fdatasync` in the VMM) causes at least one. With FLUSH a no-op in the VMM the second
+/// count stays at zero and the test fails. (Counting written sectors instead does not work:
+/// the test host's kernel writes a block device's dirty pages back at once.)
+#[test]
+fn guest_flush_reaches_the_backing_device() {
+    let disk = backing_file("blk-flush.img", 16);
+    let gate = backing_file("blk-flush-gate.img", 1);
+    let guest = r#"
+head -c 1048576 /dev/urandom > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=1M count=1 oflag=direct 2>/dev/null
+echo "WRITTEN $?"
+# Wait for the host's go (it counts the disk's written sectors first): a sentinel it writes
+# to the second disk.
+i=0
+until dd if=/dev/vdb bs=4096 count=1 iflag=direct 2>/dev/null | grep -q DDVMM-GO || [ $i -ge 600 ]; do
+    sleep 1; i=$((i + 1))
+done
+dd if=/dev/null of=/dev/vda count=0 conv=fsync,notrunc 2>/dev/null
+echo "FLUSHED $?"
+echo "GUEST-SHA $(sha256sum /tmp/p | cut -d' ' -f1)"
+"#;
+    let script = r#"
+dev=${DISK0##*/}
+flushes() { awk '{ print $16 }' /sys/block/$dev/stat; }
+$DDVMM --log-level info run --kernel $IMAGES/vmlinuz --initrd guest.img --mem 512M \
+  --disk "$DISK0" --disk "$DISK1" --console $WORK/guest.console \
+  --cmdline "console=ttyS0 ddvmm.action=run-script" &
+vmm=$!
+wait_for() {
+    i=0
+    until grep -q "$1" $WORK/guest.console 2>/dev/null; do
+        sleep 1; i=$((i + 1))
+        [ $((i % 60)) = 0 ] && echo "waiting for $1 ($i s)"
+        [ $i -lt 900 ] || { echo "NO-$1"; return 1; }
+    done
+}
+f0=$(flushes)
+wait_for WRITTEN
+f1=$(flushes)
+printf 'DDVMM-GO' | dd of=$DISK1 bs=4096 conv=sync oflag=direct 2>/dev/null
+wait_for FLUSHED
+f2=$(flushes)
+wait $vmm
+echo "VMM-RC=$?"
+tr -d '\r' < $WORK/guest.console | grep -E "WRITTEN|FLUSHED|GUEST-SHA"
+echo "DISK-FLUSHES before $((f1 - f0)) after $((f2 - f1))"
+"#;
+    let host = TestHost::new("blk-flush")
+        .expect("test host")
+        .disk(&disk)
+        .disk(&gate)
+        .file("guest.img", guest_initrd(guest), 0o644);
+    if !host.emulated_only("needs a disk whose page cache and write count the test controls") {
+        return;
+    }
+    let out = host.run(script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert!(log.contains("VMM-RC=0"), "{log}");
+    assert_no_kernel_errors(log);
+    assert_eq!(field(log, "WRITTEN"), "0", "{log}");
+    assert_eq!(field(log, "FLUSHED"), "0", "{log}");
+    let flushes = field(log, "DISK-FLUSHES");
+    let counts: Vec<u64> = flushes
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [before, after] = counts[..] else {
+        panic!("bad counts: {flushes}\n{log}");
+    };
+    assert_eq!(
+        before, 0,
+        "the disk saw flushes before the guest asked for one: the test cannot tell\n{log}"
+    );
+    assert!(
+        after >= 1,
+        "the guest's flush never reached the backing disk\n{log}"
+    );
+    // And the bytes are the guest's.
+    assert_eq!(
+        sha256_of_prefix(&disk, 1 << 20),
+        field(log, "GUEST-SHA"),
+        "{log}"
+    );
 }

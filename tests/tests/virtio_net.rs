@@ -40,6 +40,10 @@ fn guest_pings_and_streams_tcp_over_tap() {
 ip addr add 10.77.0.2/24 dev eth0
 ip link set eth0 up
 echo "GUEST-MAC $(cat /sys/class/net/eth0/address)"
+# The host configures its end of the TAP once the VMM has created it: wait until it answers,
+# then three pings that must all come back.
+n=0
+while ! ping -c 1 -W 2 10.77.0.1 > /dev/null 2>&1 && [ $n -lt 60 ]; do n=$((n + 1)); done
 ping -c 3 -W 10 10.77.0.1 > /tmp/ping.txt 2>&1
 echo "PING-RC $?"
 cat /tmp/ping.txt
@@ -69,31 +73,33 @@ i=0
 while [ ! -e /sys/class/net/ddtap0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
 ip addr add 10.77.0.1/24 dev ddtap0
 echo "HOST-TAP-STATE $(cat /sys/class/net/ddtap0/operstate)"
-iperf3 -s -1 -J > /tmp/server.json 2>&1 &
+iperf3 -s -1 -J > $WORK/server.json 2>&1 &
 (
     i=0
-    until wget -q -O /tmp/tx.bin http://10.77.0.2:8081/out.bin 2>/dev/null || [ $i -ge 300 ]; do
+    until wget -q -O $WORK/tx.bin http://10.77.0.2:8081/out.bin 2>/dev/null || [ $i -ge 300 ]; do
         sleep 1; i=$((i + 1))
     done
-    touch /tmp/www/tx-done
+    touch $WORK/www/tx-done
 ) &
-mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/rx.bin bs=1M count=8 2>/dev/null
-echo "HOST-RX $(wc -c < /tmp/www/rx.bin) $(sha256sum /tmp/www/rx.bin | cut -d' ' -f1)"
-httpd -p 8080 -h /tmp/www
+mkdir -p $WORK/www && dd if=/dev/urandom of=$WORK/www/rx.bin bs=1M count=8 2>/dev/null
+echo "HOST-RX $(wc -c < $WORK/www/rx.bin) $(sha256sum $WORK/www/rx.bin | cut -d' ' -f1)"
+httpd -p 8080 -h $WORK/www
 wait $vmm
 echo "VMM-RC=$?"
-echo "HOST-TX $(wc -c < /tmp/tx.bin) $(sha256sum /tmp/tx.bin | cut -d' ' -f1)"
+echo "HOST-TX $(wc -c < $WORK/tx.bin) $(sha256sum $WORK/tx.bin | cut -d' ' -f1)"
 echo "=== server report ==="
-cat /tmp/server.json
+cat $WORK/server.json
 "#;
     let host = TestHost::new("net-iperf")
         .expect("test host")
         .program("iperf3", "/usr/bin/iperf3")
+        .busybox_applets(&["httpd", "wget"])
         .file("guest.img", guest_initrd(&guest), 0o644);
     let out = host.run(host_script, TIMEOUT).expect("test host run");
     let log = &out.output;
     assert_eq!(out.status, 0, "{log}");
     assert!(log.contains("VMM-RC=0"), "{log}");
+    ddvmm_tests::assert_no_kernel_errors(log);
     assert!(log.contains("GUEST-MAC 52:54:00:aa:bb:01"), "{log}");
     assert!(log.contains("PING-RC 0"), "{log}");
     assert!(log.contains("3 packets received"), "{log}");

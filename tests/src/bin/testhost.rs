@@ -39,6 +39,10 @@ struct Args {
     /// the emulated test host, `$PT0`, `$PT1`, ... (repeatable).
     #[arg(long = "passthrough-disk", value_name = "PATH")]
     passthrough_disks: Vec<PathBuf>,
+    /// A file of this machine to give the script as a block device, `$DISK0`, `$DISK1`, ...
+    /// (an NVMe namespace in the emulated test host; repeatable).
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<PathBuf>,
     /// A shell file to put before the script (functions it shares with other scripts;
     /// repeatable).
     #[arg(long = "lib", value_name = "PATH")]
@@ -103,6 +107,9 @@ fn main() -> ExitCode {
     }
     for d in &args.passthrough_disks {
         host = host.passthrough_disk(d.clone());
+    }
+    for d in &args.disks {
+        host = host.disk(d.clone());
     }
     if !args.guest_scripts.is_empty() {
         let mut script = String::new();

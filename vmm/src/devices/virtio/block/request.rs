@@ -561,12 +561,50 @@ mod tests {
         assert_eq!(c.status, VIRTIO_BLK_S_UNSUPP);
     }
 
+    /// A guest kernel never sends a write to a disk that advertises VIRTIO_BLK_F_RO, so this
+    /// is where a write request reaches the device: refused with IOERR, for every request
+    /// kind that modifies the disk, and the backing file (opened writable here, so only the
+    /// device's check stands in the way) keeps its bytes.
     #[test]
     fn read_only_disk_refuses_writes() {
         let m = mem();
-        let (_t, d) = disk(8192, true);
-        let c = run(&m, &d, VIRTIO_BLK_T_OUT, 0, D::new(0x2000, 512, NEXT, 2));
+        let (t, d) = disk(64 * 1024, true);
+        t.as_file()
+            .write_all_at(&[0x5a; 64 * 1024], 0)
+            .expect("fill");
+        m.write_slice(&[0x77; 512], GuestAddress(0x2000))
+            .expect("data");
+        let c = run(&m, &d, VIRTIO_BLK_T_OUT, 3, D::new(0x2000, 512, NEXT, 2));
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            header(&m, 0x1000, kind, 0);
+            let mut seg = [0u8; 16];
+            seg[..8].copy_from_slice(&8u64.to_le_bytes());
+            seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+            m.write_slice(&seg, GuestAddress(0x2000)).expect("seg");
+            let chain = [
+                D::new(0x1000, 16, NEXT, 1),
+                D::new(0x2000, 16, NEXT, 2),
+                D::new(0x3000, 1, WRITE, 0),
+            ];
+            let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+            assert_eq!(c.status, VIRTIO_BLK_S_IOERR, "kind {kind}");
+        }
+        let mut back = vec![0u8; 64 * 1024];
+        t.as_file().read_exact_at(&mut back, 0).expect("read");
+        assert!(
+            back.iter().all(|b| *b == 0x5a),
+            "the read-only disk changed"
+        );
+        // Reads still work.
+        let c = run(
+            &m,
+            &d,
+            VIRTIO_BLK_T_IN,
+            3,
+            D::new(0x4000, 512, WRITE | NEXT, 2),
+        );
+        assert_eq!(c.status, VIRTIO_BLK_S_OK);
     }
 
     #[test]
