@@ -15,6 +15,7 @@
 #                             + /images/{vmlinuz,guest-initramfs.cpio.gz,client-initramfs.cpio.gz}
 #   versions.txt              exact packages, versions and sha256s used
 #   client-packages.txt       "package version how sha256" of every .deb in the client image
+#   busybox                   the static busybox of every image (host-side applets in direct mode)
 #   debs/                     downloaded .debs (cache, sha256-checked)
 # A second run with the same inputs does nothing (stamp keyed by a hash of the inputs).
 set -euo pipefail
@@ -84,22 +85,33 @@ stamp_key=$(
     } | sha256sum | cut -d' ' -f1
 )
 outputs=(vmlinuz kernel-release guest-initramfs.cpio.gz client-initramfs.cpio.gz
-         driver-base.cpio.gz testhost-base.cpio.gz versions.txt client-packages.txt)
-up_to_date=yes
-for f in "${outputs[@]}" .stamp; do [[ -s $out/$f ]] || up_to_date=no; done
-[[ $up_to_date == yes && $(cat "$out/.stamp") == "$stamp_key" ]] || up_to_date=no
-# Unpinned library packages follow this machine (installed version, else apt's
-# candidate): rebuild when that choice changed since the last build.
-if [[ $up_to_date == yes ]]; then
-    mapfile -t client_pkgs < <(cut -d' ' -f1 "$out/client-packages.txt")
+         driver-base.cpio.gz testhost-base.cpio.gz versions.txt client-packages.txt busybox)
+# A machine-wide cache of built images keyed by the same inputs, shared by every checkout on
+# this machine (a fresh machine still builds them). DDVMM_IMAGE_CACHE=none turns it off.
+cache_root=${DDVMM_IMAGE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/ddvmm/images}
+cache=$cache_root/$stamp_key
+# current DIR: DIR holds every output, built from these inputs, with the library packages
+# this machine would choose now (unpinned ones follow the machine: installed version, else
+# the suite's newest).
+current() {
+    local dir=$1 f chosen
+    for f in "${outputs[@]}" .stamp; do [[ -s $dir/$f ]] || return 1; done
+    [[ $(cat "$dir/.stamp") == "$stamp_key" ]] || return 1
+    mapfile -t client_pkgs < <(cut -d' ' -f1 "$dir/client-packages.txt")
     chosen=$(debpkg_choose_version "${client_pkgs[@]}" | cut -d' ' -f1,2 | LC_ALL=C sort)
-    if [[ $chosen != "$(cut -d' ' -f1,2 "$out/client-packages.txt")" ]]; then
+    if [[ $chosen != "$(cut -d' ' -f1,2 "$dir/client-packages.txt")" ]]; then
         say "library packages for the client image changed, rebuilding"
-        up_to_date=no
+        return 1
     fi
-fi
-if [[ $up_to_date == yes ]]; then
+}
+if current "$out"; then
     say "up to date ($kernel_pkg=$kernel_ver, out/ unchanged)"
+    exit 0
+fi
+if [[ $cache_root != none ]] && current "$cache"; then
+    mkdir -p "$out"
+    for f in "${outputs[@]}" .stamp; do cp "$cache/$f" "$out/$f.tmp" && mv "$out/$f.tmp" "$out/$f"; done
+    say "from the machine's image cache $cache ($kernel_pkg=$kernel_ver)"
     exit 0
 fi
 rm -f "$out/.stamp"
@@ -174,6 +186,8 @@ shopt -u nullglob
 moddir=${releases[0]%/}
 release=${moddir##*/}
 cp "${vmlinuzes[0]}" "$out/vmlinuz"
+# The static busybox, also for host-side scripts of direct-mode tests (httpd, wget).
+install -m 0755 "$out/busybox-root/bin/busybox" "$out/busybox"
 echo "$release" > "$out/kernel-release"
 modules_ensure_dep "$moddir"
 say "kernel: out/vmlinuz ($release), $(grep -c . "$moddir/modules.dep") modules"
@@ -296,4 +310,8 @@ client_packages="$(awk '{ printf "%s%s=%s", (NR > 1 ? " " : ""), $1, $2 }' "$out
 testhost_base_sha256=$(sha "$out/testhost-base.cpio.gz")
 EOF
 echo "$stamp_key" > "$out/.stamp"
+if [[ $cache_root != none ]] && mkdir -p "$cache.tmp.$$" 2>/dev/null; then
+    for f in "${outputs[@]}" .stamp; do cp "$out/$f" "$cache.tmp.$$/$f"; done
+    rm -rf "$cache" && mv "$cache.tmp.$$" "$cache" || rm -rf "$cache.tmp.$$"
+fi
 say "done: out/versions.txt"

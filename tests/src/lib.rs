@@ -353,7 +353,7 @@ impl TestHost {
     /// is that busybox already).
     pub fn busybox_applets(mut self, names: &[&str]) -> Self {
         if self.host == HostKind::Direct {
-            let busybox = images_dir().join("busybox-root/bin/busybox");
+            let busybox = images_dir().join("busybox");
             for name in names {
                 self = self.program(name, busybox.clone());
             }
@@ -563,20 +563,30 @@ impl TestHost {
             diag: &diag,
             work: &work,
         };
-        let (output, status) = run_with_timeout(
-            cmd,
-            timeout,
-            self.quiet_limit,
-            &self.log_path(),
-            self.echo,
-            &watch,
-        )?;
+        let (output, status) = self.watched(cmd, timeout, &watch)?;
         let _ = std::fs::remove_dir_all(&work);
         Ok(ScriptOutput {
             output,
             status: status.unwrap_or(-1),
             host: HostKind::Direct,
         })
+    }
+
+    /// Runs `cmd` under this host's limits, logging to its log file.
+    fn watched(
+        &self,
+        cmd: Command,
+        timeout: Duration,
+        watch: &Watch<'_>,
+    ) -> Result<(String, Option<i32>), HarnessError> {
+        run_with_timeout(
+            cmd,
+            timeout,
+            self.quiet_limit,
+            &self.log_path(),
+            self.echo,
+            watch,
+        )
     }
 
     fn log_path(&self) -> PathBuf {
@@ -651,7 +661,10 @@ impl TestHost {
         std::fs::write(&initrd_path, &initrd)
             .map_err(|e| HarnessError::Io(format!("write {}", initrd_path.display()), e))?;
 
-        let mut cmd = Command::new("qemu-system-x86_64");
+        // DDVMM_QEMU: another QEMU for the test host (e.g. an unpacked newer build; it finds
+        // its firmware relative to itself).
+        let qemu = std::env::var_os("DDVMM_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into());
+        let mut cmd = Command::new(qemu);
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC", "-M", "q35"])
             .args([
                 "-smp",
@@ -720,14 +733,7 @@ impl TestHost {
             heartbeat: &heartbeat,
             monitor: &monitor,
         };
-        let result = run_with_timeout(
-            cmd,
-            timeout,
-            self.quiet_limit,
-            &self.log_path(),
-            self.echo,
-            &watch,
-        );
+        let result = self.watched(cmd, timeout, &watch);
         let _ = std::fs::remove_file(&monitor);
         let _ = std::fs::remove_file(&heartbeat);
         let (output, qemu_status) = result?;

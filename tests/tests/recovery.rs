@@ -152,6 +152,22 @@ fn sha256_hex(data: &[u8]) -> String {
         .to_string()
 }
 
+/// The events of campaign `label` (its `EVENTS <label>` line, written by `campaign`): the
+/// line itself (for messages) and its parsed list. The campaign must have ended cleanly.
+fn campaign_events<'a>(log: &'a str, label: &str) -> (&'a str, Vec<serde_json::Value>) {
+    assert!(
+        log.contains(&format!("CAMPAIGN-RC {label} 0")),
+        "campaign {label} failed:\n{log}"
+    );
+    let line = log
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("EVENTS {label} ")))
+        .unwrap_or_else(|| panic!("no events of {label}:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("events JSON");
+    let list = v["events"].as_array().cloned().expect("events");
+    (line, list)
+}
+
 /// The field after `key` in a client's console.
 fn field<'a>(console: &'a str, key: &str) -> &'a str {
     console
@@ -200,16 +216,7 @@ echo "=== metrics"; $CTL metrics
 
     // Each kind alone: injected, detected on its own path, restarted.
     for (kind, path) in kinds {
-        assert!(
-            log.contains(&format!("CAMPAIGN-RC {kind} 0")),
-            "{kind}:\n{log}"
-        );
-        let events = log
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("EVENTS {kind} ")))
-            .unwrap_or_else(|| panic!("no events of {kind}:\n{log}"));
-        let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
-        let list = v["events"].as_array().expect("events");
+        let (events, list) = campaign_events(log, kind);
         // Exactly one event: the injected fault, on its own path. A fault nobody injected
         // (a restarted driver VM failing on its own) is a failure, printed here.
         assert_eq!(
@@ -226,13 +233,7 @@ echo "=== metrics"; $CTL metrics
         assert_eq!(e["outcome"], "restarted", "{events}");
         assert!(e["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "{events}");
     }
-    assert!(log.contains("CAMPAIGN-RC mixed 0"), "{log}");
-    let mixed_events = log
-        .lines()
-        .find_map(|l| l.strip_prefix("EVENTS mixed "))
-        .unwrap_or_else(|| panic!("no events of the mixed campaign:\n{log}"));
-    let v: serde_json::Value = serde_json::from_str(mixed_events).expect("events JSON");
-    let list = v["events"].as_array().expect("events");
+    let (mixed_events, list) = campaign_events(log, "mixed");
     assert!(
         list.iter().all(|e| !e["injected"].is_null()),
         "a fault nobody injected: {mixed_events}"
@@ -433,6 +434,21 @@ echo "=== metrics"; $CTL metrics
         Some(1.0),
         "{m}"
     );
+    // The faults detected are exactly the ones caused: three kernel panics on the poison
+    // request, then two kills (the fourth restart, and the fifth fault that quarantines).
+    assert_eq!(
+        metric(
+            m,
+            "ddvmm_driver_faults_total{driver=\"storage\",detected_by=\"pvpanic\"}"
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(m, "ddvmm_driver_faults_total{"),
+        5.0,
+        "faults beyond those caused: {m}"
+    );
     assert_eq!(
         metric(m, "ddvmm_ring_disk_poisoned_total{vm=\"alpha\",disk=\"0\"}"),
         Some(1.0),
@@ -480,13 +496,7 @@ echo "=== metrics"; $CTL metrics
     let log = &out.output.replace('\r', "");
     assert_eq!(out.status, 0, "{log}");
     assert_clean_ending(log);
-    assert!(log.contains("CAMPAIGN-RC pt 0"), "{log}");
-    let events = log
-        .lines()
-        .find_map(|l| l.strip_prefix("EVENTS pt "))
-        .unwrap_or_else(|| panic!("no events:\n{log}"));
-    let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
-    let list = v["events"].as_array().expect("events");
+    let (events, list) = campaign_events(log, "pt");
     assert_eq!(
         list.len(),
         kinds.len(),
@@ -649,14 +659,8 @@ echo "=== metrics"; $CTL metrics
     let log = &out.output.replace('\r', "");
     assert_eq!(out.status, 0, "{log}");
     assert_clean_ending(log);
-    assert!(log.contains("CAMPAIGN-RC net 0"), "{log}");
     // Every kind was injected, detected on its path and restarted while both streams ran.
-    let events = log
-        .lines()
-        .find_map(|l| l.strip_prefix("EVENTS net "))
-        .unwrap_or_else(|| panic!("no events:\n{log}"));
-    let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
-    let list = v["events"].as_array().expect("events");
+    let (events, list) = campaign_events(log, "net");
     assert!(
         list.len() == kinds.len() && list.iter().all(|e| !e["injected"].is_null()),
         "faults detected != injected: {events}"

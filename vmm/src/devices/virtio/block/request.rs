@@ -432,6 +432,27 @@ mod tests {
         execute(&Request::parse(&chain, m).expect("parse"), m, d)
     }
 
+    /// A discard or write-zeroes request for one segment of `sectors` at `sector`.
+    fn run_segment(
+        m: &GuestMemoryMmap,
+        d: &Disk,
+        kind: u32,
+        sector: u64,
+        sectors: u32,
+    ) -> Completion {
+        header(m, 0x1000, kind, 0);
+        let mut seg = [0u8; 16];
+        seg[..8].copy_from_slice(&sector.to_le_bytes());
+        seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+        m.write_slice(&seg, GuestAddress(0x2000)).expect("seg");
+        let chain = [
+            D::new(0x1000, 16, NEXT, 1),
+            D::new(0x2000, 16, NEXT, 2),
+            D::new(0x3000, 1, WRITE, 0),
+        ];
+        execute(&Request::parse(&chain, m).expect("parse"), m, d)
+    }
+
     fn status(mem: &GuestMemoryMmap, at: u64) -> u8 {
         mem.read_obj(GuestAddress(at)).expect("status")
     }
@@ -577,17 +598,7 @@ mod tests {
         let c = run(&m, &d, VIRTIO_BLK_T_OUT, 3, D::new(0x2000, 512, NEXT, 2));
         assert_eq!(c.status, VIRTIO_BLK_S_IOERR);
         for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
-            header(&m, 0x1000, kind, 0);
-            let mut seg = [0u8; 16];
-            seg[..8].copy_from_slice(&8u64.to_le_bytes());
-            seg[8..12].copy_from_slice(&8u32.to_le_bytes());
-            m.write_slice(&seg, GuestAddress(0x2000)).expect("seg");
-            let chain = [
-                D::new(0x1000, 16, NEXT, 1),
-                D::new(0x2000, 16, NEXT, 2),
-                D::new(0x3000, 1, WRITE, 0),
-            ];
-            let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+            let c = run_segment(&m, &d, kind, 8, 8);
             assert_eq!(c.status, VIRTIO_BLK_S_IOERR, "kind {kind}");
         }
         let mut back = vec![0u8; 64 * 1024];
@@ -616,17 +627,7 @@ mod tests {
             (VIRTIO_BLK_T_DISCARD, 8u64),
             (VIRTIO_BLK_T_WRITE_ZEROES, 32),
         ] {
-            header(&m, 0x1000, kind, 0);
-            let mut seg = [0u8; 16];
-            seg[..8].copy_from_slice(&sector.to_le_bytes());
-            seg[8..12].copy_from_slice(&8u32.to_le_bytes());
-            m.write_slice(&seg, GuestAddress(0x2000)).expect("seg");
-            let chain = [
-                D::new(0x1000, 16, NEXT, 1),
-                D::new(0x2000, 16, NEXT, 2),
-                D::new(0x3000, 1, WRITE, 0),
-            ];
-            let c = execute(&Request::parse(&chain, &m).expect("parse"), &m, &d);
+            let c = run_segment(&m, &d, kind, sector, 8);
             assert_eq!(c.status, VIRTIO_BLK_S_OK);
             let mut back = [0xffu8; 4096];
             d.file.read_exact_at(&mut back, sector * 512).expect("read");
