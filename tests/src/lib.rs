@@ -790,13 +790,35 @@ pub fn sha256_of_prefix(path: &Path, bytes: u64) -> String {
 /// The client guest image (fio, iperf3, virtio drivers) with `/script.sh` appended as an extra
 /// cpio archive; boot it with `ddvmm.action=run-script`.
 pub fn client_initrd_with_script(script: &str) -> Result<Vec<u8>, HarnessError> {
+    client_initrd_with(script, &[])
+}
+
+/// [`client_initrd_with_script`] plus programs of this machine at `/usr/bin/<name>` (they
+/// must need no library the client image lacks: it has glibc and libgcc from the same
+/// Debian release as this machine).
+pub fn client_initrd_with(
+    script: &str,
+    programs: &[(&str, &Path)],
+) -> Result<Vec<u8>, HarnessError> {
     let mut initrd = read(&image("client-initramfs.cpio.gz")?)?;
     // An appended uncompressed archive must start 4-byte aligned.
     initrd.resize(initrd.len().next_multiple_of(512), 0);
     let mut a = cpio::Archive::new();
     a.file("script.sh", script.as_bytes(), 0o755);
+    for (name, path) in programs {
+        a.file(&format!("usr/bin/{name}"), &read(path)?, 0o755);
+    }
     initrd.extend_from_slice(&a.finish());
     Ok(initrd)
+}
+
+/// The frame counter (`tests/src/bin/sniff.rs`), built with the workspace.
+pub fn sniff_binary() -> Result<PathBuf, HarnessError> {
+    exists(
+        repo_root().join("target/release/sniff"),
+        "sniff binary",
+        "run `cargo build --release --workspace --all-targets` or `make test`",
+    )
 }
 
 /// The driver-VM image (agent, uio_pci_generic, virtio drivers), built by `make driver-image`.

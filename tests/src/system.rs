@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{client_initrd_with_script, driver_initrd, repo_root, TestHost};
+use crate::{client_initrd_with, driver_initrd, repo_root, TestHost};
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
@@ -129,9 +129,15 @@ cmdline = "{}"
             self.driver_cmdline
         );
         for (i, (client, script)) in self.clients.iter().enumerate() {
+            // Network clients carry the frame counter (`sniff`), to see what reaches them.
+            let sniff = self
+                .network
+                .then(|| crate::sniff_binary().expect("sniff binary"));
+            let programs: Vec<(&str, &Path)> =
+                sniff.iter().map(|p| ("sniff", p.as_path())).collect();
             host = host.file(
                 &format!("{client}.img"),
-                client_initrd_with_script(script).expect("client image"),
+                client_initrd_with(script, &programs).expect("client image"),
                 0o644,
             );
             config.push_str(&format!(
@@ -189,6 +195,14 @@ wait_console() {{
             sh $WORK/.diag.sh; exit 98
         fi
         kill -0 $DAEMON 2>/dev/null || {{ echo "DAEMON-DIED"; sh $WORK/.diag.sh; exit 97; }}
+        # A client whose VMM ended before printing the pattern never will (a crashed guest).
+        if [ $((waited % 5)) = 0 ]; then
+            vm=$($CTL list 2>/dev/null | tr -d ' \n' | sed 's/}},{{/}}\n{{/g' | grep "\"name\":\"$c\"")
+            case "$vm" in *'"state":"exited"'*)
+                grep -q "$pattern" $WORK/system.d/$c.console 2>/dev/null && break
+                echo "CLIENT-DOWN $c before '$pattern': $vm"; sh $WORK/.diag.sh; exit 95 ;;
+            esac
+        fi
         [ $waited -lt 3000 ] || {{ echo "CLIENT-TIMEOUT $c"; sh $WORK/.diag.sh; exit 96; }}
     done
 }}
@@ -275,6 +289,7 @@ pub fn assert_clean_ending_allowing(out: &str, expected: &[&str]) {
     assert!(!out.contains("DAEMON-DIED"), "{out}");
     assert!(!out.contains("CLIENT-TIMEOUT"), "{out}");
     assert!(!out.contains("NO-PROGRESS"), "{out}");
+    assert!(!out.contains("CLIENT-DOWN"), "{out}");
     assert!(!out.contains("ORPHAN"), "VMM processes left behind:\n{out}");
     let errors: Vec<&str> = out
         .split("\n=== kernel ")

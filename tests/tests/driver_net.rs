@@ -28,6 +28,17 @@ fn field<'a>(text: &'a str, key: &str) -> &'a str {
 /// `port`; with `spoof`, a ping with a foreign source MAC, then one with its own again.
 fn client_script(i: usize, other: usize, port: u16, spoof: bool) -> String {
     let mut s = client_net_up(i);
+    if !spoof {
+        // The other client counts, on its own NIC, alpha's frames and any with the spoofed
+        // source, until the host says alpha is done.
+        s.push_str(&format!(
+            "sniff eth0 {SPOOFED_MAC} /tmp/sniff-stop > /tmp/sniff-spoofed.txt 2>&1 &\n\
+             S1=$!\n\
+             sniff eth0 {alpha} /tmp/sniff-stop > /tmp/sniff-alpha.txt 2>&1 &\n\
+             S2=$!\n",
+            alpha = client_mac(other)
+        ));
+    }
     s.push_str(&format!(
         r#"
 ping -c 3 -W 10 {PEER_IP} > /tmp/p.txt 2>&1; echo "PING-PEER rc=$?"
@@ -45,12 +56,25 @@ grep -E "sender|receiver" /tmp/iperf.txt | sed 's/^\[[ 0-9]*\]/STREAM/'
     if spoof {
         s.push_str(&format!(
             r#"
+# Broadcasts the other client must see (its capture works), then the same with a spoofed
+# source, which must reach nobody.
+arping -c 3 -w 5 -I eth0 {other_ip} > /dev/null 2>&1; echo "ARPING rc=$?"
 ip link set eth0 address {SPOOFED_MAC}
 ping -c 3 -W 3 {PEER_IP} > /dev/null 2>&1; echo "SPOOF-PING rc=$?"
+arping -c 3 -w 5 -I eth0 {other_ip} > /dev/null 2>&1; echo "SPOOF-ARPING rc=$?"
 ip link set eth0 address {mac}
 ping -c 3 -W 10 {PEER_IP} > /dev/null 2>&1; echo "PING-AFTER rc=$?"
 "#,
-            mac = client_mac(i)
+            mac = client_mac(i),
+            other_ip = client_ip(other),
+        ));
+    } else {
+        s.push_str(&format!(
+            r#"
+until wget -q -O /dev/null http://{PEER_IP}:8080/sniff-stop 2>/dev/null; do sleep 1; done
+touch /tmp/sniff-stop; wait $S1 $S2
+cat /tmp/sniff-spoofed.txt /tmp/sniff-alpha.txt
+"#
         ));
     }
     s
@@ -86,6 +110,10 @@ sniff ddtap0 {SPOOFED_MAC} $WORK/sniff-stop > $WORK/sniff-spoofed.txt 2>&1 &
 S1=$!
 sniff ddtap0 {alpha_mac} $WORK/sniff-stop > $WORK/sniff-alpha.txt 2>&1 &
 S2=$!
+# beta stops its capture when alpha is done spoofing (it polls the peer for sniff-stop).
+mkdir -p $WORK/www && $PEER httpd -p 8080 -h $WORK/www
+wait_console alpha PING-AFTER
+touch $WORK/www/sniff-stop
 wait_done alpha beta
 touch $WORK/sniff-stop; wait $S1 $S2
 cat $WORK/sniff-spoofed.txt $WORK/sniff-alpha.txt
@@ -164,7 +192,27 @@ echo "=== metrics"; $CTL metrics
         sniffed(&client_mac(0)) > 100,
         "the capture saw too little of alpha:\n{log}"
     );
+    // Nor did one reach beta, whose own capture saw alpha's genuine broadcasts.
+    let beta = console(log, "beta");
+    let beta_sniffed = |mac: &str| -> u64 {
+        beta.lines()
+            .find_map(|l| l.strip_prefix(&format!("SNIFF eth0 {mac} ")))
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no capture result of beta for {mac}:\n{beta}"))
+    };
+    assert!(console(log, "alpha").contains("ARPING rc=0"), "{log}");
+    assert_eq!(
+        beta_sniffed(SPOOFED_MAC),
+        0,
+        "spoofed frames reached beta:\n{log}"
+    );
+    assert!(
+        beta_sniffed(&client_mac(0)) >= 3,
+        "beta's capture missed alpha:\n{log}"
+    );
     // The peer learnt the clients by their own MACs only.
-    let neigh = &log[log.find("=== bridge").expect("neighbours")..];
+    let neigh = &log[log.find("=== bridge\n").expect("neighbours") + 11..];
+    let neigh = &neigh[..neigh.find("\n===").unwrap_or(neigh.len())];
+    assert!(neigh.contains(&client_mac(0)), "{neigh}");
     assert!(!neigh.contains(SPOOFED_MAC), "{neigh}");
 }

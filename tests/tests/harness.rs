@@ -53,3 +53,43 @@ while :; do sleep 60; done
     assert_eq!(mine["attempts"], 1, "{mine}");
     assert_eq!(mine["result"], "hung (ours)", "{mine}");
 }
+
+/// A client VM that dies before printing what the test waits for is reported at once
+/// (`CLIENT-DOWN`, with diagnostics and a non-zero script status), not waited on until the
+/// no-progress limit.
+#[test]
+fn a_client_that_dies_is_reported_at_once() {
+    use ddvmm_tests::system::{backing_file, System};
+    let disk = backing_file("harness-client-down.img", 8);
+    // The client panics its own kernel (pvpanic: its VMM exits) instead of finishing.
+    let clients = [(
+        "alpha",
+        "echo DYING; echo c > /proc/sysrq-trigger; echo NEVER".to_string(),
+    )];
+    let system = System {
+        name: "harness-client-down",
+        disk: &disk,
+        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
+        clients: &clients,
+        slice_mib: 8,
+        extra_config: "",
+        passthrough: false,
+        network: false,
+    };
+    let (host, prelude) = system.host_and_prelude();
+    let script = format!("{prelude}\nwait_done alpha\necho AFTER-WAIT\n");
+    let start = Instant::now();
+    let out = host
+        .run(&script, Duration::from_secs(1200))
+        .expect("test host run");
+    let log = out.output.replace('\r', "");
+    assert_eq!(out.status, 95, "{log}");
+    assert!(log.contains("CLIENT-DOWN alpha"), "{log}");
+    assert!(log.contains("=== harness diagnostics"), "{log}");
+    assert!(!log.contains("AFTER-WAIT"), "{log}");
+    assert!(
+        start.elapsed() < Duration::from_secs(600),
+        "{:?}",
+        start.elapsed()
+    );
+}
