@@ -45,7 +45,7 @@ nextest:
 # end: every test's time and test-host attempts, every retry with its cause and evidence.
 LOGS := target/testhost-logs
 test: deps images build driver-image nextest
-	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl
+	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl target/nextest/default/junit.xml
 	@rc=0; \
 	$(CARGO) nextest run --release --workspace $(NEXTEST_ARGS) || rc=$$?; \
 	$(CARGO) test --release --workspace --doc -q || rc=$$?; \
@@ -55,7 +55,7 @@ test: deps images build driver-image nextest
 # The long campaigns: the 20-fault recovery campaign (one of each kind, then 14 mixed faults).
 # The 1000-fault soak is `make soak-recovery`.
 test-long: deps images build driver-image nextest
-	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl
+	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl target/nextest/default/junit.xml
 	@rc=0; \
 	DDVMM_MIXED_FAULTS=14 $(CARGO) nextest run --release -p ddvmm-tests --test recovery \
 	    -E 'test(=every_fault_kind_is_detected_and_recovered_without_client_errors)' || rc=$$?; \

@@ -110,7 +110,10 @@ if current "$out"; then
 fi
 if [[ $cache_root != none ]] && current "$cache"; then
     mkdir -p "$out"
-    for f in "${outputs[@]}" .stamp; do cp "$cache/$f" "$out/$f.tmp" && mv "$out/$f.tmp" "$out/$f"; done
+    rm -f "$out/.stamp"
+    for f in "${outputs[@]}" .stamp; do
+        cp "$cache/$f" "$out/$f.tmp" && mv "$out/$f.tmp" "$out/$f" || die "cannot copy $f from the image cache $cache"
+    done
     say "from the machine's image cache $cache ($kernel_pkg=$kernel_ver)"
     exit 0
 fi
@@ -310,8 +313,12 @@ client_packages="$(awk '{ printf "%s%s=%s", (NR > 1 ? " " : ""), $1, $2 }' "$out
 testhost_base_sha256=$(sha "$out/testhost-base.cpio.gz")
 EOF
 echo "$stamp_key" > "$out/.stamp"
-if [[ $cache_root != none ]] && mkdir -p "$cache.tmp.$$" 2>/dev/null; then
-    for f in "${outputs[@]}" .stamp; do cp "$out/$f" "$cache.tmp.$$/$f"; done
-    rm -rf "$cache" && mv "$cache.tmp.$$" "$cache" || rm -rf "$cache.tmp.$$"
+# Into the cache: a complete entry appears at once (rename) and is never replaced (its key is
+# a hash of the inputs); a failure here only costs the next checkout a build.
+if [[ $cache_root != none && ! -e $cache ]] && mkdir -p "$cache.tmp.$$" 2>/dev/null; then
+    ok=yes
+    for f in "${outputs[@]}" .stamp; do cp "$out/$f" "$cache.tmp.$$/$f" || ok=no; done
+    [[ $ok == yes ]] && mv -T "$cache.tmp.$$" "$cache" 2>/dev/null || true
+    rm -rf "$cache.tmp.$$"
 fi
 say "done: out/versions.txt"

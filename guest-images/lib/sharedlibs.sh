@@ -29,17 +29,35 @@
 
 declare -A DEBPKG_PINS=()
 # The Debian suite unpinned libraries come from (default: this machine's release).
-DEBPKG_SUITE=${DEBPKG_SUITE:-$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")}
+DEBPKG_SUITE=${DEBPKG_SUITE:-$( (. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}") || true)}
+
+# "dist=codename ..." of every source apt knows (sources may say `stable` where the suite is
+# `bookworm`), from `apt-cache policy`'s release lines; computed once.
+_sl_dists() {
+    if [[ -z ${_SL_DISTS+x} ]]; then
+        _SL_DISTS=$({ LC_ALL=C apt-cache policy 2>/dev/null || true; } | awk '
+            /^ *-?[0-9]+ [a-z]+:\/\// { d = $3; sub(/\/.*/, "", d); next }
+            /^ +release / && d != "" {
+                n = split($2, kv, ","); for (i = 1; i <= n; i++) if (kv[i] ~ /^n=/) {
+                    c = kv[i]; sub(/^n=/, "", c); printf "%s=%s ", d, c }
+                d = "" }')
+    fi
+    printf '%s' "$_SL_DISTS"
+}
 
 debpkg_choose_version() {
     (( $# )) || return 0
     local p pins=''
     for p in "${!DEBPKG_PINS[@]}"; do pins+="$p=${DEBPKG_PINS[$p]} "; done
+    local dists
+    dists=$(_sl_dists)
     { LC_ALL=C apt-cache policy "$@" 2>/dev/null || true; } |
-        _SL_PINS=$pins _SL_SUITE=$DEBPKG_SUITE awk '
+        _SL_PINS=$pins _SL_SUITE=$DEBPKG_SUITE _SL_DISTS=$dists awk '
         BEGIN { n = split(ENVIRON["_SL_PINS"], a, " "); for (i = 1; i <= n; i++) if (a[i] != "") {
                     k = a[i]; sub(/=.*/, "", k); v = a[i]; sub(/^[^=]*=/, "", v); pin[k] = v }
-                suite = ENVIRON["_SL_SUITE"] }
+                suite = ENVIRON["_SL_SUITE"]
+                n = split(ENVIRON["_SL_DISTS"], a, " "); for (i = 1; i <= n; i++) if (a[i] != "") {
+                    k = a[i]; sub(/=.*/, "", k); v = a[i]; sub(/^[^=]*=/, "", v); codename[k] = v } }
         function flush() {
             if (pkg == "") return
             if (pkg in pin)                                  print pkg, pin[pkg], "pinned"
@@ -56,7 +74,7 @@ debpkg_choose_version() {
             if ($2 != "/var/lib/dpkg/status") {
                 dl[ver] = 1
                 # Versions are listed newest first: the first one from the suite wins.
-                s = $3; sub(/\/.*/, "", s)
+                s = $3; sub(/\/.*/, "", s); if (s in codename) s = codename[s]
                 if (best == "" && suite != "" && (s == suite || index(s, suite "-") == 1)) best = ver
             }
             next

@@ -39,6 +39,14 @@ libtrixieonly1:
   Version table:
      9.0-1 500
         500 http://deb.debian.org/debian trixie/main amd64 Packages
+libstable1:
+  Installed: (none)
+  Candidate: 7.0-1
+  Version table:
+     7.0-1 500
+        500 http://deb.debian.org/debian testing/main amd64 Packages
+     6.0-1 500
+        500 http://deb.debian.org/debian stable/main amd64 Packages
 libpinned1:
   Installed: (none)
   Candidate: 4.0-1
@@ -49,9 +57,12 @@ POLICY
 }
 DEBPKG_SUITE=bookworm
 DEBPKG_PINS=([libpinned1]=3.9-1)
-got=$(debpkg_choose_version libnew1 libinst1 libtrixieonly1 libpinned1)
+# Sources that name the suite `stable` (apt's release lines map it to its codename).
+_SL_DISTS="stable=bookworm testing=trixie"
+got=$(debpkg_choose_version libnew1 libinst1 libtrixieonly1 libstable1 libpinned1)
 want='libnew1 1.5-2 suite
 libinst1 1.0-1 installed
+libstable1 6.0-1 suite
 libpinned1 3.9-1 pinned'
 [[ $got == "$want" ]] || fail "version choice: got
 $got

@@ -77,6 +77,15 @@ pub enum HarnessError {
         /// What was printed, then the diagnostics.
         output: String,
     },
+    /// The test host stopped scheduling (no heartbeat) while a vCPU of the emulator still ran:
+    /// a test-host kernel lockup, not the known emulator wedge. Not retried.
+    #[error("the test host stopped scheduling with a vCPU running: {evidence}; output:\n{output}")]
+    TestHostStuck {
+        /// What was seen.
+        evidence: String,
+        /// What was printed (with the emulator's state appended).
+        output: String,
+    },
     /// A guest crashed (triple fault or KVM internal error, reported by `ddvmm`) in a test that
     /// did not inject one.
     #[error("a guest crashed and the test did not expect it; output:\n{output}")]
@@ -254,7 +263,7 @@ echo; echo "=== harness diagnostics (the test host is alive; the run went silent
 echo "uptime $(cat /proc/uptime) load $(cat /proc/loadavg)"
 ps -o pid,ppid,stat,time,args 2>/dev/null || ps
 for d in /proc/[0-9]*; do
-    p=${d#/proc/}; cmd=$(tr '\0' ' ' < $d/cmdline 2>/dev/null | head -c 300)
+    p=${d#/proc/}; cmd=$(tr '\0' ' ' 2>/dev/null < $d/cmdline | head -c 300)
     case "$cmd" in *diag.sh*) continue ;; *ddvmm*) ;; *) continue ;; esac
     echo "--- pid $p: $cmd"
     for t in /proc/$p/task/*; do
@@ -278,8 +287,8 @@ echo "DDVMM-DIAG-END"
 fn heartbeat_lines() -> String {
     format!(
         "stty -F /dev/ttyS1 -echo 2>/dev/null\n\
-         (while :; do echo \"DDVMM-HB $(cut -d' ' -f1 /proc/uptime)\"; sleep {HEARTBEAT_PERIOD_S}; done > /dev/ttyS1) &\n\
-         (while read -r req; do case \"$req\" in diag*) sh /work/.diag.sh > /dev/console 2>&1 ;; esac; done < /dev/ttyS1) &\n"
+         ( (while :; do echo \"DDVMM-HB $(cut -d' ' -f1 /proc/uptime)\"; sleep {HEARTBEAT_PERIOD_S}; done > /dev/ttyS1) & )\n\
+         ( (while read -r req; do case \"$req\" in diag*) sh /work/.diag.sh > /dev/console 2>&1 ;; esac; done < /dev/ttyS1) & )\n"
     )
 }
 
@@ -446,6 +455,10 @@ impl TestHost {
     /// `target/testhost-logs/<name>.attempt-N.log` and recorded for the suite's report
     /// ([`records`]), up to [`EMULATED_ATTEMPTS`] runs in all.
     pub fn run(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
+        // A machine-wide slot for the whole run, retries included; time counts from there.
+        let _slot = (self.host == HostKind::Emulated)
+            .then(|| slots::acquire(&records::logs_dir().join("slots")))
+            .flatten();
         let started = Instant::now();
         let mut attempt = 1;
         let result = loop {
@@ -464,6 +477,13 @@ impl TestHost {
                 }
                 _ => None,
             };
+            // A guest crash in a failed attempt is still a crash: never retried away.
+            let crashed = |o: &String| !self.expect_guest_crash && o.contains(GUEST_CRASH_MARK);
+            if let Some((_, _, output)) = retry.as_ref().filter(|(_, _, o)| crashed(o)) {
+                break Err(HarnessError::UnexpectedGuestCrash {
+                    output: output.to_string(),
+                });
+            }
             let Some((cause, evidence, output)) = retry.filter(|_| attempt < EMULATED_ATTEMPTS)
             else {
                 break result;
@@ -492,6 +512,7 @@ impl TestHost {
             Ok(out) => format!("script rc {}", out.status),
             Err(HarnessError::Wedged { .. }) => "emulator wedged".into(),
             Err(HarnessError::Hung { .. }) => "hung (ours)".into(),
+            Err(HarnessError::TestHostStuck { .. }) => "test host stuck".into(),
             Err(HarnessError::Timeout { .. }) => "timeout (ours)".into(),
             Err(HarnessError::NoExitMarker { .. }) => "test host died".into(),
             Err(HarnessError::UnexpectedGuestCrash { .. }) => "unexpected guest crash".into(),
@@ -536,7 +557,7 @@ impl TestHost {
         // Its own network, mount and PID namespaces where `unshare` can make them: parallel
         // tests do not see each other's TAPs, bridges, `ip netns` names or VMM processes,
         // and killing the run (timeout) takes every process it started with it.
-        let isolate = Path::new("/usr/bin/unshare").exists();
+        let isolate = can_unshare();
         let mut cmd = if isolate {
             let mut c = Command::new("/usr/bin/unshare");
             c.args(["--net", "--mount", "--pid", "--fork", "--kill-child", "sh"]);
@@ -715,7 +736,6 @@ impl TestHost {
                 .arg("-device")
                 .arg(format!("nvme,drive=disk{i},serial=ddvmm-disk{i}"));
         }
-        let _slot = slots::acquire(&dir.join("slots"));
         let monitor = dir.join(format!("{}.monitor", self.name));
         let heartbeat = dir.join(format!("{}.heartbeat", self.name));
         let _ = std::fs::remove_file(&monitor);
@@ -736,8 +756,8 @@ impl TestHost {
         let result = self.watched(cmd, timeout, &watch);
         let _ = std::fs::remove_file(&monitor);
         let _ = std::fs::remove_file(&heartbeat);
-        let (output, qemu_status) = result?;
         let _ = std::fs::remove_file(&initrd_path);
+        let (output, qemu_status) = result?;
         match parse_exit_marker(&output) {
             Some(status) => Ok(ScriptOutput {
                 output,
@@ -750,6 +770,28 @@ impl TestHost {
             }),
         }
     }
+}
+
+/// Whether `unshare` can give a direct-mode run its own network, mount and PID namespaces here
+/// (it exists and is allowed to); probed once.
+fn can_unshare() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| {
+        Command::new("/usr/bin/unshare")
+            .args([
+                "--net",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "true",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
 }
 
 /// Slot of the `index`th passthrough device in the emulated test host (from 0x10, above those
@@ -950,6 +992,8 @@ enum Watch<'a> {
 /// The heartbeat channel's state, shared with the thread that reads it.
 #[derive(Default)]
 struct Heartbeat {
+    /// When the first tick arrived.
+    first: Option<Instant>,
     /// When the last tick arrived, and the test host's uptime it carried.
     last: Option<(Instant, String)>,
     /// The write half, for diagnostics requests (also: the channel is connected).
@@ -969,10 +1013,20 @@ fn watch_heartbeat(path: PathBuf, state: Arc<Mutex<Heartbeat>>) {
         }
     };
     lock(&state).writer = stream.try_clone().ok();
-    for line in std::io::BufReader::new(stream).lines() {
-        let Ok(line) = line else { break };
-        if let Some(uptime) = line.trim().strip_prefix("DDVMM-HB ") {
-            lock(&state).last = Some((Instant::now(), uptime.to_string()));
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        if let Some(uptime) = text.trim().strip_prefix("DDVMM-HB ") {
+            let mut st = lock(&state);
+            let now = Instant::now();
+            st.first.get_or_insert(now);
+            st.last = Some((now, uptime.to_string()));
         }
     }
 }
@@ -1068,10 +1122,24 @@ fn run_with_timeout(
             Err(e) => return Err(HarnessError::Io("wait for child".into(), e)),
         }
         std::thread::sleep(Duration::from_millis(100));
-        let quiet = lock(&last_output).elapsed();
+        let mut quiet = lock(&last_output).elapsed();
         // Without a heartbeat channel (it never connected) there is no evidence of a wedge:
         // silence is then judged like any other.
         let channel = lock(&heartbeat).writer.is_some();
+        // Silence counts as ours only while the test host is seen alive: from its first tick
+        // on (not during its boot), and only if its last tick is recent.
+        let mut host_alive = true;
+        if let (Watch::Emulated { .. }, true) = (watch, channel) {
+            let hb = lock(&heartbeat);
+            let recent = Duration::from_secs(u64::from(HEARTBEAT_PERIOD_S) * 3 + 4);
+            host_alive = hb
+                .last
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < recent);
+            if let Some(first) = hb.first {
+                quiet = quiet.min(first.elapsed());
+            }
+        }
         if let (Watch::Emulated { monitor, .. }, true) = (watch, channel) {
             let beat = lock(&heartbeat).last.clone();
             let (silent, last_uptime) = match &beat {
@@ -1093,11 +1161,18 @@ fn run_with_timeout(
                     snapshot_summary(&snapshot)
                 );
                 let output = finish(&mut child, readers) + &snapshot;
-                return Err(HarnessError::Wedged { evidence, output });
+                // The known wedge: the test host's CPUs halted for good. A CPU that still
+                // runs while nothing is scheduled (a test-host kernel lockup, which our VMM's
+                // use of KVM could cause) is not retried.
+                return Err(if all_vcpus_halted(&snapshot) {
+                    HarnessError::Wedged { evidence, output }
+                } else {
+                    HarnessError::TestHostStuck { evidence, output }
+                });
             }
         }
         let timed_out = start.elapsed() > timeout;
-        if timed_out || quiet > quiet_limit {
+        if timed_out || (host_alive && quiet > quiet_limit) {
             // Ours: the test host (or this machine) is alive. Diagnostics, then fail.
             let diag = diagnostics(watch, &heartbeat, &buf);
             let output = finish(&mut child, readers) + &diag;
@@ -1118,9 +1193,12 @@ fn run_with_timeout(
 /// heartbeat channel (we wait for them up to [`DIAG_LIMIT`]); direct mode runs the script here.
 fn diagnostics(watch: &Watch<'_>, heartbeat: &Mutex<Heartbeat>, buf: &Mutex<Vec<u8>>) -> String {
     match watch {
-        Watch::Direct { diag, work } => Command::new("sh")
+        Watch::Direct { diag, work } => Command::new("timeout")
+            .arg("60")
+            .arg("sh")
             .arg(diag)
             .env("WORK", work)
+            .env("DDVMM", ddvmm_binary().unwrap_or_default())
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_else(|e| format!("diagnostics: {e}")),
@@ -1146,6 +1224,11 @@ fn diagnostics(watch: &Watch<'_>, heartbeat: &Mutex<Heartbeat>, buf: &Mutex<Vec<
     }
 }
 
+/// Whether every vCPU register dump in an emulator snapshot shows the CPU halted (`HLT=1`).
+fn all_vcpus_halted(snapshot: &str) -> bool {
+    snapshot.contains("HLT=1") && !snapshot.contains("HLT=0")
+}
+
 /// The evidence lines of an emulator snapshot: QEMU's vCPU states.
 fn snapshot_summary(snapshot: &str) -> String {
     let cpus: Vec<&str> = snapshot
@@ -1153,10 +1236,15 @@ fn snapshot_summary(snapshot: &str) -> String {
         .filter(|l| l.contains("CPU #"))
         .map(str::trim)
         .collect();
-    if cpus.is_empty() {
-        "monitor gave no vCPU state".into()
+    let halted = if all_vcpus_halted(snapshot) {
+        "every vCPU halted (HLT=1)"
     } else {
-        format!("QEMU: {}", cpus.join(" | "))
+        "a vCPU not halted"
+    };
+    if cpus.is_empty() {
+        format!("monitor gave no vCPU list; {halted}")
+    } else {
+        format!("QEMU: {}; {halted}", cpus.join(" | "))
     }
 }
 
@@ -1170,8 +1258,12 @@ fn test_host_kernel_crash(output: &str) -> Option<String> {
     ];
     let lines: Vec<&str> = output.lines().collect();
     let tail = &lines[lines.len().saturating_sub(80)..];
+    // The test host's own kernel lines start with its timestamp; guest lines echoed by a
+    // script carry a prefix ("alpha (12 s): ...") and do not count.
     let found: Vec<&str> = tail
         .iter()
+        .map(|l| l.trim_start_matches('\r'))
+        .filter(|l| l.starts_with('['))
         .filter(|l| SIGNS.iter().any(|s| l.contains(s)))
         .map(|l| l.trim())
         .collect();
@@ -1310,9 +1402,18 @@ mod tests {
         let snap = "thread x\n* CPU #0: thread_id=123 (halted)\nRAX=0\n";
         assert_eq!(
             snapshot_summary(snap),
-            "QEMU: * CPU #0: thread_id=123 (halted)"
+            "QEMU: * CPU #0: thread_id=123 (halted); a vCPU not halted"
         );
-        assert_eq!(snapshot_summary("nothing"), "monitor gave no vCPU state");
+        let halted = "* CPU #0: thread_id=1\nEIP=0 CPL=0 II=0 A20=1 SMM=0 HLT=1\n";
+        assert!(all_vcpus_halted(halted));
+        assert!(!all_vcpus_halted(&format!(
+            "{halted}CPL=0 II=0 A20=1 SMM=0 HLT=0\n"
+        )));
+        assert!(!all_vcpus_halted("nothing"));
+        assert_eq!(
+            snapshot_summary("nothing"),
+            "monitor gave no vCPU list; a vCPU not halted"
+        );
     }
 
     #[test]
