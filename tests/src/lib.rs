@@ -265,6 +265,8 @@ ps -o pid,ppid,stat,time,args 2>/dev/null || ps
 for d in /proc/[0-9]*; do
     p=${d#/proc/}; cmd=$(tr '\0' ' ' 2>/dev/null < $d/cmdline | head -c 300)
     case "$cmd" in *diag.sh*) continue ;; *ddvmm*) ;; *) continue ;; esac
+    # This run's processes only, where other runs share the machine (direct mode).
+    [ "$W" = /work ] || case "$cmd" in *"$W"*) ;; *) continue ;; esac
     echo "--- pid $p: $cmd"
     for t in /proc/$p/task/*; do
         echo "task ${t##*/} $(cat $t/comm 2>/dev/null) state $(cut -d')' -f2 $t/stat 2>/dev/null | cut -d' ' -f2) wchan $(cat $t/wchan 2>/dev/null)"
@@ -584,8 +586,10 @@ impl TestHost {
             diag: &diag,
             work: &work,
         };
-        let (output, status) = self.watched(cmd, timeout, &watch)?;
+        let result = self.watched(cmd, timeout, &watch);
+        // Failed or not: the output is in the log; the work folder (images) goes.
         let _ = std::fs::remove_dir_all(&work);
+        let (output, status) = result?;
         Ok(ScriptOutput {
             output,
             status: status.unwrap_or(-1),
@@ -1050,6 +1054,14 @@ fn run_with_timeout(
     if let Some(dir) = log.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
+    // A direct-mode script in its own process group, so that everything it started can be
+    // killed with it (QEMU, the emulated mode's child, starts no processes; it stays in ours
+    // and dies with a Ctrl-C of the suite).
+    let direct = matches!(watch, Watch::Direct { .. });
+    if direct {
+        use std::os::unix::process::CommandExt as _;
+        cmd.process_group(0);
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1108,6 +1120,13 @@ fn run_with_timeout(
     let start = Instant::now();
     // Ends the run: kills the child, joins the readers, returns everything printed.
     let finish = |child: &mut std::process::Child, readers: Vec<std::thread::JoinHandle<()>>| {
+        // The whole process group: children that kept the output pipes open would otherwise
+        // keep the readers (and this call) waiting.
+        if let (true, Ok(pgid)) = (direct, i32::try_from(child.id())) {
+            // SAFETY: kill(2) with a negative pid signals the process group the child leads
+            // (direct mode spawns it with process_group(0)); no memory is passed.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let _ = child.kill();
         let _ = child.wait();
         for r in readers {
