@@ -155,28 +155,29 @@ pub fn select_host() -> Result<HostKind, HarnessError> {
     })
 }
 
-/// The repository root, found at run time: `CARGO_MANIFEST_DIR` as cargo and nextest set it
-/// for the test process (this crate's folder), else the nearest ancestor of the running
-/// executable (`target/release/...`) that holds this workspace. Never the path compiled in:
+/// The repository root, found at run time: the nearest ancestor holding this workspace of
+/// `CARGO_MANIFEST_DIR` as cargo and nextest set it for the test process (this crate's
+/// folder), else of the running executable (`target/release/...`), else of the current
+/// folder. Never the path compiled in:
 /// a checkout that was copied or moved must test its own images and binaries.
 pub fn repo_root() -> PathBuf {
     fn is_root(p: &Path) -> bool {
         p.join("tests/src/lib.rs").is_file() && p.join("guest-images").is_dir()
     }
-    let from_env = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .and_then(|d| d.ancestors().find(|a| is_root(a)).map(Path::to_path_buf));
-    let from_exe = || {
-        let exe = std::env::current_exe().ok()?;
-        exe.ancestors().find(|a| is_root(a)).map(Path::to_path_buf)
-    };
-    let from_cwd = || {
-        let cwd = std::env::current_dir().ok()?;
-        cwd.ancestors().find(|a| is_root(a)).map(Path::to_path_buf)
-    };
-    from_env
-        .or_else(from_exe)
-        .or_else(from_cwd)
+    let starts = [
+        std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
+        std::env::current_exe().ok(),
+        std::env::current_dir().ok(),
+    ];
+    starts
+        .into_iter()
+        .flatten()
+        .find_map(|start| {
+            start
+                .ancestors()
+                .find(|a| is_root(a))
+                .map(Path::to_path_buf)
+        })
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
@@ -385,13 +386,11 @@ impl TestHost {
         if self.host == HostKind::Emulated {
             return true;
         }
-        let line = format!(
-            "testhost SKIP: {} ({}): {why} (DDVMM_TEST_HOST=emulated)\n",
+        records::say(&format!(
+            "testhost SKIP: {} ({}): {why} (DDVMM_TEST_HOST=emulated)",
             self.name,
             records::current_test()
-        );
-        use std::io::Write as _;
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        ));
         records::record_run(
             &self.name,
             self.host,
@@ -442,17 +441,20 @@ impl TestHost {
     /// Emulated mode retries a run only when there is evidence that the *emulator* failed,
     /// never on silence alone and never on a crash of a guest:
     /// - **wedge**: the test host's heartbeat (a shell loop printing on its second serial
-    ///   port every [`HEARTBEAT_PERIOD_S`] s) stopped for [`WEDGE_LIMIT`]. Seen with QEMU 7.2
-    ///   and 10.0 TCG: the test host's only CPU halted with interrupts enabled and nothing
-    ///   wakes it (an NMI through the monitor does not either); [`emulator_snapshot`] is kept
-    ///   with the failed output as the record.
+    ///   port every [`HEARTBEAT_PERIOD_S`] s) stopped for [`WEDGE_LIMIT`] *and* QEMU's monitor
+    ///   shows every vCPU halted. Seen with QEMU 7.2 and 10.0 TCG: the test host's only CPU
+    ///   halted with interrupts enabled and nothing wakes it (an NMI through the monitor does
+    ///   not either); [`emulator_snapshot`] is kept with the failed output as the record. A
+    ///   stopped heartbeat with a vCPU still running is [`HarnessError::TestHostStuck`]: a
+    ///   test-host kernel lockup, which our use of its KVM could cause, so never retried.
     /// - **test-host kernel crash**: QEMU ended without the exit marker and the test host's
     ///   console ends in a kernel crash (the nested-SVM "stack guard page was hit" in
     ///   `__svm_vcpu_run`, seen with two test-host CPUs).
     ///
     /// Everything else fails at once: a silent run whose test host still ticks is *our* hang
     /// ([`HarnessError::Hung`], with the test host's diagnostics), a timeout is ours, and a
-    /// guest crash the test did not ask for ([`Self::expect_guest_crash`]) is a failure. Every
+    /// guest crash the test did not ask for ([`Self::expect_guest_crash`]) is a failure, even
+    /// in an attempt that would otherwise have been retried. Every
     /// retry is printed on stderr past the test capture, kept in
     /// `target/testhost-logs/<name>.attempt-N.log` and recorded for the suite's report
     /// ([`records`]), up to [`EMULATED_ATTEMPTS`] runs in all.
@@ -472,10 +474,10 @@ impl TestHost {
             };
             let retry = match &result {
                 Err(HarnessError::Wedged { evidence, output }) => {
-                    Some(("emulator wedged", evidence.clone(), output))
+                    Some((records::CAUSE_WEDGE, evidence.clone(), output))
                 }
                 Err(HarnessError::NoExitMarker { output, .. }) => {
-                    test_host_kernel_crash(output).map(|e| ("test-host kernel crashed", e, output))
+                    test_host_kernel_crash(output).map(|e| (records::CAUSE_HOST_CRASH, e, output))
                 }
                 _ => None,
             };
@@ -512,7 +514,7 @@ impl TestHost {
         };
         let label = match &result {
             Ok(out) => format!("script rc {}", out.status),
-            Err(HarnessError::Wedged { .. }) => "emulator wedged".into(),
+            Err(HarnessError::Wedged { .. }) => records::CAUSE_WEDGE.into(),
             Err(HarnessError::Hung { .. }) => "hung (ours)".into(),
             Err(HarnessError::TestHostStuck { .. }) => "test host stuck".into(),
             Err(HarnessError::Timeout { .. }) => "timeout (ours)".into(),
@@ -615,9 +617,7 @@ impl TestHost {
     }
 
     fn log_path(&self) -> PathBuf {
-        repo_root()
-            .join("target/testhost-logs")
-            .join(format!("{}.log", self.name))
+        records::logs_dir().join(format!("{}.log", self.name))
     }
 
     fn run_emulated(&self, script: &str, timeout: Duration) -> Result<ScriptOutput, HarnessError> {
@@ -679,7 +679,7 @@ impl TestHost {
         initrd.resize(initrd.len().next_multiple_of(512), 0);
         initrd.extend_from_slice(&archive.finish());
 
-        let dir = repo_root().join("target/testhost-logs");
+        let dir = records::logs_dir();
         std::fs::create_dir_all(&dir)
             .map_err(|e| HarnessError::Io(format!("mkdir {}", dir.display()), e))?;
         let initrd_path = dir.join(format!("{}.initrd", self.name));
@@ -1041,8 +1041,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs `cmd`, capturing stdout+stderr, killing it after `timeout`. Also writes the output to
 /// `log` as it arrives (a hung run can be watched from outside). Tells the emulator's wedge
-/// (heartbeat stopped: [`HarnessError::Wedged`]) from our hang (silent for [`QUIET_LIMIT`]
-/// with a live test host: [`HarnessError::Hung`], diagnostics appended).
+/// (heartbeat stopped, vCPUs halted: [`HarnessError::Wedged`]) from our hang (silent for
+/// `quiet_limit` with a live test host: [`HarnessError::Hung`], diagnostics appended).
 fn run_with_timeout(
     mut cmd: Command,
     timeout: Duration,
@@ -1142,33 +1142,24 @@ fn run_with_timeout(
         }
         std::thread::sleep(Duration::from_millis(100));
         let mut quiet = lock(&last_output).elapsed();
-        // Without a heartbeat channel (it never connected) there is no evidence of a wedge:
-        // silence is then judged like any other.
-        let channel = lock(&heartbeat).writer.is_some();
+        // The heartbeat's state, if the channel is up (emulated mode, connected). Without it
+        // there is no evidence of a wedge, and silence is judged like any other.
+        let beat = {
+            let hb = lock(&heartbeat);
+            hb.writer.as_ref().map(|_| (hb.first, hb.last.clone()))
+        };
         // Silence counts as ours only while the test host is seen alive: from its first tick
         // on (not during its boot), and only if its last tick is recent.
         let mut host_alive = true;
-        if let (Watch::Emulated { .. }, true) = (watch, channel) {
-            let hb = lock(&heartbeat);
+        if let (Some((first, last)), Watch::Emulated { monitor, .. }) = (beat, watch) {
             let recent = Duration::from_secs(u64::from(HEARTBEAT_PERIOD_S) * 3 + 4);
-            host_alive = hb
-                .last
-                .as_ref()
-                .is_some_and(|(at, _)| at.elapsed() < recent);
-            if let Some(first) = hb.first {
+            host_alive = last.as_ref().is_some_and(|(at, _)| at.elapsed() < recent);
+            if let Some(first) = first {
                 quiet = quiet.min(first.elapsed());
             }
-        }
-        if let (Watch::Emulated { monitor, .. }, true) = (watch, channel) {
-            let beat = lock(&heartbeat).last.clone();
-            let (silent, last_uptime) = match &beat {
-                Some((at, uptime)) => (at.elapsed(), uptime.clone()),
-                None => (start.elapsed(), "none yet".to_string()),
-            };
-            let limit = if beat.is_some() {
-                WEDGE_LIMIT
-            } else {
-                FIRST_HEARTBEAT_LIMIT
+            let (silent, last_uptime, limit) = match &last {
+                Some((at, uptime)) => (at.elapsed(), uptime.as_str(), WEDGE_LIMIT),
+                None => (start.elapsed(), "none yet", FIRST_HEARTBEAT_LIMIT),
             };
             if silent > limit {
                 let snapshot = emulator_snapshot(child.id(), monitor);

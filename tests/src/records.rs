@@ -14,6 +14,21 @@ use serde_json::{json, Value};
 
 use crate::HostKind;
 
+/// The retry cause of an evidenced emulator wedge.
+pub const CAUSE_WEDGE: &str = "emulator wedged";
+
+/// The retry cause of a crash of the test host's own kernel.
+pub const CAUSE_HOST_CRASH: &str = "test-host kernel crashed";
+
+/// Prints a line on this process's real stderr, past the test capture (`std::io::stderr()`
+/// writes to fd 2 directly; only the print macros are captured): retries and skips are never
+/// invisible.
+pub fn say(line: &str) {
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
+}
+
 /// The folder of logs and records.
 pub fn logs_dir() -> PathBuf {
     crate::repo_root().join("target/testhost-logs")
@@ -82,8 +97,7 @@ pub struct Retry<'a> {
     pub elapsed: Duration,
 }
 
-/// Records a retry and prints it on this process's real stderr, past libtest's capture (a
-/// retry is never invisible).
+/// Records a retry and prints it past the test capture ([`say`]).
 pub fn record_retry(r: &Retry<'_>) {
     append(
         retries_file(),
@@ -97,8 +111,8 @@ pub fn record_retry(r: &Retry<'_>) {
             "seconds": r.elapsed.as_secs_f64(),
         }),
     );
-    let line = format!(
-        "testhost RETRY: {} ({}) attempt {} after {:.0} s: {}; evidence: {}; kept log: {}\n",
+    say(&format!(
+        "testhost RETRY: {} ({}) attempt {} after {:.0} s: {}; evidence: {}; kept log: {}",
         r.host,
         current_test(),
         r.attempt,
@@ -106,9 +120,7 @@ pub fn record_retry(r: &Retry<'_>) {
         r.cause,
         r.evidence,
         r.log.display()
-    );
-    // `std::io::stderr()` writes to fd 2 directly; only the print macros are captured.
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    ));
 }
 
 /// Reads a JSON-lines file (missing file: no records; unparsable lines are skipped).

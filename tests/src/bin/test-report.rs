@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use ddvmm_tests::records::{read_records, retries_file, runs_file};
+use ddvmm_tests::records::{read_records, retries_file, runs_file, CAUSE_WEDGE};
 use ddvmm_tests::repo_root;
+use serde_json::Value;
 
 /// One `<testcase>` of a JUnit report.
 struct Case {
@@ -55,6 +56,30 @@ fn junit_cases(xml: &str) -> Vec<Case> {
     cases
 }
 
+/// How many records have each value of `key` (missing: `?`).
+fn count_by<'a>(records: &'a [Value], key: &str) -> BTreeMap<&'a str, usize> {
+    let mut counts = BTreeMap::new();
+    for r in records {
+        *counts.entry(r[key].as_str().unwrap_or("?")).or_default() += 1;
+    }
+    counts
+}
+
+/// `count label, count label, ...` (or `label: count, ...` with `label_first`).
+fn join_counts(counts: &BTreeMap<&str, usize>, label_first: bool) -> String {
+    counts
+        .iter()
+        .map(|(k, n)| {
+            if label_first {
+                format!("{k}: {n}")
+            } else {
+                format!("{n} {k}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn main() {
     let junit: PathBuf = std::env::args_os()
         .nth(1)
@@ -73,17 +98,13 @@ fn main() {
     }
     println!("\n=== test timings (longest first; attempts = test-host runs, retries included)");
     println!("{:>9}  {:>8}  {:<6}  test", "seconds", "attempts", "result");
-    let mut total = 0.0;
-    for c in &cases {
-        total += c.seconds;
+    // Fast tests that ran no test host and passed are counted, not listed.
+    let listed = |c: &Case| c.seconds >= 5.0 || attempts.contains_key(&c.name) || c.failed;
+    for c in cases.iter().filter(|c| listed(c)) {
         let n = attempts
             .get(&c.name)
             .map(|n| n.to_string())
             .unwrap_or_else(|| "-".into());
-        // Fast unit tests are summed, not listed.
-        if c.seconds < 5.0 && n == "-" && !c.failed {
-            continue;
-        }
         println!(
             "{:>9.1}  {:>8}  {:<6}  {} {}",
             c.seconds,
@@ -93,52 +114,33 @@ fn main() {
             c.name
         );
     }
-    let fast = cases
-        .iter()
-        .filter(|c| c.seconds < 5.0 && !attempts.contains_key(&c.name) && !c.failed)
-        .count();
+    let fast = cases.iter().filter(|c| !listed(c)).count();
+    let total: f64 = cases.iter().map(|c| c.seconds).sum();
     println!(
-        "{:>9}  {fast} more tests under 5 s each; {} tests, {:.0} s of test time in all",
+        "{:>9}  {fast} more tests under 5 s each; {} tests, {total:.0} s of test time in all",
         "",
         cases.len(),
-        total
     );
     if cases.is_empty() {
         println!("(no JUnit report at {})", junit.display());
     }
 
-    let modes: BTreeMap<&str, usize> = runs.iter().fold(BTreeMap::new(), |mut m, r| {
-        *m.entry(r["mode"].as_str().unwrap_or("?")).or_default() += 1;
-        m
-    });
+    let modes = count_by(&runs, "mode");
     let host_seconds: f64 = runs.iter().filter_map(|r| r["seconds"].as_f64()).sum();
     println!(
         "\n=== test hosts: {} runs ({}), {:.2} test-host hours",
         runs.len(),
-        modes
-            .iter()
-            .map(|(m, n)| format!("{n} {m}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        join_counts(&modes, false),
         host_seconds / 3600.0
     );
-    let mut by_cause: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &retries {
-        *by_cause
-            .entry(r["cause"].as_str().unwrap_or("?"))
-            .or_default() += 1;
-    }
+    let by_cause = count_by(&retries, "cause");
     if retries.is_empty() {
         println!("=== retries: none");
     } else {
         println!(
             "=== retries: {} ({})",
             retries.len(),
-            by_cause
-                .iter()
-                .map(|(c, n)| format!("{c}: {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            join_counts(&by_cause, true)
         );
         for r in &retries {
             println!(
@@ -152,7 +154,7 @@ fn main() {
             );
         }
     }
-    let wedges = by_cause.get("emulator wedged").copied().unwrap_or(0);
+    let wedges = by_cause.get(CAUSE_WEDGE).copied().unwrap_or(0);
     if host_seconds > 0.0 {
         println!(
             "=== emulator wedges: {wedges} in {:.2} test-host hours ({:.2} per hour)",
@@ -188,5 +190,17 @@ mod tests {
         );
         assert_eq!((c[1].name.as_str(), c[1].failed), ("b&c", true));
         assert_eq!((c[2].binary.as_str(), c[2].failed), ("ddvmm::kvm", false));
+    }
+
+    #[test]
+    fn counts_records_by_key() {
+        let records: Vec<Value> = ["a", "b", "a"]
+            .iter()
+            .map(|c| serde_json::json!({ "cause": c }))
+            .chain([serde_json::json!({})])
+            .collect();
+        let counts = count_by(&records, "cause");
+        assert_eq!(join_counts(&counts, true), "?: 1, a: 2, b: 1");
+        assert_eq!(join_counts(&counts, false), "1 ?, 2 a, 1 b");
     }
 }
