@@ -271,9 +271,31 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
 
 /// The `=== metrics` section of a run's output.
 pub fn metrics_section(out: &str) -> &str {
-    let start = out.find("=== metrics\n").expect("metrics section");
-    let rest = &out[start + 12..];
-    &rest[..rest.find("\n===").unwrap_or(rest.len())]
+    section(out, "metrics").expect("metrics section")
+}
+
+/// Every `=== HEADER` line of a run's output at the start of a line, with the text after it
+/// up to the next `===` line: (header, body).
+pub fn sections(out: &str) -> impl Iterator<Item = (&str, &str)> {
+    out.match_indices("=== ")
+        .filter(|(i, _)| *i == 0 || out.as_bytes()[i - 1] == b'\n')
+        .filter_map(|(i, _)| {
+            let rest = &out[i + 4..];
+            let (header, body) = rest.split_once('\n')?;
+            let end = if body.starts_with("===") {
+                0
+            } else {
+                body.find("\n===").unwrap_or(body.len())
+            };
+            Some((header, &body[..end]))
+        })
+}
+
+/// The body of the first section headed exactly `=== header` ([`sections`]).
+pub fn section<'a>(out: &'a str, header: &str) -> Option<&'a str> {
+    sections(out)
+        .find(|(h, _)| *h == header)
+        .map(|(_, body)| body)
 }
 
 /// Checks what every system run must show: the daemon ended cleanly, none died, no VMM
@@ -291,13 +313,9 @@ pub fn assert_clean_ending_allowing(out: &str, expected: &[&str]) {
     assert!(!out.contains("NO-PROGRESS"), "{out}");
     assert!(!out.contains("CLIENT-DOWN"), "{out}");
     assert!(!out.contains("ORPHAN"), "VMM processes left behind:\n{out}");
-    let errors: Vec<&str> = out
-        .split("\n=== kernel ")
-        .skip(1)
-        .flat_map(|section| {
-            let section = &section[..section.find("\n===").unwrap_or(section.len())];
-            crate::kernel_error_lines(section)
-        })
+    let errors: Vec<&str> = sections(out)
+        .filter(|(header, _)| header.starts_with("kernel "))
+        .flat_map(|(_, body)| crate::kernel_error_lines(body))
         .filter(|l| !expected.iter().any(|e| l.contains(e)))
         .collect();
     assert!(
@@ -311,9 +329,7 @@ pub fn assert_clean_ending_allowing(out: &str, expected: &[&str]) {
 /// or restart counted, and the driver VM started exactly once.
 pub fn assert_no_faults(out: &str) {
     let out = &out.replace('\r', "");
-    let events = out
-        .split("=== final events\n")
-        .nth(1)
+    let events = section(out, "final events")
         .and_then(|s| s.lines().next())
         .unwrap_or_else(|| panic!("no final events in:\n{out}"));
     let v: serde_json::Value = serde_json::from_str(events).expect("events JSON");
@@ -322,11 +338,7 @@ pub fn assert_no_faults(out: &str) {
         list.is_empty(),
         "unexpected driver VM faults: {events}\n{out}"
     );
-    let m = out
-        .split("=== final metrics\n")
-        .nth(1)
-        .map(|s| &s[..s.find("\n===").unwrap_or(s.len())])
-        .unwrap_or_else(|| panic!("no final metrics in:\n{out}"));
+    let m = section(out, "final metrics").unwrap_or_else(|| panic!("no final metrics in:\n{out}"));
     assert_eq!(metric_sum(m, "ddvmm_driver_faults_total"), 0.0, "{m}");
     assert_eq!(metric_sum(m, "ddvmm_driver_restarts_total"), 0.0, "{m}");
     assert_eq!(
@@ -338,9 +350,30 @@ pub fn assert_no_faults(out: &str) {
 
 /// The section of the output after `=== console <client>` up to the next `===`.
 pub fn console<'a>(out: &'a str, client: &str) -> &'a str {
-    let start = out
-        .find(&format!("=== console {client}\n"))
-        .unwrap_or_else(|| panic!("no console of {client} in:\n{out}"));
-    let rest = &out[start + 12..];
-    &rest[..rest.find("\n===").unwrap_or(rest.len())]
+    section(out, &format!("console {client}"))
+        .unwrap_or_else(|| panic!("no console of {client} in:\n{out}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_end_at_the_next_header() {
+        let out = "boot\n=== kernel alpha\n=== kernel beta\n[ 1.0] I/O error\n=== console alpha\n\
+                   a=== not a header\nDONE\n=== metrics\nm 1\n";
+        let all: Vec<(&str, &str)> = sections(out).collect();
+        assert_eq!(
+            all,
+            [
+                ("kernel alpha", ""),
+                ("kernel beta", "[ 1.0] I/O error"),
+                ("console alpha", "a=== not a header\nDONE"),
+                ("metrics", "m 1\n"),
+            ]
+        );
+        assert_eq!(console(out, "alpha"), "a=== not a header\nDONE");
+        assert_eq!(section(out, "console"), None);
+        assert_eq!(metrics_section(out), "m 1\n");
+    }
 }

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use ddvmm_tests::repo_root;
+use ddvmm_tests::sniff_binary;
 use ddvmm_tests::system::{
     assert_clean_ending, assert_no_faults, backing_file, client_ip, client_mac, client_net_up,
-    console, metric, metrics_section, System, PEER_IP,
+    console, metric, metrics_section, section, System, PEER_IP,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2400);
@@ -80,6 +80,14 @@ cat /tmp/sniff-spoofed.txt /tmp/sniff-alpha.txt
     s
 }
 
+/// The frames from `mac` a `sniff` on `iface` counted (its `SNIFF IFACE MAC N TOTAL` line).
+fn sniff_count(text: &str, iface: &str, mac: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("SNIFF {iface} {mac} ")))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no capture result on {iface} for {mac}:\n{text}"))
+}
+
 #[test]
 fn two_clients_reach_the_peer_and_each_other_through_the_driver_vm() {
     let disk = backing_file("driver-net.img", 16);
@@ -100,7 +108,7 @@ fn two_clients_reach_the_peer_and_each_other_through_the_driver_vm() {
     let (host, prelude) = system.host_and_prelude();
     // Every frame leaving the driver VM for the host's bridge and the peer crosses the TAP:
     // a capture there counts alpha's genuine frames and any with the spoofed source.
-    let host = host.program("sniff", repo_root().join("target/release/sniff"));
+    let host = host.program("sniff", sniff_binary().expect("sniff binary"));
     let alpha_mac = client_mac(0);
     let script = format!(
         r#"{prelude}
@@ -177,12 +185,7 @@ echo "=== metrics"; $CTL metrics
     }
     // Not one frame with the spoofed source left the driver VM (while the same capture saw
     // alpha's own frames: the stream, the pings).
-    let sniffed = |mac: &str| -> u64 {
-        log.lines()
-            .find_map(|l| l.strip_prefix(&format!("SNIFF ddtap0 {mac} ")))
-            .and_then(|r| r.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no capture result for {mac}:\n{log}"))
-    };
+    let sniffed = |mac: &str| sniff_count(log, "ddtap0", mac);
     assert_eq!(
         sniffed(SPOOFED_MAC),
         0,
@@ -193,13 +196,7 @@ echo "=== metrics"; $CTL metrics
         "the capture saw too little of alpha:\n{log}"
     );
     // Nor did one reach beta, whose own capture saw alpha's genuine broadcasts.
-    let beta = console(log, "beta");
-    let beta_sniffed = |mac: &str| -> u64 {
-        beta.lines()
-            .find_map(|l| l.strip_prefix(&format!("SNIFF eth0 {mac} ")))
-            .and_then(|r| r.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no capture result of beta for {mac}:\n{beta}"))
-    };
+    let beta_sniffed = |mac: &str| sniff_count(console(log, "beta"), "eth0", mac);
     assert!(console(log, "alpha").contains("ARPING rc=0"), "{log}");
     assert_eq!(
         beta_sniffed(SPOOFED_MAC),
@@ -211,8 +208,7 @@ echo "=== metrics"; $CTL metrics
         "beta's capture missed alpha:\n{log}"
     );
     // The peer learnt the clients by their own MACs only.
-    let neigh = &log[log.find("=== bridge\n").expect("neighbours") + 11..];
-    let neigh = &neigh[..neigh.find("\n===").unwrap_or(neigh.len())];
+    let neigh = section(log, "bridge").expect("neighbours");
     assert!(neigh.contains(&client_mac(0)), "{neigh}");
     assert!(!neigh.contains(SPOOFED_MAC), "{neigh}");
 }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use ddvmm_tests::system::{
-    assert_clean_ending, assert_clean_ending_allowing, backing_file, client_net_up, console,
-    metric, metric_sum, metrics_section, System, MIB, PEER_IP,
+    assert_clean_ending, assert_clean_ending_allowing, backing_file, client_ip, client_net_up,
+    console, metric, metric_sum, metrics_section, section, System, MIB, PEER_IP,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
@@ -389,9 +389,7 @@ echo "=== metrics"; $CTL metrics
         "{log}"
     );
     assert!(c.contains("PROBE-END"), "{log}");
-    let poison_events = log
-        .split("=== poison events\n")
-        .nth(1)
+    let poison_events = section(log, "poison events")
         .and_then(|s| s.lines().next())
         .unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(poison_events).expect("events JSON");
@@ -409,9 +407,7 @@ echo "=== metrics"; $CTL metrics
         [0, 0, 1],
         "three kernel panics, then the request failed alone: {poison_events}\n{log}"
     );
-    let list = log
-        .split("=== quarantined list\n")
-        .nth(1)
+    let list = section(log, "quarantined list")
         .and_then(|s| s.lines().next())
         .unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(list).expect("list JSON");
@@ -523,10 +519,7 @@ echo "=== metrics"; $CTL metrics
     assert_eq!(metric_sum(m, "ddvmm_ring_disk_errors_total{"), 0.0, "{m}");
     assert_eq!(metric_sum(m, "ddvmm_injected_faults_total{"), 3.0, "{m}");
     // The last driver VM got the function reset before its guest ran.
-    let vmm_log = log
-        .split("=== vmm log storage\n")
-        .nth(1)
-        .expect("driver VMM log");
+    let vmm_log = section(log, "vmm log storage").expect("driver VMM log");
     assert!(vmm_log.contains("function reset"), "{vmm_log}");
     // The marker the client wrote went through the driver VM's nvme driver into this file.
     let pool = std::fs::read(&disk).expect("read pool");
@@ -539,8 +532,10 @@ echo "=== metrics"; $CTL metrics
 const NET_FAULTS: [&str; 5] = ["panic", "hang", "kill", "triple-fault", "reset"];
 
 /// A paced stream as a CGI program for busybox `httpd`: 64 KiB of fresh random data a second,
-/// each chunk also appended to `$SENT`, until `STOP_CMD` succeeds; then `$DONE` is created.
-/// One HTTP response, so one TCP connection for the whole stream.
+/// each chunk also appended to `SENT`, until `STOP_CMD` succeeds; then `DONE` is created, and
+/// `DONE.failed` before it if a write to the connection failed (the stream ends there). One
+/// HTTP response, so one TCP connection for the whole stream. (No shell variables: the
+/// host's copy is written through an unquoted here-document.)
 fn paced_cgi(sent: &str, done: &str, stop_cmd: &str) -> String {
     format!(
         r#"#!/bin/sh
@@ -549,12 +544,17 @@ printf 'Content-Type: application/octet-stream\r\n\r\n'
 until {stop_cmd}; do
     head -c 65536 /dev/urandom > {sent}.chunk
     cat {sent}.chunk >> {sent}
-    cat {sent}.chunk
+    cat {sent}.chunk || {{ touch {done}.failed; break; }}
     sleep 1
 done
 touch {done}
 "#
     )
+}
+
+/// Shell: `0` if the stream that created `DONE` wrote everything, else `1`.
+fn stream_rc(done: &str) -> String {
+    format!("$([ -e {done}.failed ] && echo 1 || echo 0)")
 }
 
 /// A client that keeps one long, paced TCP connection with the peer until the host ends it
@@ -584,8 +584,9 @@ chmod +x /tmp/www/cgi-bin/stream
 httpd -p 8081 -h /tmp/www
 echo "UPLOAD-SERVING"
 while [ ! -e /tmp/cgi-done ]; do sleep 1; done
-echo "TRANSFER-RC 0"
-echo "TX-SHA $(sha256sum /tmp/sent.bin | cut -d' ' -f1) $(wc -c < /tmp/sent.bin)""#
+echo "TRANSFER-RC {rc}"
+echo "TX-SHA $(sha256sum /tmp/sent.bin | cut -d' ' -f1) $(wc -c < /tmp/sent.bin)""#,
+            rc = stream_rc("/tmp/cgi-done"),
         )
     };
     format!(
@@ -647,12 +648,14 @@ wait $UP; echo "UP-RC $?"
 echo "UP-SHA $(sha256sum $WORK/up.bin | cut -d' ' -f1) $(wc -c < $WORK/up.bin)"
 wait_done alpha beta
 while [ ! -e $WORK/down-done ]; do sleep 1; done
+echo "DOWN-RC {down_rc}"
 echo "DOWN-SHA $(sha256sum $WORK/sent-down.bin | cut -d' ' -f1) $(wc -c < $WORK/sent-down.bin)"
 echo "=== metrics"; $CTL metrics
 {ending}"#,
         n = kinds.len(),
         kinds = kinds.join(","),
-        alpha_ip = ddvmm_tests::system::client_ip(0),
+        alpha_ip = client_ip(0),
+        down_rc = stream_rc("$WORK/down-done"),
         ending = system.ending(false),
     );
     let out = host.run(&script, TIMEOUT).expect("test host run");
@@ -689,6 +692,7 @@ echo "=== metrics"; $CTL metrics
     // Both streams arrived whole and intact: what one end sent is what the other received
     // (checksum and size), and they ran across the whole campaign.
     assert!(log.contains("UP-RC 0"), "{log}");
+    assert!(log.contains("DOWN-RC 0"), "{log}");
     assert_eq!(
         field(console(log, "beta"), "RX-SHA "),
         field(log, "DOWN-SHA "),
