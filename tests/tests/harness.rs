@@ -32,14 +32,26 @@ while :; do sleep 60; done
     // The diagnostics came from the live test host: the frozen daemon is listed, stopped.
     assert!(output.contains("=== harness diagnostics"), "{output}");
     assert!(output.contains("DDVMM-DIAG-END"), "{output}");
-    let frozen = output
+    // The daemon's own entry: its threads (the lines after its `--- pid` line, up to the
+    // next process) are stopped.
+    let (_, after) = output
+        .split_once("--- pid ")
+        .filter(|(_, rest)| {
+            rest.lines()
+                .next()
+                .is_some_and(|l| l.contains("daemon --config"))
+        })
+        .unwrap_or_else(|| panic!("daemon not first in the diagnostics' processes:\n{output}"));
+    let tasks: Vec<&str> = after
         .lines()
-        .find(|l| l.contains("daemon --config") && l.starts_with("--- pid"))
-        .unwrap_or_else(|| panic!("daemon not in diagnostics:\n{output}"));
-    assert!(!frozen.is_empty());
+        .skip(1)
+        .take_while(|l| !l.starts_with("--- "))
+        .filter(|l| l.starts_with("task "))
+        .collect();
+    assert!(!tasks.is_empty(), "no threads of the daemon:\n{output}");
     assert!(
-        output.contains("state T"),
-        "the stopped daemon's threads show state T:\n{output}"
+        tasks.iter().all(|t| t.contains(" state T ")),
+        "the stopped daemon's threads show state T: {tasks:?}"
     );
     // One attempt: a hang is never retried (the whole run well under two quiet limits plus
     // boot and diagnostics).

@@ -180,8 +180,8 @@ fn guest_flush_reaches_the_backing_device() {
 head -c 1048576 /dev/urandom > /tmp/p
 dd if=/tmp/p of=/dev/vda bs=1M count=1 oflag=direct 2>/dev/null
 echo "WRITTEN $?"
-# Wait for the host's go (it counts the disk's written sectors first): a sentinel it writes
-# to the second disk.
+# Wait for the host's go (it reads the disk's flush count first): a sentinel it writes to
+# the second disk.
 i=0
 until dd if=/dev/vdb bs=4096 count=1 iflag=direct 2>/dev/null | grep -q DDVMM-GO || [ $i -ge 600 ]; do
     sleep 1; i=$((i + 1))
@@ -221,7 +221,7 @@ echo "DISK-FLUSHES before $((f1 - f0)) after $((f2 - f1))"
         .disk(&disk)
         .disk(&gate)
         .file("guest.img", guest_initrd(guest), 0o644);
-    if !host.emulated_only("needs a disk whose page cache and write count the test controls") {
+    if !host.emulated_only("needs the flush count of the test host's own NVMe disk") {
         return;
     }
     let out = host.run(script, TIMEOUT).expect("test host run");

@@ -607,7 +607,7 @@ mod tests {
             back.iter().all(|b| *b == 0x5a),
             "the read-only disk changed"
         );
-        // Reads still work.
+        // Reads still work, and return the disk's bytes.
         let c = run(
             &m,
             &d,
@@ -616,6 +616,9 @@ mod tests {
             D::new(0x4000, 512, WRITE | NEXT, 2),
         );
         assert_eq!(c.status, VIRTIO_BLK_S_OK);
+        let mut read = [0u8; 512];
+        m.read_slice(&mut read, GuestAddress(0x4000)).expect("read");
+        assert_eq!(read, [0x5a; 512]);
     }
 
     #[test]
