@@ -44,22 +44,26 @@ nextest:
 # One profile (release) for the binary under test and the tests themselves. The report at the
 # end: every test's time and test-host attempts, every retry with its cause and evidence.
 LOGS := target/testhost-logs
+# Before a run: no records of an earlier one. After it: the report, whatever the result.
+FORGET_RUNS := mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl \
+	target/nextest/default/junit.xml
+REPORT := $(CARGO) run --release -q -p ddvmm-tests --bin test-report
 test: deps images build driver-image nextest
-	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl target/nextest/default/junit.xml
+	@$(FORGET_RUNS)
 	@rc=0; \
 	$(CARGO) nextest run --release --workspace $(NEXTEST_ARGS) || rc=$$?; \
 	$(CARGO) test --release --workspace --doc -q || rc=$$?; \
-	$(CARGO) run --release -q -p ddvmm-tests --bin test-report; \
+	$(REPORT); \
 	exit $$rc
 
 # The long campaigns: the 20-fault recovery campaign (one of each kind, then 14 mixed faults).
 # The 1000-fault soak is `make soak-recovery`.
 test-long: deps images build driver-image nextest
-	@mkdir -p $(LOGS) && rm -f $(LOGS)/runs.jsonl $(LOGS)/retries.jsonl target/nextest/default/junit.xml
+	@$(FORGET_RUNS)
 	@rc=0; \
 	DDVMM_MIXED_FAULTS=14 $(CARGO) nextest run --release -p ddvmm-tests --test recovery \
 	    -E 'test(=every_fault_kind_is_detected_and_recovered_without_client_errors)' || rc=$$?; \
-	$(CARGO) run --release -q -p ddvmm-tests --bin test-report; \
+	$(REPORT); \
 	exit $$rc
 
 demo: deps images build driver-image
