@@ -154,7 +154,9 @@ mod region;
 mod tests;
 
 pub use agent::{AgentRing, Completion};
-pub use client::{AgentStatus, ClientRing, ClientStats, Completed, Request, RingParams};
+pub use client::{
+    AgentStatus, ClientRing, ClientStats, Completed, Corruption, Request, RingParams,
+};
 pub use layout::{
     features, flags, need_event, offsets, Layout, Opcode, RawCompletion, RawRequest, RequestEntry,
     Status, AGENT_NOT_READY, AGENT_READY, ENTRY_SIZE, HEADER_SIZE, MAGIC, MAX_RING_ENTRIES,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::devices::virtio::ring_control::{RingCommand, RingCommands};
+use crate::devices::virtio::ring::{RingCommand, RingCommands};
 use crate::machine::FaultInjector;
 use ddvmm_translation::channel::fault;
 
@@ -81,6 +81,14 @@ pub enum ControlRequest {
         disk: usize,
         /// See [`RingCommand::Replay`].
         poison_after: u32,
+        /// Send nothing until a [`ControlRequest::Release`].
+        #[serde(default)]
+        hold: bool,
+    },
+    /// Ring disk `disk`: send again after a held replay.
+    Release {
+        /// Ring disk index.
+        disk: usize,
     },
     /// Ring disk `disk`: its driver VM is given up.
     Quarantine {
@@ -111,6 +119,9 @@ pub struct ControlReply {
     /// Requests failed by a quarantine.
     #[serde(default)]
     pub failed: u64,
+    /// Requests that one more crash would make poison.
+    #[serde(default)]
+    pub suspects: u64,
 }
 
 impl ControlReply {
@@ -156,14 +167,18 @@ impl ControlTargets {
                 .get(disk)
                 .ok_or_else(|| format!("no ring disk {disk}"))
         };
-        let outcome = match *req {
-            ControlRequest::Replay { disk, poison_after } => ring(disk)
-                .and_then(|r| r.request(RingCommand::Replay { poison_after }, RING_TIMEOUT)),
-            ControlRequest::Quarantine { disk } => {
-                ring(disk).and_then(|r| r.request(RingCommand::Quarantine, RING_TIMEOUT))
-            }
+        let cmd = match *req {
+            ControlRequest::Replay {
+                disk,
+                poison_after,
+                hold,
+            } => (disk, RingCommand::Replay { poison_after, hold }),
+            ControlRequest::Release { disk } => (disk, RingCommand::Release),
+            ControlRequest::Quarantine { disk } => (disk, RingCommand::Quarantine),
             ControlRequest::Inject { fault } => return self.inject(fault),
         };
+        let outcome =
+            ring(cmd.0).and_then(|r| r.request(cmd.1, RING_TIMEOUT).map_err(|e| e.to_string()));
         match outcome {
             Ok(o) => ControlReply {
                 ok: true,
@@ -171,6 +186,7 @@ impl ControlTargets {
                 replayed: o.replayed,
                 poisoned: o.poisoned,
                 failed: o.failed,
+                suspects: o.suspects,
             },
             Err(e) => ControlReply::error(e),
         }
@@ -313,9 +329,13 @@ mod tests {
         let r = ControlRequest::Replay {
             disk: 1,
             poison_after: 3,
+            hold: true,
         };
         let s = serde_json::to_string(&r).expect("json");
-        assert_eq!(s, r#"{"op":"replay","disk":1,"poison_after":3}"#);
+        assert_eq!(
+            s,
+            r#"{"op":"replay","disk":1,"poison_after":3,"hold":true}"#
+        );
         assert_eq!(
             serde_json::from_str::<ControlRequest>(&s).expect("parse"),
             r

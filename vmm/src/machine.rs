@@ -24,6 +24,7 @@ use crate::arch::x86_64::layout::{ports, PCI_CONFIG_IO, PCI_MMIO_END, PCI_MMIO_S
 use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
+pub use crate::devices::channel::ChannelFds;
 use crate::devices::channel::{self, ChannelDevice, ChannelError, ChannelInfo};
 use crate::devices::i8042::I8042;
 use crate::devices::pci::msix::{IrqRouter, MsixError};
@@ -38,7 +39,7 @@ use crate::devices::virtio::net::ring_frontend::{RingNet, RingNetError, RingNetS
 use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
-use crate::devices::virtio::ring_control::RingCommands;
+use crate::devices::virtio::ring::RingCommands;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::{self, KvmError};
@@ -93,25 +94,6 @@ pub struct NetConfig {
     pub tap: String,
     /// Guest MAC address.
     pub mac: [u8; 6],
-}
-
-/// Descriptors shared with the other end of a channel (handed down by the daemon). Cloning
-/// shares them.
-#[derive(Debug, Clone)]
-pub struct ChannelFds {
-    /// The channel memory (a memfd of a power-of-two size).
-    pub memory: Arc<File>,
-    /// Client to driver VM: the driver VM's irqfd, written by the client VMM.
-    pub kick: Arc<EventFd>,
-    /// Driver VM to client: the driver VM's doorbell ioeventfd, waited on by the client VMM.
-    pub doorbell: Arc<EventFd>,
-}
-
-impl ChannelFds {
-    /// Size of the channel memory.
-    pub fn memory_size(&self) -> std::io::Result<u64> {
-        Ok(self.memory.metadata()?.len())
-    }
 }
 
 /// The driver VM's end of a block channel: a channel device.

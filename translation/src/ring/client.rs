@@ -85,7 +85,7 @@ pub struct ClientStats {
     pub bad_status: u64,
     /// Completions claiming more bytes than requested, discarded (request stays outstanding).
     pub bad_length: u64,
-    /// Polls that found the completion producer index more than a ring ahead (nothing consumed).
+    /// Times a peer index was found more than a ring away (the ring then turned corrupt).
     pub bad_index: u64,
 }
 
@@ -142,6 +142,18 @@ pub struct ClientRing<R: SharedRegion> {
     slots: Vec<SlotState>,
     free: Vec<u32>,
     stats: ClientStats,
+    /// Sticky until the next generation: an agent index broke the ring's invariants, so
+    /// nothing more is consumed from or published to it.
+    corrupt: Option<Corruption>,
+}
+
+/// Which agent-written index broke the ring (see [`ClientRing::corruption`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Corruption {
+    /// `cmp_prod` more than a ring ahead of the client's `cmp_cons`.
+    CompletionProducer,
+    /// `req_cons` more than a ring behind, or ahead of, the client's `req_prod`.
+    RequestConsumer,
 }
 
 impl<R: SharedRegion> ClientRing<R> {
@@ -194,6 +206,7 @@ impl<R: SharedRegion> ClientRing<R> {
             slots: vec![SlotState::Free; layout.slot_count as usize],
             free: (0..layout.slot_count).rev().collect(),
             stats: ClientStats::default(),
+            corrupt: None,
         })
     }
 
@@ -215,6 +228,22 @@ impl<R: SharedRegion> ClientRing<R> {
     /// Counters.
     pub fn stats(&self) -> ClientStats {
         self.stats
+    }
+
+    /// Whether (and how) the agent broke the ring in this generation. A corrupt ring is dead
+    /// until [`new_generation`](Self::new_generation): [`poll_completions`](Self::poll_completions)
+    /// returns nothing, [`submit`](Self::submit) refuses with [`RingError::IndexCorrupt`] and
+    /// [`enable_notify`](Self::enable_notify) reports nothing pending, so no caller can spin on
+    /// it. The outstanding requests stay outstanding, to be replayed.
+    pub fn corruption(&self) -> Option<Corruption> {
+        self.corrupt
+    }
+
+    fn mark_corrupt(&mut self, what: Corruption) {
+        if self.corrupt.is_none() {
+            self.stats.bad_index += 1;
+            self.corrupt = Some(what);
+        }
     }
 
     /// Readiness, heartbeat and accepted features of the agent, as it claims them.
@@ -270,13 +299,19 @@ impl<R: SharedRegion> ClientRing<R> {
             slot: slot_probe,
         };
         self.layout.check_request(&raw)?;
+        if self.corrupt.is_some() {
+            return Err(RingError::IndexCorrupt);
+        }
         if self.pending.len() >= self.layout.ring_entries as usize {
             return Err(RingError::RingFull);
         }
         // The agent's consumer index is untrusted; it only gates whether the entry is free.
         let cons = self.region.load_u32(o::REQ_CONS, Load::Acquire)?;
         match self.req_prod.wrapping_sub(cons) {
-            used if used > self.layout.ring_entries => return Err(RingError::IndexCorrupt),
+            used if used > self.layout.ring_entries => {
+                self.mark_corrupt(Corruption::RequestConsumer);
+                return Err(RingError::IndexCorrupt);
+            }
             used if used == self.layout.ring_entries => return Err(RingError::RingFull),
             _ => {}
         }
@@ -337,30 +372,42 @@ impl<R: SharedRegion> ClientRing<R> {
 
     /// Arms the completion notification before sleeping: asks the agent to notify once a
     /// completion beyond the consumed ones is published. Returns true if completions are
-    /// already pending (poll instead of sleeping).
+    /// already pending (poll instead of sleeping). A corrupt ring has nothing pending.
     pub fn enable_notify(&mut self) -> bool {
+        if self.corrupt.is_some() {
+            return false;
+        }
         let armed = self
             .region
             .store_u32(o::CMP_EVENT, self.cmp_cons, Store::Release);
         fence(Ordering::SeqCst);
         match (armed, self.region.load_u32(o::CMP_PROD, Load::Acquire)) {
+            (Ok(()), Ok(prod)) if prod.wrapping_sub(self.cmp_cons) > self.layout.ring_entries => {
+                self.mark_corrupt(Corruption::CompletionProducer);
+                false
+            }
             (Ok(()), Ok(prod)) => prod != self.cmp_cons,
-            _ => true,
+            // Unreachable with a valid layout (checked at creation).
+            _ => false,
         }
     }
 
     /// Consumes everything the agent published and returns the completions that are valid:
     /// current generation, outstanding id, known status, length within the request. Everything
     /// else is counted in [`stats`](Self::stats) and dropped; the requests concerned stay
-    /// outstanding.
+    /// outstanding. At most `ring_entries` entries are read per call; a producer index more
+    /// than a ring ahead makes the ring [corrupt](Self::corruption).
     pub fn poll_completions(&mut self) -> Vec<Completed> {
         let mut out = Vec::new();
+        if self.corrupt.is_some() {
+            return out;
+        }
         let Ok(prod) = self.region.load_u32(o::CMP_PROD, Load::Acquire) else {
             return out;
         };
         let avail = prod.wrapping_sub(self.cmp_cons);
         if avail > self.layout.ring_entries {
-            self.stats.bad_index += 1;
+            self.mark_corrupt(Corruption::CompletionProducer);
             return out;
         }
         for _ in 0..avail {
@@ -457,6 +504,7 @@ impl<R: SharedRegion> ClientRing<R> {
         r.zero(self.layout.req_ring, self.layout.slots - HEADER_SIZE)?;
         r.store_u64(o::GENERATION, self.generation, Store::Release)?;
         self.notified = self.req_prod;
+        self.corrupt = None;
         self.by_id.clear();
         let replay: Vec<Request> = std::mem::take(&mut self.pending)
             .into_values()

@@ -407,23 +407,49 @@ fn bogus_completions_are_counted_and_ignored() {
     // Its slot is still in flight: not readable.
     assert!(client.read_slot(0, 0, &mut [0; 8]).is_err());
 
-    // A producer index far ahead: nothing consumed, counted.
+    // A producer index far ahead: nothing consumed, and the ring is corrupt for good (this
+    // generation): an index put back does not revive it, nothing reports "pending".
     let cons = region.load_u32(offsets::CMP_CONS, Load::Relaxed).unwrap();
     region
         .store_u32(offsets::CMP_PROD, cons.wrapping_add(17), Store::Release)
         .unwrap();
     assert!(client.poll_completions().is_empty());
-    region
-        .store_u32(offsets::CMP_PROD, cons.wrapping_sub(1), Store::Release)
-        .unwrap();
-    assert!(client.poll_completions().is_empty());
-    assert_eq!(client.stats().bad_index, 2);
-
-    // Once the agent behaves, the real completion goes through.
+    assert_eq!(client.corruption(), Some(Corruption::CompletionProducer));
     region
         .store_u32(offsets::CMP_PROD, cons, Store::Release)
         .unwrap();
     inject(&region, &layout, raw(1, gen, 0, 1024));
+    assert!(client.poll_completions().is_empty());
+    assert!(
+        !client.enable_notify(),
+        "a corrupt ring has nothing pending"
+    );
+    assert_eq!(
+        client.submit(req(9, Opcode::Flush, 0, 0), None),
+        Err(RingError::IndexCorrupt)
+    );
+    assert_eq!(client.stats().bad_index, 1);
+    assert_eq!(
+        client.outstanding_len(),
+        1,
+        "the request stays, to be replayed"
+    );
+
+    // A new generation (a new agent) serves the replayed request.
+    let replay = client.new_generation().unwrap();
+    assert_eq!(client.corruption(), None);
+    assert_eq!(replay.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1]);
+    client.submit(replay[0], None).unwrap();
+    let mut agent = AgentRing::attach(region.clone(), features::ALL).unwrap();
+    let r = agent.pop_request().unwrap().unwrap();
+    agent.write_slot(r.slot.unwrap(), 0, &[7; 1024]).unwrap();
+    agent
+        .complete(Completion {
+            id: 1,
+            status: Status::Ok,
+            len: 1024,
+        })
+        .unwrap();
     let done = client.poll_completions();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].len, 1024);
@@ -431,9 +457,22 @@ fn bogus_completions_are_counted_and_ignored() {
     client
         .read_slot(done[0].slot.unwrap(), 0, &mut buf)
         .unwrap();
+    assert_eq!(buf, [7; 1024]);
     assert!(client
         .read_slot(done[0].slot.unwrap(), 1, &mut vec![0; SLOT as usize])
         .is_err());
+}
+
+#[test]
+fn an_index_behind_is_as_corrupt_as_one_ahead() {
+    let (mut client, _agent) = pair(8, 8);
+    let region = client.region().clone();
+    region
+        .store_u32(offsets::CMP_PROD, u32::MAX, Store::Release)
+        .unwrap();
+    assert!(!client.enable_notify());
+    assert_eq!(client.corruption(), Some(Corruption::CompletionProducer));
+    assert!(client.poll_completions().is_empty());
 }
 
 #[test]
@@ -447,13 +486,20 @@ fn client_survives_hostile_request_consumer_index() {
         client.submit(req(1, Opcode::Flush, 0, 0), None),
         Err(RingError::IndexCorrupt)
     );
+    assert_eq!(client.corruption(), Some(Corruption::RequestConsumer));
     region
         .store_u32(offsets::REQ_EVENT, 12345, Store::Release)
         .unwrap();
     let _ = client.needs_notify_agent();
+    // Sticky: the index put back does not make the ring usable again in this generation.
     region
         .store_u32(offsets::REQ_CONS, 0, Store::Release)
         .unwrap();
+    assert_eq!(
+        client.submit(req(1, Opcode::Flush, 0, 0), None),
+        Err(RingError::IndexCorrupt)
+    );
+    client.new_generation().unwrap();
     client.submit(req(1, Opcode::Flush, 0, 0), None).unwrap();
 }
 

@@ -62,6 +62,8 @@ pub enum Detection {
     NoProgress,
     /// A client counted garbage completions.
     CorruptCompletions,
+    /// A client's ring was broken by an agent index (the ring stopped until a new generation).
+    CorruptRing,
     /// The agents were not ready within the boot timeout.
     BootTimeout,
 }
@@ -91,6 +93,7 @@ impl Detection {
             Detection::Heartbeat => "heartbeat",
             Detection::NoProgress => "no-progress",
             Detection::CorruptCompletions => "corrupt-completions",
+            Detection::CorruptRing => "corrupt-ring",
             Detection::BootTimeout => "boot-timeout",
         }
     }
@@ -105,6 +108,11 @@ pub struct FaultEvent {
     pub injected: Option<FaultKind>,
     /// How it was detected.
     pub detected_by: Detection,
+    /// The channel (`client/disk`) the evidence came from, when it came from one: a stall,
+    /// a broken ring, garbage completions, or a crash while that channel's suspect request
+    /// was alone on the ring.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
     /// Wall clock of the detection (ms since the epoch).
     pub detected_at_ms: u64,
     /// Injection to detection.
@@ -163,6 +171,10 @@ pub struct FaultBook {
     pub detection: BTreeMap<FaultKind, Summary>,
     /// Restart times by driver within the policy window.
     restart_times: BTreeMap<String, VecDeque<Instant>>,
+    /// Crashes attributed to a channel (its poison request), times within the policy window.
+    channel_strikes: BTreeMap<(String, usize), VecDeque<Instant>>,
+    /// Channels given up on their own (their driver VM serves the others), by (client, disk).
+    pub quarantined_channels: BTreeMap<(String, usize), String>,
     /// Boots not caused by a recovery (start to agents ready), milliseconds, most recent last.
     pub cold_boots_ms: VecDeque<f64>,
 }
@@ -183,6 +195,40 @@ struct ChannelWatch {
     bogus: Option<u64>,
 }
 
+/// What one recovery round starts from.
+struct Round {
+    detection: Detection,
+    injected: Option<FaultKind>,
+    detect_ms: Option<f64>,
+    /// The channel the evidence came from.
+    channel: Option<(String, usize)>,
+    /// The fault is that channel's (its suspect request was alone on the ring).
+    attributed: bool,
+}
+
+impl Round {
+    /// A round started by a detection during recovery (not injected).
+    fn detected(detection: Detection, channel: Option<(String, usize)>, attributed: bool) -> Self {
+        Round {
+            detection,
+            injected: None,
+            detect_ms: None,
+            channel,
+            attributed,
+        }
+    }
+}
+
+/// What the clients did on a replay.
+#[derive(Default)]
+struct Replayed {
+    replayed: u64,
+    /// Poisoned requests by channel.
+    poisoned: Vec<((String, usize), u64)>,
+    /// Channels holding suspects, in channel order.
+    suspects: Vec<(String, usize)>,
+}
+
 /// One channel of a driver VM as the daemon sees it.
 struct ChannelView {
     /// Position in the supervisor's channel list.
@@ -198,8 +244,11 @@ struct ChannelView {
 #[derive(Debug, Clone, Copy)]
 struct DiskCounters {
     outstanding: u64,
+    waiting: u64,
     completed: u64,
     bogus: u64,
+    corrupt: bool,
+    suspects: u64,
 }
 
 /// A running client's ring disk counters, from one read of its stats page.
@@ -215,8 +264,11 @@ fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<DiskCounte
     let d = &page["rings"][disk];
     Some(DiskCounters {
         outstanding: d["outstanding"].as_u64()?,
+        waiting: d["waiting"].as_u64().unwrap_or(0),
         completed: d["completed"].as_u64()?,
         bogus: d["bogus_completions"].as_u64()?,
+        corrupt: d["corrupt"].as_u64().unwrap_or(0) != 0,
+        suspects: d["suspects"].as_u64().unwrap_or(0),
     })
 }
 
@@ -236,6 +288,16 @@ impl Supervisor {
     /// Entry point for every detection: starts a recovery unless one is under way or the
     /// VM is not supposed to run.
     pub(super) fn fault_detected(self: &Arc<Self>, name: &str, detection: Detection) {
+        self.fault_detected_on(name, detection, None);
+    }
+
+    /// As [`fault_detected`](Self::fault_detected), with the channel the evidence came from.
+    fn fault_detected_on(
+        self: &Arc<Self>,
+        name: &str,
+        detection: Detection,
+        channel: Option<(String, usize)>,
+    ) {
         if !self.recovery.enabled {
             tracing::error!(
                 vm = name,
@@ -260,6 +322,7 @@ impl Supervisor {
         tracing::warn!(
             vm = name,
             detected_by = detection.name(),
+            channel = channel.as_ref().map(|(c, d)| format!("{c}/{d}")),
             injected = injected.map(|(k, _)| k.name()),
             detect_ms,
             "driver VM fault"
@@ -275,63 +338,89 @@ impl Supervisor {
         let name = name.to_string();
         let fault_at = injected.map_or(detected, |(_, t)| t);
         tokio::spawn(async move {
-            me.recover(
-                &name,
+            let first = Round {
                 detection,
-                injected.map(|(k, _)| k),
+                injected: injected.map(|(k, _)| k),
                 detect_ms,
-                fault_at,
-            )
-            .await;
+                channel,
+                attributed: false,
+            };
+            me.recover(&name, first, fault_at).await;
             if let Some(vm) = me.lock().vms.get_mut(&name) {
                 vm.recovering = false;
             }
         });
     }
 
+    /// Counts a restart of `name` against its policy window; `None` if the cap is reached.
+    fn restart_allowed(&self, name: &str) -> Option<Duration> {
+        let mut b = self.book();
+        let window = Duration::from_secs(self.recovery.restart_window_s);
+        let times = b.restart_times.entry(name.to_string()).or_default();
+        while times.front().is_some_and(|t| t.elapsed() > window) {
+            times.pop_front();
+        }
+        if times.len() >= self.recovery.max_restarts as usize {
+            return None;
+        }
+        times.push_back(Instant::now());
+        let n = times.len().min(32) as u32;
+        let ms = self
+            .recovery
+            .backoff_initial_ms
+            .saturating_mul(1u64 << (n - 1).min(20))
+            .min(self.recovery.backoff_max_ms);
+        Some(Duration::from_millis(ms))
+    }
+
+    /// A channel's request turned out poison: the crashes it was on the ring at are that
+    /// channel's, not the driver VM's. Takes them off the driver VM's restart window, adds
+    /// them to the channel's, and returns whether the channel reached the cap.
+    fn charge_channel(&self, driver: &str, channel: &(String, usize), crashes: u32) -> bool {
+        let mut b = self.book();
+        if let Some(times) = b.restart_times.get_mut(driver) {
+            for _ in 1..crashes {
+                times.pop_back();
+            }
+        }
+        let window = Duration::from_secs(self.recovery.restart_window_s);
+        let strikes = b.channel_strikes.entry(channel.clone()).or_default();
+        while strikes.front().is_some_and(|t| t.elapsed() > window) {
+            strikes.pop_front();
+        }
+        for _ in 0..crashes {
+            strikes.push_back(Instant::now());
+        }
+        strikes.len() >= self.recovery.max_restarts as usize
+    }
+
     /// One recovery, in rounds until a driver VM serves again or the VM is quarantined.
-    async fn recover(
-        self: &Arc<Self>,
-        name: &str,
-        mut detection: Detection,
-        mut injected: Option<FaultKind>,
-        mut detect_ms: Option<f64>,
-        fault_at: Instant,
-    ) {
+    async fn recover(self: &Arc<Self>, name: &str, mut round: Round, fault_at: Instant) {
         loop {
             self.kill_and_wait(name).await;
             let mut event = FaultEvent {
                 driver: name.to_string(),
-                injected,
-                detected_by: detection,
+                injected: round.injected,
+                detected_by: round.detection,
+                channel: round.channel.as_ref().map(|(c, d)| format!("{c}/{d}")),
                 detected_at_ms: now_ms(),
-                detect_ms,
+                detect_ms: round.detect_ms,
                 outage_ms: None,
                 boot_ms: None,
                 replayed: 0,
                 poisoned: 0,
                 outcome: "restarted",
             };
-            let backoff = {
-                let mut b = self.book();
-                *b.faults.entry((name.to_string(), detection)).or_default() += 1;
-                let window = Duration::from_secs(self.recovery.restart_window_s);
-                let times = b.restart_times.entry(name.to_string()).or_default();
-                while times.front().is_some_and(|t| t.elapsed() > window) {
-                    times.pop_front();
-                }
-                if times.len() >= self.recovery.max_restarts as usize {
-                    None
-                } else {
-                    times.push_back(Instant::now());
-                    let n = times.len().min(32) as u32;
-                    let ms = self
-                        .recovery
-                        .backoff_initial_ms
-                        .saturating_mul(1u64 << (n - 1).min(20))
-                        .min(self.recovery.backoff_max_ms);
-                    Some(Duration::from_millis(ms))
-                }
+            *self
+                .book()
+                .faults
+                .entry((name.to_string(), round.detection))
+                .or_default() += 1;
+            // A crash while one channel's suspect was alone on the ring is that channel's.
+            let backoff = if round.attributed {
+                Some(Duration::from_millis(self.recovery.backoff_initial_ms))
+            } else {
+                self.restart_allowed(name)
             };
             let Some(backoff) = backoff else {
                 self.quarantine(name).await;
@@ -339,14 +428,19 @@ impl Supervisor {
                 self.log_event(event);
                 return;
             };
-            let (replayed, poisoned) = self.replay_clients(name).await;
-            event.replayed = replayed;
-            event.poisoned = poisoned;
+            let replay = self.replay_clients(name).await;
+            event.replayed = replay.replayed;
+            event.poisoned = replay.poisoned.iter().map(|p| p.1).sum();
+            for (channel, _) in &replay.poisoned {
+                if self.charge_channel(name, channel, self.recovery.poison_after) {
+                    self.quarantine_channel(name, channel).await;
+                }
+            }
             {
                 let mut b = self.book();
                 *b.restarts.entry(name.to_string()).or_default() += 1;
-                *b.replayed.entry(name.to_string()).or_default() += replayed;
-                *b.poisoned.entry(name.to_string()).or_default() += poisoned;
+                *b.replayed.entry(name.to_string()).or_default() += event.replayed;
+                *b.poisoned.entry(name.to_string()).or_default() += event.poisoned;
             }
             tokio::time::sleep(backoff).await;
             let started = self.start(name);
@@ -359,11 +453,10 @@ impl Supervisor {
                 tracing::error!(vm = name, error = %e, "restart failed");
                 event.outcome = "restart-failed";
                 self.log_event(event);
-                detection = Detection::VmmError;
-                (injected, detect_ms) = (None, None);
+                round = Round::detected(Detection::VmmError, None, false);
                 continue;
             }
-            match self.await_service(name).await {
+            match self.await_service(name, replay.suspects).await {
                 Ok(boot) => {
                     let outage = fault_at.elapsed().as_secs_f64();
                     event.outage_ms = Some(outage * 1e3);
@@ -376,22 +469,23 @@ impl Supervisor {
                     tracing::warn!(
                         vm = name,
                         outage_ms = outage * 1e3,
-                        replayed,
-                        poisoned,
+                        replayed = event.replayed,
+                        poisoned = event.poisoned,
                         "driver VM recovered"
                     );
                     self.log_event(event);
                     return;
                 }
-                Err(next) => {
+                Err((next, isolating)) => {
                     self.log_event(event);
                     tracing::warn!(
                         vm = name,
                         detected_by = next.name(),
+                        isolating = isolating.as_ref().map(|(c, d)| format!("{c}/{d}")),
                         "fault during recovery"
                     );
-                    detection = next;
-                    (injected, detect_ms) = (None, None);
+                    let attributed = isolating.is_some();
+                    round = Round::detected(next, isolating, attributed);
                 }
             }
         }
@@ -405,35 +499,64 @@ impl Supervisor {
         b.events.push_back(e);
     }
 
-    /// Tells every running client of `driver` to start a new generation and replay.
-    async fn replay_clients(&self, driver: &str) -> (u64, u64) {
-        let targets = self.client_disks_of(driver);
-        let (mut replayed, mut poisoned) = (0, 0);
-        for (client, disk) in targets {
+    /// Tells every running client of `driver` to start a new generation and replay, held
+    /// (nothing sent until [`await_service`](Self::await_service) releases it).
+    async fn replay_clients(&self, driver: &str) -> Replayed {
+        let mut out = Replayed::default();
+        for (client, disk) in self.client_disks_of(driver) {
             let req = ControlRequest::Replay {
                 disk,
                 poison_after: self.recovery.poison_after,
+                hold: true,
             };
             match self.control(&client, &req, REPLAY_TIMEOUT).await {
                 Ok(r) => {
-                    replayed += r.replayed;
-                    poisoned += r.poisoned;
+                    out.replayed += r.replayed;
+                    if r.poisoned > 0 {
+                        out.poisoned.push(((client.clone(), disk), r.poisoned));
+                    }
+                    if r.suspects > 0 {
+                        out.suspects.push((client, disk));
+                    }
                 }
                 Err(SupervisorError::NotRunning(_)) => {}
                 Err(e) => tracing::error!(client, disk, error = %e, "replay"),
             }
         }
-        (replayed, poisoned)
+        out
     }
 
-    /// (client, ring disk index) of every channel `driver` serves.
+    /// (client, ring disk index) of every channel `driver` serves, except channels given up
+    /// on their own.
     fn client_disks_of(&self, driver: &str) -> Vec<(String, usize)> {
+        let quarantined: Vec<(String, usize)> =
+            self.book().quarantined_channels.keys().cloned().collect();
         self.lock()
             .channels
             .iter()
             .filter(|c| c.driver == driver)
             .map(|c| (c.client.clone(), c.client_index))
+            .filter(|ch| !quarantined.contains(ch))
             .collect()
+    }
+
+    /// Gives up on one channel of `driver` (its requests crashed the driver VM too often):
+    /// the client fails that channel's requests; the driver VM goes on serving the others.
+    async fn quarantine_channel(&self, driver: &str, channel: &(String, usize)) {
+        let (client, disk) = channel;
+        tracing::error!(
+            vm = driver,
+            channel = format!("{client}/{disk}"),
+            "a channel's requests crashed the driver VM too often: channel quarantined"
+        );
+        self.book()
+            .quarantined_channels
+            .insert(channel.clone(), driver.to_string());
+        let req = ControlRequest::Quarantine { disk: *disk };
+        match self.control(client, &req, REPLAY_TIMEOUT).await {
+            Ok(_) | Err(SupervisorError::NotRunning(_)) => {}
+            Err(e) => tracing::error!(client, disk, error = %e, "channel quarantine"),
+        }
     }
 
     /// Gives up on `driver`: its clients fail outstanding and new requests.
@@ -463,54 +586,102 @@ impl Supervisor {
     }
 
     /// Waits until every channel of the freshly started `driver` has its agent ready on the
-    /// current generation and, where the client had requests outstanding, one of them has
-    /// completed. A fault meanwhile is returned as the next round's detection.
-    async fn await_service(&self, driver: &str) -> Result<Duration, Detection> {
+    /// current generation, releases the held channels (those with `suspects` one at a time,
+    /// each until its suspects are resolved, then all the others) and waits until, where a
+    /// client had requests to replay, one of them has completed. A fault meanwhile is returned
+    /// as the next round's detection, with the channel whose suspect was alone on the ring.
+    async fn await_service(
+        &self,
+        driver: &str,
+        mut suspects: Vec<(String, usize)>,
+    ) -> Result<Duration, (Detection, Option<(String, usize)>)> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.recovery.boot_timeout_ms);
         let mut boot = None;
         let mut baseline: BTreeMap<(String, usize), Option<u64>> = BTreeMap::new();
         for (client, disk) in self.client_disks_of(driver) {
             let before = client_disk(self, &client, disk)
-                .filter(|c| c.outstanding > 0)
+                .filter(|c| c.outstanding + c.waiting > 0)
                 .map(|c| c.completed);
             baseline.insert((client, disk), before);
         }
+        suspects.reverse();
+        let mut isolating: Option<(String, usize)> = None;
+        let mut released_all = false;
         loop {
             {
                 let g = self.lock();
-                let vm = g.vms.get(driver).ok_or(Detection::VmmError)?;
+                let vm = g.vms.get(driver).ok_or((Detection::VmmError, None))?;
                 if vm.state != VmState::Running {
-                    return Err(vm.last_detection.unwrap_or(Detection::VmmError));
+                    let d = vm.last_detection.unwrap_or(Detection::VmmError);
+                    return Err((d, isolating));
                 }
             }
             let ready = self.agents_ready(driver);
             if ready && boot.is_none() {
                 boot = Some(started.elapsed());
             }
-            let served = baseline
-                .iter()
-                .all(|((client, disk), before)| match before {
-                    None => true,
-                    Some(b) => client_disk(self, client, *disk).is_none_or(|c| c.completed > *b),
-                });
+            if ready && !released_all {
+                // The isolated channel is done once it has no suspect left (completed, or
+                // its client went away).
+                if let Some((client, disk)) = &isolating {
+                    if client_disk(self, client, *disk).is_none_or(|c| c.suspects == 0) {
+                        isolating = None;
+                    }
+                }
+                if isolating.is_none() {
+                    match suspects.pop() {
+                        Some(ch) => {
+                            self.release(&ch).await;
+                            isolating = Some(ch);
+                        }
+                        None => {
+                            for ch in baseline.keys() {
+                                self.release(ch).await;
+                            }
+                            released_all = true;
+                        }
+                    }
+                }
+            }
+            let served = released_all
+                && baseline
+                    .iter()
+                    .all(|((client, disk), before)| match before {
+                        None => true,
+                        Some(b) => {
+                            client_disk(self, client, *disk).is_none_or(|c| c.completed > *b)
+                        }
+                    });
             if let (Some(boot), true) = (boot, served) {
                 return Ok(boot);
             }
             if Instant::now() > deadline {
-                return Err(Detection::BootTimeout);
+                return Err((Detection::BootTimeout, isolating));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// Lets a held channel send again.
+    async fn release(&self, (client, disk): &(String, usize)) {
+        let req = ControlRequest::Release { disk: *disk };
+        match self.control(client, &req, REPLAY_TIMEOUT).await {
+            Ok(_) | Err(SupervisorError::NotRunning(_)) => {}
+            Err(e) => tracing::error!(client, disk, error = %e, "release"),
+        }
+    }
+
     /// The channels of `driver` whose client runs (only those have a live ring to serve).
     fn channel_views(&self, driver: &str) -> Vec<ChannelView> {
+        let quarantined: Vec<(String, usize)> =
+            self.book().quarantined_channels.keys().cloned().collect();
         let g = self.lock();
         g.channels
             .iter()
             .enumerate()
             .filter(|(_, c)| c.driver == driver)
+            .filter(|(_, c)| !quarantined.contains(&(c.client.clone(), c.client_index)))
             .filter(|(_, c)| {
                 g.vms
                     .get(&c.client)
@@ -596,7 +767,7 @@ impl Supervisor {
                     w.heartbeat = None;
                     let since = *w.not_ready_since.get_or_insert(now.max(started_at));
                     if now.duration_since(since) > boot_timeout {
-                        found = Some(Detection::BootTimeout);
+                        found = Some((Detection::BootTimeout, None));
                         break;
                     }
                     continue;
@@ -609,13 +780,19 @@ impl Supervisor {
                 if w.heartbeat
                     .is_some_and(|(_, t)| now.duration_since(t) > heartbeat_timeout)
                 {
-                    found = Some(Detection::Heartbeat);
+                    found = Some((Detection::Heartbeat, None));
                     break;
                 }
                 let Some(counters) = client_disk(&self, &client, disk) else {
                     w.completed = None;
                     continue;
                 };
+                let channel = Some((client.clone(), disk));
+                // A broken ring stops that channel until a new generation: always a restart.
+                if counters.corrupt {
+                    found = Some((Detection::CorruptRing, channel));
+                    break;
+                }
                 match counters {
                     DiskCounters {
                         outstanding,
@@ -629,7 +806,7 @@ impl Supervisor {
                         if w.completed
                             .is_some_and(|(_, t)| now.duration_since(t) > progress_timeout)
                         {
-                            found = Some(Detection::NoProgress);
+                            found = Some((Detection::NoProgress, channel));
                             break;
                         }
                     }
@@ -638,12 +815,12 @@ impl Supervisor {
                 let grew = w.bogus.is_some_and(|before| counters.bogus > before);
                 w.bogus = Some(counters.bogus);
                 if grew && cfg.restart_on_corrupt {
-                    found = Some(Detection::CorruptCompletions);
+                    found = Some((Detection::CorruptCompletions, channel));
                     break;
                 }
             }
-            if let Some(d) = found {
-                self.fault_detected(&driver, d);
+            if let Some((d, channel)) = found {
+                self.fault_detected_on(&driver, d, channel);
             }
         }
     }
@@ -951,13 +1128,11 @@ impl Supervisor {
                             continue;
                         }
                         let labels = [("vm", name.as_str()), (label, index.as_str())];
-                        if k == "outstanding" {
-                            m.gauge(
-                                &format!("{prefix}_outstanding"),
-                                "Requests on the ring",
-                                &labels,
-                                v as f64,
-                            );
+                        if let Some(help) = RING_GAUGES
+                            .iter()
+                            .find_map(|(g, help)| (g == k).then_some(*help))
+                        {
+                            m.gauge(&format!("{prefix}_{k}"), help, &labels, v as f64);
                         } else {
                             m.counter(&format!("{prefix}_{k}_total"), help, &labels, v as f64);
                         }
@@ -968,6 +1143,15 @@ impl Supervisor {
         m.render()
     }
 }
+
+/// The ring counters that are gauges (the others are counters), with their help lines.
+const RING_GAUGES: [(&str, &str); 5] = [
+    ("outstanding", "Requests on the ring"),
+    ("waiting", "Requests journaled, not yet on the ring"),
+    ("suspects", "Requests one more crash makes poison"),
+    ("corrupt", "1 while the driver VM has broken the ring"),
+    ("held", "1 while the daemon holds the channel"),
+];
 
 /// A small deterministic generator for campaign timing (not for anything secret).
 struct XorShift(u64);

@@ -28,6 +28,8 @@ use std::fs::File;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
 
@@ -363,5 +365,24 @@ mod tests {
             );
         }
         assert!(ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 3 << 20).is_err());
+    }
+}
+
+/// Descriptors shared with the other end of a channel (handed down by the daemon). Cloning
+/// shares them.
+#[derive(Debug, Clone)]
+pub struct ChannelFds {
+    /// The channel memory (a memfd of a power-of-two size).
+    pub memory: Arc<File>,
+    /// Client to driver VM: the driver VM's irqfd, written by the client VMM.
+    pub kick: Arc<EventFd>,
+    /// Driver VM to client: the driver VM's doorbell ioeventfd, waited on by the client VMM.
+    pub doorbell: Arc<EventFd>,
+}
+
+impl ChannelFds {
+    /// Size of the channel memory.
+    pub fn memory_size(&self) -> std::io::Result<u64> {
+        Ok(self.memory.metadata()?.len())
     }
 }

@@ -9,7 +9,7 @@
 pub mod block;
 pub mod net;
 pub mod pci;
-pub mod ring_control;
+pub mod ring;
 
 use std::sync::Arc;
 

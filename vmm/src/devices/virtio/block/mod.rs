@@ -21,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use self::request::{execute, Completion, Disk, Request, SECTOR_SIZE};
+use self::request::{execute, take_chain, Completion, Disk, Request, SECTOR_SIZE};
 use super::{
     publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker,
     VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -351,8 +351,7 @@ pub(crate) fn pop_requests(
             .collect();
         for chain in chains {
             let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
-            match Request::parse(&descs, mem) {
+            match take_chain(chain, SEG_MAX as usize + 2).and_then(|d| Request::parse(&d, mem)) {
                 Ok(request) => {
                     take(head, request)?;
                     taken += 1;

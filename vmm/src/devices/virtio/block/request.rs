@@ -64,6 +64,22 @@ pub enum ChainError {
     /// The status byte is outside guest memory.
     #[error("status byte at {0:#x} is outside guest memory")]
     StatusOutOfRange(u64),
+    /// More descriptors than the device's advertised `seg_max` allows.
+    #[error("more than {0} descriptors in one chain")]
+    TooLong(usize),
+}
+
+/// The descriptors of `chain`, refusing more than `max` (the device's `seg_max` plus header and
+/// status): a guest cannot make the device hold more than that per request.
+pub fn take_chain(
+    chain: impl Iterator<Item = Descriptor>,
+    max: usize,
+) -> Result<Vec<Descriptor>, ChainError> {
+    let descs: Vec<Descriptor> = chain.take(max.saturating_add(1)).collect();
+    if descs.len() > max {
+        return Err(ChainError::TooLong(max));
+    }
+    Ok(descs)
 }
 
 /// What the request asks for.

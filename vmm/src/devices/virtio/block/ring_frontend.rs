@@ -1,66 +1,42 @@
 //! The client frontend: a virtio-blk device whose backend is a ring to a driver VM.
 //!
 //! The guest sees an ordinary virtio-blk disk. Each request is parsed from its descriptor chain
-//! (the same parser as the file-backed disk), checked against the disk's size, and turned into
-//! one ring request ([`ddvmm_translation::ring`]): write data is copied from guest memory into
-//! the request's data slot, read data is copied from the slot into guest memory once the
-//! driver VM completes it. The driver VM never sees guest memory.
+//! (the same parser as the file-backed disk, at most `seg_max` data descriptors), checked
+//! against the disk's size, and turned into one ring request ([`ddvmm_translation::ring`]):
+//! write data is copied from guest memory into the request's data slot, read data is copied
+//! from the slot into guest memory once the driver VM completes it. The driver VM never sees
+//! guest memory.
 //!
-//! **Journal.** Every request stays in [`Inflight`] — its descriptor head, parsed buffers and
-//! status address — from the moment it is popped until a *valid* completion arrives; only then
-//! is the status written and the head returned to the guest. Nothing else completes it. The
-//! ring itself validates completions (generation, outstanding id, known status, length within
-//! the request); what fails validation is counted in [`RingDiskStats`] and dropped, and a read
-//! completion reporting fewer bytes than asked becomes an I/O error rather than exposing stale
-//! bytes. A request the ring has no room for waits in a backlog, in order.
+//! This file holds only what is specific to a disk ([`BlockRing`], a [`RingDevice`]): parsing,
+//! planning, statuses. The journal, replay, poison isolation, quarantine, the worker loop and
+//! its control path are the shared core in [`crate::devices::virtio::ring`]. A read completion
+//! reporting fewer bytes than asked becomes an I/O error rather than exposing stale bytes.
 //!
 //! Requests go out with `size_max`/`seg_max` advertised so that a stock driver never builds
 //! one larger than a data slot; a guest that does anyway gets an I/O error for that request.
 //! Discard and write-zeroes are not offered (the ring carries them, the agent does not yet).
-//!
-//! **Recovery.** When the driver VM dies, the daemon replaces it and tells this frontend
-//! through [`RingControl`]: [`RingCommand::Replay`] starts a new ring generation and re-submits
-//! every journaled request in its original order (write data copied again from guest memory;
-//! the dead driver VM's slots are never trusted or reused before the new generation). Nothing is
-//! completed to the guest in between: the guest sees a pause. A request that was in flight at
-//! `poison_after` consecutive crashes fails alone with an I/O error; once a request has been in
-//! flight at `poison_after - 1` crashes it is *isolated* (sent alone, nothing else in flight), so
-//! the next crash can only be its own and innocent neighbours are never blamed.
-//! [`RingCommand::Quarantine`] (the driver VM is given up) fails what is outstanding and every
-//! new request with an I/O error until the next replay.
-//!
-//! Threads: one queue thread waits (epoll) on the queue's notify eventfd, on the channel's
-//! doorbell (the driver VM's ioeventfd), on the control eventfd and on a stop eventfd. While the
-//! guest has not activated the device, control commands are applied by the caller's thread.
 
-use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use ddvmm_translation::journal::Journal;
 use ddvmm_translation::ring::{
-    ClientRing, ClientStats, Opcode, RawRegion, Request as RingRequest, RingError, RingParams,
-    Status,
+    ClientRing, Completed, Opcode, RawRegion, Request as RingRequest, RingParams, Status,
 };
 use thiserror::Error;
-use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestMemoryMmap, MmapRegion};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::request::{
-    Request, RequestKind, ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    take_chain, Request, RequestKind, ID_BYTES, SECTOR_SIZE, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
 };
-use super::{features, pop_requests, read_config, DEVICE_TYPE, QUEUE_SIZE};
-use crate::devices::virtio::ring_control::{
-    map_client_ring, IdleRing, RingCommand, RingCommands, RingControl, RingOutcome, RingSetupError,
+use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
+use crate::devices::channel::ChannelFds;
+use crate::devices::virtio::ring::{
+    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
 };
-use crate::devices::virtio::{
-    publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker,
-    VirtioDevice,
-};
-use crate::machine::ChannelFds;
+use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
 /// Largest data segment a guest may put in one descriptor.
 const SIZE_MAX: u32 = 64 << 10;
@@ -71,6 +47,10 @@ pub const RING_PARAMS: RingParams = RingParams {
     slot_size: 256 << 10,
     features: ddvmm_translation::ring::features::ALL,
 };
+/// Data descriptors per request (`seg_max`): a slot's worth of `SIZE_MAX` segments.
+const SEG_MAX: u32 = RING_PARAMS.slot_size / SIZE_MAX;
+/// Requests journaled at most: the guest queue's worth (the rest waits in the guest's queue).
+const JOURNAL_CAPACITY: usize = QUEUE_SIZE as usize;
 
 /// Errors setting up a ring disk.
 #[derive(Debug, Error)]
@@ -78,147 +58,293 @@ pub enum RingDiskError {
     /// The ring cannot be set up.
     #[error(transparent)]
     Setup(#[from] RingSetupError),
-    /// A control eventfd cannot be created.
-    #[error("cannot create the control eventfd")]
-    Control(#[source] std::io::Error),
     /// Zero sectors.
     #[error("a ring disk needs a non-zero size")]
     Empty,
 }
 
-/// Counters of one ring disk, readable while it runs.
+/// Counters of one ring disk, readable while it runs: the core's and the disk's own.
 #[derive(Debug, Default)]
 pub struct RingDiskStats {
-    /// Requests submitted on the ring.
-    pub submitted: AtomicU64,
-    /// Requests completed to the guest (any status).
-    pub completed: AtomicU64,
-    /// Requests completed with an error status.
+    /// The core's counters (ring, journal, replay).
+    pub ring: Arc<RingStats>,
+    /// Requests completed to the guest (any status, answered locally or by the driver VM).
+    pub guest_completed: AtomicU64,
+    /// Requests completed to the guest with an error status.
     pub errors: AtomicU64,
     /// Bytes read by the guest.
     pub read_bytes: AtomicU64,
     /// Bytes written by the guest.
     pub written_bytes: AtomicU64,
-    /// Completions rejected by validation (bogus ids, statuses, lengths, generations, indices).
-    pub bogus_completions: AtomicU64,
-    /// Notifications sent to the driver VM (its irqfd).
-    pub kicks: AtomicU64,
-    /// Doorbells received from the driver VM.
-    pub doorbells: AtomicU64,
-    /// Requests submitted again on a new generation after a driver VM restart.
-    pub replayed: AtomicU64,
-    /// Requests failed as poison (in flight at too many consecutive crashes).
-    pub poisoned: AtomicU64,
-    /// Requests failed because the driver VM is quarantined.
-    pub quarantine_failed: AtomicU64,
-    /// Requests on the ring awaiting completion (a gauge).
-    pub outstanding: AtomicU64,
-    /// Ring generations started after the first (driver VM restarts seen).
-    pub generations: AtomicU64,
 }
 
 impl RingDiskStats {
-    /// `name value` lines for the counters.
+    /// `name value` pairs of the counters.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("submitted", g(&self.submitted)),
-            ("completed", g(&self.completed)),
+        let mut v = self.ring.snapshot();
+        v.extend([
+            ("guest_completed", g(&self.guest_completed)),
             ("errors", g(&self.errors)),
             ("read_bytes", g(&self.read_bytes)),
             ("written_bytes", g(&self.written_bytes)),
-            ("bogus_completions", g(&self.bogus_completions)),
-            ("kicks", g(&self.kicks)),
-            ("doorbells", g(&self.doorbells)),
-            ("replayed", g(&self.replayed)),
-            ("poisoned", g(&self.poisoned)),
-            ("quarantine_failed", g(&self.quarantine_failed)),
-            ("outstanding", g(&self.outstanding)),
-            ("generations", g(&self.generations)),
-        ]
+        ]);
+        v
     }
 }
 
-/// A request between pop and completion: what is needed to finish it to the guest.
-struct Inflight {
+/// A journaled disk request: what is needed to finish it to the guest.
+pub struct BlockItem {
     head: u16,
     request: Request,
-    /// Driver VM crashes this request was in flight at, in a row.
-    crashes: u32,
 }
 
-impl IdleRing for Frontend {
-    fn apply_idle(&mut self, cmd: RingCommand) -> Result<RingOutcome, String> {
-        match cmd {
-            RingCommand::Replay { poison_after } => {
-                let stats = self.stats.clone();
-                self.renew(poison_after, &stats)?;
-                self.journal.clear();
-            }
-            RingCommand::Quarantine => self.quarantined = true,
-        }
-        Ok(RingOutcome::default())
-    }
-}
-
-/// Ring-side state that survives guest device resets.
-struct Frontend {
-    // Declared before `_map`: the ring's raw region points into the mapping.
-    ring: ClientRing<RawRegion>,
-    _map: Arc<MmapRegion>,
-    /// Outstanding requests by ring id. `None`: the guest reset the device since; the
-    /// completion only frees the slot.
-    journal: HashMap<u64, Option<Inflight>>,
-    next_id: u64,
-    seen_bogus: u64,
-    /// The driver VM is given up: new requests fail at once.
-    quarantined: bool,
-    /// A suspect request sent alone: nothing else goes out until it completes.
-    isolating: Option<u64>,
-    /// From the last replay command.
-    poison_after: u32,
+/// What is specific to a disk over a ring.
+pub struct BlockRing {
+    sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
     stats: Arc<RingDiskStats>,
 }
 
-impl Frontend {
-    /// A new ring generation (the old driver VM is gone for good): returns the requests that
-    /// were outstanding on the old one, in submission order.
-    fn renew(
-        &mut self,
-        poison_after: u32,
-        stats: &RingDiskStats,
-    ) -> Result<Vec<RingRequest>, String> {
-        let old = self.ring.new_generation().map_err(|e| e.to_string())?;
-        stats.generations.fetch_add(1, Ordering::Relaxed);
-        self.quarantined = false;
-        self.isolating = None;
-        self.poison_after = poison_after;
-        Ok(old)
+/// What to do with a parsed guest request.
+enum Plan {
+    /// Answer now with this status and this many bytes written into guest buffers.
+    Local(u8, u32),
+    /// Send it to the driver VM.
+    Ring,
+}
+
+impl BlockRing {
+    /// Decides how to serve `req`: checks directions, the disk's bounds and the slot size, and
+    /// answers get-id and unsupported requests itself.
+    fn plan(&self, mem: &GuestMemoryMmap, req: &Request) -> Plan {
+        let ioerr = Plan::Local(VIRTIO_BLK_S_IOERR, 1);
+        let len = req.data_len();
+        let in_bounds = req
+            .sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|off| off.checked_add(len))
+            .is_some_and(|end| end <= self.sectors.saturating_mul(SECTOR_SIZE));
+        match req.kind {
+            RequestKind::In | RequestKind::Out => {
+                let write = req.kind == RequestKind::Out;
+                if (write && self.read_only)
+                    || req.data.iter().any(|(_, _, w)| *w == write)
+                    || !in_bounds
+                    || len > u64::from(RING_PARAMS.slot_size)
+                    || len % SECTOR_SIZE != 0
+                {
+                    return ioerr;
+                }
+                Plan::Ring
+            }
+            RequestKind::Flush if self.read_only => Plan::Local(VIRTIO_BLK_S_OK, 1),
+            RequestKind::Flush => Plan::Ring,
+            RequestKind::GetId => {
+                let Some((addr, len, true)) = req.data.first().copied() else {
+                    return ioerr;
+                };
+                let n = (len as usize).min(ID_BYTES);
+                if mem.write_slice(&self.id[..n], addr).is_err() {
+                    return ioerr;
+                }
+                Plan::Local(VIRTIO_BLK_S_OK, n as u32 + 1)
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes | RequestKind::Unsupported(_) => {
+                Plan::Local(VIRTIO_BLK_S_UNSUPP, 1)
+            }
+        }
     }
 
-    /// Crash count from which a request is sent alone.
-    fn isolate_at(&self) -> u32 {
-        match self.poison_after {
-            0 | 1 => u32::MAX,
-            k => k - 1,
+    /// Writes the status byte, counts the completion and returns the chain to the guest.
+    fn finish(&self, guest: &mut Guest, item: &BlockItem, status: u8, written: u32) {
+        if guest.mem.write_obj(status, item.request.status).is_err() {
+            tracing::error!("status byte vanished from guest memory");
         }
+        self.stats.guest_completed.fetch_add(1, Ordering::Relaxed);
+        if status != VIRTIO_BLK_S_OK {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        guest.finish(0, item.head, written);
+    }
+
+    /// Copies a completed read from its slot into the guest's buffers. `None` if the driver VM
+    /// delivered fewer bytes than asked or the copy failed.
+    fn copy_read_data(
+        &self,
+        mem: &GuestMemoryMmap,
+        ring: &ClientRing<RawRegion>,
+        c: &Completed,
+        req: &Request,
+    ) -> Option<u32> {
+        let slot = c.slot?;
+        if c.len != c.req.len {
+            return None;
+        }
+        let mut buf = Vec::new();
+        let mut at = 0usize;
+        for (addr, n, _) in &req.data {
+            buf.resize(*n as usize, 0);
+            ring.read_slot(slot, at, &mut buf).ok()?;
+            mem.write_slice(&buf, *addr).ok()?;
+            at += *n as usize;
+        }
+        self.stats
+            .read_bytes
+            .fetch_add(u64::from(c.len), Ordering::Relaxed);
+        Some(c.len)
+    }
+}
+
+impl RingDevice for BlockRing {
+    type Item = BlockItem;
+
+    fn accept(
+        &mut self,
+        guest: &mut Guest,
+        journal: &mut Journal<BlockItem>,
+        quarantined: bool,
+    ) -> Result<(), GuestError> {
+        let Some(aq) = guest.queues.first_mut() else {
+            return Ok(());
+        };
+        let (queue, mem) = (&mut aq.queue, &guest.mem);
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        // One queue's worth at most per call.
+        for _ in 0..queue.size() {
+            if !journal.has_room() {
+                break;
+            }
+            if let Err(e) = queue.disable_notification(mem) {
+                result = Err(GuestError::Queue(e));
+                break;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        result = Err(GuestError::Queue(e));
+                        break;
+                    }
+                }
+            };
+            let head = chain.head_index();
+            let request = match take_chain(chain, SEG_MAX as usize + 2)
+                .and_then(|d| Request::parse(&d, mem))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    result = Err(GuestError::Malformed {
+                        head,
+                        reason: e.to_string(),
+                    });
+                    break;
+                }
+            };
+            let item = BlockItem { head, request };
+            match self.plan(mem, &item.request) {
+                Plan::Local(status, written) => done.push((item, status, written)),
+                Plan::Ring if quarantined => {
+                    self.stats
+                        .ring
+                        .quarantine_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    done.push((item, VIRTIO_BLK_S_IOERR, 1));
+                }
+                Plan::Ring => {
+                    if let Err(item) = journal.push(item) {
+                        done.push((item, VIRTIO_BLK_S_IOERR, 1));
+                    }
+                }
+            }
+        }
+        for (item, status, written) in done {
+            self.finish(guest, &item, status, written);
+        }
+        result
+    }
+
+    fn encode(
+        &mut self,
+        guest: &Guest,
+        item: &BlockItem,
+        data: &mut Vec<u8>,
+    ) -> Option<RingRequest> {
+        let req = &item.request;
+        let len = req.data_len();
+        let op = match req.kind {
+            RequestKind::In => Opcode::Read,
+            RequestKind::Out => Opcode::Write,
+            RequestKind::Flush => Opcode::Flush,
+            _ => return None,
+        };
+        data.clear();
+        if op == Opcode::Write {
+            // Taken again from guest memory at every (re)submission: a slot is never trusted.
+            data.resize(usize::try_from(len).ok()?, 0);
+            let mut at = 0usize;
+            for (addr, n, _) in &req.data {
+                let n = *n as usize;
+                guest
+                    .mem
+                    .read_slice(data.get_mut(at..at + n)?, *addr)
+                    .ok()?;
+                at += n;
+            }
+            self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        Some(RingRequest {
+            id: 0,
+            op,
+            flags: 0,
+            sector: req.sector,
+            len: if op == Opcode::Flush { 0 } else { len as u32 },
+        })
+    }
+
+    fn complete(
+        &mut self,
+        guest: &mut Guest,
+        ring: &ClientRing<RawRegion>,
+        item: BlockItem,
+        c: &Completed,
+    ) {
+        let mut status = match c.status {
+            Status::Ok => VIRTIO_BLK_S_OK,
+            Status::IoErr => VIRTIO_BLK_S_IOERR,
+            Status::Unsupported => VIRTIO_BLK_S_UNSUPP,
+        };
+        let mut written = 1;
+        if c.req.op == Opcode::Read && status == VIRTIO_BLK_S_OK {
+            match self.copy_read_data(&guest.mem, ring, c, &item.request) {
+                Some(n) => written = n + 1,
+                None => status = VIRTIO_BLK_S_IOERR,
+            }
+        }
+        self.finish(guest, &item, status, written);
+    }
+
+    fn fail(&mut self, guest: &mut Guest, item: BlockItem, why: Failure) {
+        if why == Failure::Poison {
+            tracing::error!(sector = item.request.sector, "poison request failed alone");
+        }
+        self.finish(guest, &item, VIRTIO_BLK_S_IOERR, 1);
     }
 }
 
 /// The virtio-blk device model over a ring.
 pub struct RingBlock {
-    fds: ChannelFds,
     sectors: u64,
     read_only: bool,
-    id: [u8; ID_BYTES],
-    state: Arc<Mutex<Option<Frontend>>>,
     stats: Arc<RingDiskStats>,
-    worker: Option<QueueWorker>,
-    control: Arc<RingControl<Frontend>>,
+    frontend: RingFrontend,
 }
 
 impl RingBlock {
-    /// Maps the channel memory and creates the ring in it at `generation`.
+    /// Maps the channel memory, creates the ring in it at `generation` and starts the worker.
     pub fn new(
         fds: ChannelFds,
         sectors: u64,
@@ -229,32 +355,30 @@ impl RingBlock {
         if sectors == 0 {
             return Err(RingDiskError::Empty);
         }
-        let (ring, map) = map_client_ring(&fds, RING_PARAMS, generation)?;
         let mut id_bytes = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         let stats = Arc::new(RingDiskStats::default());
-        let state = Arc::new(Mutex::new(Some(Frontend {
-            ring,
-            _map: map,
-            journal: HashMap::new(),
-            next_id: 1,
-            seen_bogus: 0,
-            quarantined: false,
-            isolating: None,
-            poison_after: 0,
-            stats: stats.clone(),
-        })));
-        let control = RingControl::new(state.clone()).map_err(RingDiskError::Control)?;
-        Ok(RingBlock {
-            fds,
+        let device = BlockRing {
             sectors,
             read_only,
             id: id_bytes,
-            control: Arc::new(control),
-            state,
+            stats: stats.clone(),
+        };
+        let frontend = RingFrontend::spawn(
+            "ring-blk",
+            device,
+            &fds,
+            RING_PARAMS,
+            generation,
+            JOURNAL_CAPACITY,
+            stats.ring.clone(),
+        )?;
+        Ok(RingBlock {
+            sectors,
+            read_only,
             stats,
-            worker: None,
+            frontend,
         })
     }
 
@@ -263,9 +387,9 @@ impl RingBlock {
         self.stats.clone()
     }
 
-    /// The control handle (replay after a driver VM restart, quarantine).
+    /// The control handle (replay after a driver VM restart, release, quarantine).
     pub fn control(&self) -> Arc<dyn RingCommands> {
-        self.control.clone()
+        self.frontend.control()
     }
 }
 
@@ -283,8 +407,7 @@ impl VirtioDevice for RingBlock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let seg_max = RING_PARAMS.slot_size / SIZE_MAX;
-        read_config(self.sectors, seg_max, Some(SIZE_MAX), offset, data);
+        read_config(self.sectors, SEG_MAX, Some(SIZE_MAX), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
@@ -296,470 +419,37 @@ impl VirtioDevice for RingBlock {
         queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
-        let q = single_queue(queues)?;
-        self.reset();
-        let ctx = QueueContext {
-            mem,
-            kick: self.fds.kick.clone(),
-            doorbell: self.fds.doorbell.clone(),
-            sectors: self.sectors,
-            read_only: self.read_only,
-            id: self.id,
-            stats: self.stats.clone(),
-        };
-        let state = self.state.clone();
-        let control = self.control.clone();
-        self.worker = Some(QueueWorker::spawn("ring-blk", move |stop| {
-            let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(fe) = guard.as_mut() else { return };
-            if let Err(e) = run_queue(fe, q, &ctx, &control, &stop, failure.as_ref()) {
-                failure.needs_reset(&e);
-            }
-            // Whatever is still outstanding belongs to this activation's queue.
-            for slot in fe.journal.values_mut() {
-                *slot = None;
-            }
-        })?);
-        Ok(())
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        self.frontend.activate(mem, queues, failure)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.frontend.reset();
     }
-}
-
-impl Drop for RingBlock {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
-struct QueueContext {
-    mem: GuestMemoryMmap,
-    kick: Arc<EventFd>,
-    doorbell: Arc<EventFd>,
-    sectors: u64,
-    read_only: bool,
-    id: [u8; ID_BYTES],
-    stats: Arc<RingDiskStats>,
-}
-
-const TOKEN_NOTIFY: u64 = 0;
-const TOKEN_DOORBELL: u64 = 1;
-const TOKEN_STOP: u64 = 2;
-const TOKEN_CONTROL: u64 = 3;
-
-/// A request ready for the ring, waiting for room.
-struct Outgoing {
-    ring: RingRequest,
-    data: Option<Vec<u8>>,
-    inflight: Inflight,
-}
-
-/// What to do with a parsed guest request.
-enum Plan {
-    /// Answer now with this status and this many bytes written into guest buffers.
-    Local(u8, u32),
-    /// Send it to the driver VM.
-    Ring(RingRequest, Option<Vec<u8>>),
-}
-
-fn run_queue(
-    fe: &mut Frontend,
-    active: ActiveQueue,
-    ctx: &QueueContext,
-    control: &RingControl<Frontend>,
-    stop: &EventFd,
-    failure: &dyn DeviceFailure,
-) -> Result<(), String> {
-    let ActiveQueue {
-        mut queue,
-        notify,
-        interrupt,
-    } = active;
-    let epoll = Epoll::new().map_err(|e| e.to_string())?;
-    for (fd, token) in [
-        (notify.as_raw_fd(), TOKEN_NOTIFY),
-        (ctx.doorbell.as_raw_fd(), TOKEN_DOORBELL),
-        (stop.as_raw_fd(), TOKEN_STOP),
-        (control.wake_fd().as_raw_fd(), TOKEN_CONTROL),
-    ] {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(|e| e.to_string())?;
-    }
-    let mut backlog: VecDeque<Outgoing> = VecDeque::new();
-    let mut events = vec![EpollEvent::default(); 5];
-    loop {
-        // Commands from the daemon first: a replay must precede anything new.
-        for (cmd, tx) in control.take() {
-            let mut used = Vec::new();
-            let outcome = apply_active(fe, cmd, &mut backlog, ctx, &mut used);
-            publish_used(&mut queue, &ctx.mem, used, &interrupt)?;
-            let _ = tx.send(outcome);
-        }
-        // New guest requests: answer the trivial ones, queue the rest in order.
-        let mut local = Vec::new();
-        let quarantined = fe.quarantined;
-        pop_requests(&mut queue, &ctx.mem, failure, &mut |head, request| {
-            match plan(&request, ctx) {
-                Plan::Local(status, written) => {
-                    finish(&ctx.mem, &request, status, ctx);
-                    local.push((head, written));
-                }
-                Plan::Ring(..) if quarantined => {
-                    finish(&ctx.mem, &request, VIRTIO_BLK_S_IOERR, ctx);
-                    ctx.stats.quarantine_failed.fetch_add(1, Ordering::Relaxed);
-                    local.push((head, 1));
-                }
-                Plan::Ring(ring, data) => backlog.push_back(Outgoing {
-                    ring,
-                    data,
-                    inflight: Inflight {
-                        head,
-                        request,
-                        crashes: 0,
-                    },
-                }),
-            }
-            Ok(())
-        })?;
-        publish_used(&mut queue, &ctx.mem, local, &interrupt)?;
-        submit_backlog(fe, &mut backlog, &mut queue, ctx, &interrupt)?;
-        // Completions until the ring is drained with the notification armed.
-        loop {
-            let done = take_completions(fe, ctx);
-            publish_used(&mut queue, &ctx.mem, done, &interrupt)?;
-            submit_backlog(fe, &mut backlog, &mut queue, ctx, &interrupt)?;
-            if !fe.ring.enable_notify() {
-                break;
-            }
-        }
-        ctx.stats
-            .outstanding
-            .store(fe.journal.len() as u64, Ordering::Relaxed);
-        // With requests outstanding, look again now and then even without a doorbell: a lost
-        // or withheld notification then costs a delay, never a hang of this thread.
-        let timeout = if fe.journal.is_empty() { -1 } else { 1000 };
-        let n = match epoll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.to_string()),
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_NOTIFY => {
-                    let _ = notify.read();
-                }
-                TOKEN_DOORBELL => {
-                    let _ = ctx.doorbell.read();
-                    ctx.stats.doorbells.fetch_add(1, Ordering::Relaxed);
-                }
-                TOKEN_CONTROL => {
-                    let _ = control.wake_fd().read();
-                }
-                _ => return Ok(()),
-            }
-        }
-    }
-}
-
-/// Applies a daemon command while the queue runs; heads to publish go to `used`.
-fn apply_active(
-    fe: &mut Frontend,
-    cmd: RingCommand,
-    backlog: &mut VecDeque<Outgoing>,
-    ctx: &QueueContext,
-    used: &mut Vec<(u16, u32)>,
-) -> Result<RingOutcome, String> {
-    let mut outcome = RingOutcome::default();
-    let fail = |inflight: Inflight, used: &mut Vec<(u16, u32)>| {
-        finish(&ctx.mem, &inflight.request, VIRTIO_BLK_S_IOERR, ctx);
-        used.push((inflight.head, 1));
-    };
-    match cmd {
-        RingCommand::Replay { poison_after } => {
-            let old = fe.renew(poison_after, &ctx.stats)?;
-            let mut replay = Vec::new();
-            for r in old {
-                // `None`: the guest reset the queue since; nothing to replay.
-                let Some(mut inflight) = fe.journal.remove(&r.id).flatten() else {
-                    continue;
-                };
-                inflight.crashes += 1;
-                if poison_after > 0 && inflight.crashes >= poison_after {
-                    tracing::error!(
-                        sector = inflight.request.sector,
-                        crashes = inflight.crashes,
-                        "poison request: failed alone"
-                    );
-                    outcome.poisoned += 1;
-                    fail(inflight, used);
-                    continue;
-                }
-                // Write data again from guest memory: the old slot is not trusted.
-                match plan(&inflight.request, ctx) {
-                    Plan::Ring(ring, data) => replay.push(Outgoing {
-                        ring,
-                        data,
-                        inflight,
-                    }),
-                    Plan::Local(status, written) => {
-                        finish(&ctx.mem, &inflight.request, status, ctx);
-                        used.push((inflight.head, written));
-                    }
-                }
-            }
-            fe.journal.clear();
-            outcome.replayed = replay.len() as u64;
-            for out in replay.into_iter().rev() {
-                backlog.push_front(out);
-            }
-            ctx.stats
-                .replayed
-                .fetch_add(outcome.replayed, Ordering::Relaxed);
-            ctx.stats
-                .poisoned
-                .fetch_add(outcome.poisoned, Ordering::Relaxed);
-        }
-        RingCommand::Quarantine => {
-            fe.quarantined = true;
-            // The ring keeps these ids until the next generation; a late completion of one
-            // only frees its slot.
-            for entry in fe.journal.values_mut() {
-                if let Some(inflight) = entry.take() {
-                    outcome.failed += 1;
-                    fail(inflight, used);
-                }
-            }
-            for out in backlog.drain(..) {
-                outcome.failed += 1;
-                fail(out.inflight, used);
-            }
-            ctx.stats
-                .quarantine_failed
-                .fetch_add(outcome.failed, Ordering::Relaxed);
-        }
-    }
-    Ok(outcome)
-}
-
-/// Decides how to serve `req`: checks directions, the disk's bounds and the slot size.
-fn plan(req: &Request, ctx: &QueueContext) -> Plan {
-    let ioerr = Plan::Local(VIRTIO_BLK_S_IOERR, 1);
-    let len = req.data_len();
-    let in_bounds = req
-        .sector
-        .checked_mul(SECTOR_SIZE)
-        .and_then(|off| off.checked_add(len))
-        .is_some_and(|end| end <= ctx.sectors.saturating_mul(SECTOR_SIZE));
-    let ring = |op, len: u64| RingRequest {
-        id: 0,
-        op,
-        flags: 0,
-        sector: req.sector,
-        len: len as u32,
-    };
-    match req.kind {
-        RequestKind::In | RequestKind::Out => {
-            let write = req.kind == RequestKind::Out;
-            if (write && ctx.read_only)
-                || req.data.iter().any(|(_, _, w)| *w == write)
-                || !in_bounds
-                || len > u64::from(RING_PARAMS.slot_size)
-                || len % SECTOR_SIZE != 0
-            {
-                return ioerr;
-            }
-            if !write {
-                return Plan::Ring(ring(Opcode::Read, len), None);
-            }
-            let mut data = vec![0u8; len as usize];
-            let mut at = 0usize;
-            for (addr, n, _) in &req.data {
-                let n = *n as usize;
-                if ctx.mem.read_slice(&mut data[at..at + n], *addr).is_err() {
-                    return ioerr;
-                }
-                at += n;
-            }
-            Plan::Ring(ring(Opcode::Write, len), Some(data))
-        }
-        RequestKind::Flush if ctx.read_only => Plan::Local(VIRTIO_BLK_S_OK, 1),
-        RequestKind::Flush => Plan::Ring(ring(Opcode::Flush, 0), None),
-        RequestKind::GetId => {
-            let Some((addr, len, true)) = req.data.first().copied() else {
-                return ioerr;
-            };
-            let n = (len as usize).min(ID_BYTES);
-            if ctx.mem.write_slice(&ctx.id[..n], addr).is_err() {
-                return ioerr;
-            }
-            Plan::Local(VIRTIO_BLK_S_OK, n as u32 + 1)
-        }
-        RequestKind::Discard | RequestKind::WriteZeroes | RequestKind::Unsupported(_) => {
-            Plan::Local(VIRTIO_BLK_S_UNSUPP, 1)
-        }
-    }
-}
-
-/// Writes the status byte and counts the completion.
-fn finish(mem: &GuestMemoryMmap, req: &Request, status: u8, ctx: &QueueContext) {
-    if mem.write_obj(status, req.status).is_err() {
-        tracing::error!("status byte vanished from guest memory");
-    }
-    ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
-    if status != VIRTIO_BLK_S_OK {
-        ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Moves backlog requests onto the ring while there is room, then notifies the agent if it
-/// asked. Requests the ring refuses for a reason other than room fail alone.
-fn submit_backlog(
-    fe: &mut Frontend,
-    backlog: &mut VecDeque<Outgoing>,
-    queue: &mut Queue,
-    ctx: &QueueContext,
-    interrupt: &Interrupt,
-) -> Result<(), String> {
-    let mut failed = Vec::new();
-    let mut sent = false;
-    let isolate_at = fe.isolate_at();
-    while let Some(mut out) = backlog.pop_front() {
-        // A suspect goes alone: after everything before it, with nothing after it.
-        let suspect = out.inflight.crashes >= isolate_at;
-        if fe.isolating.is_some() || (suspect && !fe.journal.is_empty()) {
-            backlog.push_front(out);
-            break;
-        }
-        out.ring.id = fe.next_id;
-        match fe.ring.submit(out.ring, out.data.as_deref()) {
-            Ok(_) => {
-                if suspect {
-                    fe.isolating = Some(out.ring.id);
-                }
-                fe.next_id += 1;
-                sent = true;
-                ctx.stats.submitted.fetch_add(1, Ordering::Relaxed);
-                if out.ring.op == Opcode::Write {
-                    let n = u64::from(out.ring.len);
-                    ctx.stats.written_bytes.fetch_add(n, Ordering::Relaxed);
-                }
-                fe.journal.insert(out.ring.id, Some(out.inflight));
-            }
-            Err(RingError::RingFull | RingError::NoFreeSlot) => {
-                backlog.push_front(out);
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ring refused a request");
-                finish(&ctx.mem, &out.inflight.request, VIRTIO_BLK_S_IOERR, ctx);
-                failed.push((out.inflight.head, 1));
-            }
-        }
-    }
-    if sent && fe.ring.needs_notify_agent() {
-        let _ = ctx.kick.write(1);
-        ctx.stats.kicks.fetch_add(1, Ordering::Relaxed);
-    }
-    publish_used(queue, &ctx.mem, failed, interrupt)?;
-    Ok(())
-}
-
-/// Takes validated completions off the ring, copies read data into guest memory, writes
-/// statuses, and returns the heads to publish.
-fn take_completions(fe: &mut Frontend, ctx: &QueueContext) -> Vec<(u16, u32)> {
-    let mut out = Vec::new();
-    for c in fe.ring.poll_completions() {
-        if fe.isolating == Some(c.req.id) {
-            fe.isolating = None;
-        }
-        let entry = fe.journal.remove(&c.req.id).flatten();
-        let mut status = match c.status {
-            Status::Ok => VIRTIO_BLK_S_OK,
-            Status::IoErr => VIRTIO_BLK_S_IOERR,
-            Status::Unsupported => VIRTIO_BLK_S_UNSUPP,
-        };
-        let mut written = 1;
-        if let Some(inflight) = &entry {
-            if c.req.op == Opcode::Read && status == VIRTIO_BLK_S_OK {
-                match copy_read_data(&fe.ring, &c, &inflight.request, ctx) {
-                    Some(n) => written = n + 1,
-                    None => status = VIRTIO_BLK_S_IOERR,
-                }
-            }
-        }
-        if let Some(slot) = c.slot {
-            let _ = fe.ring.release_slot(slot);
-        }
-        if let Some(inflight) = entry {
-            finish(&ctx.mem, &inflight.request, status, ctx);
-            out.push((inflight.head, written));
-        }
-    }
-    let stats: ClientStats = fe.ring.stats();
-    let bogus = stats.bogus();
-    if bogus != fe.seen_bogus {
-        tracing::warn!(
-            new = bogus - fe.seen_bogus,
-            stale_generation = stats.stale_generation,
-            unknown_id = stats.unknown_id,
-            bad_status = stats.bad_status,
-            bad_length = stats.bad_length,
-            bad_index = stats.bad_index,
-            "driver VM published invalid completions; dropped"
-        );
-        fe.seen_bogus = bogus;
-        ctx.stats.bogus_completions.store(bogus, Ordering::Relaxed);
-    }
-    out
-}
-
-/// Copies a completed read from its slot into the guest's buffers. `None` if the driver VM
-/// delivered fewer bytes than asked or the copy failed.
-fn copy_read_data(
-    fe: &ClientRing<RawRegion>,
-    c: &ddvmm_translation::ring::Completed,
-    req: &Request,
-    ctx: &QueueContext,
-) -> Option<u32> {
-    let slot = c.slot?;
-    if c.len != c.req.len {
-        return None;
-    }
-    let mut buf = Vec::new();
-    let mut at = 0usize;
-    for (addr, n, _) in &req.data {
-        buf.resize(*n as usize, 0);
-        fe.read_slot(slot, at, &mut buf).ok()?;
-        ctx.mem.write_slice(&buf, *addr).ok()?;
-        at += *n as usize;
-    }
-    ctx.stats
-        .read_bytes
-        .fetch_add(u64::from(c.len), Ordering::Relaxed);
-    Some(c.len)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::pci::msix::Msix;
+    use crate::devices::virtio::ring::{RingCommand, RingOutcome};
+    use crate::devices::virtio::Interrupt;
     use crate::memory::create_memfd;
     use ddvmm_translation::ring::{AgentRing, Completion, RawCompletion};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
     use virtio_queue::desc::{split::Descriptor as D, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
     use vm_memory::FileOffset;
+    use vm_memory::MmapRegion;
     use vm_memory::{Address, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
@@ -992,7 +682,10 @@ mod tests {
         dev.reset();
         let o = control
             .request(
-                RingCommand::Replay { poison_after: 3 },
+                RingCommand::Replay {
+                    poison_after: 3,
+                    hold: false,
+                },
                 Duration::from_secs(10),
             )
             .expect("replay");
@@ -1012,8 +705,9 @@ mod tests {
             !next.join().expect("agent"),
             "nothing to serve, nothing to die on"
         );
-        assert_eq!(dev.stats().completed.load(Ordering::SeqCst), 0);
-        assert_eq!(dev.stats().generations.load(Ordering::SeqCst), 1);
+        assert_eq!(dev.stats().guest_completed.load(Ordering::SeqCst), 0);
+        assert_eq!(dev.stats().ring.outstanding.load(Ordering::SeqCst), 0);
+        assert_eq!(dev.stats().ring.generations.load(Ordering::SeqCst), 1);
     }
 
     #[test]
@@ -1051,7 +745,10 @@ mod tests {
             );
             let o = control
                 .request(
-                    RingCommand::Replay { poison_after: 3 },
+                    RingCommand::Replay {
+                        poison_after: 3,
+                        hold: false,
+                    },
                     Duration::from_secs(10),
                 )
                 .expect("replay");
@@ -1096,10 +793,11 @@ mod tests {
             assert!(b.iter().all(|x| *x == *sector as u8), "read {i} data");
         }
         let s = dev.stats();
-        assert_eq!(s.poisoned.load(Ordering::SeqCst), 1);
-        assert_eq!(s.generations.load(Ordering::SeqCst), 3);
+        assert_eq!(s.ring.poisoned.load(Ordering::SeqCst), 1);
+        assert_eq!(s.ring.generations.load(Ordering::SeqCst), 3);
         assert_eq!(s.errors.load(Ordering::SeqCst), 1);
-        assert_eq!(s.completed.load(Ordering::SeqCst), 6);
+        assert_eq!(s.guest_completed.load(Ordering::SeqCst), 6);
+        assert_eq!(s.ring.completed.load(Ordering::SeqCst), 5);
     }
 
     #[test]
@@ -1198,10 +896,10 @@ mod tests {
             "read data in both guest buffers"
         );
         let s = dev.stats();
-        assert_eq!(s.submitted.load(Ordering::SeqCst), 3);
-        assert_eq!(s.completed.load(Ordering::SeqCst), 6);
+        assert_eq!(s.ring.submitted.load(Ordering::SeqCst), 3);
+        assert_eq!(s.guest_completed.load(Ordering::SeqCst), 6);
         assert_eq!(s.errors.load(Ordering::SeqCst), 3);
-        assert_eq!(s.bogus_completions.load(Ordering::SeqCst), 9);
+        assert_eq!(s.ring.bogus_completions.load(Ordering::SeqCst), 9);
         assert_eq!(failures.0.load(Ordering::SeqCst), 0);
     }
 }

@@ -1,0 +1,363 @@
+//! The one core of every ring frontend: a virtio device model whose backend is a ring to a
+//! driver VM ([`ddvmm_translation::ring`]).
+//!
+//! A frontend is a [`RingDevice`] (what is specific to block or network: parsing guest chains,
+//! encoding ring requests, finishing completions) driven by one [`worker`] thread per device
+//! that lives as long as the device, not as long as the guest's queues. The worker owns the
+//! ring, the in-flight [`Journal`] and the device, so nothing is shared behind a lock:
+//!
+//! - **Draining never depends on the guest.** A guest that resets its device (or sends a chain
+//!   broken enough to need a reset) loses its queues and the guest side of its requests; the
+//!   requests already on the ring stay there until the driver VM answers them, and the worker
+//!   keeps consuming completions, so the `outstanding` gauge the daemon watches stays true.
+//! - **A broken ring is a state, never a spin.** An agent index that breaks the ring's
+//!   invariants makes the ring corrupt until the next generation
+//!   ([`ddvmm_translation::ring::ClientRing::corruption`]); the worker reports it (the
+//!   `corrupt` gauge: the daemon restarts the driver VM), stops listening to that driver VM's
+//!   doorbell and keeps every request journaled for replay. Each loop round does bounded work.
+//! - **Commands are served even while the ring is busy**: replay, release, quarantine from the
+//!   daemon, activate and reset from the transport all go through one queue the worker reads
+//!   between rounds ([`control`]).
+//!
+//! Events are typed ([`worker::Token`]); errors are typed ([`GuestError`], [`CommandError`]).
+
+pub mod control;
+mod worker;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use ddvmm_translation::journal::Journal;
+use ddvmm_translation::ring::{
+    ClientRing, Completed, RawRegion, Request as RingRequest, RingError, RingParams,
+};
+use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use control::{CommandError, RingCommand, RingCommands, RingHandle, RingOutcome};
+
+use super::{publish_used, ActivateError, ActiveQueue, DeviceFailure};
+use crate::devices::channel::ChannelFds;
+use control::Command;
+
+/// How long the transport waits for the worker to take or drop the guest's queues.
+const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors setting up a frontend's ring.
+#[derive(Debug, thiserror::Error)]
+pub enum RingSetupError {
+    /// The channel memory cannot be mapped.
+    #[error("cannot map channel memory")]
+    Map(#[source] std::io::Error),
+    /// The ring does not fit or cannot be created.
+    #[error("cannot create the ring")]
+    Ring(#[source] RingError),
+    /// The worker's eventfds or epoll cannot be created.
+    #[error("cannot set up the ring worker")]
+    Worker(#[source] std::io::Error),
+}
+
+/// A guest queue problem that needs a driver reset (the device reports `NEEDS_RESET`; the
+/// ring keeps being served).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The virtqueue itself is broken (addresses, indices).
+    #[error("virtqueue: {0:?}")]
+    Queue(virtio_queue::Error),
+    /// A chain too broken to answer.
+    #[error("malformed chain {head}: {reason}")]
+    Malformed {
+        /// The chain's head.
+        head: u16,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The used ring cannot be written.
+    #[error("used ring: {0}")]
+    Used(String),
+}
+
+/// Why a journaled request fails without a driver VM's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// On the ring at too many consecutive driver VM crashes.
+    Poison,
+    /// The channel or its driver VM is given up.
+    Quarantine,
+    /// The ring refused it (it breaks the protocol's rules).
+    Refused,
+}
+
+/// The guest's side while the device is active: its memory, queues, and the used entries of
+/// the current round (published together, with one interrupt per queue at most).
+pub struct Guest {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues, in the device's order.
+    pub queues: Vec<ActiveQueue>,
+    failure: Arc<dyn DeviceFailure>,
+    used: Vec<Vec<(u16, u32)>>,
+}
+
+impl Guest {
+    /// Returns chain `head` of queue `queue` to the guest with `written` bytes, at the end of
+    /// the round.
+    pub fn finish(&mut self, queue: usize, head: u16, written: u32) {
+        if let Some(u) = self.used.get_mut(queue) {
+            u.push((head, written));
+        }
+    }
+
+    fn publish(&mut self) -> Result<(), GuestError> {
+        for (q, used) in self.queues.iter_mut().zip(self.used.iter_mut()) {
+            if used.is_empty() {
+                continue;
+            }
+            publish_used(&mut q.queue, &self.mem, used.drain(..), &q.interrupt)
+                .map_err(GuestError::Used)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a device model over a ring provides to the core.
+pub trait RingDevice: Send + 'static {
+    /// A journaled guest request (what is needed to finish it to the guest).
+    type Item: Send + 'static;
+
+    /// Takes new guest requests: answers those that need no driver VM, fails ring-bound ones
+    /// at once while `quarantined`, and pushes the rest into `journal` while it has room. Must
+    /// do bounded work (at most one pass over the queues).
+    fn accept(
+        &mut self,
+        guest: &mut Guest,
+        journal: &mut Journal<Self::Item>,
+        quarantined: bool,
+    ) -> Result<(), GuestError>;
+
+    /// The ring request for `item` (its `id` is set by the core), with the data it carries
+    /// written into `data` (cleared first). Called at every (re)submission, so write data is
+    /// taken again from where the device keeps it, never from a slot. `None`: the request
+    /// cannot be sent (it fails alone).
+    fn encode(
+        &mut self,
+        guest: &Guest,
+        item: &Self::Item,
+        data: &mut Vec<u8>,
+    ) -> Option<RingRequest>;
+
+    /// The driver VM completed `item` (validated by the ring): finish it to the guest.
+    fn complete(
+        &mut self,
+        guest: &mut Guest,
+        ring: &ClientRing<RawRegion>,
+        item: Self::Item,
+        c: &Completed,
+    );
+
+    /// `item` fails without the driver VM's answer.
+    fn fail(&mut self, guest: &mut Guest, item: Self::Item, why: Failure);
+
+    /// Requests the device keeps standing on the ring (network receive buffers): the request
+    /// (its id set by the core) and how many.
+    fn standing(&self) -> Option<(RingRequest, usize)> {
+        None
+    }
+
+    /// A standing request completed (its slot is held until this returns).
+    fn standing_done(
+        &mut self,
+        _guest: Option<&mut Guest>,
+        _ring: &ClientRing<RawRegion>,
+        _c: &Completed,
+    ) {
+    }
+
+    /// Work that needs only the guest (delivering held frames into receive buffers).
+    fn service_guest(&mut self, _guest: &mut Guest) -> Result<(), GuestError> {
+        Ok(())
+    }
+
+    /// The guest's queues are gone (reset): drop guest-side state.
+    fn guest_gone(&mut self) {}
+}
+
+/// Counters every ring frontend keeps, readable while it runs. The daemon's watcher reads
+/// `outstanding`, `completed`, `bogus_completions` and `corrupt`.
+#[derive(Debug, Default)]
+pub struct RingStats {
+    /// Journaled requests submitted on the ring (replays included).
+    pub submitted: AtomicU64,
+    /// Journaled requests the driver VM completed (any status): progress.
+    pub completed: AtomicU64,
+    /// Completions rejected by validation (bogus ids, statuses, lengths, generations, indices).
+    pub bogus_completions: AtomicU64,
+    /// Notifications sent to the driver VM (its irqfd).
+    pub kicks: AtomicU64,
+    /// Doorbells received from the driver VM.
+    pub doorbells: AtomicU64,
+    /// Requests sent again on a new generation after a driver VM restart.
+    pub replayed: AtomicU64,
+    /// Requests failed as poison (on the ring at too many consecutive crashes).
+    pub poisoned: AtomicU64,
+    /// Requests failed because the channel or its driver VM is quarantined.
+    pub quarantine_failed: AtomicU64,
+    /// Requests the ring refused (they failed alone).
+    pub refused: AtomicU64,
+    /// Journaled requests on the ring awaiting completion (a gauge).
+    pub outstanding: AtomicU64,
+    /// Journaled requests not yet on the ring (a gauge).
+    pub waiting: AtomicU64,
+    /// Requests that one more crash would make poison (a gauge).
+    pub suspects: AtomicU64,
+    /// 1 while the driver VM has broken the ring (until the next generation), else 0.
+    pub corrupt: AtomicU64,
+    /// 1 while the daemon holds this frontend (nothing sent), else 0.
+    pub held: AtomicU64,
+    /// Ring generations started after the first (driver VM restarts seen).
+    pub generations: AtomicU64,
+}
+
+impl RingStats {
+    /// `name value` pairs of the counters.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("submitted", g(&self.submitted)),
+            ("completed", g(&self.completed)),
+            ("bogus_completions", g(&self.bogus_completions)),
+            ("kicks", g(&self.kicks)),
+            ("doorbells", g(&self.doorbells)),
+            ("replayed", g(&self.replayed)),
+            ("poisoned", g(&self.poisoned)),
+            ("quarantine_failed", g(&self.quarantine_failed)),
+            ("refused", g(&self.refused)),
+            ("outstanding", g(&self.outstanding)),
+            ("waiting", g(&self.waiting)),
+            ("suspects", g(&self.suspects)),
+            ("corrupt", g(&self.corrupt)),
+            ("held", g(&self.held)),
+            ("generations", g(&self.generations)),
+        ]
+    }
+}
+
+/// Maps the channel memory of `fds` and creates a client ring with `params` in it at
+/// `generation`. The ring points into the returned mapping: keep the mapping alive for as long
+/// as the ring (the worker owns both, the ring dropped first).
+pub fn map_client_ring(
+    fds: &ChannelFds,
+    params: RingParams,
+    generation: u64,
+) -> Result<(ClientRing<RawRegion>, Arc<MmapRegion>), RingSetupError> {
+    let size = fds.memory_size().map_err(RingSetupError::Map)?;
+    let len = usize::try_from(size)
+        .map_err(|_| RingSetupError::Map(std::io::Error::other("too large")))?;
+    let file = fds.memory.try_clone().map_err(RingSetupError::Map)?;
+    let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
+        .map_err(|e| RingSetupError::Map(std::io::Error::other(e)))?;
+    let map = Arc::new(map);
+    // SAFETY: the mapping is `len` bytes, readable and writable, and the caller keeps it (the
+    // returned `Arc`) alive for as long as the ring, as documented above. In this process the
+    // bytes are accessed only through the ring's atomics.
+    let region = unsafe { RawRegion::new(map.as_ptr(), len) }.map_err(RingSetupError::Ring)?;
+    let ring = ClientRing::create_at(region, params, generation).map_err(RingSetupError::Ring)?;
+    Ok((ring, map))
+}
+
+/// A running frontend: its worker thread and the handle that commands it.
+pub struct RingFrontend {
+    handle: Arc<RingHandle>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RingFrontend {
+    /// Creates the ring (at `generation`, in the channel memory of `fds`) and starts the worker
+    /// thread `name` serving `device` over it, with a journal of `capacity` requests and its
+    /// counters in `stats`.
+    pub fn spawn<D: RingDevice>(
+        name: &str,
+        device: D,
+        fds: &ChannelFds,
+        params: RingParams,
+        generation: u64,
+        capacity: usize,
+        stats: Arc<RingStats>,
+    ) -> Result<Self, RingSetupError> {
+        let (ring, map) = map_client_ring(fds, params, generation)?;
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingSetupError::Worker)?;
+        let (tx, rx) = mpsc::channel();
+        let worker = worker::Worker::new(worker::Parts {
+            device,
+            ring,
+            map,
+            journal: Journal::new(capacity),
+            kick: fds.kick.clone(),
+            doorbell: fds.doorbell.clone(),
+            stats: stats.clone(),
+            commands: rx,
+            wake: wake.try_clone().map_err(RingSetupError::Worker)?,
+        })
+        .map_err(RingSetupError::Worker)?;
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || worker.run())
+            .map_err(RingSetupError::Worker)?;
+        Ok(RingFrontend {
+            handle: Arc::new(RingHandle::new(tx, wake)),
+            thread: Some(thread),
+        })
+    }
+
+    /// The daemon's handle (replay, release, quarantine).
+    pub fn control(&self) -> Arc<dyn RingCommands> {
+        self.handle.clone()
+    }
+
+    /// Hands the guest's queues to the worker (the transport's activate).
+    pub fn activate(
+        &self,
+        mem: GuestMemoryMmap,
+        queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) -> Result<(), ActivateError> {
+        let used = queues.iter().map(|_| Vec::new()).collect();
+        let guest = Guest {
+            mem,
+            queues,
+            failure,
+            used,
+        };
+        self.handle
+            .call(Command::Activate(guest), TRANSPORT_TIMEOUT)
+            .map(|_| ())
+            .map_err(|e| ActivateError::Setup(e.to_string()))
+    }
+
+    /// Takes the guest's queues back (the transport's reset); returns once the worker no
+    /// longer touches them.
+    pub fn reset(&self) {
+        if let Err(e) = self.handle.call(Command::Reset, TRANSPORT_TIMEOUT) {
+            tracing::error!(error = %e, "ring frontend reset");
+        }
+    }
+}
+
+impl Drop for RingFrontend {
+    fn drop(&mut self) {
+        let _ = self.handle.call(Command::Stop, TRANSPORT_TIMEOUT);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("a ring frontend worker panicked");
+            }
+        }
+    }
+}
+
+/// The raw fd of an eventfd, for epoll.
+fn raw(fd: &EventFd) -> i32 {
+    fd.as_raw_fd()
+}
