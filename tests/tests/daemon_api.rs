@@ -146,6 +146,10 @@ fn bad_api_calls_get_errors_and_the_daemon_stays_up() {
             "{\"op\":\"campaign\",\"vm\":\"ghost\",\"faults\":1,\"min_interval_ms\":9,\"max_interval_ms\":1}",
             "min_interval_ms exceeds max_interval_ms",
         ),
+        (
+            "{\"op\":\"campaign\",\"vm\":\"ghost\",\"faults\":1,\"max_interval_ms\":18446744073709551615}",
+            "max_interval_ms must be at most 3600000",
+        ),
     ];
     for (req, needle) in bad {
         let r = d.call(req);

@@ -36,6 +36,8 @@ pub mod fault {
     pub const CORRUPT: u32 = 3;
     /// Reboot the driver VM's kernel at once (`sysrq b`).
     pub const RESET: u32 = 4;
+    /// Store a completion producer index more than a ring ahead (a broken ring).
+    pub const BAD_INDEX: u32 = 5;
 }
 
 /// Register offsets in BAR 0.

@@ -39,17 +39,20 @@ pub enum FaultKind {
     Corrupt,
     /// Immediate reboot of the guest kernel (`sysrq b`), ending in the i8042 reset line.
     Reset,
+    /// The agent stores a completion producer index more than a ring ahead (a broken ring).
+    BadIndex,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::Panic,
         FaultKind::Hang,
         FaultKind::Kill,
         FaultKind::TripleFault,
         FaultKind::Corrupt,
         FaultKind::Reset,
+        FaultKind::BadIndex,
     ];
 
     /// The name used in the API, the CLI and metrics.
@@ -61,6 +64,7 @@ impl FaultKind {
             FaultKind::TripleFault => "triple-fault",
             FaultKind::Corrupt => "corrupt",
             FaultKind::Reset => "reset",
+            FaultKind::BadIndex => "bad-index",
         }
     }
 
@@ -198,6 +202,7 @@ impl ControlTargets {
             FaultKind::Hang => fault::HANG,
             FaultKind::Corrupt => fault::CORRUPT,
             FaultKind::Reset => fault::RESET,
+            FaultKind::BadIndex => fault::BAD_INDEX,
             FaultKind::TripleFault => {
                 tracing::warn!("fault injection: triple fault");
                 return if self.faults.vcpu.triple_fault(Duration::from_secs(5)) {
@@ -248,9 +253,17 @@ fn serve(stream: UnixStream, targets: &ControlTargets) -> std::io::Result<()> {
             return Ok(());
         }
         let reply = if n > MAX_LINE {
-            // Resynchronise on the next newline.
+            // Resynchronise on the next newline, discarding in bounded pieces.
             let mut rest = Vec::new();
-            reader.read_until(b'\n', &mut rest)?;
+            while !line.ends_with('\n') {
+                rest.clear();
+                let n = (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut rest)?;
+                if n == 0 || rest.ends_with(b"\n") {
+                    break;
+                }
+            }
             ControlReply::error("request line too long")
         } else {
             match serde_json::from_str::<ControlRequest>(line.trim_end()) {
@@ -288,7 +301,7 @@ impl ControlClient {
         req: &ControlRequest,
         timeout: Duration,
     ) -> Result<ControlReply, ControlError> {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
         let mut line = serde_json::to_string(req).map_err(ControlError::BadReply)?;
         line.push('\n');
         let exchange = async {
@@ -297,13 +310,18 @@ impl ControlClient {
                 .await
                 .map_err(ControlError::Io)?;
             let mut back = String::new();
-            let n = self
-                .reader
+            let n = (&mut self.reader)
+                .take(MAX_LINE as u64 + 1)
                 .read_line(&mut back)
                 .await
                 .map_err(ControlError::Io)?;
             if n == 0 {
                 return Err(ControlError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            if n > MAX_LINE {
+                return Err(ControlError::Io(std::io::Error::other(
+                    "control reply line too long",
+                )));
             }
             serde_json::from_str::<ControlReply>(back.trim_end()).map_err(ControlError::BadReply)
         };

@@ -204,6 +204,15 @@ impl<R: SharedRegion> AgentRing<R> {
         self.publish(raw)
     }
 
+    /// Stores a completion producer index more than a ring ahead of the client: **fault
+    /// injection only** (a driver VM that breaks the ring; the client must call it corrupt).
+    pub fn corrupt_completion_index(&mut self) -> Result<(), RingError> {
+        let bad = self
+            .cmp_prod
+            .wrapping_add(self.layout.ring_entries.wrapping_mul(2).max(2));
+        self.region.store_u32(o::CMP_PROD, bad, Store::Release)
+    }
+
     fn publish(&mut self, raw: RawCompletion) -> Result<(), RingError> {
         let cons = self.region.load_u32(o::CMP_CONS, Load::Acquire)?;
         match self.cmp_prod.wrapping_sub(cons) {

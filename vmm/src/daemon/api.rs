@@ -113,6 +113,9 @@ pub async fn handle_line(
                 if lo > hi {
                     return Err("min_interval_ms exceeds max_interval_ms".to_string());
                 }
+                if hi > MAX_INTERVAL_MS {
+                    return Err(format!("max_interval_ms must be at most {MAX_INTERVAL_MS}"));
+                }
                 Ok((vm, n, kinds, (lo, hi)))
             });
             match args {
@@ -170,6 +173,9 @@ pub async fn serve(listener: UnixListener, sup: Arc<Supervisor>, shutdown: Arc<N
     }
 }
 
+/// Longest pause between two campaign faults (an hour).
+const MAX_INTERVAL_MS: u64 = 3_600_000;
+
 async fn connection(
     stream: UnixStream,
     sup: &Arc<Supervisor>,
@@ -188,10 +194,19 @@ async fn connection(
             return Ok(());
         }
         let reply = if buf.len() > MAX_LINE {
-            // Resynchronise at the next newline.
-            let mut rest = String::new();
+            // Resynchronise at the next newline, discarding in bounded pieces.
             if !buf.ends_with('\n') {
-                lines.read_line(&mut rest).await?;
+                let mut rest = Vec::new();
+                loop {
+                    rest.clear();
+                    let n = (&mut lines)
+                        .take(MAX_LINE as u64)
+                        .read_until(b'\n', &mut rest)
+                        .await?;
+                    if n == 0 || rest.ends_with(b"\n") {
+                        break;
+                    }
+                }
             }
             serde_json::json!({ "ok": false, "error": "request line too long" })
         } else {

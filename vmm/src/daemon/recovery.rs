@@ -969,7 +969,8 @@ impl Supervisor {
             let kind = round.pop().unwrap_or(FaultKind::Kill);
             self.wait_serving(name, per_fault).await?;
             let (lo, hi) = interval_ms;
-            let pause = lo + rng.next() % (hi.saturating_sub(lo) + 1);
+            let span = hi.saturating_sub(lo).saturating_add(1);
+            let pause = lo.saturating_add(rng.next() % span);
             tokio::time::sleep(Duration::from_millis(pause)).await;
             let before = self.recoveries(name);
             tracing::info!(

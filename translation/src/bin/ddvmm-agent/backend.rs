@@ -308,9 +308,15 @@ impl Server<'_> {
     /// Serves until the client starts a new generation.
     fn run(&mut self, irq: &mut UioIrq, done: &Receiver<Done>, wake: &EventFd) {
         let mut beat = Instant::now();
+        // Jobs (and their buffers) in flight, and answers waiting for room, are bounded by a
+        // ring's worth: a client that publishes more waits in its own ring.
+        let cap = self.ring.layout().ring_entries as usize;
         loop {
             let mut progress = false;
-            while let Some(req) = self.ring.pop_request() {
+            while self.in_flight < cap && self.unpublished.len() < cap {
+                let Some(req) = self.ring.pop_request() else {
+                    break;
+                };
                 progress = true;
                 match req {
                     Ok(r) => self.dispatch(r),
@@ -548,6 +554,13 @@ pub(crate) fn take_fault(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>)
             println!("ddvmm-agent: fault injection: garbage completions");
             for id in 0..16u64 {
                 publish_garbage(ring, id.wrapping_mul(0x9E37_79B9), 4096);
+            }
+            true
+        }
+        fault::BAD_INDEX => {
+            println!("ddvmm-agent: fault injection: completion producer index a ring ahead");
+            if let Err(e) = ring.corrupt_completion_index() {
+                eprintln!("ddvmm-agent: bad-index: {e}");
             }
             true
         }

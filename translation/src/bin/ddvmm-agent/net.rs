@@ -302,7 +302,12 @@ fn serve_generation(
     loop {
         let mut progress = false;
         let mut published = false;
-        while let Some(req) = ring.pop_request() {
+        // Receive buffers held are bounded by a ring's worth.
+        let cap = ring.layout().ring_entries as usize;
+        while posted.len() < cap {
+            let Some(req) = ring.pop_request() else {
+                break;
+            };
             progress = true;
             let r = match req {
                 Ok(r) => r,

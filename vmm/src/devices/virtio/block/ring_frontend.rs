@@ -34,7 +34,8 @@ use super::request::{
 use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
+    next_chain, Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError,
+    RingStats,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -217,18 +218,12 @@ impl RingDevice for BlockRing {
             if !journal.has_room() {
                 break;
             }
-            if let Err(e) = queue.disable_notification(mem) {
-                result = Err(GuestError::Queue(e));
-                break;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        result = Err(GuestError::Queue(e));
-                        break;
-                    }
+            let chain = match next_chain(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             };
             let head = chain.head_index();
@@ -437,9 +432,9 @@ impl VirtioDevice for RingBlock {
 mod tests {
     use super::*;
     use crate::devices::pci::msix::Msix;
+    use crate::devices::virtio::ring::testing::{channel_fds, wait_for, Failures, ScriptedAgent};
     use crate::devices::virtio::ring::{RingCommand, RingOutcome};
     use crate::devices::virtio::Interrupt;
-    use crate::memory::create_memfd;
     use ddvmm_translation::ring::{AgentRing, Completion, RawCompletion};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
@@ -455,25 +450,8 @@ mod tests {
     const WRITE: u16 = 2;
     const SECTORS: u64 = 2048;
 
-    #[derive(Default)]
-    struct Failures(std::sync::atomic::AtomicUsize);
-
-    impl DeviceFailure for Failures {
-        fn needs_reset(&self, _reason: &str) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     fn fds() -> ChannelFds {
-        let size = RING_PARAMS.layout().expect("layout").total as u64;
-        let memory = create_memfd(c"test-ring").expect("memfd");
-        memory.set_len(size.next_power_of_two()).expect("size");
-        let efd = || Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
-        ChannelFds {
-            memory: Arc::new(memory),
-            kick: efd(),
-            doorbell: efd(),
-        }
+        channel_fds(RING_PARAMS)
     }
 
     /// An honest agent over the same memfd, in a thread, with a bogus completion before each
@@ -901,5 +879,156 @@ mod tests {
         assert_eq!(s.errors.load(Ordering::SeqCst), 3);
         assert_eq!(s.ring.bogus_completions.load(Ordering::SeqCst), 9);
         assert_eq!(failures.0.load(Ordering::SeqCst), 0);
+    }
+    #[test]
+    fn a_broken_completion_index_is_a_state_not_a_spin_and_nothing_fails() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        let fds = fds();
+        let (dev, control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48]);
+        let mut agent = ScriptedAgent::attach(&fds, 1);
+        let reqs = agent.take(6);
+        // One honest answer, then a producer index a ring ahead.
+        agent.answer(&reqs[0], Status::Ok, Some(8));
+        let used = || {
+            m.read_obj::<u16>(mock.used_addr().unchecked_add(2))
+                .expect("used")
+        };
+        wait_for("the honest completion", || used() == 1);
+        agent.ring.corrupt_completion_index().expect("corrupt");
+        agent.ring_doorbell();
+        let s = dev.stats();
+        wait_for("the corrupt state", || {
+            s.ring.corrupt.load(Ordering::SeqCst) == 1
+        });
+        // The worker no longer listens to this driver VM: doorbells are not even counted.
+        let rung = s.ring.doorbells.load(Ordering::SeqCst);
+        for _ in 0..1000 {
+            agent.ring_doorbell();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(s.ring.doorbells.load(Ordering::SeqCst), rung);
+        assert_eq!(
+            s.ring.outstanding.load(Ordering::SeqCst),
+            5,
+            "kept for replay"
+        );
+        assert_eq!(s.errors.load(Ordering::SeqCst), 0);
+        // The daemon's replay is served at once, and a new driver VM serves the five.
+        let o = control
+            .request(
+                RingCommand::Replay {
+                    poison_after: 3,
+                    hold: false,
+                },
+                Duration::from_secs(2),
+            )
+            .expect("replay");
+        assert_eq!(o.replayed, 5);
+        assert_eq!(s.ring.corrupt.load(Ordering::SeqCst), 0);
+        let mut next = ScriptedAgent::attach(&fds, 2);
+        for r in next.take(5) {
+            next.answer(&r, Status::Ok, Some(r.sector as u8));
+        }
+        wait_for("all six", || used() == 6);
+        assert_eq!(statuses(&m, 0x2000), [VIRTIO_BLK_S_OK; 6]);
+        for (i, sector) in [8u8, 16, 24, 32, 40, 48].iter().enumerate() {
+            let mut b = [0u8; 4096];
+            m.read_slice(&mut b, GuestAddress(0x10_0000 + i as u64 * 0x1000))
+                .expect("data");
+            assert!(b.iter().all(|x| x == sector), "read {i}");
+        }
+        drop(dev);
+    }
+
+    #[test]
+    fn a_guest_reset_with_requests_on_the_ring_keeps_the_ring_drained() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        let fds = fds();
+        let (mut dev, _control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48]);
+        let mut agent = ScriptedAgent::attach(&fds, 1);
+        let reqs = agent.take(6);
+        let s = dev.stats();
+        wait_for("six on the ring", || {
+            s.ring.outstanding.load(Ordering::SeqCst) == 6
+        });
+        // The guest resets its device with all six in flight; the driver VM answers later.
+        dev.reset();
+        for r in &reqs {
+            agent.answer(r, Status::Ok, Some(1));
+        }
+        // Still drained: the gauge the daemon's watchdog reads goes back to zero.
+        wait_for("the ring drained", || {
+            s.ring.outstanding.load(Ordering::SeqCst) == 0
+        });
+        assert_eq!(s.ring.completed.load(Ordering::SeqCst), 6);
+        // Nothing reached the reset guest: no status, no used entry, no data.
+        assert_eq!(statuses(&m, 0x2000), [0xEE; 6]);
+        assert_eq!(
+            m.read_obj::<u16>(mock.used_addr().unchecked_add(2))
+                .expect("used"),
+            0
+        );
+        assert_eq!(s.guest_completed.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_chain_beyond_seg_max_needs_a_reset_and_the_ring_goes_on() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        // Chain 0: a 4 KiB read. Chain 1: a read split into seg_max + 1 data descriptors.
+        let mut h = [0u8; 16];
+        h[8..].copy_from_slice(&8u64.to_le_bytes());
+        m.write_slice(&h, GuestAddress(0x1000)).expect("header");
+        let mut descs = vec![
+            RawDescriptor::from(D::new(0x1000, 16, NEXT, 1)),
+            RawDescriptor::from(D::new(0x10_0000, 4096, NEXT | WRITE, 2)),
+            RawDescriptor::from(D::new(0x2000, 1, WRITE, 0)),
+            RawDescriptor::from(D::new(0x1000, 16, NEXT, 4)),
+        ];
+        let n = SEG_MAX as u16 + 1;
+        for i in 0..n {
+            descs.push(RawDescriptor::from(D::new(
+                0x20_0000 + u64::from(i) * 512,
+                512,
+                NEXT | WRITE,
+                5 + i,
+            )));
+        }
+        descs.push(RawDescriptor::from(D::new(0x2001, 1, WRITE, 0)));
+        mock.build_multiple_desc_chains(&descs).expect("chains");
+        // The guest offers the long chain only once the first request is on the ring.
+        mock.avail().idx().store(1);
+        m.write_slice(&[0xEE; 2], GuestAddress(0x2000))
+            .expect("status");
+        let q: Queue = mock.create_queue().expect("queue");
+        let fds = fds();
+        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
+        let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let failures = Arc::new(Failures::default());
+        let active = ActiveQueue {
+            queue: q,
+            notify: notify.try_clone().expect("clone"),
+            interrupt: Interrupt::new(Msix::detached(1), 0),
+        };
+        dev.activate(m.clone(), 0, vec![active], failures.clone())
+            .expect("activate");
+        notify.write(1).expect("notify");
+        let mut agent = ScriptedAgent::attach(&fds, 1);
+        let reqs = agent.take(1);
+        mock.avail().idx().store(2);
+        notify.write(1).expect("notify");
+        wait_for("the device reported broken", || {
+            failures.0.load(Ordering::SeqCst) == 1
+        });
+        // The first request, already on the ring, is still drained.
+        agent.answer(&reqs[0], Status::Ok, Some(3));
+        let s = dev.stats();
+        wait_for("the ring drained", || {
+            s.ring.outstanding.load(Ordering::SeqCst) == 0
+        });
+        assert_eq!(s.ring.submitted.load(Ordering::SeqCst), 1);
+        dev.reset();
     }
 }

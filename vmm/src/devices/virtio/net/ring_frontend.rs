@@ -42,7 +42,8 @@ use super::tap::VNET_HDR_LEN;
 use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
+    next_chain, Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError,
+    RingStats,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -197,18 +198,12 @@ impl RingDevice for NetRing {
                 if !journal.has_room() {
                     break;
                 }
-                if let Err(e) = queue.disable_notification(mem) {
-                    result = Err(GuestError::Queue(e));
-                    break;
-                }
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    match queue.enable_notification(mem) {
-                        Ok(true) => continue,
-                        Ok(false) => break,
-                        Err(e) => {
-                            result = Err(GuestError::Queue(e));
-                            break;
-                        }
+                let chain = match next_chain(queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
                     }
                 };
                 let head = chain.head_index();
@@ -328,19 +323,13 @@ impl RingDevice for NetRing {
                 return Ok(());
             };
             let (queue, mem) = (&mut aq.queue, &guest.mem);
-            let mut budget = usize::from(queue.size());
             while let Some(frame) = self.rx_pending.front() {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    match queue.enable_notification(mem) {
-                        Ok(true) if budget > 0 => {
-                            budget -= 1;
-                            continue;
-                        }
-                        Ok(_) => break,
-                        Err(e) => {
-                            result = Err(GuestError::Queue(e));
-                            break;
-                        }
+                let chain = match next_chain(queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
                     }
                 };
                 let head = chain.head_index();
@@ -458,5 +447,294 @@ impl VirtioDevice for RingNet {
 
     fn reset(&mut self) {
         self.frontend.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::pci::msix::Msix;
+    use crate::devices::virtio::ring::testing::{channel_fds, wait_for, Failures, ScriptedAgent};
+    use crate::devices::virtio::ring::{RingCommand, RingOutcome};
+    use crate::devices::virtio::Interrupt;
+    use ddvmm_translation::ring::RequestEntry;
+    use std::time::Duration;
+    use virtio_queue::desc::{split::Descriptor as D, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const WRITE: u16 = 2;
+    /// Where TX frame `i` sits in guest memory.
+    const TX_AT: u64 = 0x10_0000;
+    /// Where RX buffer `i` sits.
+    const RX_AT: u64 = 0x20_0000;
+    const FRAME: usize = VNET_HDR_LEN + 64;
+
+    /// Header + a 64-byte frame from `src`, payload bytes `fill`.
+    fn frame(src: [u8; 6], fill: u8) -> Vec<u8> {
+        let mut f = vec![0u8; FRAME];
+        f[VNET_HDR_LEN..VNET_HDR_LEN + 6].copy_from_slice(&[0xff; 6]);
+        f[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].copy_from_slice(&src);
+        f[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14].copy_from_slice(&[0x08, 0x00]);
+        f[VNET_HDR_LEN + ETH_HLEN..].fill(fill);
+        f
+    }
+
+    struct Nic<'a> {
+        m: &'a GuestMemoryMmap,
+        rx: MockSplitQueue<'a, GuestMemoryMmap>,
+        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        dev: RingNet,
+        fds: ChannelFds,
+        rx_notify: EventFd,
+        tx_notify: EventFd,
+        failures: Arc<Failures>,
+    }
+
+    impl Nic<'_> {
+        fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>, m: &GuestMemoryMmap) -> u16 {
+            m.read_obj::<u16>(q.used_addr().unchecked_add(2))
+                .expect("used")
+        }
+        fn tx_used(&self) -> u16 {
+            Self::used(&self.tx, self.m)
+        }
+        fn rx_used(&self) -> u16 {
+            Self::used(&self.rx, self.m)
+        }
+    }
+
+    /// An activated ring NIC whose TX queue holds `frames` (one descriptor each) and whose RX
+    /// queue holds `rx_buffers` 2 KiB buffers.
+    fn nic<'a>(m: &'a GuestMemoryMmap, frames: &[Vec<u8>], rx_buffers: u16) -> Nic<'a> {
+        let rx = MockSplitQueue::create(m, GuestAddress(0), 64);
+        let tx = MockSplitQueue::create(m, GuestAddress(0x8000), 64);
+        let mut tx_descs = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let at = TX_AT + i as u64 * 0x1000;
+            m.write_slice(f, GuestAddress(at)).expect("frame");
+            tx_descs.push(RawDescriptor::from(D::new(at, f.len() as u32, 0, 0)));
+        }
+        if !tx_descs.is_empty() {
+            tx.build_multiple_desc_chains(&tx_descs).expect("tx chains");
+        }
+        let rx_descs: Vec<RawDescriptor> = (0..u64::from(rx_buffers))
+            .map(|i| RawDescriptor::from(D::new(RX_AT + i * 0x1000, 2048, WRITE, 0)))
+            .collect();
+        if !rx_descs.is_empty() {
+            rx.build_multiple_desc_chains(&rx_descs).expect("rx chains");
+        }
+        let fds = channel_fds(NET_RING_PARAMS);
+        let mut dev = RingNet::new(fds.clone(), MAC, 1).expect("ring nic");
+        let rx_notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let tx_notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let failures = Arc::new(Failures::default());
+        let queue = |q: &MockSplitQueue<'_, GuestMemoryMmap>, n: &EventFd| ActiveQueue {
+            queue: q.create_queue::<Queue>().expect("queue"),
+            notify: n.try_clone().expect("clone"),
+            interrupt: Interrupt::new(Msix::detached(2), 0),
+        };
+        let queues = vec![queue(&rx, &rx_notify), queue(&tx, &tx_notify)];
+        dev.activate(m.clone(), 0, queues, failures.clone())
+            .expect("activate");
+        tx_notify.write(1).expect("notify");
+        Nic {
+            m,
+            rx,
+            tx,
+            dev,
+            fds,
+            rx_notify,
+            tx_notify,
+            failures,
+        }
+    }
+
+    /// Splits what an agent took into receive buffers and transmits.
+    fn split(reqs: Vec<RequestEntry>) -> (Vec<RequestEntry>, Vec<RequestEntry>) {
+        reqs.into_iter().partition(|r| r.op == Opcode::NetRx)
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("mem")
+    }
+
+    #[test]
+    fn frames_cross_both_ways_and_spoofed_ones_never_reach_the_ring() {
+        let m = mem();
+        let frames = [frame(MAC, 1), frame([2; 6], 2), frame(MAC, 3)];
+        let n = nic(&m, &frames, 2);
+        let mut agent = ScriptedAgent::attach(&n.fds, 1);
+        let (rx, tx) = split(agent.take(RX_POSTED + 2));
+        assert_eq!(rx.len(), RX_POSTED, "receive buffers kept posted");
+        assert_eq!(tx.len(), 2, "the spoofed frame stayed out");
+        for (r, fill) in tx.iter().zip([1u8, 3]) {
+            let mut got = vec![0u8; r.len as usize];
+            agent
+                .ring
+                .read_slot(r.slot.expect("slot"), 0, &mut got)
+                .expect("slot");
+            assert_eq!(
+                got,
+                frame(MAC, fill),
+                "header and frame as the guest sent them"
+            );
+        }
+        // The spoofed chain came back at once, the others once the driver VM took them.
+        wait_for("the spoofed chain returned", || n.tx_used() == 1);
+        for r in &tx {
+            agent.answer(r, Status::Ok, None);
+        }
+        wait_for("all chains returned", || n.tx_used() == 3);
+        // A frame for the guest, with offload claims the frontend must strip.
+        let mut incoming = frame([9; 6], 7);
+        incoming[0] = 1; // NEEDS_CSUM
+        agent
+            .ring
+            .write_slot(rx[0].slot.expect("slot"), 0, &incoming)
+            .expect("slot");
+        agent
+            .ring
+            .complete(ddvmm_translation::ring::Completion {
+                id: rx[0].id,
+                status: Status::Ok,
+                len: incoming.len() as u32,
+            })
+            .expect("complete");
+        agent.ring_doorbell();
+        wait_for("the frame delivered", || n.rx_used() == 1);
+        let mut got = vec![0u8; FRAME];
+        m.read_slice(&mut got, GuestAddress(RX_AT)).expect("rx");
+        assert_eq!(&got[VNET_HDR_LEN..], &incoming[VNET_HDR_LEN..]);
+        assert_eq!(got[0], 0, "no offload claimed");
+        assert_eq!(&got[10..12], &1u16.to_le_bytes(), "one buffer");
+        // The receive buffer is posted again.
+        let again = agent.take(1);
+        assert_eq!(again[0].op, Opcode::NetRx);
+        let s = n.dev.stats();
+        assert_eq!(s.tx_dropped_spoofed.load(Ordering::SeqCst), 1);
+        assert_eq!(s.tx_frames.load(Ordering::SeqCst), 2);
+        assert_eq!(s.rx_frames.load(Ordering::SeqCst), 1);
+        assert_eq!(s.ring.completed.load(Ordering::SeqCst), 2);
+        assert_eq!(n.failures.0.load(Ordering::SeqCst), 0);
+        let _ = (&n.rx_notify, &n.tx_notify);
+    }
+
+    #[test]
+    fn transmits_are_replayed_in_order_and_receive_buffers_posted_again() {
+        let m = mem();
+        let frames = [frame(MAC, 1), frame(MAC, 2)];
+        let n = nic(&m, &frames, 0);
+        let control = n.dev.control();
+        let mut dead = ScriptedAgent::attach(&n.fds, 1);
+        let (_, tx) = split(dead.take(RX_POSTED + 2));
+        assert_eq!(tx.len(), 2);
+        // The driver VM dies with both frames in flight: nothing returns to the guest.
+        let o = control
+            .request(
+                RingCommand::Replay {
+                    poison_after: 3,
+                    hold: false,
+                },
+                Duration::from_secs(5),
+            )
+            .expect("replay");
+        assert_eq!(
+            o,
+            RingOutcome {
+                replayed: 2,
+                ..RingOutcome::default()
+            }
+        );
+        assert_eq!(n.tx_used(), 0);
+        let mut next = ScriptedAgent::attach(&n.fds, 2);
+        let (rx, tx) = split(next.take(RX_POSTED + 2));
+        assert_eq!(rx.len(), RX_POSTED, "receive buffers posted again");
+        for (r, fill) in tx.iter().zip([1u8, 2]) {
+            let mut got = vec![0u8; r.len as usize];
+            next.ring
+                .read_slot(r.slot.expect("slot"), 0, &mut got)
+                .expect("slot");
+            assert_eq!(got, frame(MAC, fill), "replayed in order, from the journal");
+            next.answer(r, Status::Ok, None);
+        }
+        wait_for("both returned", || n.tx_used() == 2);
+        let s = n.dev.stats();
+        assert_eq!(s.ring.replayed.load(Ordering::SeqCst), 2);
+        assert_eq!(s.ring.generations.load(Ordering::SeqCst), 1);
+        assert_eq!(s.tx_frames.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_held_replay_sends_nothing_until_released() {
+        let m = mem();
+        let n = nic(&m, &[frame(MAC, 1)], 0);
+        let control = n.dev.control();
+        let mut dead = ScriptedAgent::attach(&n.fds, 1);
+        dead.take(RX_POSTED + 1);
+        let replay = RingCommand::Replay {
+            poison_after: 3,
+            hold: true,
+        };
+        control
+            .request(replay, Duration::from_secs(5))
+            .expect("replay");
+        let mut next = ScriptedAgent::attach(&n.fds, 2);
+        let (_, tx) = split(next.take(RX_POSTED));
+        assert!(tx.is_empty());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(next.ring.pop_request().is_none(), "held: nothing sent");
+        assert_eq!(n.dev.stats().ring.held.load(Ordering::SeqCst), 1);
+        control
+            .request(RingCommand::Release, Duration::from_secs(5))
+            .expect("release");
+        let (_, tx) = split(next.take(1));
+        assert_eq!(tx.len(), 1);
+    }
+
+    #[test]
+    fn quarantine_drops_transmits_and_a_broken_ring_is_reported() {
+        let m = mem();
+        let n = nic(&m, &[frame(MAC, 1)], 0);
+        let control = n.dev.control();
+        let mut agent = ScriptedAgent::attach(&n.fds, 1);
+        agent.take(RX_POSTED + 1);
+        let o = control
+            .request(RingCommand::Quarantine, Duration::from_secs(5))
+            .expect("quarantine");
+        assert_eq!(o.failed, 1);
+        wait_for("the chain returned", || n.tx_used() == 1);
+        let s = n.dev.stats();
+        assert_eq!(s.tx_dropped_failed.load(Ordering::SeqCst), 1);
+        agent.ring.corrupt_completion_index().expect("corrupt");
+        agent.ring_doorbell();
+        wait_for("reported corrupt", || {
+            s.ring.corrupt.load(Ordering::SeqCst) == 1
+        });
+    }
+
+    #[test]
+    fn a_broken_tx_queue_needs_a_reset_and_receive_goes_on_being_drained() {
+        let m = mem();
+        let n = nic(&m, &[], 0);
+        let mut agent = ScriptedAgent::attach(&n.fds, 1);
+        let rx = agent.take(RX_POSTED);
+        // The guest points its TX avail ring's index far beyond the queue: broken queue.
+        n.tx.avail().idx().store(1000);
+        n.tx_notify.write(1).expect("notify");
+        wait_for("reported broken", || {
+            n.failures.0.load(Ordering::SeqCst) == 1
+        });
+        // Receive buffers answered afterwards are still consumed: their slots are freed and
+        // posted again (the worker serves the ring without a guest).
+        for r in &rx[..4] {
+            agent.answer(r, Status::Ok, Some(0));
+        }
+        let again = agent.take(4);
+        assert!(again.iter().all(|r| r.op == Opcode::NetRx), "{again:?}");
+        assert_eq!(n.rx_used(), 0, "nothing delivered to the broken guest");
     }
 }

@@ -22,6 +22,8 @@
 //! Events are typed ([`worker::Token`]); errors are typed ([`GuestError`], [`CommandError`]).
 
 pub mod control;
+#[cfg(test)]
+pub mod testing;
 mod worker;
 
 use std::os::fd::AsRawFd;
@@ -33,6 +35,7 @@ use ddvmm_translation::journal::Journal;
 use ddvmm_translation::ring::{
     ClientRing, Completed, RawRegion, Request as RingRequest, RingError, RingParams,
 };
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -182,6 +185,26 @@ pub trait RingDevice: Send + 'static {
 
     /// The guest's queues are gone (reset): drop guest-side state.
     fn guest_gone(&mut self) {}
+}
+
+/// The next available chain of `queue`, with the guest's notifications suppressed while
+/// chains are there and re-enabled once the queue is empty (virtio's race-free order). A
+/// queue whose indices are broken is an error (the device then needs a reset), never an
+/// endless stream of nothing.
+pub fn next_chain<'a>(
+    queue: &'a mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, GuestError> {
+    for _ in 0..2 {
+        queue.disable_notification(mem).map_err(GuestError::Queue)?;
+        if let Some(chain) = queue.iter(mem).map_err(GuestError::Queue)?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem).map_err(GuestError::Queue)? {
+            return Ok(None);
+        }
+    }
+    Ok(None)
 }
 
 /// Counters every ring frontend keeps, readable while it runs. The daemon's watcher reads
