@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
 .PHONY: all deps images agent driver-image build nextest test test-long demo bench bench-io bench-driver \
-	bench-recovery soak-recovery bench-passthrough bench-net fuzz lint clean-images
+	bench-recovery soak-recovery bench-passthrough bench-net fuzz fuzz-smoke lint clean-images
 
 all: build
 
@@ -53,6 +53,7 @@ test: deps images build driver-image nextest
 	@rc=0; \
 	$(CARGO) nextest run --release --workspace $(NEXTEST_ARGS) || rc=$$?; \
 	$(CARGO) test --release --workspace --doc -q || rc=$$?; \
+	[ -n "$(SKIP_FUZZ)" ] || $(MAKE) -s fuzz-smoke || rc=$$?; \
 	$(REPORT); \
 	exit $$rc
 
@@ -128,13 +129,26 @@ bench-passthrough: deps images build
 	    --passthrough-disk target/bench-passthrough.img \
 	    --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/passthrough.sh
 
-# Fuzz the virtio descriptor-chain parsers (needs a nightly toolchain; installs cargo-fuzz).
+# Fuzz the virtio descriptor-chain parsers, the ring, the journal and the ring frontends with a
+# hostile agent and guest (needs a nightly toolchain; installs cargo-fuzz). `make test` runs
+# `fuzz-smoke`: every target built and run briefly; a crash fails it.
+FUZZ_TARGETS := virtio_blk_request virtio_net_frames ring_completions journal ring_frontends
 FUZZ_SECONDS ?= 180
+FUZZ_SMOKE_SECONDS ?= 10
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && for t in virtio_blk_request virtio_net_frames ring_completions; do \
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
 	    cargo +nightly fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
 	        2>&1 | grep -E "^Done|ERROR|panicked|SUMMARY" ; \
+	done
+
+fuzz-smoke:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	    cargo +nightly fuzz run -O $$t -- -max_total_time=$(FUZZ_SMOKE_SECONDS) \
+	        -rss_limit_mb=4096 > target/smoke-$$t.log 2>&1 \
+	        || { tail -40 target/smoke-$$t.log; echo "fuzz target $$t FAILED"; exit 1; }; \
+	    grep -E "^Done" target/smoke-$$t.log | sed "s/^/fuzz $$t: /"; \
 	done
 
 lint:

@@ -23,7 +23,11 @@ pub fn decode(data: &[u8], mem: &GuestMemoryMmap) -> Vec<Descriptor> {
         .map(|c| {
             let addr = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             // Mostly near guest memory, sometimes anywhere (top bit selects).
-            let addr = if addr >> 63 == 1 { addr } else { addr % (MEM_SIZE as u64 + 0x1_0000) };
+            let addr = if addr >> 63 == 1 {
+                addr
+            } else {
+                addr % (MEM_SIZE as u64 + 0x1_0000)
+            };
             let len = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
             let len = if len >> 31 == 1 { len } else { len % 0x2_0000 };
             let flags = u16::from_le_bytes([c[12], c[13]]) & 0x7;

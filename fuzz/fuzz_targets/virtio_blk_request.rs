@@ -14,7 +14,12 @@ fuzz_target!(|data: &[u8]| {
     let descs = common::decode(data, &mem);
     let file: File = ddvmm::memory::create_memfd(c"fuzz-disk").expect("memfd");
     file.set_len(64 * 1024).expect("size");
-    let disk = Disk::new(file, 64 * 1024, data.first().is_some_and(|b| b & 0x80 != 0), "fuzz");
+    let disk = Disk::new(
+        file,
+        64 * 1024,
+        data.first().is_some_and(|b| b & 0x80 != 0),
+        "fuzz",
+    );
     if let Ok(req) = Request::parse(&descs, &mem) {
         let c = execute(&req, &mem, &disk);
         assert!(c.status <= 2);

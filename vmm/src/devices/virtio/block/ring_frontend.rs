@@ -330,6 +330,22 @@ impl RingDevice for BlockRing {
     }
 }
 
+impl BlockRing {
+    /// A disk of `sectors` (for [`Stepper`](crate::devices::virtio::ring::stepper::Stepper)):
+    /// returns the device, its counters, the ring sizes and the journal capacity.
+    #[doc(hidden)]
+    pub fn for_stepper(sectors: u64) -> (Self, Arc<RingDiskStats>, RingParams, usize) {
+        let stats = Arc::new(RingDiskStats::default());
+        let dev = BlockRing {
+            sectors,
+            read_only: false,
+            id: [b'f'; ID_BYTES],
+            stats: stats.clone(),
+        };
+        (dev, stats, RING_PARAMS, JOURNAL_CAPACITY)
+    }
+}
+
 /// The virtio-blk device model over a ring.
 pub struct RingBlock {
     sectors: u64,

@@ -358,6 +358,22 @@ impl RingDevice for NetRing {
     }
 }
 
+impl NetRing {
+    /// A NIC with `mac` (for [`Stepper`](crate::devices::virtio::ring::stepper::Stepper)):
+    /// returns the device, its counters, the ring sizes and the journal capacity.
+    #[doc(hidden)]
+    pub fn for_stepper(mac: [u8; 6]) -> (Self, Arc<RingNetStats>, RingParams, usize) {
+        let stats = Arc::new(RingNetStats::default());
+        let dev = NetRing {
+            mac,
+            stats: stats.clone(),
+            rx_pending: VecDeque::new(),
+            buf: vec![0u8; MAX_FRAME],
+        };
+        (dev, stats, NET_RING_PARAMS, TX_MAX)
+    }
+}
+
 /// The virtio-net device model over a ring.
 pub struct RingNet {
     mac: [u8; 6],

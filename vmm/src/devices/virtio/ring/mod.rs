@@ -22,6 +22,8 @@
 //! Events are typed ([`worker::Token`]); errors are typed ([`GuestError`], [`CommandError`]).
 
 pub mod control;
+#[doc(hidden)]
+pub mod stepper;
 #[cfg(test)]
 pub mod testing;
 mod worker;

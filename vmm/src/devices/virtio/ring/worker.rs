@@ -196,7 +196,7 @@ impl<D: RingDevice> Worker<D> {
     }
 
     /// Up to [`ROUNDS`] rounds; returns whether work is left (completions still pending).
-    fn turn(&mut self) -> bool {
+    pub(super) fn turn(&mut self) -> bool {
         for _ in 0..ROUNDS {
             self.post_standing();
             self.take_completions();
@@ -211,7 +211,7 @@ impl<D: RingDevice> Worker<D> {
         true
     }
 
-    fn apply(&mut self, cmd: Command) -> Reply {
+    pub(super) fn apply(&mut self, cmd: Command) -> Reply {
         match cmd {
             Command::Activate(guest) => {
                 self.drop_guest();
@@ -444,7 +444,7 @@ impl<D: RingDevice> Worker<D> {
         }
     }
 
-    fn update_gauges(&self) {
+    pub(super) fn update_gauges(&self) {
         let s = &self.stats;
         let j = &self.journal;
         s.outstanding.store(j.on_ring() as u64, Ordering::Relaxed);

@@ -1,0 +1,92 @@
+//! A frontend driven one turn at a time from the caller's thread: the same worker, device,
+//! journal and ring as a running frontend, without the thread and epoll wait. For the fuzz
+//! target (`fuzz/fuzz_targets/ring_frontends.rs`), which plays a hostile agent and a hostile
+//! guest against it; not for production use.
+
+use std::sync::{mpsc, Arc};
+
+use ddvmm_translation::journal::Journal;
+use ddvmm_translation::ring::RingParams;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::control::{Command, Reply};
+use super::worker::{Parts, Worker};
+use super::{map_client_ring, RingCommand, RingDevice, RingOutcome, RingSetupError, RingStats};
+use super::{CommandError, Guest};
+use crate::devices::channel::ChannelFds;
+use crate::devices::virtio::{ActiveQueue, DeviceFailure};
+
+/// A frontend without its thread.
+pub struct Stepper<D: RingDevice> {
+    worker: Worker<D>,
+    // Kept so the worker's command queue stays connected.
+    _commands: mpsc::Sender<(Command, mpsc::Sender<Reply>)>,
+}
+
+impl<D: RingDevice> Stepper<D> {
+    /// As [`super::RingFrontend::spawn`], without the thread.
+    pub fn new(
+        device: D,
+        fds: &ChannelFds,
+        params: RingParams,
+        generation: u64,
+        capacity: usize,
+        stats: Arc<RingStats>,
+    ) -> Result<Self, RingSetupError> {
+        let (ring, map) = map_client_ring(fds, params, generation)?;
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingSetupError::Worker)?;
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker::new(Parts {
+            device,
+            ring,
+            map,
+            journal: Journal::new(capacity),
+            kick: fds.kick.clone(),
+            doorbell: fds.doorbell.clone(),
+            stats,
+            commands: rx,
+            wake,
+        })
+        .map_err(RingSetupError::Worker)?;
+        Ok(Stepper {
+            worker,
+            _commands: tx,
+        })
+    }
+
+    /// Applies a daemon command.
+    pub fn command(&mut self, cmd: RingCommand) -> Result<RingOutcome, CommandError> {
+        self.worker.apply(Command::Ring(cmd))
+    }
+
+    /// The guest activates the device.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) {
+        let used = queues.iter().map(|_| Vec::new()).collect();
+        let guest = Guest {
+            mem,
+            queues,
+            failure,
+            used,
+        };
+        let _ = self.worker.apply(Command::Activate(guest));
+    }
+
+    /// The guest resets the device.
+    pub fn reset(&mut self) {
+        let _ = self.worker.apply(Command::Reset);
+    }
+
+    /// One turn of the loop (what one wakeup does); returns whether work is left.
+    pub fn step(&mut self) -> bool {
+        let busy = self.worker.turn();
+        self.worker.update_gauges();
+        busy
+    }
+}
