@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use ddvmm_tests::system::{
-    assert_clean_ending, assert_clean_ending_allowing, backing_file, client_ip, client_net_up,
-    console, metric, metric_sum, metrics_section, section, System, MIB, PEER_IP,
+    assert_clean_ending, assert_clean_ending_allowing, assert_no_faults, backing_file, client_ip,
+    client_net_up, console, metric, metric_sum, metrics_section, section, System, MIB, PEER_IP,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
@@ -102,14 +102,28 @@ fn mixed_campaign() -> (usize, u64) {
 }
 
 /// Every injectable fault kind and the detection path it must be caught on.
-const FAULT_PATHS: [(&str, &str); 6] = [
+const FAULT_PATHS: [(&str, &str); 7] = [
     ("panic", "pvpanic"),
     ("hang", "heartbeat"),
     ("kill", "process-killed"),
     ("triple-fault", "vcpu-crash"),
     ("corrupt", "corrupt-completions"),
     ("reset", "reset"),
+    ("bad-index", "corrupt-ring"),
 ];
+
+/// Shell: the CPU time (clock ticks) of every client ring-disk worker thread on the host.
+const RING_TICKS_FN: &str = r#"
+ring_ticks() {
+    t=0
+    for s in /proc/[0-9]*/task/*/stat; do
+        [ "$(cat ${s%stat}comm 2>/dev/null)" = ring-blk ] || continue
+        set -- $(cut -d' ' -f14,15 $s 2>/dev/null)
+        t=$((t + ${1:-0} + ${2:-0}))
+    done
+    echo $t
+}
+"#;
 
 /// The recovery test system: one driver VM serving `clients`, recovery configured for the
 /// emulator ([`RECOVERY`]).
@@ -192,12 +206,14 @@ fn every_fault_kind_is_detected_and_recovered_without_client_errors() {
     let names: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
     let (mixed, max_interval_ms) = mixed_campaign();
     let script = format!(
-        r#"{prelude}{CAMPAIGN_FN}
+        r#"{prelude}{CAMPAIGN_FN}{RING_TICKS_FN}
 wait_console alpha "ROUND 1 "
 wait_console beta "ROUND 1 "
 for k in {names}; do
     echo "=== fault $k"
+    c0=$(ring_ticks); t0=$(date +%s)
     campaign $k --faults 1 --kinds $k --min-interval-ms 500 --max-interval-ms 2000
+    echo "RING-CPU $k $(( $(ring_ticks) - c0 )) $(( $(date +%s) - t0 ))"
 done
 echo "=== mixed campaign"
 campaign mixed --faults {mixed} --min-interval-ms 0 --max-interval-ms {max_interval_ms} --seed 7
@@ -232,6 +248,30 @@ echo "=== metrics"; $CTL metrics
         );
         assert_eq!(e["outcome"], "restarted", "{events}");
         assert!(e["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "{events}");
+        // Evidence from one channel names it.
+        if path.starts_with("corrupt") {
+            let ch = e["channel"].as_str().unwrap_or_default();
+            assert!(
+                ch == "alpha/0" || ch == "beta/0",
+                "{kind}: no channel: {events}"
+            );
+        }
+    }
+    // A broken ring index costs the client's ring worker no more CPU than any other fault: it
+    // is a state the daemon restarts on, not a loop (ticks are 1/100 s).
+    for (kind, _) in kinds {
+        let line = log
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("RING-CPU {kind} ")))
+            .unwrap_or_else(|| panic!("no RING-CPU line for {kind}\n{log}"));
+        let v: Vec<f64> = line.split(' ').filter_map(|x| x.parse().ok()).collect();
+        assert_eq!(v.len(), 2, "{line}");
+        let (cpu_s, wall_s) = (v[0] / 100.0, v[1].max(1.0));
+        println!("ring workers during {kind}: {cpu_s:.2} s CPU over {wall_s} s");
+        assert!(
+            cpu_s <= 0.5 * wall_s,
+            "{kind}: ring workers used {cpu_s} s of CPU in {wall_s} s"
+        );
     }
     let (mixed_events, list) = campaign_events(log, "mixed");
     assert!(
@@ -302,11 +342,17 @@ echo "=== metrics"; $CTL metrics
     }
 }
 
+/// Two clients share the driver VM; alpha's read of one sector panics the driver VM's kernel
+/// every time. The daemon holds every channel after a crash and releases the channels holding
+/// suspects one at a time: the third crash happens with alpha's suspect alone on the ring, is
+/// charged to alpha's channel, and that read fails alone. Beta's fio verify, in flight around
+/// every crash, never sees an error, and the restarts charged to alpha do not count against the
+/// driver VM's restart cap.
 #[test]
 fn poison_request_fails_alone_and_restart_cap_quarantines() {
-    let disk = backing_file("recovery-poison.img", SLICE_MIB);
+    let disk = backing_file("recovery-poison.img", 2 * SLICE_MIB);
     // Sector 40960 = MiB 20 of the window: the agent panics its kernel on any request there.
-    let client = r#"
+    let alpha = r#"
 fio --name=bg --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=4 \
     --rw=randrw --bs=4k --offset=1M --size=8M --loops=3 --verify=crc32c --verify_fatal=1 \
     --eta=never --output=/tmp/fio.txt &
@@ -325,7 +371,10 @@ while :; do
 done
 echo "PROBE-END"
 "#;
-    let clients = [("alpha", client.to_string())];
+    let clients = [
+        ("alpha", alpha.to_string()),
+        ("beta", looping_client("client-beta")),
+    ];
     let system = System {
         name: "recovery-poison",
         disk: &disk,
@@ -346,14 +395,17 @@ poison_after = 3
         network: false,
     };
     let (host, prelude) = system.host_and_prelude();
-    // Triple faults are injected on purpose: the driver VMM's log reports a crashed guest.
     let host = host.expect_guest_crash();
     let script = format!(
         r#"{prelude}{CAMPAIGN_FN}
+wait_console beta "ROUND 1 "
 wait_console alpha PHASE-1-DONE
 echo "=== poison events"; $CTL events | tr -d ' \n'; echo
-# Three restarts so far; the fourth is allowed, the fifth fault exceeds the cap.
-campaign kill4 --faults 1 --kinds kill --max-interval-ms 500
+stop_clients 1
+wait_done beta
+# The poison's three crashes were charged to alpha's channel: four restarts of the driver VM
+# are still allowed, the fifth fault exceeds the cap.
+campaign kill4 --faults 4 --kinds kill --max-interval-ms 500
 sleep 5
 $CTL inject storage kill
 for i in $(seq 1 60); do $CTL list | tr -d ' \n' | grep -q '"state":"quarantined"' && break; sleep 2; done
@@ -371,14 +423,20 @@ echo "=== metrics"; $CTL metrics
     let out = host.run(&script, TIMEOUT).expect("test host run");
     let log = &out.output.replace('\r', "");
     assert_eq!(out.status, 0, "{log}");
-    // The errors the test causes: the poison read (sector 40960) fails alone, and the
-    // probes (sector 61440) fail while the driver VM is quarantined. Nothing else.
+    // The errors the test causes, all alpha's: the poison read (sector 40960) fails alone, and
+    // the probes (sector 61440) fail while the driver VM is quarantined. Nothing else.
     assert_clean_ending_allowing(
         log,
         &[
             "I/O error, dev vda, sector 40960 op 0x0:(READ)",
             "I/O error, dev vda, sector 61440 op 0x0:(READ)",
         ],
+    );
+    assert!(
+        !section(log, "kernel beta")
+            .unwrap_or_default()
+            .contains("I/O error"),
+        "beta saw an I/O error:\n{log}"
     );
     let c = console(log, "alpha");
     // The poison read failed alone; fio, in flight around the same crashes, verified clean.
@@ -389,6 +447,8 @@ echo "=== metrics"; $CTL metrics
         "{log}"
     );
     assert!(c.contains("PROBE-END"), "{log}");
+    let beta = field(console(log, "beta"), "ROUNDS ");
+    assert!(beta.ends_with("FAILS 0"), "beta: {beta}\n{log}");
     let poison_events = section(log, "poison events")
         .and_then(|s| s.lines().next())
         .unwrap_or_default();
@@ -406,6 +466,10 @@ echo "=== metrics"; $CTL metrics
         poisoned,
         [0, 0, 1],
         "three kernel panics, then the request failed alone: {poison_events}\n{log}"
+    );
+    assert_eq!(
+        events[2]["channel"], "alpha/0",
+        "the third crash, with alpha's suspect alone on the ring, is alpha's: {poison_events}"
     );
     let list = section(log, "quarantined list")
         .and_then(|s| s.lines().next())
@@ -431,7 +495,7 @@ echo "=== metrics"; $CTL metrics
         "{m}"
     );
     // The faults detected are exactly the ones caused: three kernel panics on the poison
-    // request, then two kills (the fourth restart, and the fifth fault that quarantines).
+    // request, then five kills (four restarts, and the fault that quarantines).
     assert_eq!(
         metric(
             m,
@@ -442,13 +506,101 @@ echo "=== metrics"; $CTL metrics
     );
     assert_eq!(
         metric_sum(m, "ddvmm_driver_faults_total{"),
-        5.0,
+        8.0,
         "faults beyond those caused: {m}"
     );
     assert_eq!(
         metric(m, "ddvmm_ring_disk_poisoned_total{vm=\"alpha\",disk=\"0\"}"),
         Some(1.0),
         "{m}"
+    );
+    assert_eq!(
+        metric(m, "ddvmm_ring_disk_errors_total{vm=\"beta\",disk=\"0\"}").unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+}
+
+/// A client guest resets its disk's PCI function (`/sys/bus/pci/devices/*/reset`, a D3hot to
+/// D0 transition) while 32 of its reads are in flight through the shared driver VM. The
+/// requests already on the ring are still drained (the ring worker does not depend on the
+/// guest's queues), so the daemon sees no stall: no driver VM restart, and the other client's
+/// fio verify runs clean throughout.
+#[test]
+fn a_guest_resetting_its_disk_mid_io_restarts_nothing() {
+    let disk = backing_file("recovery-guest-reset.img", 2 * SLICE_MIB);
+    let alpha = r#"
+echo 0 > /proc/sys/kernel/hung_task_timeout_secs
+fio --name=a --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 --rw=randread \
+    --bs=4k --offset=1M --size=8M --time_based --runtime=3600 --eta=never \
+    --output=/tmp/fio.txt &
+sleep 8
+BDF=$(basename $(dirname $(readlink -f /sys/block/vda/device)))
+echo "RESETTING $BDF"
+echo 1 > /sys/bus/pci/devices/$BDF/reset
+echo "RESET-RC $?"
+sleep 3600
+"#;
+    let clients = [
+        ("alpha", alpha.to_string()),
+        ("beta", looping_client("client-beta")),
+    ];
+    let system = System {
+        name: "recovery-guest-reset",
+        disk: &disk,
+        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
+        clients: &clients,
+        slice_mib: SLICE_MIB,
+        // A stall would be caught within 10 s; the test watches for 40 s after the reset.
+        extra_config: r#"
+[recovery]
+heartbeat_timeout_ms = 8000
+progress_timeout_ms = 10000
+"#,
+        passthrough: false,
+        network: false,
+    };
+    let (host, prelude) = system.host_and_prelude();
+    let script = format!(
+        r#"{prelude}{CAMPAIGN_FN}
+wait_console beta "ROUND 1 "
+wait_console alpha "RESET-RC"
+sleep 40
+echo "=== alpha after reset"; $CTL stats | tr -d ' \n'; echo
+stop_clients 1
+wait_done beta
+$CTL stop alpha
+{ending}"#,
+        ending = system.ending(false),
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert_no_faults(log);
+    let c = console(log, "alpha");
+    assert!(c.contains("RESET-RC 0"), "the guest reset its disk:\n{log}");
+    let beta = field(console(log, "beta"), "ROUNDS ");
+    assert!(beta.ends_with("FAILS 0"), "beta: {beta}\n{log}");
+    assert!(
+        !section(log, "kernel beta")
+            .unwrap_or_default()
+            .contains("I/O error"),
+        "{log}"
+    );
+    // Alpha's ring was drained after the reset: nothing outstanding, nothing corrupt.
+    let stats = section(log, "alpha after reset")
+        .and_then(|s| s.lines().next())
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(stats).expect("stats JSON");
+    let ring = &v["stats"]["alpha"]["devices"]["ring_disks"][0];
+    assert_eq!(ring["outstanding"], 0, "{stats}");
+    assert_eq!(ring["corrupt"], 0, "{stats}");
+    // Requests were on the ring at the reset: the driver VM completed them (drained), the
+    // reset guest never saw them.
+    let n = |k: &str| ring[k].as_u64().unwrap_or(0);
+    assert!(
+        n("completed") > n("guest_completed"),
+        "no request was in flight at the reset: {stats}"
     );
 }
 

@@ -428,7 +428,7 @@ impl Supervisor {
                 self.log_event(event);
                 return;
             };
-            let replay = self.replay_clients(name).await;
+            let replay = self.replay_clients(name, true).await;
             event.replayed = replay.replayed;
             event.poisoned = replay.poisoned.iter().map(|p| p.1).sum();
             for (channel, _) in &replay.poisoned {
@@ -499,15 +499,15 @@ impl Supervisor {
         b.events.push_back(e);
     }
 
-    /// Tells every running client of `driver` to start a new generation and replay, held
-    /// (nothing sent until [`await_service`](Self::await_service) releases it).
-    async fn replay_clients(&self, driver: &str) -> Replayed {
+    /// Tells every running client of `driver` to start a new generation and replay; with
+    /// `hold`, nothing is sent until [`await_service`](Self::await_service) releases it.
+    async fn replay_clients(&self, driver: &str, hold: bool) -> Replayed {
         let mut out = Replayed::default();
         for (client, disk) in self.client_disks_of(driver) {
             let req = ControlRequest::Replay {
                 disk,
                 poison_after: self.recovery.poison_after,
-                hold: true,
+                hold,
             };
             match self.control(&client, &req, REPLAY_TIMEOUT).await {
                 Ok(r) => {
@@ -889,7 +889,8 @@ impl Supervisor {
             vm.cfg.role == Role::Driver && vm.starts > 0 && vm.state != VmState::Running
         };
         if rerun_driver {
-            self.replay_clients(name).await;
+            // A start by hand: the clients send at once (no suspects to isolate).
+            self.replay_clients(name, false).await;
             if let Some(vm) = self.lock().vms.get_mut(name) {
                 if vm.state == VmState::Quarantined {
                     vm.state = VmState::Exited;

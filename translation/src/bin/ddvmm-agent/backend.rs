@@ -166,6 +166,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             garbage: opts.garbage,
             poison: opts.poison,
             in_flight: 0,
+            broken: false,
             unpublished: VecDeque::new(),
             garbage_for: None,
             published: false,
@@ -300,6 +301,8 @@ struct Server<'a> {
     garbage_for: Option<u64>,
     /// Completions published since the last doorbell decision.
     published: bool,
+    /// Fault injection broke the ring: nothing more is published on it.
+    broken: bool,
     wakeups: Wakeups,
     doorbell: &'a BarMapping,
 }
@@ -412,8 +415,10 @@ impl Server<'_> {
 
     /// Fault injection requested by the daemon.
     fn take_fault(&mut self) {
-        if take_fault(self.doorbell, &mut self.ring) {
-            self.published = true;
+        match take_fault(self.doorbell, &mut self.ring) {
+            Injected::Nothing => {}
+            Injected::Garbage => self.published = true,
+            Injected::BrokenRing => self.broken = true,
         }
     }
 
@@ -426,6 +431,9 @@ impl Server<'_> {
     }
 
     fn publish_pending(&mut self) {
+        if self.broken {
+            return;
+        }
         while let Some(c) = self.unpublished.front().copied() {
             // One bogus entry per real one, not one per attempt (or garbage could take every
             // slot the client frees).
@@ -531,18 +539,37 @@ impl Server<'_> {
     }
 }
 
+/// What an injected fault left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Injected {
+    /// Nothing visible (no request, or the kernel is going down).
+    Nothing,
+    /// Garbage completions published.
+    Garbage,
+    /// The ring is broken: publish nothing more on it (a later completion would store a sane
+    /// index again and hide the fault).
+    BrokenRing,
+}
+
 /// Fault injection: acts on a request from the daemon (BAR 0 `FAULT`, cleared by reading).
-/// Returns whether it published (garbage) completions.
-pub(crate) fn take_fault(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>) -> bool {
+pub(crate) fn take_fault(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>) -> Injected {
+    let injected = take_fault_code(regs_map, ring);
+    if injected != Injected::Nothing {
+        regs_map.write32(regs::DOORBELL, 1);
+    }
+    injected
+}
+
+fn take_fault_code(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>) -> Injected {
     match regs_map.read32(regs::FAULT) {
-        fault::NONE => false,
+        fault::NONE => Injected::Nothing,
         fault::PANIC => {
             sysrq(b'c', "panic");
-            false
+            Injected::Nothing
         }
         fault::RESET => {
             sysrq(b'b', "reset");
-            false
+            Injected::Nothing
         }
         fault::HANG => {
             println!("ddvmm-agent: fault injection: hang (no more service, no heartbeat)");
@@ -555,18 +582,18 @@ pub(crate) fn take_fault(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>)
             for id in 0..16u64 {
                 publish_garbage(ring, id.wrapping_mul(0x9E37_79B9), 4096);
             }
-            true
+            Injected::Garbage
         }
         fault::BAD_INDEX => {
             println!("ddvmm-agent: fault injection: completion producer index a ring ahead");
             if let Err(e) = ring.corrupt_completion_index() {
                 eprintln!("ddvmm-agent: bad-index: {e}");
             }
-            true
+            Injected::BrokenRing
         }
         other => {
             eprintln!("ddvmm-agent: unknown fault request {other}");
-            false
+            Injected::Nothing
         }
     }
 }

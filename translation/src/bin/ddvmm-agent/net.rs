@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ddvmm_translation::channel::{regs, BACKEND_LEN};
 use ddvmm_translation::ring::{features, AgentRing, Completion, Opcode, RawRegion, Status};
 
-use crate::backend::{attach, take_fault, HEARTBEAT};
+use crate::backend::{attach, take_fault, Injected, HEARTBEAT};
 use crate::pci::{BarMapping, ChannelDevice, UioIrq};
 
 /// The bridge every client port and the uplink join.
@@ -368,7 +368,15 @@ fn serve_generation(
             regs_map.write32(regs::DOORBELL, 1);
         }
         if beat.elapsed() >= HEARTBEAT {
-            take_fault(regs_map, ring);
+            if take_fault(regs_map, ring) == Injected::BrokenRing {
+                // Nothing more is published on a broken ring (a completion would store a sane
+                // index again): heartbeat only, until the client starts a new generation.
+                while ring.is_current() {
+                    std::thread::sleep(HEARTBEAT);
+                    let _ = ring.heartbeat();
+                }
+                return;
+            }
             let _ = ring.heartbeat();
             beat = Instant::now();
             if !ring.is_current() {

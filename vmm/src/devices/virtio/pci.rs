@@ -45,6 +45,10 @@ pub const NO_VECTOR: u16 = 0xffff;
 const CAP_VENDOR: u8 = 0x09;
 /// PCI capability id of MSI-X.
 const CAP_MSIX: u8 = 0x11;
+/// Capability id: PCI power management.
+const CAP_PM: u8 = 0x01;
+/// PMCSR power-state field (D0 = 0, D3hot = 3).
+const PM_STATE_MASK: u16 = 0x3;
 const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
@@ -117,6 +121,11 @@ pub struct VirtioPciDevice {
     mem: GuestMemoryMmap,
     msix: Arc<Msix>,
     msix_cap: usize,
+    /// Offset of the power-management capability.
+    pm_cap: usize,
+    /// The function is in D3hot; going back to D0 resets it (PMCSR No_Soft_Reset is 0), which
+    /// is how a guest resets one function on its own (`/sys/bus/pci/devices/*/reset`).
+    d3hot: bool,
     notify: Vec<EventFd>,
     queues: Vec<QueueConfig>,
     device_feature_select: u32,
@@ -197,6 +206,12 @@ impl VirtioPciDevice {
         msix_body.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes());
         msix_body.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
         let msix_cap = config.add_capability(CAP_MSIX, &msix_body, &[0x00, 0xc0])?;
+        // PM 1.2 (version 3), D0 and D3hot only; PMCSR's power state is writable.
+        let pm_cap = config.add_capability(
+            CAP_PM,
+            &[0x03, 0x00, 0x00, 0x00, 0x00, 0x00],
+            &[0x00, 0x00, 0x03, 0x00, 0x00, 0x00],
+        )?;
 
         let mut notify = Vec::with_capacity(nqueues);
         for q in 0..nqueues {
@@ -221,6 +236,8 @@ impl VirtioPciDevice {
             mem,
             msix,
             msix_cap,
+            pm_cap,
+            d3hot: false,
             notify,
             queues: queue_sizes.into_iter().map(QueueConfig::new).collect(),
             device_feature_select: 0,
@@ -460,6 +477,17 @@ impl PciDevice for VirtioPciDevice {
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        let pmcsr = self.pm_cap + 4;
+        if offset < pmcsr + 2 && offset + data.len() > pmcsr {
+            let mut b = [0u8; 2];
+            self.config.read(pmcsr, &mut b);
+            let d3hot = u16::from_le_bytes(b) & PM_STATE_MASK == 3;
+            if self.d3hot && !d3hot {
+                tracing::info!("function reset by a D3hot to D0 transition");
+                self.reset();
+            }
+            self.d3hot = d3hot;
+        }
         let control = self.msix_cap + 2;
         if offset < control + 2 && offset + data.len() > control {
             let mut b = [0u8; 2];
