@@ -87,6 +87,11 @@ impl<T> Journal<T> {
         self.entries.len() < self.capacity
     }
 
+    /// How many more requests can be accepted.
+    pub fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.entries.len())
+    }
+
     /// Accepts a request (waiting, at the end). Gives it back when the journal is full.
     pub fn push(&mut self, item: T) -> Result<(), T> {
         if !self.has_room() {

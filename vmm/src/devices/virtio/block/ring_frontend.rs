@@ -24,7 +24,6 @@ use ddvmm_translation::ring::{
     ClientRing, Completed, Opcode, RawRegion, Request as RingRequest, RingParams, Status,
 };
 use thiserror::Error;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::request::{
@@ -34,8 +33,7 @@ use super::request::{
 use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    next_chain, Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError,
-    RingStats,
+    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -158,15 +156,20 @@ impl BlockRing {
         }
     }
 
-    /// Writes the status byte, counts the completion and returns the chain to the guest.
-    fn finish(&self, guest: &mut Guest, item: &BlockItem, status: u8, written: u32) {
-        if guest.mem.write_obj(status, item.request.status).is_err() {
+    /// Writes the status byte and counts the completion.
+    fn write_status(&self, mem: &GuestMemoryMmap, item: &BlockItem, status: u8) {
+        if mem.write_obj(status, item.request.status).is_err() {
             tracing::error!("status byte vanished from guest memory");
         }
         self.stats.guest_completed.fetch_add(1, Ordering::Relaxed);
         if status != VIRTIO_BLK_S_OK {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Writes the status byte, counts the completion and returns the chain to the guest.
+    fn finish(&self, guest: &mut Guest, item: &BlockItem, status: u8, written: u32) {
+        self.write_status(&guest.mem, item, status);
         guest.finish(0, item.head, written);
     }
 
@@ -207,59 +210,36 @@ impl RingDevice for BlockRing {
         journal: &mut Journal<BlockItem>,
         quarantined: bool,
     ) -> Result<(), GuestError> {
-        let Some(aq) = guest.queues.first_mut() else {
-            return Ok(());
-        };
-        let (queue, mem) = (&mut aq.queue, &guest.mem);
-        let mut done = Vec::new();
-        let mut result = Ok(());
-        // One queue's worth at most per call.
-        for _ in 0..queue.size() {
-            if !journal.has_room() {
-                break;
-            }
-            let chain = match next_chain(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            };
+        let room = journal.room();
+        guest.pop_chains(0, room, |mem, chain| {
             let head = chain.head_index();
-            let request = match take_chain(chain, SEG_MAX as usize + 2)
+            let request = take_chain(chain, SEG_MAX as usize + 2)
                 .and_then(|d| Request::parse(&d, mem))
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    result = Err(GuestError::Malformed {
-                        head,
-                        reason: e.to_string(),
-                    });
-                    break;
-                }
-            };
+                .map_err(|e| GuestError::Malformed {
+                    head,
+                    reason: e.to_string(),
+                })?;
             let item = BlockItem { head, request };
-            match self.plan(mem, &item.request) {
-                Plan::Local(status, written) => done.push((item, status, written)),
+            let (status, written) = match self.plan(mem, &item.request) {
+                Plan::Local(status, written) => (status, written),
                 Plan::Ring if quarantined => {
                     self.stats
                         .ring
                         .quarantine_failed
                         .fetch_add(1, Ordering::Relaxed);
-                    done.push((item, VIRTIO_BLK_S_IOERR, 1));
+                    (VIRTIO_BLK_S_IOERR, 1)
                 }
-                Plan::Ring => {
-                    if let Err(item) = journal.push(item) {
-                        done.push((item, VIRTIO_BLK_S_IOERR, 1));
+                Plan::Ring => match journal.push(item) {
+                    Ok(()) => return Ok(None),
+                    Err(item) => {
+                        self.write_status(mem, &item, VIRTIO_BLK_S_IOERR);
+                        return Ok(Some(1));
                     }
-                }
-            }
-        }
-        for (item, status, written) in done {
-            self.finish(guest, &item, status, written);
-        }
-        result
+                },
+            };
+            self.write_status(mem, &item, status);
+            Ok(Some(written))
+        })
     }
 
     fn encode(

@@ -35,15 +35,13 @@ use ddvmm_translation::ring::{
     features as ring_features, ClientRing, Completed, Opcode, RawRegion, Request as RingRequest,
     RingParams, Status,
 };
-use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::tap::VNET_HDR_LEN;
 use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    next_chain, Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError,
-    RingStats,
+    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -187,44 +185,18 @@ impl RingDevice for NetRing {
         journal: &mut Journal<Tx>,
         quarantined: bool,
     ) -> Result<(), GuestError> {
-        let mut dropped = Vec::new();
-        let mut result = Ok(());
-        {
-            let Some(aq) = guest.queues.get_mut(TXQ) else {
-                return Ok(());
-            };
-            let (queue, mem) = (&mut aq.queue, &guest.mem);
-            for _ in 0..queue.size() {
-                if !journal.has_room() {
-                    break;
+        let room = journal.room();
+        guest.pop_chains(TXQ, room, |mem, chain| {
+            let head = chain.head_index();
+            match self.check_frame(mem, chain) {
+                Some(_) if quarantined => {
+                    self.stats.tx_dropped_failed.fetch_add(1, Ordering::Relaxed);
+                    Ok(Some(0))
                 }
-                let chain = match next_chain(queue, mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                };
-                let head = chain.head_index();
-                match self.check_frame(mem, chain) {
-                    Some(_) if quarantined => {
-                        self.stats.tx_dropped_failed.fetch_add(1, Ordering::Relaxed);
-                        dropped.push(head);
-                    }
-                    Some(frame) => {
-                        if let Err(tx) = journal.push(Tx { head, frame }) {
-                            dropped.push(tx.head);
-                        }
-                    }
-                    None => dropped.push(head),
-                }
+                Some(frame) => Ok(journal.push(Tx { head, frame }).err().map(|_| 0)),
+                None => Ok(Some(0)),
             }
-        }
-        for head in dropped {
-            guest.finish(TXQ, head, 0);
-        }
-        result
+        })
     }
 
     fn encode(&mut self, _guest: &Guest, tx: &Tx, data: &mut Vec<u8>) -> Option<RingRequest> {
@@ -316,41 +288,23 @@ impl RingDevice for NetRing {
 
     /// Moves pending frames into the guest's receive buffers while it has some.
     fn service_guest(&mut self, guest: &mut Guest) -> Result<(), GuestError> {
-        let mut used = Vec::new();
-        let mut result = Ok(());
-        {
-            let Some(aq) = guest.queues.get_mut(RXQ) else {
-                return Ok(());
+        let pending = self.rx_pending.len();
+        guest.pop_chains(RXQ, pending, |mem, chain| {
+            let Some(frame) = self.rx_pending.pop_front() else {
+                return Ok(Some(0));
             };
-            let (queue, mem) = (&mut aq.queue, &guest.mem);
-            while let Some(frame) = self.rx_pending.front() {
-                let chain = match next_chain(queue, mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                };
-                let head = chain.head_index();
-                let written = scatter(mem, chain, frame);
-                if written == 0 {
-                    self.stats
-                        .rx_dropped_invalid
-                        .fetch_add(1, Ordering::Relaxed);
-                } else {
-                    let bytes = (frame.len() - VNET_HDR_LEN) as u64;
-                    self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
-                used.push((head, written));
-                self.rx_pending.pop_front();
+            let written = scatter(mem, chain, &frame);
+            if written == 0 {
+                self.stats
+                    .rx_dropped_invalid
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                let bytes = (frame.len() - VNET_HDR_LEN) as u64;
+                self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                self.stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
-        }
-        for (head, written) in used {
-            guest.finish(RXQ, head, written);
-        }
-        result
+            Ok(Some(written))
+        })
     }
 
     fn guest_gone(&mut self) {

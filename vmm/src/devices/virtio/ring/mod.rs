@@ -115,6 +115,48 @@ impl Guest {
         }
     }
 
+    /// Pops at most `limit` chains (and at most one queue's worth) from queue `q`, handing
+    /// each to `take` with the guest memory. `take` returns `Some(written)` to give the chain
+    /// back at once (answered without a driver VM), `None` if it keeps it. The first error
+    /// stops the pass and is returned (the device then needs a reset).
+    pub fn pop_chains<F>(&mut self, q: usize, limit: usize, mut take: F) -> Result<(), GuestError>
+    where
+        F: FnMut(
+            &GuestMemoryMmap,
+            DescriptorChain<&GuestMemoryMmap>,
+        ) -> Result<Option<u32>, GuestError>,
+    {
+        let Some(aq) = self.queues.get_mut(q) else {
+            return Ok(());
+        };
+        let (queue, mem) = (&mut aq.queue, &self.mem);
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        for _ in 0..limit.min(usize::from(queue.size())) {
+            let chain = match next_chain(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            match take(mem, chain) {
+                Ok(Some(written)) => done.push((head, written)),
+                Ok(None) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Some(u) = self.used.get_mut(q) {
+            u.extend(done);
+        }
+        result
+    }
+
     fn publish(&mut self) -> Result<(), GuestError> {
         for (q, used) in self.queues.iter_mut().zip(self.used.iter_mut()) {
             if used.is_empty() {
@@ -193,7 +235,7 @@ pub trait RingDevice: Send + 'static {
 /// chains are there and re-enabled once the queue is empty (virtio's race-free order). A
 /// queue whose indices are broken is an error (the device then needs a reset), never an
 /// endless stream of nothing.
-pub fn next_chain<'a>(
+fn next_chain<'a>(
     queue: &'a mut Queue,
     mem: &'a GuestMemoryMmap,
 ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, GuestError> {
@@ -311,28 +353,13 @@ impl RingFrontend {
         capacity: usize,
         stats: Arc<RingStats>,
     ) -> Result<Self, RingSetupError> {
-        let (ring, map) = map_client_ring(fds, params, generation)?;
-        let wake =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingSetupError::Worker)?;
-        let (tx, rx) = mpsc::channel();
-        let worker = worker::Worker::new(worker::Parts {
-            device,
-            ring,
-            map,
-            journal: Journal::new(capacity),
-            kick: fds.kick.clone(),
-            doorbell: fds.doorbell.clone(),
-            stats: stats.clone(),
-            commands: rx,
-            wake: wake.try_clone().map_err(RingSetupError::Worker)?,
-        })
-        .map_err(RingSetupError::Worker)?;
+        let (worker, handle) = build(device, fds, params, generation, capacity, stats)?;
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || worker.run())
             .map_err(RingSetupError::Worker)?;
         Ok(RingFrontend {
-            handle: Arc::new(RingHandle::new(tx, wake)),
+            handle: Arc::new(handle),
             thread: Some(thread),
         })
     }
@@ -380,6 +407,35 @@ impl Drop for RingFrontend {
             }
         }
     }
+}
+
+/// Creates the ring in the channel memory of `fds` and the worker that serves `device` over
+/// it, with the handle that commands the worker.
+fn build<D: RingDevice>(
+    device: D,
+    fds: &ChannelFds,
+    params: RingParams,
+    generation: u64,
+    capacity: usize,
+    stats: Arc<RingStats>,
+) -> Result<(worker::Worker<D>, RingHandle), RingSetupError> {
+    let (ring, map) = map_client_ring(fds, params, generation)?;
+    let wake =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingSetupError::Worker)?;
+    let (tx, rx) = mpsc::channel();
+    let worker = worker::Worker::new(worker::Parts {
+        device,
+        ring,
+        map,
+        journal: Journal::new(capacity),
+        kick: fds.kick.clone(),
+        doorbell: fds.doorbell.clone(),
+        stats,
+        commands: rx,
+        wake: wake.try_clone().map_err(RingSetupError::Worker)?,
+    })
+    .map_err(RingSetupError::Worker)?;
+    Ok((worker, RingHandle::new(tx, wake)))
 }
 
 /// The raw fd of an eventfd, for epoll.

@@ -3,17 +3,15 @@
 //! target (`fuzz/fuzz_targets/ring_frontends.rs`), which plays a hostile agent and a hostile
 //! guest against it; not for production use.
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
-use ddvmm_translation::journal::Journal;
 use ddvmm_translation::ring::RingParams;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::control::{Command, Reply};
-use super::worker::{Parts, Worker};
-use super::{map_client_ring, RingCommand, RingDevice, RingOutcome, RingSetupError, RingStats};
-use super::{CommandError, Guest};
+use super::control::Command;
+use super::worker::Worker;
+use super::{build, CommandError, Guest, RingHandle};
+use super::{RingCommand, RingDevice, RingOutcome, RingSetupError, RingStats};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::{ActiveQueue, DeviceFailure};
 
@@ -21,7 +19,7 @@ use crate::devices::virtio::{ActiveQueue, DeviceFailure};
 pub struct Stepper<D: RingDevice> {
     worker: Worker<D>,
     // Kept so the worker's command queue stays connected.
-    _commands: mpsc::Sender<(Command, mpsc::Sender<Reply>)>,
+    _handle: RingHandle,
 }
 
 impl<D: RingDevice> Stepper<D> {
@@ -34,25 +32,10 @@ impl<D: RingDevice> Stepper<D> {
         capacity: usize,
         stats: Arc<RingStats>,
     ) -> Result<Self, RingSetupError> {
-        let (ring, map) = map_client_ring(fds, params, generation)?;
-        let wake =
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingSetupError::Worker)?;
-        let (tx, rx) = mpsc::channel();
-        let worker = Worker::new(Parts {
-            device,
-            ring,
-            map,
-            journal: Journal::new(capacity),
-            kick: fds.kick.clone(),
-            doorbell: fds.doorbell.clone(),
-            stats,
-            commands: rx,
-            wake,
-        })
-        .map_err(RingSetupError::Worker)?;
+        let (worker, handle) = build(device, fds, params, generation, capacity, stats)?;
         Ok(Stepper {
             worker,
-            _commands: tx,
+            _handle: handle,
         })
     }
 
