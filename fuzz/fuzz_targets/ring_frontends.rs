@@ -21,7 +21,7 @@ use ddvmm::devices::pci::msix::Msix;
 use ddvmm::devices::virtio::block::ring_frontend::BlockRing;
 use ddvmm::devices::virtio::net::ring_frontend::NetRing;
 use ddvmm::devices::virtio::ring::stepper::Stepper;
-use ddvmm::devices::virtio::ring::{RingCommand, RingDevice, RingStats};
+use ddvmm::devices::virtio::ring::{RingCommand, RingDevice, RingStats, Setup};
 use ddvmm::devices::virtio::{ActiveQueue, DeviceFailure, Interrupt};
 use ddvmm::memory::create_memfd;
 use ddvmm_translation::ring::{
@@ -133,7 +133,14 @@ fn run<D: RingDevice>(
     mut input: Input<'_>,
 ) {
     let layout = params.layout().expect("layout");
-    let Ok(mut fe) = Stepper::new(device, &c.fds, params, 1, capacity, stats.clone()) else {
+    let setup = Setup {
+        fds: &c.fds,
+        params,
+        generation: 1,
+        capacity,
+        stats: stats.clone(),
+    };
+    let Ok(mut fe) = Stepper::new(device, setup) else {
         return;
     };
     // One guest memory for the process; its queue area starts zeroed in every run.

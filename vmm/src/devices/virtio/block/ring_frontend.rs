@@ -34,6 +34,7 @@ use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
     Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
+    Setup,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -356,15 +357,14 @@ impl RingBlock {
             id: id_bytes,
             stats: stats.clone(),
         };
-        let frontend = RingFrontend::spawn(
-            "ring-blk",
-            device,
-            &fds,
-            RING_PARAMS,
+        let setup = Setup {
+            fds: &fds,
+            params: RING_PARAMS,
             generation,
-            JOURNAL_CAPACITY,
-            stats.ring.clone(),
-        )?;
+            capacity: JOURNAL_CAPACITY,
+            stats: stats.ring.clone(),
+        };
+        let frontend = RingFrontend::spawn("ring-blk", device, setup)?;
         Ok(RingBlock {
             sectors,
             read_only,

@@ -42,6 +42,7 @@ use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
     Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
+    Setup,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -345,15 +346,14 @@ impl RingNet {
             rx_pending: VecDeque::new(),
             buf: vec![0u8; MAX_FRAME],
         };
-        let frontend = RingFrontend::spawn(
-            "ring-net",
-            device,
-            &fds,
-            NET_RING_PARAMS,
+        let setup = Setup {
+            fds: &fds,
+            params: NET_RING_PARAMS,
             generation,
-            TX_MAX,
-            stats.ring.clone(),
-        )?;
+            capacity: TX_MAX,
+            stats: stats.ring.clone(),
+        };
+        let frontend = RingFrontend::spawn("ring-net", device, setup)?;
         Ok(RingNet {
             mac,
             stats,

@@ -334,6 +334,20 @@ pub fn map_client_ring(
     Ok((ring, map))
 }
 
+/// How a frontend's ring and journal are made.
+pub struct Setup<'a> {
+    /// The channel (memory and eventfds) the ring lives in.
+    pub fds: &'a ChannelFds,
+    /// Ring sizes.
+    pub params: RingParams,
+    /// The first ring generation (non-zero).
+    pub generation: u64,
+    /// Journal capacity: requests accepted from the guest and not yet completed, at most.
+    pub capacity: usize,
+    /// Where the core's counters go.
+    pub stats: Arc<RingStats>,
+}
+
 /// A running frontend: its worker thread and the handle that commands it.
 pub struct RingFrontend {
     handle: Arc<RingHandle>,
@@ -341,19 +355,14 @@ pub struct RingFrontend {
 }
 
 impl RingFrontend {
-    /// Creates the ring (at `generation`, in the channel memory of `fds`) and starts the worker
-    /// thread `name` serving `device` over it, with a journal of `capacity` requests and its
-    /// counters in `stats`.
+    /// Creates the ring as `setup` says and starts the worker thread `name` serving `device`
+    /// over it.
     pub fn spawn<D: RingDevice>(
         name: &str,
         device: D,
-        fds: &ChannelFds,
-        params: RingParams,
-        generation: u64,
-        capacity: usize,
-        stats: Arc<RingStats>,
+        setup: Setup<'_>,
     ) -> Result<Self, RingSetupError> {
-        let (worker, handle) = build(device, fds, params, generation, capacity, stats)?;
+        let (worker, handle) = build(device, setup)?;
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || worker.run())
@@ -413,12 +422,15 @@ impl Drop for RingFrontend {
 /// it, with the handle that commands the worker.
 fn build<D: RingDevice>(
     device: D,
-    fds: &ChannelFds,
-    params: RingParams,
-    generation: u64,
-    capacity: usize,
-    stats: Arc<RingStats>,
+    setup: Setup<'_>,
 ) -> Result<(worker::Worker<D>, RingHandle), RingSetupError> {
+    let Setup {
+        fds,
+        params,
+        generation,
+        capacity,
+        stats,
+    } = setup;
     let (ring, map) = map_client_ring(fds, params, generation)?;
     let wake =
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(RingSetupError::Worker)?;

@@ -5,14 +5,12 @@
 
 use std::sync::Arc;
 
-use ddvmm_translation::ring::RingParams;
 use vm_memory::GuestMemoryMmap;
 
 use super::control::Command;
 use super::worker::Worker;
 use super::{build, CommandError, Guest, RingHandle};
-use super::{RingCommand, RingDevice, RingOutcome, RingSetupError, RingStats};
-use crate::devices::channel::ChannelFds;
+use super::{RingCommand, RingDevice, RingOutcome, RingSetupError, Setup};
 use crate::devices::virtio::{ActiveQueue, DeviceFailure};
 
 /// A frontend without its thread.
@@ -24,15 +22,8 @@ pub struct Stepper<D: RingDevice> {
 
 impl<D: RingDevice> Stepper<D> {
     /// As [`super::RingFrontend::spawn`], without the thread.
-    pub fn new(
-        device: D,
-        fds: &ChannelFds,
-        params: RingParams,
-        generation: u64,
-        capacity: usize,
-        stats: Arc<RingStats>,
-    ) -> Result<Self, RingSetupError> {
-        let (worker, handle) = build(device, fds, params, generation, capacity, stats)?;
+    pub fn new(device: D, setup: Setup<'_>) -> Result<Self, RingSetupError> {
+        let (worker, handle) = build(device, setup)?;
         Ok(Stepper {
             worker,
             _handle: handle,
