@@ -1,8 +1,17 @@
 //! The zero page (`struct boot_params`) and the e820 memory map handed to the kernel.
+//!
+//! The zero page is linux-loader's typed `boot_params` (the kernel's own layout, generated from
+//! its headers), written into guest memory by linux-loader's `LinuxBootConfigurator`. Parsing
+//! and placing the bzImage stay in [`super::bzimage`] and [`super::loader`]: linux-loader's
+//! `BzImage::load` accepts any protocol from 2.00 and loads at `code32_start`, while this VMM
+//! enters the 64-bit entry point and must refuse, with a message that says why, kernels without
+//! one (protocol < 2.12, no `XLF_KERNEL_64`) and place relocatable kernels at `pref_address`.
 
+use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use thiserror::Error;
+use vm_memory::ByteValued;
 
-use super::bzimage::{BzImage, SETUP_HEADER_OFFSET};
+use super::bzimage::BzImage;
 use super::layout::{BIOS_AREA_SIZE, BIOS_AREA_START, EBDA_START, HIGH_MEM_START, LOW_MEM_END};
 use crate::memory::RamRange;
 
@@ -11,20 +20,8 @@ pub const E820_RAM: u32 = 1;
 /// e820 type: reserved.
 pub const E820_RESERVED: u32 = 2;
 
-const ZP_ACPI_RSDP_ADDR: usize = 0x070;
-const ZP_E820_ENTRIES: usize = 0x1e8;
-const ZP_TYPE_OF_LOADER: usize = 0x210;
-const ZP_RAMDISK_IMAGE: usize = 0x218;
-const ZP_RAMDISK_SIZE: usize = 0x21c;
-const ZP_CMD_LINE_PTR: usize = 0x228;
-const ZP_EXT_RAMDISK_IMAGE: usize = 0x0c0;
-const ZP_EXT_RAMDISK_SIZE: usize = 0x0c4;
-const ZP_EXT_CMD_LINE_PTR: usize = 0x0c8;
-const ZP_E820_TABLE: usize = 0x2d0;
+/// Entries the zero page's e820 table holds.
 const E820_MAX_ENTRIES: usize = 128;
-const E820_ENTRY_SIZE: usize = 20;
-/// Size of the zero page.
-pub const ZERO_PAGE_SIZE: usize = 4096;
 
 /// Errors building the zero page.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -93,53 +90,43 @@ pub struct BootParamsSpec<'a> {
     pub e820: &'a [E820Entry],
 }
 
-fn put_u8(zp: &mut [u8], off: usize, v: u8) {
-    zp[off] = v;
-}
-
-fn put_u32(zp: &mut [u8], off: usize, v: u32) {
-    zp[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(zp: &mut [u8], off: usize, v: u64) {
-    zp[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
 /// Builds the zero page: the kernel's own setup header, patched with what the boot loader fills
 /// in (loader type, command line, initrd, RSDP, e820).
 pub fn build_zero_page(
     kernel: &BzImage<'_>,
     spec: &BootParamsSpec<'_>,
-) -> Result<Vec<u8>, BootParamsError> {
-    if spec.e820.len() > E820_MAX_ENTRIES {
+) -> Result<boot_params, BootParamsError> {
+    let mut params = boot_params::default();
+    if spec.e820.len() > E820_MAX_ENTRIES.min(params.e820_table.len()) {
         return Err(BootParamsError::TooManyE820Entries(spec.e820.len()));
     }
-    let mut zp = vec![0u8; ZERO_PAGE_SIZE];
-    let hdr = kernel.setup_header();
-    zp[SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + hdr.len()].copy_from_slice(hdr);
+    // The header as the kernel ships it (bytes past its own end, for an older protocol, stay
+    // zero).
+    let mut hdr = setup_header::default();
+    let theirs = kernel.setup_header();
+    let n = theirs.len().min(hdr.as_slice().len());
+    hdr.as_mut_slice()[..n].copy_from_slice(&theirs[..n]);
     // "Undefined" boot loader id: we are not one of the registered loaders.
-    put_u8(&mut zp, ZP_TYPE_OF_LOADER, 0xff);
-    put_u32(&mut zp, ZP_CMD_LINE_PTR, spec.cmdline_addr as u32);
-    put_u32(
-        &mut zp,
-        ZP_EXT_CMD_LINE_PTR,
-        (spec.cmdline_addr >> 32) as u32,
-    );
+    hdr.type_of_loader = 0xff;
+    hdr.cmd_line_ptr = spec.cmdline_addr as u32;
+    params.ext_cmd_line_ptr = (spec.cmdline_addr >> 32) as u32;
     if let Some((addr, size)) = spec.initrd {
-        put_u32(&mut zp, ZP_RAMDISK_IMAGE, addr as u32);
-        put_u32(&mut zp, ZP_EXT_RAMDISK_IMAGE, (addr >> 32) as u32);
-        put_u32(&mut zp, ZP_RAMDISK_SIZE, size as u32);
-        put_u32(&mut zp, ZP_EXT_RAMDISK_SIZE, (size >> 32) as u32);
+        hdr.ramdisk_image = addr as u32;
+        hdr.ramdisk_size = size as u32;
+        params.ext_ramdisk_image = (addr >> 32) as u32;
+        params.ext_ramdisk_size = (size >> 32) as u32;
     }
-    put_u64(&mut zp, ZP_ACPI_RSDP_ADDR, spec.rsdp_addr);
-    put_u8(&mut zp, ZP_E820_ENTRIES, spec.e820.len() as u8);
-    for (i, e) in spec.e820.iter().enumerate() {
-        let off = ZP_E820_TABLE + i * E820_ENTRY_SIZE;
-        put_u64(&mut zp, off, e.addr);
-        put_u64(&mut zp, off + 8, e.size);
-        put_u32(&mut zp, off + 16, e.kind);
+    params.hdr = hdr;
+    params.acpi_rsdp_addr = spec.rsdp_addr;
+    params.e820_entries = spec.e820.len() as u8;
+    for (slot, e) in params.e820_table.iter_mut().zip(spec.e820) {
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
     }
-    Ok(zp)
+    Ok(params)
 }
 
 #[cfg(test)]
@@ -206,20 +193,17 @@ mod tests {
             },
         )
         .expect("zero page");
+        // Checked at the byte offsets of Documentation/arch/x86/zero-page.rst and boot.rst.
+        let zp = zp.as_slice();
+        assert_eq!(zp.len(), 4096);
         assert_eq!(&zp[0x202..0x206], b"HdrS");
-        assert_eq!(zp[ZP_TYPE_OF_LOADER], 0xff);
-        assert_eq!(zp[ZP_E820_ENTRIES] as usize, e820.len());
-        assert_eq!(
-            &zp[ZP_CMD_LINE_PTR..ZP_CMD_LINE_PTR + 4],
-            &0x20000u32.to_le_bytes()
-        );
-        assert_eq!(
-            &zp[ZP_RAMDISK_SIZE..ZP_RAMDISK_SIZE + 4],
-            &0x1234u32.to_le_bytes()
-        );
-        assert_eq!(
-            &zp[ZP_ACPI_RSDP_ADDR..ZP_ACPI_RSDP_ADDR + 8],
-            &0xe0000u64.to_le_bytes()
-        );
+        assert_eq!(zp[0x210], 0xff, "type_of_loader");
+        assert_eq!(zp[0x1e8] as usize, e820.len(), "e820_entries");
+        assert_eq!(&zp[0x228..0x22c], &0x20000u32.to_le_bytes(), "cmd_line_ptr");
+        assert_eq!(&zp[0x218..0x21c], &0x300_0000u32.to_le_bytes(), "ramdisk_image");
+        assert_eq!(&zp[0x21c..0x220], &0x1234u32.to_le_bytes(), "ramdisk_size");
+        assert_eq!(&zp[0x070..0x078], &0xe0000u64.to_le_bytes(), "acpi_rsdp_addr");
+        assert_eq!(&zp[0x2d0..0x2d8], &0u64.to_le_bytes(), "first e820 entry");
+        assert_eq!(&zp[0x2e0..0x2e4], &E820_RAM.to_le_bytes(), "its type");
     }
 }

@@ -1,5 +1,7 @@
 //! Places a Linux kernel, its initrd and command line in guest memory and builds the zero page.
 
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -38,6 +40,9 @@ pub enum LoaderError {
     /// Zero page construction failed.
     #[error(transparent)]
     BootParams(#[from] BootParamsError),
+    /// The zero page cannot be written.
+    #[error("cannot write the zero page to guest memory")]
+    ZeroPage(#[source] linux_loader::configurator::Error),
     /// Writing to guest memory failed.
     #[error("cannot write {what} to guest memory at {addr:#x}")]
     GuestWrite {
@@ -141,7 +146,11 @@ pub fn load_linux(
             e820: &e820,
         },
     )?;
-    write(ram, "zero page", ZERO_PAGE_START, &zero_page)?;
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&zero_page, GuestAddress(ZERO_PAGE_START)),
+        ram.memory(),
+    )
+    .map_err(LoaderError::ZeroPage)?;
 
     Ok(LoadedKernel {
         entry: load_address + ENTRY_64_OFFSET,
