@@ -13,9 +13,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use thiserror::Error;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, MmapRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -25,7 +25,7 @@ use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 pub use crate::devices::channel::ChannelFds;
-use crate::devices::channel::{self, ChannelDevice, ChannelError, ChannelInfo};
+use crate::devices::channel::{self, ChannelDevice, ChannelError, ChannelInfo, ChannelWiring};
 use crate::devices::i8042::I8042;
 use crate::devices::pci::msix::{IrqRouter, MsixError};
 use crate::devices::pci::root::PciRoot;
@@ -42,6 +42,7 @@ use crate::devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
 use crate::devices::virtio::ring::RingCommands;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit};
+use crate::kvm::slots::MemorySlots;
 use crate::kvm::{self, KvmError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{self, Vcpu, VcpuInjection};
@@ -285,11 +286,14 @@ pub struct Machine {
     exits: ExitNotifier,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
-    /// Passed-through functions: released after the VM (their BAR mappings back memory
-    /// slots) and before guest RAM (their DMA mappings pin it).
+    /// The memory slots and the mappings behind them (channel memory, BAR pages): released
+    /// with the VM, before the passed-through functions (their BAR pages first, then the
+    /// device, then its DMA mappings) and before guest RAM.
+    _slots: MemorySlots,
+    /// Passed-through functions: released before guest RAM (their DMA mappings pin it).
     _passthrough: Vec<SharedPciDevice>,
-    /// Channel memory mappings (KVM memory slots) and INTx resample eventfds.
-    _channels: Vec<(MmapRegion, EventFd)>,
+    /// What keeps the channels wired (INTx resample eventfds).
+    _channels: Vec<ChannelWiring>,
     ram: GuestRam,
     exit_rx: Receiver<GuestExit>,
     stop: Arc<AtomicBool>,
@@ -381,27 +385,27 @@ impl Machine {
             .collect::<Result<Vec<_>, _>>()?;
 
         let vm = Arc::new(kvm::create_vm(&kvm)?);
-        kvm::register_ram(&vm, &ram)?;
+        let mut slots = MemorySlots::new(vm.clone(), &ram)?;
 
         let (exit_tx, exit_rx) = channel();
         let exits = ExitNotifier::new(exit_tx);
         let mut io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mut mmio_bus = Bus::new();
         let router = Arc::new(IrqRouter::new(vm.clone()));
-        let mut pci = PciBuilder::new(ram.memory().num_regions() as u32);
+        let mut pci = PciBuilder::new();
         for (label, device) in devices {
             pci.add_virtio(&ram, &router, label, device, &mut mmio_bus)?;
         }
         let mut channels = Vec::new();
         let mut faults = FaultInjector::default();
         for c in &cfg.channels {
-            let (map, resample, fault) = pci.add_channel(&vm, c, &mut mmio_bus)?;
-            channels.push((map, resample));
+            let (wiring, fault) = pci.add_channel(&vm, &mut slots, c, &mut mmio_bus)?;
+            channels.push(wiring);
             faults.channels.push(fault);
         }
         let mut passthrough = Vec::new();
         for f in functions {
-            passthrough.push(pci.add_vfio(&vm, &ram, &router, f, &mut mmio_bus)?);
+            passthrough.push(pci.add_vfio(&vm, &mut slots, &ram, &router, f, &mut mmio_bus)?);
         }
         io_bus.insert(pci.finish(), u64::from(PCI_CONFIG_IO), 8)?;
 
@@ -433,6 +437,7 @@ impl Machine {
             exits,
             _vm: vm,
             _kvm: kvm,
+            _slots: slots,
             _passthrough: passthrough,
             _channels: channels,
             ram,
@@ -696,12 +701,10 @@ impl BootEntry {
 struct PciBuilder {
     root: PciRoot,
     next_bar: u64,
-    /// Next free KVM memory slot (guest RAM takes the first ones).
-    next_slot: u32,
 }
 
 impl PciBuilder {
-    fn new(first_free_slot: u32) -> Self {
+    fn new() -> Self {
         let mut root = PciRoot::new();
         let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge::new()));
         // Slot 0 of an empty bus.
@@ -709,7 +712,6 @@ impl PciBuilder {
         PciBuilder {
             root,
             next_bar: PCI_MMIO_START,
-            next_slot: first_free_slot,
         }
     }
 
@@ -752,6 +754,7 @@ impl PciBuilder {
     fn add_vfio(
         &mut self,
         vm: &VmFd,
+        slots: &mut MemorySlots,
         ram: &GuestRam,
         router: &Arc<IrqRouter>,
         f: OpenedFunction,
@@ -768,7 +771,7 @@ impl PciBuilder {
             vm,
             ram,
             router,
-            next_slot: &mut self.next_slot,
+            slots,
         };
         let dev: SharedPciDevice = Arc::new(Mutex::new(VfioPci::attach(f, &addrs, ctx)?));
         let slot = self.add(dev.clone(), &label)?;
@@ -780,14 +783,15 @@ impl PciBuilder {
         Ok(dev)
     }
 
-    /// A channel device: registers on the MMIO bus with the doorbell as an ioeventfd, the
-    /// shared memory as a KVM memory slot, and INTx as a level-triggered irqfd.
+    /// A channel device: its register BAR on the MMIO bus, the rest wired by the channel
+    /// itself ([`channel::wire`]).
     fn add_channel(
         &mut self,
         vm: &VmFd,
+        slots: &mut MemorySlots,
         c: &ChannelConfig,
         mmio_bus: &mut Bus,
-    ) -> Result<(MmapRegion, EventFd, Arc<AtomicU32>), MachineError> {
+    ) -> Result<(ChannelWiring, Arc<AtomicU32>), MachineError> {
         let label = format!("channel {}", c.info.index);
         let size = c
             .fds
@@ -804,37 +808,8 @@ impl PciBuilder {
             regs_addr,
             channel::REGS_SIZE,
         )?;
-        vm.register_ioevent(
-            c.fds.doorbell.as_ref(),
-            &IoEventAddress::Mmio(regs_addr + channel::regs::DOORBELL),
-            NoDatamatch,
-        )
-        .map_err(|e| MachineError::Sys("KVM_IOEVENTFD for a channel doorbell", e.into()))?;
         let gsi = acpi::intx_gsi(slot as u32, 0);
-        let resample = eventfd()?;
-        vm.register_irqfd_with_resample(c.fds.kick.as_ref(), &resample, gsi)
-            .map_err(|e| MachineError::Sys("KVM_IRQFD for a channel", e.into()))?;
-        let len = usize::try_from(size).map_err(|_| ChannelError::BadMemorySize(size))?;
-        let file = c
-            .fds
-            .memory
-            .try_clone()
-            .map_err(|e| MachineError::Sys("dup of channel memory", e))?;
-        let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
-            .map_err(|e| MachineError::Sys("mapping channel memory", std::io::Error::other(e)))?;
-        let mem_slot = self.next_slot;
-        self.next_slot += 1;
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: mem_slot,
-            flags: 0,
-            guest_phys_addr: mem_addr,
-            memory_size: size,
-            userspace_addr: map.as_ptr() as u64,
-        };
-        // SAFETY: the mapping covers `size` bytes and is returned to the caller, which keeps it
-        // in the machine until after the VM is dropped.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| MachineError::Sys("KVM_SET_USER_MEMORY_REGION for a channel", e.into()))?;
+        let wiring = channel::wire(vm, slots, &c.fds, regs_addr, mem_addr, gsi)?;
         tracing::info!(
             channel = c.info.index,
             slot,
@@ -844,7 +819,7 @@ impl PciBuilder {
             backend = %c.info.backend,
             "channel device"
         );
-        Ok((map, resample, fault))
+        Ok((wiring, fault))
     }
 
     fn finish(self) -> SharedDevice {

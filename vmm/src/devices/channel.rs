@@ -28,7 +28,11 @@ use std::fs::File;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::{FileOffset, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::kvm::slots::MemorySlots;
 
 use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
@@ -75,7 +79,7 @@ pub enum ChannelKind {
 }
 
 /// Errors describing a channel.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
     /// The backend path does not fit the register window or is not an absolute path.
     #[error("channel backend '{0}' must be an absolute path shorter than 64 bytes")]
@@ -97,10 +101,60 @@ pub enum ChannelError {
     /// The PCI configuration could not be built.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// Wiring the channel into KVM (doorbell, interrupt, memory slot) failed.
+    #[error("{0} failed for a channel")]
+    Wire(&'static str, #[source] std::io::Error),
+    /// The shared memory cannot get a memory slot.
+    #[error(transparent)]
+    Slot(#[from] crate::kvm::KvmError),
 }
 
-/// The PCI function. The shared memory itself is mapped by the machine (a KVM memory slot at
-/// the BAR 2 address); this object serves configuration space and the register BAR.
+/// What keeps a channel wired into KVM: the INTx resample eventfd (the memory mapping is held
+/// by the VM's [`MemorySlots`]).
+pub struct ChannelWiring {
+    _resample: EventFd,
+}
+
+/// Wires a channel into the VM: the agent's doorbell register (BAR 0 at `regs_addr`) as an
+/// ioeventfd signalling `fds.doorbell`, the client's kick as a level-triggered INTx irqfd on
+/// `gsi` (with a resample eventfd), and the shared memory (BAR 2 at `mem_addr`) as a KVM
+/// memory slot, so that none of them costs an exit to this process.
+pub fn wire(
+    vm: &VmFd,
+    slots: &mut MemorySlots,
+    fds: &ChannelFds,
+    regs_addr: u64,
+    mem_addr: u64,
+    gsi: u32,
+) -> Result<ChannelWiring, ChannelError> {
+    vm.register_ioevent(
+        fds.doorbell.as_ref(),
+        &IoEventAddress::Mmio(regs_addr + regs::DOORBELL),
+        NoDatamatch,
+    )
+    .map_err(|e| ChannelError::Wire("KVM_IOEVENTFD", e.into()))?;
+    let resample =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ChannelError::Wire("eventfd", e))?;
+    vm.register_irqfd_with_resample(fds.kick.as_ref(), &resample, gsi)
+        .map_err(|e| ChannelError::Wire("KVM_IRQFD", e.into()))?;
+    let size = fds
+        .memory_size()
+        .map_err(|e| ChannelError::Wire("sizing channel memory", e))?;
+    let len = usize::try_from(size).map_err(|_| ChannelError::BadMemorySize(size))?;
+    let file = fds
+        .memory
+        .try_clone()
+        .map_err(|e| ChannelError::Wire("dup of channel memory", e))?;
+    let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len)
+        .map_err(|e| ChannelError::Wire("mapping channel memory", std::io::Error::other(e)))?;
+    slots.map("channel memory", mem_addr, Box::new(map))?;
+    Ok(ChannelWiring {
+        _resample: resample,
+    })
+}
+
+/// The PCI function. The shared memory itself is a KVM memory slot at the BAR 2 address
+/// ([`wire`]); this object serves configuration space and the register BAR.
 pub struct ChannelDevice {
     config: PciConfig,
     regs: [u8; regs::END as usize],

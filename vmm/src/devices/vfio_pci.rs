@@ -24,12 +24,13 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO,
-    kvm_userspace_memory_region, KVM_DEV_VFIO_GROUP, KVM_DEV_VFIO_GROUP_ADD,
+    KVM_DEV_VFIO_GROUP, KVM_DEV_VFIO_GROUP_ADD,
 };
 use kvm_ioctls::{DeviceFd, VmFd};
 use std::os::fd::AsRawFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::kvm::slots::MemorySlots;
 use crate::devices::pci::config::{
     MemoryBar, PciConfig, PciIdentity, BAR0, CAPABILITIES_POINTER, COMMAND, CONFIG_SIZE,
     INTERRUPT_LINE,
@@ -38,7 +39,7 @@ use crate::devices::pci::msix::{IrqRouter, Msix, MsixError, CONTROL_ENABLE};
 use crate::devices::pci::PciDevice;
 use crate::memory::GuestRam;
 use crate::vfio::container::Container;
-use crate::vfio::device::{BarMapping, VfioDevice, CONFIG_REGION};
+use crate::vfio::device::{VfioDevice, CONFIG_REGION};
 use crate::vfio::host::{self, PciAddress};
 use crate::vfio::VfioError;
 
@@ -51,6 +52,9 @@ const PAGE: u64 = 4096;
 /// Errors attaching a passed-through function to a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioPciError {
+    /// A BAR's pages cannot get a memory slot.
+    #[error("passthrough of {0}: BAR pages")]
+    Slot(PciAddress, #[source] crate::kvm::KvmError),
     /// Host-side VFIO problem.
     #[error("passthrough of {address}")]
     Vfio {
@@ -63,17 +67,6 @@ pub enum VfioPciError {
     /// Interrupt setup failed.
     #[error("MSI-X for passed-through {0}")]
     Msix(PciAddress, #[source] MsixError),
-    /// A KVM call failed.
-    #[error("{what} for passed-through {address}")]
-    Kvm {
-        /// The function.
-        address: PciAddress,
-        /// The call.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
     /// A BAR the guest cannot be given.
     #[error("passed-through {address}: BAR {bar} has an unusable size {size:#x}")]
     BadBar {
@@ -271,16 +264,16 @@ pub struct AttachContext<'a> {
     pub ram: &'a GuestRam,
     /// Its interrupt routes.
     pub router: &'a Arc<IrqRouter>,
-    /// Next free KVM memory slot (advanced by what is used).
-    pub next_slot: &'a mut u32,
+    /// Its memory slots (BAR pages mapped into the guest go there).
+    pub slots: &'a mut MemorySlots,
 }
 
 /// The function as the guest's PCI bus sees it.
 pub struct VfioPci {
-    // Drop order: mappings (KVM slots are gone with the VM, dropped first), the device file
+    // Drop order: the BAR pages mapped into the guest are held by the VM's memory slots and
+    // go first (with the VM); then the device file
     // (the kernel quiesces and resets the function), then the container (DMA unmapped only
     // after that).
-    _mappings: Vec<BarMapping>,
     _kvm_device: Option<DeviceFd>,
     device: VfioDevice,
     _container: Container,
@@ -302,11 +295,6 @@ impl VfioPci {
     ) -> Result<Self, VfioPciError> {
         let address = f.address;
         let vfio = |source| VfioPciError::Vfio { address, source };
-        let kvm = |what, source| VfioPciError::Kvm {
-            address,
-            what,
-            source,
-        };
         let OpenedFunction {
             device,
             mut container,
@@ -344,7 +332,6 @@ impl VfioPci {
             subsystem_vendor: w(0x2c),
             subsystem: w(0x2e),
         });
-        let mut mappings = Vec::new();
         for (bar, addr) in bars.iter().zip(bar_addrs) {
             virt.add_memory_bar(MemoryBar {
                 index: bar.index,
@@ -368,20 +355,12 @@ impl VfioPci {
                 let map = device
                     .mmap(bar.index as u32, start, end - start)
                     .map_err(vfio)?;
-                let region = kvm_userspace_memory_region {
-                    slot: *ctx.next_slot,
-                    flags: 0,
-                    guest_phys_addr: addr + start,
-                    memory_size: map.len(),
-                    userspace_addr: map.addr(),
-                };
-                // SAFETY: the mapping is kept in this device, which the machine drops only
-                // after the VM (and with it the memory slot); until then it stays mapped.
-                unsafe { ctx.vm.set_user_memory_region(region) }
-                    .map_err(|e| kvm("KVM_SET_USER_MEMORY_REGION (BAR)", e))?;
-                tracing::info!(%address, bar = bar.index, guest = format_args!("{:#x}", addr + start), len = format_args!("{:#x}", map.len()), slot = *ctx.next_slot, "BAR pages mapped into the guest");
-                *ctx.next_slot += 1;
-                mappings.push(map);
+                let (guest, len) = (addr + start, map.len());
+                let slot = ctx
+                    .slots
+                    .map("BAR pages", guest, Box::new(map))
+                    .map_err(|e| VfioPciError::Slot(address, e))?;
+                tracing::info!(%address, bar = bar.index, guest = format_args!("{guest:#x}"), len = format_args!("{len:#x}"), slot, "BAR pages mapped into the guest");
             }
         }
         let msix = match msix_layout {
@@ -395,7 +374,6 @@ impl VfioPci {
             .map(|m| u16::from_le_bytes([config[m.cap + 2], config[m.cap + 3]]) & 0x7ff)
             .unwrap_or(0);
         Ok(VfioPci {
-            _mappings: mappings,
             _kvm_device: kvm_device,
             device,
             _container: container,

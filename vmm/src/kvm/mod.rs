@@ -1,17 +1,17 @@
 //! Thin, checked access to KVM: opening the device, creating the VM with its in-kernel
-//! interrupt controllers, and registering guest memory.
+//! interrupt controllers, and its memory slots ([`slots`]).
+
+pub mod slots;
 
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
-use crate::memory::GuestRam;
 
 /// Errors talking to KVM.
 #[derive(Debug, Error)]
@@ -124,30 +124,6 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
     vm.create_pit2(pit)
         .map_err(|e| KvmError::Ioctl("KVM_CREATE_PIT2", e))?;
     Ok(vm)
-}
-
-/// Registers every region of `ram` as a KVM memory slot, starting at slot 0.
-pub fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), KvmError> {
-    for (slot, region) in ram.memory().iter().enumerate() {
-        let host = ram
-            .memory()
-            .get_host_address(region.start_addr())
-            .map_err(|_| {
-                KvmError::Ioctl("host address lookup", kvm_ioctls::Error::new(libc::EFAULT))
-            })?;
-        let mr = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host..host+len` is a live mapping owned by `ram`, which the caller keeps alive
-        // for as long as the VM runs (the machine owns both and drops the VM first).
-        unsafe { vm.set_user_memory_region(mr) }
-            .map_err(|e| KvmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -245,8 +245,8 @@ impl BarMapping {
 
 impl Drop for BarMapping {
     fn drop(&mut self) {
-        // SAFETY: the range came from our own mmap and is unmapped exactly once, here; KVM
-        // slots that pointed at it are gone (the VM is dropped before the devices).
+        // SAFETY: the range came from our own mmap and is unmapped exactly once, here; a KVM
+        // slot that pointed at it was deleted first (`kvm::slots::MemorySlots` drops it so).
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }
