@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddvmm::devices::channel::{ChannelInfo, ChannelKind};
-use ddvmm::devices::virtio::block::ring_frontend::RingDiskStats;
 use ddvmm::devices::virtio::net::parse_mac;
-use ddvmm::devices::virtio::net::ring_frontend::RingNetStats;
+use ddvmm::devices::virtio::ring::{RingKind, RingPort};
 use ddvmm::exit::GuestExit;
 use ddvmm::handoff::Adopter;
 use ddvmm::machine::{
@@ -17,7 +16,6 @@ use ddvmm::machine::{
 };
 use ddvmm::stats_page::StatsWriter;
 use ddvmm::units::parse_size;
-use std::sync::Arc;
 
 /// Driver-domain VMM: boots unmodified Linux kernels under KVM.
 #[derive(Parser, Debug)]
@@ -289,15 +287,15 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .transpose()?;
     let mut machine = Machine::build(&cfg)?;
     if let Some(writer) = stats {
-        spawn_stats_publisher(
-            writer,
-            machine.ring_disk_stats().to_vec(),
-            machine.ring_net_stats().to_vec(),
-        );
+        spawn_stats_publisher(writer, machine.ring_ports().to_vec());
     }
     if let Some(stream) = control {
         let targets = ddvmm::control::ControlTargets {
-            rings: machine.ring_controls().to_vec(),
+            rings: machine
+                .ring_ports()
+                .iter()
+                .map(|p| p.control.clone())
+                .collect(),
             faults: machine.fault_injector(),
         };
         ddvmm::control::spawn_server(stream, targets).context("starting the control thread")?;
@@ -510,11 +508,7 @@ fn parse_ring_net(spec: &str, adopter: &mut Adopter) -> anyhow::Result<RingNetCo
 }
 
 /// Publishes the ring devices' counters to the stats page four times a second.
-fn spawn_stats_publisher(
-    mut writer: StatsWriter,
-    disks: Vec<Arc<RingDiskStats>>,
-    nets: Vec<Arc<RingNetStats>>,
-) {
+fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
     let object = |pairs: Vec<(&'static str, u64)>| {
         serde_json::Value::Object(
             pairs
@@ -524,8 +518,14 @@ fn spawn_stats_publisher(
         )
     };
     let publish = move || loop {
-        let disks: Vec<_> = disks.iter().map(|d| object(d.snapshot())).collect();
-        let nets: Vec<_> = nets.iter().map(|n| object(n.snapshot())).collect();
+        let of = |kind| {
+            ports
+                .iter()
+                .filter(|p| p.kind == kind)
+                .map(|p| object(p.counters.snapshot()))
+                .collect::<Vec<_>>()
+        };
+        let (disks, nets) = (of(RingKind::Disk), of(RingKind::Nic));
         // `rings`: every ring device in control order (disks, then NICs), for the daemon's
         // watcher, which needs only the progress counters both kinds have.
         let rings: Vec<_> = disks.iter().chain(&nets).collect();

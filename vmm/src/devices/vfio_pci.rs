@@ -23,20 +23,20 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO,
-    KVM_DEV_VFIO_GROUP, KVM_DEV_VFIO_GROUP_ADD,
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_GROUP,
+    KVM_DEV_VFIO_GROUP_ADD,
 };
 use kvm_ioctls::{DeviceFd, VmFd};
 use std::os::fd::AsRawFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::kvm::slots::MemorySlots;
 use crate::devices::pci::config::{
     MemoryBar, PciConfig, PciIdentity, BAR0, CAPABILITIES_POINTER, COMMAND, CONFIG_SIZE,
     INTERRUPT_LINE,
 };
 use crate::devices::pci::msix::{IrqRouter, Msix, MsixError, CONTROL_ENABLE};
 use crate::devices::pci::PciDevice;
+use crate::kvm::slots::MemorySlots;
 use crate::memory::GuestRam;
 use crate::vfio::container::Container;
 use crate::vfio::device::{VfioDevice, CONFIG_REGION};

@@ -83,7 +83,14 @@ impl MemorySlots {
                 })?;
             // SAFETY: `host..host+len` is a live mapping owned by `ram`, which the caller keeps
             // alive for as long as the VM (see above).
-            unsafe { slots.set(region.start_addr().0, host as u64, region.len(), "guest RAM") }?;
+            unsafe {
+                slots.set(
+                    region.start_addr().0,
+                    host as u64,
+                    region.len(),
+                    "guest RAM",
+                )
+            }?;
         }
         Ok(slots)
     }

@@ -200,9 +200,17 @@ mod tests {
         assert_eq!(zp[0x210], 0xff, "type_of_loader");
         assert_eq!(zp[0x1e8] as usize, e820.len(), "e820_entries");
         assert_eq!(&zp[0x228..0x22c], &0x20000u32.to_le_bytes(), "cmd_line_ptr");
-        assert_eq!(&zp[0x218..0x21c], &0x300_0000u32.to_le_bytes(), "ramdisk_image");
+        assert_eq!(
+            &zp[0x218..0x21c],
+            &0x300_0000u32.to_le_bytes(),
+            "ramdisk_image"
+        );
         assert_eq!(&zp[0x21c..0x220], &0x1234u32.to_le_bytes(), "ramdisk_size");
-        assert_eq!(&zp[0x070..0x078], &0xe0000u64.to_le_bytes(), "acpi_rsdp_addr");
+        assert_eq!(
+            &zp[0x070..0x078],
+            &0xe0000u64.to_le_bytes(),
+            "acpi_rsdp_addr"
+        );
         assert_eq!(&zp[0x2d0..0x2d8], &0u64.to_le_bytes(), "first e820 entry");
         assert_eq!(&zp[0x2e0..0x2e4], &E820_RAM.to_le_bytes(), "its type");
     }

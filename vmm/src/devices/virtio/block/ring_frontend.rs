@@ -33,8 +33,8 @@ use super::request::{
 use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
-    Setup,
+    Failure, Guest, GuestError, RingCommands, RingCounters, RingDevice, RingFrontend, RingKind,
+    RingPort, RingSetupError, RingStats, Setup,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -78,9 +78,8 @@ pub struct RingDiskStats {
     pub written_bytes: AtomicU64,
 }
 
-impl RingDiskStats {
-    /// `name value` pairs of the counters.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+impl RingCounters for RingDiskStats {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut v = self.ring.snapshot();
         v.extend([
@@ -381,6 +380,15 @@ impl RingBlock {
     /// The control handle (replay after a driver VM restart, release, quarantine).
     pub fn control(&self) -> Arc<dyn RingCommands> {
         self.frontend.control()
+    }
+
+    /// Its kind, counters and control for the rest of the VMM.
+    pub fn port(&self) -> RingPort {
+        RingPort {
+            kind: RingKind::Disk,
+            counters: self.stats.clone(),
+            control: self.frontend.control(),
+        }
     }
 }
 

@@ -41,8 +41,8 @@ use super::tap::VNET_HDR_LEN;
 use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RingCommands, RingDevice, RingFrontend, RingSetupError, RingStats,
-    Setup,
+    Failure, Guest, GuestError, RingCommands, RingCounters, RingDevice, RingFrontend, RingKind,
+    RingPort, RingSetupError, RingStats, Setup,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -112,9 +112,8 @@ pub struct RingNetStats {
     pub rx_dropped_invalid: AtomicU64,
 }
 
-impl RingNetStats {
-    /// `name value` pairs of the counters.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+impl RingCounters for RingNetStats {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut v = self.ring.snapshot();
         v.extend([
@@ -369,6 +368,15 @@ impl RingNet {
     /// The control handle (replay after a driver VM restart, release, quarantine).
     pub fn control(&self) -> Arc<dyn RingCommands> {
         self.frontend.control()
+    }
+
+    /// Its kind, counters and control for the rest of the VMM.
+    pub fn port(&self) -> RingPort {
+        RingPort {
+            kind: RingKind::Nic,
+            counters: self.stats.clone(),
+            control: self.frontend.control(),
+        }
     }
 }
 

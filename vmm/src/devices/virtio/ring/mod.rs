@@ -251,6 +251,33 @@ fn next_chain<'a>(
     Ok(None)
 }
 
+/// Which kind of device a ring serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingKind {
+    /// A virtio-blk disk.
+    Disk,
+    /// A virtio-net NIC.
+    Nic,
+}
+
+/// A device's counters as `name value` pairs.
+pub trait RingCounters: Send + Sync {
+    /// The counters now.
+    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// What the rest of the VMM sees of a ring device: its kind, its counters (for the stats
+/// page) and its control (for the daemon's replay, release and quarantine).
+#[derive(Clone)]
+pub struct RingPort {
+    /// Disk or NIC.
+    pub kind: RingKind,
+    /// Counters.
+    pub counters: Arc<dyn RingCounters>,
+    /// Commands.
+    pub control: Arc<dyn RingCommands>,
+}
+
 /// Counters every ring frontend keeps, readable while it runs. The daemon's watcher reads
 /// `outstanding`, `completed`, `bogus_completions` and `corrupt`.
 #[derive(Debug, Default)]

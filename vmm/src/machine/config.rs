@@ -1,0 +1,119 @@
+//! What a machine is built from: boot source, RAM, vCPUs, console, and its devices (local
+//! disks and TAP NICs, ring disks and NICs served by driver VMs, channel devices of a driver
+//! VM, passed-through host functions).
+
+use std::path::PathBuf;
+
+use crate::devices::channel::{ChannelFds, ChannelInfo};
+use crate::vfio::PciAddress;
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A log file (created or truncated).
+    File(PathBuf),
+}
+
+/// What the boot vCPU starts executing.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A Linux bzImage entered through the 64-bit boot protocol.
+    Linux {
+        /// bzImage to boot.
+        kernel: PathBuf,
+        /// Optional initramfs.
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        cmdline: String,
+    },
+    /// A flat real-mode binary loaded at `load_addr` and entered there with CS=0: for firmware-
+    /// less test programs (the KVM-layer tests use it). The platform devices are the same.
+    RealMode {
+        /// The code.
+        image: Vec<u8>,
+        /// Guest-physical load and entry address (below 64 KiB).
+        load_addr: u16,
+    },
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// A virtio-net NIC backed by a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP interface name (created if missing).
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+}
+
+/// The driver VM's end of a block channel: a channel device.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// What the agent is told.
+    pub info: ChannelInfo,
+    /// Shared memory and eventfds.
+    pub fds: ChannelFds,
+}
+
+/// A client disk whose backend is a ring to a driver VM (virtio-blk in front).
+#[derive(Debug, Clone)]
+pub struct RingDiskConfig {
+    /// Shared memory and eventfds.
+    pub fds: ChannelFds,
+    /// Capacity in 512-byte sectors.
+    pub sectors: u64,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Device id string the guest sees (virtio-blk get-id).
+    pub id: String,
+    /// Ring generation to start at (see `ClientRing::create_at`).
+    pub generation: u64,
+}
+
+/// A client NIC whose backend is a ring to a driver VM (virtio-net in front).
+#[derive(Debug, Clone)]
+pub struct RingNetConfig {
+    /// Shared memory and eventfds.
+    pub fds: ChannelFds,
+    /// The guest's MAC address (and the only source address its frames may carry).
+    pub mac: [u8; 6],
+    /// Ring generation to start at (see `ClientRing::create_at`).
+    pub generation: u64,
+}
+
+/// What to boot and on what virtual hardware.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-blk disks served by a driver VM over a ring, after the local disks.
+    pub ring_disks: Vec<RingDiskConfig>,
+    /// virtio-net NICs, after the disks.
+    pub nets: Vec<NetConfig>,
+    /// virtio-net NICs served by a driver VM over a ring, after the TAP NICs.
+    pub ring_nets: Vec<RingNetConfig>,
+    /// Channel devices (driver VMs), after the NICs.
+    pub channels: Vec<ChannelConfig>,
+    /// Host PCI functions given to the guest through VFIO, after the channels.
+    pub passthrough: Vec<PciAddress>,
+    /// What to run.
+    pub boot: BootSource,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Serial console destination.
+    pub console: ConsoleOutput,
+    /// Path of the KVM device.
+    pub kvm_device: PathBuf,
+}
