@@ -45,9 +45,11 @@
 //! backoff_initial_ms = 100          # delay before the first restart of a series, doubled per
 //! backoff_max_ms = 10000            #   further fault, capped
 //! max_restarts = 10                 # more restarts than this within
-//! restart_window_s = 300            #   this window: quarantine the driver VM
+//! restart_window_s = 300            #   this window: quarantine the driver VM (crashes
+//!                                   #   charged to one channel count for that channel)
 //! poison_after = 3                  # a request in flight at this many crashes in a row fails alone
-//! restart_on_corrupt = true         # garbage completions count as a fault
+//! restart_on_corrupt = true         # garbage completions count as a fault (a broken ring
+//!                                   #   index always does: that ring cannot go on)
 //! ```
 //!
 //! `[api] metrics_listen = "127.0.0.1:9464"` (optional) also serves the Prometheus metrics over

@@ -16,9 +16,20 @@
 //! restart. A fault during that wait starts the next round of the same recovery; the outage
 //! runs from the (injected or detected) fault to that first completion.
 //!
+//! **Attribution per channel.** Replays are *held*: nothing goes on a new ring until released.
+//! Once the new driver VM's agents are ready, the channels that hold suspects (requests one
+//! crash away from poison) are released one at a time, each until its suspects are resolved,
+//! then all the others. A crash during a channel's turn happened with that channel's suspect
+//! alone on the ring of a driver VM that served nothing else: it is charged to the channel
+//! (the event names it, and it does not count against the driver VM's restart window), and
+//! when a channel's request turns out poison the crashes it caused are moved from the driver
+//! VM's window to the channel's. A channel that reaches `max_restarts` of its own is quarantined
+//! alone; the driver VM goes on serving the others. Stalls, broken rings and garbage are
+//! reported with the channel they were seen on.
+//!
 //! **Injection** ([`Supervisor::inject`]): `kill` is a SIGKILL from here; the others go through
 //! the driver VM's control socket to its VMM (triple fault) or to its agent (panic, reset,
-//! hang, corrupt). A campaign injects many of mixed kinds at random intervals.
+//! hang, corrupt, bad-index). A campaign injects many of mixed kinds at random intervals.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
