@@ -130,8 +130,9 @@ bench-passthrough: deps images build
 	    --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/passthrough.sh
 
 # Fuzz the virtio descriptor-chain parsers, the ring, the journal and the ring frontends with a
-# hostile agent and guest (needs a nightly toolchain; installs cargo-fuzz). `make test` runs
-# `fuzz-smoke`: every target built and run briefly; a crash fails it.
+# hostile agent and guest (`fuzz`: nightly toolchain, AddressSanitizer; installs cargo-fuzz).
+# `make test` runs `fuzz-smoke`: every target built on the default (stable) toolchain without a
+# sanitizer and run briefly; a crash fails it.
 FUZZ_TARGETS := virtio_blk_request virtio_net_frames ring_completions journal ring_frontends
 FUZZ_SECONDS ?= 180
 FUZZ_SMOKE_SECONDS ?= 10
@@ -144,8 +145,9 @@ fuzz:
 
 fuzz-smoke:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p fuzz/target
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-	    cargo +nightly fuzz run -O $$t -- -max_total_time=$(FUZZ_SMOKE_SECONDS) \
+	    $(CARGO) fuzz run -O -s none $$t -- -max_total_time=$(FUZZ_SMOKE_SECONDS) \
 	        -rss_limit_mb=4096 > target/smoke-$$t.log 2>&1 \
 	        || { tail -40 target/smoke-$$t.log; echo "fuzz target $$t FAILED"; exit 1; }; \
 	    grep -E "^Done" target/smoke-$$t.log | sed "s/^/fuzz $$t: /"; \
