@@ -203,6 +203,7 @@ impl BlockRing {
 
 impl RingDevice for BlockRing {
     type Item = BlockItem;
+    const QUEUES: usize = 1;
 
     fn accept(
         &mut self,
@@ -418,12 +419,6 @@ impl VirtioDevice for RingBlock {
         queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
         self.frontend.activate(mem, queues, failure)
     }
 

@@ -178,6 +178,7 @@ impl NetRing {
 
 impl RingDevice for NetRing {
     type Item = Tx;
+    const QUEUES: usize = 2;
 
     fn accept(
         &mut self,
@@ -414,12 +415,6 @@ impl VirtioDevice for RingNet {
         queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
         self.frontend.activate(mem, queues, failure)
     }
 

@@ -107,6 +107,21 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// The guest's side of an activation.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        queues: Vec<ActiveQueue>,
+        failure: Arc<dyn DeviceFailure>,
+    ) -> Self {
+        let used = queues.iter().map(|_| Vec::new()).collect();
+        Guest {
+            mem,
+            queues,
+            failure,
+            used,
+        }
+    }
+
     /// Returns chain `head` of queue `queue` to the guest with `written` bytes, at the end of
     /// the round.
     pub fn finish(&mut self, queue: usize, head: u16, written: u32) {
@@ -173,6 +188,8 @@ impl Guest {
 pub trait RingDevice: Send + 'static {
     /// A journaled guest request (what is needed to finish it to the guest).
     type Item: Send + 'static;
+    /// How many virtqueues the device has.
+    const QUEUES: usize;
 
     /// Takes new guest requests: answers those that need no driver VM, fails ring-bound ones
     /// at once while `quarantined`, and pushes the rest into `journal` while it has room. Must
@@ -378,6 +395,8 @@ pub struct Setup<'a> {
 /// A running frontend: its worker thread and the handle that commands it.
 pub struct RingFrontend {
     handle: Arc<RingHandle>,
+    /// Queues the device has.
+    queues: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -396,6 +415,7 @@ impl RingFrontend {
             .map_err(RingSetupError::Worker)?;
         Ok(RingFrontend {
             handle: Arc::new(handle),
+            queues: D::QUEUES,
             thread: Some(thread),
         })
     }
@@ -412,13 +432,13 @@ impl RingFrontend {
         queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) -> Result<(), ActivateError> {
-        let used = queues.iter().map(|_| Vec::new()).collect();
-        let guest = Guest {
-            mem,
-            queues,
-            failure,
-            used,
-        };
+        if queues.len() != self.queues {
+            return Err(ActivateError::QueueCount {
+                expected: self.queues,
+                got: queues.len(),
+            });
+        }
+        let guest = Guest::new(mem, queues, failure);
         self.handle
             .call(Command::Activate(guest), TRANSPORT_TIMEOUT)
             .map(|_| ())

@@ -42,13 +42,7 @@ impl<D: RingDevice> Stepper<D> {
         queues: Vec<ActiveQueue>,
         failure: Arc<dyn DeviceFailure>,
     ) {
-        let used = queues.iter().map(|_| Vec::new()).collect();
-        let guest = Guest {
-            mem,
-            queues,
-            failure,
-            used,
-        };
+        let guest = Guest::new(mem, queues, failure);
         let _ = self.worker.apply(Command::Activate(guest));
     }
 
