@@ -135,7 +135,7 @@ bench-passthrough: deps images build
 # sanitizer and run briefly; a crash fails it.
 FUZZ_TARGETS := virtio_blk_request virtio_net_frames ring_completions journal ring_frontends
 FUZZ_SECONDS ?= 180
-FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SMOKE_SECONDS ?= 5
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

@@ -551,7 +551,7 @@ sleep 3600
         driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
         clients: &clients,
         slice_mib: SLICE_MIB,
-        // A stall would be caught within 10 s; the test watches for 40 s after the reset.
+        // A stall would be caught within 10 s; the test watches for 25 s after the reset.
         extra_config: r#"
 [recovery]
 heartbeat_timeout_ms = 8000
@@ -565,7 +565,7 @@ progress_timeout_ms = 10000
         r#"{prelude}{CAMPAIGN_FN}
 wait_console beta "ROUND 1 "
 wait_console alpha "RESET-RC"
-sleep 40
+sleep 25
 echo "=== alpha after reset"; $CTL stats | tr -d ' \n'; echo
 stop_clients 1
 wait_done beta
