@@ -866,7 +866,7 @@ echo "=== metrics"; $CTL metrics
     let m = metrics_section(log);
     let sum = |k: &str| metric_sum(m, &format!("ddvmm_ring_net_{k}_total{{"));
     // Receive buffers were posted again after every restart; frames in flight were re-sent.
-    assert!(sum("rx_reposted") > 0.0, "{m}");
+    assert!(sum("reposted") > 0.0, "{m}");
     assert!(sum("generations") >= 2.0 * kinds.len() as f64, "{m}");
     assert_eq!(sum("tx_dropped_spoofed"), 0.0, "{m}");
     assert_eq!(sum("tx_dropped_failed"), 0.0, "{m}");

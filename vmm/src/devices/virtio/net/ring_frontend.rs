@@ -638,6 +638,7 @@ mod tests {
         let s = n.dev.stats();
         assert_eq!(s.ring.replayed.load(Ordering::SeqCst), 2);
         assert_eq!(s.ring.generations.load(Ordering::SeqCst), 1);
+        assert_eq!(s.ring.reposted.load(Ordering::SeqCst), RX_POSTED as u64);
         assert_eq!(s.tx_frames.load(Ordering::SeqCst), 2);
     }
 

@@ -311,6 +311,8 @@ pub struct RingStats {
     pub doorbells: AtomicU64,
     /// Requests sent again on a new generation after a driver VM restart.
     pub replayed: AtomicU64,
+    /// Standing requests (receive buffers) posted again on a new generation.
+    pub reposted: AtomicU64,
     /// Requests failed as poison (on the ring at too many consecutive crashes).
     pub poisoned: AtomicU64,
     /// Requests failed because the channel or its driver VM is quarantined.
@@ -342,6 +344,7 @@ impl RingStats {
             ("kicks", g(&self.kicks)),
             ("doorbells", g(&self.doorbells)),
             ("replayed", g(&self.replayed)),
+            ("reposted", g(&self.reposted)),
             ("poisoned", g(&self.poisoned)),
             ("quarantine_failed", g(&self.quarantine_failed)),
             ("refused", g(&self.refused)),

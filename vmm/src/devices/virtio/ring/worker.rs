@@ -243,6 +243,8 @@ impl<D: RingDevice> Worker<D> {
                 // not needed.
                 self.ring.new_generation().map_err(CommandError::Renew)?;
                 self.stats.generations.fetch_add(1, Ordering::Relaxed);
+                let reposted = self.standing.len() as u64;
+                self.stats.reposted.fetch_add(reposted, Ordering::Relaxed);
                 self.standing.clear();
                 self.quarantined = false;
                 let renewal = self.journal.renew(poison_after);
