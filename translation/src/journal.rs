@@ -26,9 +26,10 @@
 //! together with a suspect at a crash, and is never failed as poison.
 //!
 //! Everything is bounded: at most `capacity` entries (the caller stops accepting guest work
-//! when [`Journal::has_room`] is false), and every operation is linear in the entries at most.
+//! when [`Journal::has_room`] is false). Taking the next request to send is logarithmic (the
+//! hot path); renewal, guest reset and quarantine are linear in the entries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One journaled request.
 #[derive(Debug)]
@@ -56,6 +57,8 @@ pub struct Renewal<T> {
 pub struct Journal<T> {
     entries: BTreeMap<u64, Entry<T>>,
     by_ring_id: HashMap<u64, u64>,
+    /// Keys of the entries not on the ring, oldest first (the next to send is the first).
+    waiting: BTreeSet<u64>,
     next_seq: u64,
     next_ring_id: u64,
     capacity: usize,
@@ -73,6 +76,7 @@ impl<T> Journal<T> {
         Journal {
             entries: BTreeMap::new(),
             by_ring_id: HashMap::new(),
+            waiting: BTreeSet::new(),
             next_seq: 0,
             next_ring_id: 1,
             capacity,
@@ -105,6 +109,7 @@ impl<T> Journal<T> {
                 ring_id: None,
             },
         );
+        self.waiting.insert(self.next_seq);
         self.next_seq += 1;
         Ok(())
     }
@@ -138,7 +143,8 @@ impl<T> Journal<T> {
         if self.hold || self.isolating.is_some() {
             return None;
         }
-        let (&seq, entry) = self.entries.iter().find(|(_, e)| e.ring_id.is_none())?;
+        let &seq = self.waiting.first()?;
+        let entry = self.entries.get(&seq)?;
         let item = entry.item.as_ref()?;
         let suspect = entry.crashes >= self.isolate_at();
         if suspect && !self.by_ring_id.is_empty() {
@@ -151,10 +157,10 @@ impl<T> Journal<T> {
     /// about to go on the ring, and returns the ring id to send it under.
     pub fn sent(&mut self, seq: u64) -> Option<u64> {
         let isolate_at = self.isolate_at();
-        let entry = self.entries.get_mut(&seq)?;
-        if entry.ring_id.is_some() {
+        if !self.waiting.remove(&seq) {
             return None;
         }
+        let entry = self.entries.get_mut(&seq)?;
         let id = self.next_ring_id;
         self.next_ring_id += 1;
         entry.ring_id = Some(id);
@@ -167,10 +173,10 @@ impl<T> Journal<T> {
 
     /// Removes a waiting request the ring refused for good (it fails alone).
     pub fn refuse(&mut self, seq: u64) -> Option<T> {
-        match self.entries.get(&seq) {
-            Some(e) if e.ring_id.is_none() => self.entries.remove(&seq)?.item,
-            _ => None,
+        if !self.waiting.remove(&seq) {
+            return None;
         }
+        self.entries.remove(&seq)?.item
     }
 
     /// The driver VM completed ring id `id`: the entry leaves the journal. Returns the request
@@ -207,7 +213,10 @@ impl<T> Journal<T> {
             match &e.item {
                 None => dropped.push(seq),
                 Some(_) if poison_after > 0 && e.crashes >= poison_after => dropped.push(seq),
-                Some(_) => replayed += 1,
+                Some(_) => {
+                    replayed += 1;
+                    self.waiting.insert(seq);
+                }
             }
         }
         for seq in dropped {
@@ -222,6 +231,7 @@ impl<T> Journal<T> {
     /// guest side (the ring still owns their slots until the driver VM answers).
     pub fn forget_guest(&mut self) {
         self.entries.retain(|_, e| e.ring_id.is_some());
+        self.waiting.clear();
         for e in self.entries.values_mut() {
             e.item = None;
         }
@@ -230,15 +240,8 @@ impl<T> Journal<T> {
     /// Takes every request's guest side, in arrival order (to fail them all: the channel is
     /// given up). Those on the ring stay until the driver VM answers or the ring is renewed.
     pub fn take_all(&mut self) -> Vec<T> {
-        let mut out = Vec::new();
-        let mut waiting = Vec::new();
-        for (&seq, e) in self.entries.iter_mut() {
-            out.extend(e.item.take());
-            if e.ring_id.is_none() {
-                waiting.push(seq);
-            }
-        }
-        for seq in waiting {
+        let out = self.entries.values_mut().filter_map(|e| e.item.take()).collect();
+        for seq in std::mem::take(&mut self.waiting) {
             self.entries.remove(&seq);
         }
         out
@@ -261,7 +264,7 @@ impl<T> Journal<T> {
 
     /// Requests accepted and not yet on the ring.
     pub fn waiting(&self) -> usize {
-        self.entries.len() - self.by_ring_id.len()
+        self.waiting.len()
     }
 
     /// Requests that are suspects (one more crash while on the ring makes them poison).
