@@ -243,12 +243,12 @@ impl RingDevice for BlockRing {
         })
     }
 
-    fn encode(
+    fn encode<'a>(
         &mut self,
         guest: &Guest,
-        item: &BlockItem,
-        data: &mut Vec<u8>,
-    ) -> Option<RingRequest> {
+        item: &'a BlockItem,
+        data: &'a mut Vec<u8>,
+    ) -> Option<(RingRequest, &'a [u8])> {
         let req = &item.request;
         let len = req.data_len();
         let op = match req.kind {
@@ -272,13 +272,14 @@ impl RingDevice for BlockRing {
             }
             self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
         }
-        Some(RingRequest {
+        let request = RingRequest {
             id: 0,
             op,
             flags: 0,
             sector: req.sector,
             len: if op == Opcode::Flush { 0 } else { len as u32 },
-        })
+        };
+        Some((request, data.as_slice()))
     }
 
     fn complete(

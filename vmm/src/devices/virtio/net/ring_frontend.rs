@@ -200,16 +200,21 @@ impl RingDevice for NetRing {
         })
     }
 
-    fn encode(&mut self, _guest: &Guest, tx: &Tx, data: &mut Vec<u8>) -> Option<RingRequest> {
-        data.clear();
-        data.extend_from_slice(&tx.frame);
-        Some(RingRequest {
+    fn encode<'a>(
+        &mut self,
+        _guest: &Guest,
+        tx: &'a Tx,
+        _scratch: &'a mut Vec<u8>,
+    ) -> Option<(RingRequest, &'a [u8])> {
+        // The frame goes from the journal straight into the slot.
+        let request = RingRequest {
             id: 0,
             op: Opcode::NetTx,
             flags: 0,
             sector: 0,
             len: u32::try_from(tx.frame.len()).ok()?,
-        })
+        };
+        Some((request, &tx.frame))
     }
 
     fn complete(

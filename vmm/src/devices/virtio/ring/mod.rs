@@ -201,16 +201,17 @@ pub trait RingDevice: Send + 'static {
         quarantined: bool,
     ) -> Result<(), GuestError>;
 
-    /// The ring request for `item` (its `id` is set by the core), with the data it carries
-    /// written into `data` (cleared first). Called at every (re)submission, so write data is
-    /// taken again from where the device keeps it, never from a slot. `None`: the request
-    /// cannot be sent (it fails alone).
-    fn encode(
+    /// The ring request for `item` (its `id` is set by the core) and the data it carries: a
+    /// slice of the item itself, or of `scratch` where the data must first be gathered (from
+    /// guest memory); empty for requests without data. Called at every (re)submission, so
+    /// write data is taken again from where the device keeps it, never from a slot. `None`:
+    /// the request cannot be sent (it fails alone).
+    fn encode<'a>(
         &mut self,
         guest: &Guest,
-        item: &Self::Item,
-        data: &mut Vec<u8>,
-    ) -> Option<RingRequest>;
+        item: &'a Self::Item,
+        scratch: &'a mut Vec<u8>,
+    ) -> Option<(RingRequest, &'a [u8])>;
 
     /// The driver VM completed `item` (validated by the ring): finish it to the guest.
     fn complete(

@@ -384,7 +384,7 @@ impl<D: RingDevice> Worker<D> {
             let Some((seq, item, _)) = self.journal.next_to_send() else {
                 break;
             };
-            let Some(mut req) = self.device.encode(g, item, &mut self.data) else {
+            let Some((mut req, data)) = self.device.encode(g, item, &mut self.data) else {
                 if let Some(item) = self.journal.refuse(seq) {
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);
                     self.fail(item, Failure::Refused);
@@ -392,7 +392,7 @@ impl<D: RingDevice> Worker<D> {
                 continue;
             };
             req.id = self.journal.peek_ring_id();
-            let data = req.op.carries_data().then_some(self.data.as_slice());
+            let data = req.op.carries_data().then_some(data);
             match self.ring.submit(req, data) {
                 Ok(_) => {
                     self.journal.sent(seq);
