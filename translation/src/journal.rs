@@ -240,7 +240,11 @@ impl<T> Journal<T> {
     /// Takes every request's guest side, in arrival order (to fail them all: the channel is
     /// given up). Those on the ring stay until the driver VM answers or the ring is renewed.
     pub fn take_all(&mut self) -> Vec<T> {
-        let out = self.entries.values_mut().filter_map(|e| e.item.take()).collect();
+        let out = self
+            .entries
+            .values_mut()
+            .filter_map(|e| e.item.take())
+            .collect();
         for seq in std::mem::take(&mut self.waiting) {
             self.entries.remove(&seq);
         }

@@ -14,7 +14,7 @@ pub mod ring;
 use std::sync::Arc;
 
 use thiserror::Error;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -175,6 +175,26 @@ pub fn single_queue(mut queues: Vec<ActiveQueue>) -> Result<ActiveQueue, Activat
         });
     }
     Ok(queues.remove(0))
+}
+
+/// The next available chain of `queue`, with the guest's notifications suppressed while
+/// chains are there and re-enabled once the queue is empty (virtio's race-free order: a chain
+/// published while enabling is returned, not missed). A queue whose indices are broken is an
+/// error (the device then needs a reset), never an endless stream of nothing.
+pub fn next_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    for _ in 0..2 {
+        queue.disable_notification(mem)?;
+        if let Some(chain) = queue.iter(mem)?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
+    }
+    Ok(None)
 }
 
 /// Adds `(head, bytes written)` pairs to the used ring, then interrupts the driver if virtio's

@@ -16,15 +16,16 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::request::{execute, take_chain, Completion, Disk, Request, SECTOR_SIZE};
 use super::{
-    publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt, QueueWorker,
-    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    next_chain, publish_used, single_queue, ActivateError, ActiveQueue, DeviceFailure, Interrupt,
+    QueueWorker, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio device type of a block device.
@@ -334,42 +335,27 @@ fn submit(
 /// Pops every available chain, parses it and hands it to `take`, with notifications
 /// suppressed meanwhile. Returns how many were taken. A chain too broken to carry a status
 /// byte makes the device need a reset (reported to `failure` and returned as the error).
-pub(crate) fn pop_requests(
+fn pop_requests(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     failure: &dyn DeviceFailure,
     take: &mut dyn FnMut(u16, Request) -> Result<(), String>,
 ) -> Result<usize, String> {
     let mut taken = 0;
-    loop {
-        queue
-            .disable_notification(mem)
-            .map_err(|e| format!("virtqueue: {e:?}"))?;
-        let chains: Vec<_> = queue
-            .iter(mem)
-            .map_err(|e| format!("virtqueue: {e:?}"))?
-            .collect();
-        for chain in chains {
-            let head = chain.head_index();
-            match take_chain(chain, SEG_MAX as usize + 2).and_then(|d| Request::parse(&d, mem)) {
-                Ok(request) => {
-                    take(head, request)?;
-                    taken += 1;
-                }
-                Err(e) => {
-                    failure.needs_reset(&format!("malformed request chain {head}: {e}"));
-                    return Err(format!("malformed request chain {head}: {e}"));
-                }
+    while let Some(chain) = next_chain(queue, mem).map_err(|e| format!("virtqueue: {e:?}"))? {
+        let head = chain.head_index();
+        match take_chain(chain, SEG_MAX as usize + 2).and_then(|d| Request::parse(&d, mem)) {
+            Ok(request) => {
+                take(head, request)?;
+                taken += 1;
+            }
+            Err(e) => {
+                failure.needs_reset(&format!("malformed request chain {head}: {e}"));
+                return Err(format!("malformed request chain {head}: {e}"));
             }
         }
-        // Re-enable notifications; if more arrived meanwhile, go round again.
-        if !queue
-            .enable_notification(mem)
-            .map_err(|e| format!("virtqueue: {e:?}"))?
-        {
-            return Ok(taken);
-        }
     }
+    Ok(taken)
 }
 
 /// Publishes finished requests in the used ring and interrupts the driver if it asked to be.

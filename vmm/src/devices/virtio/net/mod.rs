@@ -15,14 +15,14 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::{
-    ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
+    next_chain, ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -301,28 +301,18 @@ impl NetWorker {
     /// Sends every frame the driver queued for transmission.
     fn process_tx(&mut self) -> Result<(), String> {
         let mut sent = false;
-        loop {
-            self.tx
-                .queue
-                .disable_notification(&self.mem)
-                .map_err(qerr)?;
-            let chains: Vec<_> = self.tx.queue.iter(&self.mem).map_err(qerr)?.collect();
-            for chain in chains {
-                let head = chain.head_index();
-                match gather(&self.mem, chain, &mut self.buf) {
-                    Ok(len) => {
-                        if let Err(e) = self.tap.write_frame(&self.buf[..len]) {
-                            tracing::debug!(error = %e, "TAP write failed; frame dropped");
-                        }
+        while let Some(chain) = next_chain(&mut self.tx.queue, &self.mem).map_err(qerr)? {
+            let head = chain.head_index();
+            match gather(&self.mem, chain, &mut self.buf) {
+                Ok(len) => {
+                    if let Err(e) = self.tap.write_frame(&self.buf[..len]) {
+                        tracing::debug!(error = %e, "TAP write failed; frame dropped");
                     }
-                    Err(e) => tracing::warn!(head, reason = e, "bad TX chain dropped"),
                 }
-                self.tx.queue.add_used(&self.mem, head, 0).map_err(qerr)?;
-                sent = true;
+                Err(e) => tracing::warn!(head, reason = e, "bad TX chain dropped"),
             }
-            if !self.tx.queue.enable_notification(&self.mem).map_err(qerr)? {
-                break;
-            }
+            self.tx.queue.add_used(&self.mem, head, 0).map_err(qerr)?;
+            sent = true;
         }
         if sent && self.tx.queue.needs_notification(&self.mem).map_err(qerr)? {
             self.tx.interrupt.trigger();

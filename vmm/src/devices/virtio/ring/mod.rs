@@ -37,13 +37,13 @@ use ddvmm_translation::journal::Journal;
 use ddvmm_translation::ring::{
     ClientRing, Completed, RawRegion, Request as RingRequest, RingError, RingParams,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use control::{CommandError, RingCommand, RingCommands, RingHandle, RingOutcome};
 
-use super::{publish_used, ActivateError, ActiveQueue, DeviceFailure};
+use super::{next_chain, publish_used, ActivateError, ActiveQueue, DeviceFailure};
 use crate::devices::channel::ChannelFds;
 use control::Command;
 
@@ -148,7 +148,7 @@ impl Guest {
         let mut done = Vec::new();
         let mut result = Ok(());
         for _ in 0..limit.min(usize::from(queue.size())) {
-            let chain = match next_chain(queue, mem) {
+            let chain = match next_chain(queue, mem).map_err(GuestError::Queue) {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(e) => {
@@ -247,26 +247,6 @@ pub trait RingDevice: Send + 'static {
 
     /// The guest's queues are gone (reset): drop guest-side state.
     fn guest_gone(&mut self) {}
-}
-
-/// The next available chain of `queue`, with the guest's notifications suppressed while
-/// chains are there and re-enabled once the queue is empty (virtio's race-free order). A
-/// queue whose indices are broken is an error (the device then needs a reset), never an
-/// endless stream of nothing.
-fn next_chain<'a>(
-    queue: &'a mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, GuestError> {
-    for _ in 0..2 {
-        queue.disable_notification(mem).map_err(GuestError::Queue)?;
-        if let Some(chain) = queue.iter(mem).map_err(GuestError::Queue)?.next() {
-            return Ok(Some(chain));
-        }
-        if !queue.enable_notification(mem).map_err(GuestError::Queue)? {
-            return Ok(None);
-        }
-    }
-    Ok(None)
 }
 
 /// Which kind of device a ring serves.
