@@ -435,14 +435,12 @@ mod tests {
     use crate::devices::virtio::ring::testing::{channel_fds, wait_for, Failures, ScriptedAgent};
     use crate::devices::virtio::ring::{RingCommand, RingOutcome};
     use crate::devices::virtio::Interrupt;
-    use ddvmm_translation::ring::{AgentRing, Completion, RawCompletion};
+    use ddvmm_translation::ring::{Completion, RawCompletion};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
     use virtio_queue::desc::{split::Descriptor as D, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::FileOffset;
-    use vm_memory::MmapRegion;
     use vm_memory::{Address, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -457,21 +455,10 @@ mod tests {
     /// An honest agent over the same memfd, in a thread, with a bogus completion before each
     /// real one. Reads return the byte `sector as u8`; writes are checked to hold 0x5A bytes.
     fn agent(fds: &ChannelFds, stop: Arc<std::sync::atomic::AtomicBool>) -> JoinHandle<u64> {
-        let len = fds.memory_size().expect("size") as usize;
-        let file = fds.memory.try_clone().expect("dup");
-        let doorbell = fds.doorbell.clone();
+        let fds = fds.clone();
         std::thread::spawn(move || {
-            let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len).expect("map");
-            let mut ring = loop {
-                // SAFETY: the mapping lives until the end of this thread, after the ring; this
-                // thread accesses it only through the ring.
-                let r = unsafe { RawRegion::new(map.as_ptr(), len) }.expect("region");
-                if let Ok(a) = AgentRing::attach(r, ddvmm_translation::ring::features::ALL) {
-                    break a;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            ring.set_ready().expect("ready");
+            let mut agent = ScriptedAgent::attach(&fds, 1);
+            let ring = &mut agent.ring;
             let mut bad_writes = 0;
             while !stop.load(Ordering::SeqCst) {
                 let Some(Ok(r)) = ring.pop_request() else {
@@ -522,7 +509,7 @@ mod tests {
                 })
                 .expect("complete");
                 let _ = ring.needs_notify_client();
-                doorbell.write(1).expect("doorbell");
+                fds.doorbell.write(1).expect("doorbell");
             }
             bad_writes
         })
@@ -543,26 +530,11 @@ mod tests {
         generation: u64,
         stop: Arc<std::sync::atomic::AtomicBool>,
     ) -> JoinHandle<bool> {
-        let len = fds.memory_size().expect("size") as usize;
-        let file = fds.memory.try_clone().expect("dup");
-        let doorbell = fds.doorbell.clone();
+        let fds = fds.clone();
         std::thread::spawn(move || {
-            let map = MmapRegion::<()>::from_file(FileOffset::new(file, 0), len).expect("map");
+            let mut agent = ScriptedAgent::attach(&fds, generation);
+            let ring = &mut agent.ring;
             let start = Instant::now();
-            let mut ring = loop {
-                // SAFETY: the mapping outlives the ring (same thread); accessed only through it.
-                let r = unsafe { RawRegion::new(map.as_ptr(), len) }.expect("region");
-                match AgentRing::attach(r, ddvmm_translation::ring::features::ALL) {
-                    Ok(a) if a.generation() == generation => break a,
-                    _ => {}
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "no ring {generation}"
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            };
-            ring.set_ready().expect("ready");
             while !stop.load(Ordering::SeqCst) {
                 assert!(
                     start.elapsed() < Duration::from_secs(20),
@@ -586,7 +558,7 @@ mod tests {
                     len: r.len,
                 })
                 .expect("complete");
-                doorbell.write(1).expect("doorbell");
+                fds.doorbell.write(1).expect("doorbell");
             }
             false
         })
