@@ -92,7 +92,7 @@ pub(super) struct Worker<D: RingDevice> {
 impl<D: RingDevice> Worker<D> {
     pub(super) fn new(p: Parts<D>) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
-        let w = Worker {
+        let mut w = Worker {
             device: p.device,
             ring: p.ring,
             _map: p.map,
@@ -111,11 +111,8 @@ impl<D: RingDevice> Worker<D> {
             data: Vec::new(),
         };
         w.watch(raw(&w.wake), Token::Control, true)?;
-        let mut w = w;
-        w.arm_doorbell(true);
-        if !w.doorbell_armed {
-            return Err(std::io::Error::other("cannot watch the doorbell"));
-        }
+        w.watch(raw(&w.doorbell), Token::Doorbell, true)?;
+        w.doorbell_armed = true;
         Ok(w)
     }
 
