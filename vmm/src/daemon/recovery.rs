@@ -31,7 +31,7 @@
 //! the driver VM's control socket to its VMM (triple fault) or to its agent (panic, reset,
 //! hang, corrupt, bad-index). A campaign injects many of mixed kinds at random intervals.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -184,8 +184,8 @@ pub struct FaultBook {
     restart_times: BTreeMap<String, VecDeque<Instant>>,
     /// Crashes attributed to a channel (its poison request), times within the policy window.
     channel_strikes: BTreeMap<(String, usize), VecDeque<Instant>>,
-    /// Channels given up on their own (their driver VM serves the others), by (client, disk).
-    pub quarantined_channels: BTreeMap<(String, usize), String>,
+    /// Channels given up on their own (their driver VM serves the others), as (client, disk).
+    quarantined_channels: BTreeSet<(String, usize)>,
     /// Boots not caused by a recovery (start to agents ready), milliseconds, most recent last.
     pub cold_boots_ms: VecDeque<f64>,
 }
@@ -204,6 +204,13 @@ struct ChannelWatch {
     heartbeat: Option<(u64, Instant)>,
     completed: Option<(u64, Instant)>,
     bogus: Option<u64>,
+}
+
+/// Drops the times older than `window` from the front of `times` (oldest first).
+fn forget_before(times: &mut VecDeque<Instant>, window: Duration) {
+    while times.front().is_some_and(|t| t.elapsed() > window) {
+        times.pop_front();
+    }
 }
 
 /// What one recovery round starts from.
@@ -368,9 +375,7 @@ impl Supervisor {
         let mut b = self.book();
         let window = Duration::from_secs(self.recovery.restart_window_s);
         let times = b.restart_times.entry(name.to_string()).or_default();
-        while times.front().is_some_and(|t| t.elapsed() > window) {
-            times.pop_front();
-        }
+        forget_before(times, window);
         if times.len() >= self.recovery.max_restarts as usize {
             return None;
         }
@@ -396,9 +401,7 @@ impl Supervisor {
         }
         let window = Duration::from_secs(self.recovery.restart_window_s);
         let strikes = b.channel_strikes.entry(channel.clone()).or_default();
-        while strikes.front().is_some_and(|t| t.elapsed() > window) {
-            strikes.pop_front();
-        }
+        forget_before(strikes, window);
         for _ in 0..crashes {
             strikes.push_back(Instant::now());
         }
@@ -540,8 +543,7 @@ impl Supervisor {
     /// (client, ring disk index) of every channel `driver` serves, except channels given up
     /// on their own.
     fn client_disks_of(&self, driver: &str) -> Vec<(String, usize)> {
-        let quarantined: Vec<(String, usize)> =
-            self.book().quarantined_channels.keys().cloned().collect();
+        let quarantined = self.book().quarantined_channels.clone();
         self.lock()
             .channels
             .iter()
@@ -560,9 +562,7 @@ impl Supervisor {
             channel = format!("{client}/{disk}"),
             "a channel's requests crashed the driver VM too often: channel quarantined"
         );
-        self.book()
-            .quarantined_channels
-            .insert(channel.clone(), driver.to_string());
+        self.book().quarantined_channels.insert(channel.clone());
         let req = ControlRequest::Quarantine { disk: *disk };
         match self.control(client, &req, REPLAY_TIMEOUT).await {
             Ok(_) | Err(SupervisorError::NotRunning(_)) => {}
@@ -685,8 +685,7 @@ impl Supervisor {
 
     /// The channels of `driver` whose client runs (only those have a live ring to serve).
     fn channel_views(&self, driver: &str) -> Vec<ChannelView> {
-        let quarantined: Vec<(String, usize)> =
-            self.book().quarantined_channels.keys().cloned().collect();
+        let quarantined = self.book().quarantined_channels.clone();
         let g = self.lock();
         g.channels
             .iter()
