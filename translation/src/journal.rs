@@ -59,6 +59,9 @@ pub struct Journal<T> {
     by_ring_id: HashMap<u64, u64>,
     /// Keys of the entries not on the ring, oldest first (the next to send is the first).
     waiting: BTreeSet<u64>,
+    /// Entries with a guest side that one more crash makes poison (kept, not recounted: the
+    /// frontend reads it at every wakeup).
+    suspects: usize,
     next_seq: u64,
     next_ring_id: u64,
     capacity: usize,
@@ -77,6 +80,7 @@ impl<T> Journal<T> {
             entries: BTreeMap::new(),
             by_ring_id: HashMap::new(),
             waiting: BTreeSet::new(),
+            suspects: 0,
             next_seq: 0,
             next_ring_id: 1,
             capacity,
@@ -176,7 +180,16 @@ impl<T> Journal<T> {
         if !self.waiting.remove(&seq) {
             return None;
         }
-        self.entries.remove(&seq)?.item
+        let entry = self.entries.remove(&seq)?;
+        self.leaving(&entry);
+        entry.item
+    }
+
+    /// Keeps the suspect count true as `entry` leaves the journal.
+    fn leaving(&mut self, entry: &Entry<T>) {
+        if entry.item.is_some() && entry.crashes >= self.isolate_at() {
+            self.suspects = self.suspects.saturating_sub(1);
+        }
     }
 
     /// The driver VM completed ring id `id`: the entry leaves the journal. Returns the request
@@ -186,7 +199,9 @@ impl<T> Journal<T> {
         if self.isolating == Some(id) {
             self.isolating = None;
         }
-        self.entries.remove(&seq)?.item
+        let entry = self.entries.remove(&seq)?;
+        self.leaving(&entry);
+        entry.item
     }
 
     /// Whether ring id `id` is a journaled request on the ring.
@@ -224,6 +239,13 @@ impl<T> Journal<T> {
                 poisoned.push(item);
             }
         }
+        // Crash counts and the threshold both changed: count once, here.
+        let at = self.isolate_at();
+        self.suspects = self
+            .entries
+            .values()
+            .filter(|e| e.item.is_some() && e.crashes >= at)
+            .count();
         Renewal { replayed, poisoned }
     }
 
@@ -232,6 +254,7 @@ impl<T> Journal<T> {
     pub fn forget_guest(&mut self) {
         self.entries.retain(|_, e| e.ring_id.is_some());
         self.waiting.clear();
+        self.suspects = 0;
         for e in self.entries.values_mut() {
             e.item = None;
         }
@@ -248,6 +271,7 @@ impl<T> Journal<T> {
         for seq in std::mem::take(&mut self.waiting) {
             self.entries.remove(&seq);
         }
+        self.suspects = 0;
         out
     }
 
@@ -273,11 +297,7 @@ impl<T> Journal<T> {
 
     /// Requests that are suspects (one more crash while on the ring makes them poison).
     pub fn suspects(&self) -> usize {
-        let at = self.isolate_at();
-        self.entries
-            .values()
-            .filter(|e| e.item.is_some() && e.crashes >= at)
-            .count()
+        self.suspects
     }
 
     /// Every entry.
@@ -446,5 +466,57 @@ mod tests {
         j.sent(seq);
         j.renew(3);
         assert_eq!(j.suspects(), 1);
+    }
+
+    #[test]
+    fn the_kept_suspect_count_matches_a_recount_under_random_operations() {
+        let mut j: Journal<u32> = Journal::new(16);
+        let mut on_ring: Vec<u64> = Vec::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut most = 0;
+        for step in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match x % 8 {
+                0 | 1 => {
+                    let _ = j.push(step);
+                }
+                2 | 3 => {
+                    if let Some((seq, _, _)) = j.next_to_send() {
+                        on_ring.extend(j.sent(seq));
+                    }
+                }
+                4 => {
+                    if !on_ring.is_empty() {
+                        let id = on_ring.swap_remove((x >> 8) as usize % on_ring.len());
+                        j.complete(id);
+                    }
+                }
+                5 => {
+                    on_ring.clear();
+                    j.renew(((x >> 8) % 5) as u32);
+                }
+                6 if x & 0x100 == 0 => j.forget_guest(),
+                6 => {
+                    j.take_all();
+                }
+                _ => {
+                    if let Some((seq, _, _)) = j.next_to_send() {
+                        j.refuse(seq);
+                    }
+                }
+            }
+            let at = j.isolate_at();
+            let recount = j
+                .entries
+                .values()
+                .filter(|e| e.item.is_some() && e.crashes >= at)
+                .count();
+            assert_eq!(j.suspects(), recount, "step {step}");
+            assert_eq!(j.waiting() + j.on_ring(), j.len(), "step {step}");
+            most = most.max(recount);
+        }
+        assert!(most >= 2, "the walk never made suspects ({most})");
     }
 }
