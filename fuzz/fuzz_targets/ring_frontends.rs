@@ -268,12 +268,14 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let Some(kind) = input.u8() else { return };
     if kind & 1 == 0 {
-        let c = BLOCK.get_or_init(|| channel(small(BlockRing::for_stepper(2048).2)));
-        let (dev, stats, params, cap) = BlockRing::for_stepper(2048);
+        let (params, cap) = BlockRing::sizes();
+        let c = BLOCK.get_or_init(|| channel(small(params)));
+        let (dev, stats) = BlockRing::new(2048, false, "fuzz");
         run(c, dev, stats.ring.clone(), small(params), cap, 1, input);
     } else {
-        let c = NET.get_or_init(|| channel(small(NetRing::for_stepper(MAC).2)));
-        let (dev, stats, params, cap) = NetRing::for_stepper(MAC);
+        let (params, cap) = NetRing::sizes();
+        let c = NET.get_or_init(|| channel(small(params)));
+        let (dev, stats) = NetRing::new(MAC);
         run(c, dev, stats.ring.clone(), small(params), cap, 2, input);
     }
 });

@@ -313,18 +313,26 @@ impl RingDevice for BlockRing {
 }
 
 impl BlockRing {
-    /// A disk of `sectors` (for [`Stepper`](crate::devices::virtio::ring::stepper::Stepper)):
-    /// returns the device, its counters, the ring sizes and the journal capacity.
-    #[doc(hidden)]
-    pub fn for_stepper(sectors: u64) -> (Self, Arc<RingDiskStats>, RingParams, usize) {
+    /// A disk of `sectors` with the guest-visible `id`, and its counters.
+    pub fn new(sectors: u64, read_only: bool, id: &str) -> (Self, Arc<RingDiskStats>) {
+        let mut id_bytes = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
         let stats = Arc::new(RingDiskStats::default());
         let dev = BlockRing {
             sectors,
-            read_only: false,
-            id: [b'f'; ID_BYTES],
+            read_only,
+            id: id_bytes,
             stats: stats.clone(),
         };
-        (dev, stats, RING_PARAMS, JOURNAL_CAPACITY)
+        (dev, stats)
+    }
+
+    /// The ring sizes and journal capacity a disk uses (for
+    /// [`Stepper`](crate::devices::virtio::ring::stepper::Stepper)).
+    #[doc(hidden)]
+    pub fn sizes() -> (RingParams, usize) {
+        (RING_PARAMS, JOURNAL_CAPACITY)
     }
 }
 
@@ -348,16 +356,7 @@ impl RingBlock {
         if sectors == 0 {
             return Err(RingDiskError::Empty);
         }
-        let mut id_bytes = [0u8; ID_BYTES];
-        let n = id.len().min(ID_BYTES);
-        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        let stats = Arc::new(RingDiskStats::default());
-        let device = BlockRing {
-            sectors,
-            read_only,
-            id: id_bytes,
-            stats: stats.clone(),
-        };
+        let (device, stats) = BlockRing::new(sectors, read_only, id);
         let setup = Setup {
             fds: &fds,
             params: RING_PARAMS,

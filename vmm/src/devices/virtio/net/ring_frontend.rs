@@ -319,10 +319,8 @@ impl RingDevice for NetRing {
 }
 
 impl NetRing {
-    /// A NIC with `mac` (for [`Stepper`](crate::devices::virtio::ring::stepper::Stepper)):
-    /// returns the device, its counters, the ring sizes and the journal capacity.
-    #[doc(hidden)]
-    pub fn for_stepper(mac: [u8; 6]) -> (Self, Arc<RingNetStats>, RingParams, usize) {
+    /// A NIC with `mac`, and its counters.
+    pub fn new(mac: [u8; 6]) -> (Self, Arc<RingNetStats>) {
         let stats = Arc::new(RingNetStats::default());
         let dev = NetRing {
             mac,
@@ -330,7 +328,14 @@ impl NetRing {
             rx_pending: VecDeque::new(),
             buf: vec![0u8; MAX_FRAME],
         };
-        (dev, stats, NET_RING_PARAMS, TX_MAX)
+        (dev, stats)
+    }
+
+    /// The ring sizes and journal capacity a NIC uses (for
+    /// [`Stepper`](crate::devices::virtio::ring::stepper::Stepper)).
+    #[doc(hidden)]
+    pub fn sizes() -> (RingParams, usize) {
+        (NET_RING_PARAMS, TX_MAX)
     }
 }
 
@@ -344,13 +349,7 @@ pub struct RingNet {
 impl RingNet {
     /// Maps the channel memory, creates the ring in it at `generation` and starts the worker.
     pub fn new(fds: ChannelFds, mac: [u8; 6], generation: u64) -> Result<Self, RingNetError> {
-        let stats = Arc::new(RingNetStats::default());
-        let device = NetRing {
-            mac,
-            stats: stats.clone(),
-            rx_pending: VecDeque::new(),
-            buf: vec![0u8; MAX_FRAME],
-        };
+        let (device, stats) = NetRing::new(mac);
         let setup = Setup {
             fds: &fds,
             params: NET_RING_PARAMS,
