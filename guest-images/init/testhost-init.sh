@@ -16,6 +16,8 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
+# cgroup v2: the daemon gives every VMM process its own cgroup (memory, cpu, pids).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 echo 1 > /proc/sys/kernel/sysrq
 
 # kvm, kvm-amd, ... dependencies first (written by build-images.sh).

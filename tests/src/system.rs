@@ -224,7 +224,7 @@ echo "=== list"; $CTL list
 echo "=== stats"; $CTL stats
 echo "=== final events"; $CTL events | tr -d ' \n'; echo
 echo "=== final metrics"; $CTL metrics | grep -E "^ddvmm_(vm_starts|driver_faults|driver_restarts)_total"
-if [ {sigterm} = true ]; then echo "=== SIGTERM"; kill -TERM $DAEMON; else echo "=== shutdown"; $CTL shutdown; fi
+{CONFINEMENT_REPORT}if [ {sigterm} = true ]; then echo "=== SIGTERM"; kill -TERM $DAEMON; else echo "=== shutdown"; $CTL shutdown; fi
 wait $DAEMON
 echo "DAEMON-RC=$?"
 # Only this run's VMMs (their command lines name files under its $WORK).
@@ -241,6 +241,118 @@ for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/
             clients = names.join(" "),
         )
     }
+}
+
+/// Shell (needs `$CTL`, `$DAEMON`, `$WORK`): how every running VMM is confined, as seen from
+/// outside: each thread's ids, capabilities and seccomp state, its namespaces against the
+/// daemon's, what its root holds, its cgroup and limits; the API socket's and state
+/// directory's modes. Checked by [`assert_confined`].
+const CONFINEMENT_REPORT: &str = r#"echo "=== confinement"
+$CTL list | tr -d ' \n' | sed 's/},{/}\n{/g' | while read -r line; do
+    name=$(echo "$line" | sed -n 's/.*"name":"\([^"]*\)".*/\1/p')
+    vmm=$(echo "$line" | sed -n 's/.*"vmm_pid":\([0-9][0-9]*\).*/\1/p')
+    [ -n "$vmm" ] || continue
+    echo "vm $name $vmm"
+    for t in /proc/$vmm/task/*; do
+        echo "task $name $(tr -d ' ' < $t/comm) $(grep -E '^(Uid|Gid|CapEff|CapPrm|CapBnd|Seccomp|NoNewPrivs):' $t/status | tr -s '\t\n' '  ')"
+    done
+    for ns in pid mnt net ipc; do echo "ns $name $ns $(readlink /proc/$vmm/ns/$ns) $(readlink /proc/$DAEMON/ns/$ns)"; done
+    echo "root $name $(ls -A /proc/$vmm/root/ | wc -l)"
+    cg=$(sed -n 's/^0:://p' /proc/$vmm/cgroup)
+    echo "cgroup $name $cg $(cat /sys/fs/cgroup$cg/memory.max 2>/dev/null) $(cat /sys/fs/cgroup$cg/pids.max 2>/dev/null)"
+done
+echo "modes $(stat -c %a $WORK/system.sock) $(stat -c %a $WORK/system.d)"
+"#;
+
+/// Checks the confinement report of a system run: every running VMM (at least one) has, in
+/// every thread, a non-zero uid and gid, no capabilities (effective, permitted, bounding),
+/// seccomp filter mode and `NO_NEW_PRIVS`; its own PID, mount, network and IPC namespaces; an
+/// empty root; its own cgroup with a memory and a pids limit; the API socket is 0600 and the
+/// state directory 0700.
+pub fn assert_confined(out: &str) {
+    let out = &out.replace('\r', "");
+    let report =
+        section(out, "confinement").unwrap_or_else(|| panic!("no confinement report:\n{out}"));
+    let vms: Vec<&str> = report
+        .lines()
+        .filter_map(|l| l.strip_prefix("vm "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!vms.is_empty(), "no running VMM in the report:\n{report}");
+    for vm in &vms {
+        let lines = |kind: &str| -> Vec<Vec<&str>> {
+            report
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .filter(|w| w.len() > 1 && w[0] == kind && w[1] == *vm)
+                .collect()
+        };
+        let tasks = lines("task");
+        assert!(tasks.len() >= 3, "{vm}: too few threads:\n{report}");
+        for t in &tasks {
+            let field = |name: &str| -> Vec<&str> {
+                let at = t
+                    .iter()
+                    .position(|w| *w == name)
+                    .unwrap_or_else(|| panic!("{vm}: no {name} in {t:?}"));
+                t[at + 1..]
+                    .iter()
+                    .take_while(|w| !w.ends_with(':'))
+                    .copied()
+                    .collect()
+            };
+            for ids in ["Uid:", "Gid:"] {
+                let v = field(ids);
+                assert!(
+                    v.len() == 4 && v.iter().all(|x| *x != "0" && *x == v[0]),
+                    "{vm} thread {}: {ids} {v:?}\n{report}",
+                    t[2]
+                );
+            }
+            for caps in ["CapEff:", "CapPrm:", "CapBnd:"] {
+                assert_eq!(
+                    field(caps),
+                    ["0000000000000000"],
+                    "{vm} thread {}: {caps}\n{report}",
+                    t[2]
+                );
+            }
+            assert_eq!(field("Seccomp:"), ["2"], "{vm} thread {}\n{report}", t[2]);
+            assert_eq!(
+                field("NoNewPrivs:"),
+                ["1"],
+                "{vm} thread {}\n{report}",
+                t[2]
+            );
+        }
+        let ns = lines("ns");
+        assert_eq!(ns.len(), 4, "{vm}:\n{report}");
+        for n in &ns {
+            assert!(
+                n.len() == 5 && n[3].starts_with(n[2]) && n[3] != n[4],
+                "{vm}: shares the daemon's {} namespace:\n{report}",
+                n[2]
+            );
+        }
+        assert_eq!(
+            lines("root")[0].get(2),
+            Some(&"0"),
+            "{vm}: its root is not empty:\n{report}"
+        );
+        let cg = &lines("cgroup")[0];
+        assert!(
+            cg.len() == 5 && cg[2].contains("/ddvmm-") && cg[2].ends_with(&format!("/{vm}")),
+            "{vm}: not in its own cgroup:\n{report}"
+        );
+        assert!(
+            cg[3].parse::<u64>().is_ok() && cg[4].parse::<u64>().is_ok(),
+            "{vm}: no memory or pids limit:\n{report}"
+        );
+    }
+    assert!(
+        report.contains("modes 600 700"),
+        "socket/state modes:\n{report}"
+    );
 }
 
 /// The path of program `name` on this machine (`PATH`, then the sbin directories).
@@ -313,6 +425,7 @@ pub fn assert_clean_ending_allowing(out: &str, expected: &[&str]) {
     assert!(!out.contains("NO-PROGRESS"), "{out}");
     assert!(!out.contains("CLIENT-DOWN"), "{out}");
     assert!(!out.contains("ORPHAN"), "VMM processes left behind:\n{out}");
+    assert_confined(out);
     let errors: Vec<&str> = sections(out)
         .filter(|(header, _)| header.starts_with("kernel "))
         .flat_map(|(_, body)| crate::kernel_error_lines(body))

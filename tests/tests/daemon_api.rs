@@ -216,3 +216,56 @@ fn bad_api_calls_get_errors_and_the_daemon_stays_up() {
     }
     assert!(!d.socket.exists(), "socket left behind");
 }
+
+/// The API socket is 0600 and the state directory 0700; another uid cannot connect through the
+/// socket's mode, and with the mode loosened the daemon still refuses it (peer credentials).
+/// The other-uid part needs root (to run as another uid); without it only the modes are checked.
+#[test]
+fn the_api_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir("peer");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let d = Daemon::start(&dir, "# no VMs\n");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&d.socket), 0o600, "API socket mode");
+    assert_eq!(mode(&dir.join("system.d")), 0o700, "state directory mode");
+    assert_eq!(d.call("{\"op\":\"list\"}")["ok"], true);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the_api_refuses_other_users: not root, other-uid part not run");
+        return;
+    }
+    // A copy of the client that user 65534 can run.
+    let ctl = dir.join("ddvmm-ctl");
+    std::fs::copy(ddvmm_binary().expect("ddvmm"), &ctl).expect("copy");
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let as_nobody = || {
+        Command::new(&ctl)
+            .args(["ctl", "--socket"])
+            .arg(&d.socket)
+            .arg("list")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("ctl as uid 65534")
+    };
+    let out = as_nobody();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ermission denied"), "{text}");
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let out = as_nobody();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("permission denied: uid 65534 may not use this daemon"),
+        "{text}"
+    );
+    // Root still gets in.
+    assert_eq!(d.call("{\"op\":\"list\"}")["ok"], true);
+}

@@ -102,7 +102,7 @@ fn mixed_campaign() -> (usize, u64) {
 }
 
 /// Every injectable fault kind and the detection path it must be caught on.
-const FAULT_PATHS: [(&str, &str); 7] = [
+const FAULT_PATHS: [(&str, &str); 8] = [
     ("panic", "pvpanic"),
     ("hang", "heartbeat"),
     ("kill", "process-killed"),
@@ -110,6 +110,7 @@ const FAULT_PATHS: [(&str, &str); 7] = [
     ("corrupt", "corrupt-completions"),
     ("reset", "reset"),
     ("bad-index", "corrupt-ring"),
+    ("seccomp", "seccomp"),
 ];
 
 /// Shell: the CPU time (clock ticks) of every client ring-disk worker thread on the host.

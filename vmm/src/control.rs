@@ -6,6 +6,7 @@
 //! replaced, quarantine it, or inject a fault into this VM. The VMM serves the socket on its
 //! own thread; a daemon that goes away closes the socket and the thread ends.
 
+use crate::sandbox::seccomp::ThreadKind;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -41,11 +42,14 @@ pub enum FaultKind {
     Reset,
     /// The agent stores a completion producer index more than a ring ahead (a broken ring).
     BadIndex,
+    /// The VMM's control thread opens a network socket, which its seccomp filter forbids: the
+    /// VMM dies of `SIGSYS` (a compromised VMM caught by its filter).
+    Seccomp,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::Panic,
         FaultKind::Hang,
         FaultKind::Kill,
@@ -53,6 +57,7 @@ impl FaultKind {
         FaultKind::Corrupt,
         FaultKind::Reset,
         FaultKind::BadIndex,
+        FaultKind::Seccomp,
     ];
 
     /// The name used in the API, the CLI and metrics.
@@ -65,6 +70,7 @@ impl FaultKind {
             FaultKind::Corrupt => "corrupt",
             FaultKind::Reset => "reset",
             FaultKind::BadIndex => "bad-index",
+            FaultKind::Seccomp => "seccomp",
         }
     }
 
@@ -215,6 +221,17 @@ impl ControlTargets {
                 };
             }
             FaultKind::Kill => return ControlReply::error("kill is done by the daemon"),
+            FaultKind::Seccomp => {
+                if crate::sandbox::seccomp::mode() != crate::sandbox::seccomp::SeccompMode::Enforce
+                {
+                    return ControlReply::error("this VMM does not enforce its seccomp filters");
+                }
+                // The reply goes out first; `serve` then makes the forbidden call.
+                return ControlReply {
+                    ok: true,
+                    ..Default::default()
+                };
+            }
         };
         tracing::warn!(fault = kind.name(), "fault injection: request to the agent");
         if self.faults.request_agent_fault(code) {
@@ -230,14 +247,12 @@ impl ControlTargets {
 
 /// Serves `stream` on a new thread until the daemon closes it.
 pub fn spawn_server(stream: UnixStream, targets: ControlTargets) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            if let Err(e) = serve(stream, &targets) {
-                tracing::warn!(error = %e, "control connection ended");
-            }
-        })
-        .map(|_| ())
+    crate::sandbox::seccomp::spawn(ThreadKind::Control, "control", move || {
+        if let Err(e) = serve(stream, &targets) {
+            tracing::warn!(error = %e, "control connection ended");
+        }
+    })
+    .map(|_| ())
 }
 
 fn serve(stream: UnixStream, targets: &ControlTargets) -> std::io::Result<()> {
@@ -252,6 +267,7 @@ fn serve(stream: UnixStream, targets: &ControlTargets) -> std::io::Result<()> {
         if n == 0 {
             return Ok(());
         }
+        let mut violate = false;
         let reply = if n > MAX_LINE {
             // Resynchronise on the next newline, discarding in bounded pieces.
             let mut rest = Vec::new();
@@ -267,13 +283,32 @@ fn serve(stream: UnixStream, targets: &ControlTargets) -> std::io::Result<()> {
             ControlReply::error("request line too long")
         } else {
             match serde_json::from_str::<ControlRequest>(line.trim_end()) {
-                Ok(req) => targets.handle(&req),
+                Ok(req) => {
+                    let reply = targets.handle(&req);
+                    violate = reply.ok
+                        && req
+                            == (ControlRequest::Inject {
+                                fault: FaultKind::Seccomp,
+                            });
+                    reply
+                }
                 Err(e) => ControlReply::error(format!("bad request: {e}")),
             }
         };
         let mut out = serde_json::to_string(&reply).map_err(std::io::Error::other)?;
         out.push('\n');
         writer.write_all(out.as_bytes())?;
+        if violate {
+            tracing::warn!("fault injection: a network socket, which the filter forbids");
+            // SAFETY: socket(2) creates a descriptor (closed at once) or, as intended here,
+            // traps in the seccomp filter and the process dies.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+            }
+        }
     }
 }
 

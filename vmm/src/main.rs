@@ -14,6 +14,9 @@ use ddvmm::machine::{
     BootSource, ChannelConfig, ChannelFds, ConsoleOutput, DiskConfig, Machine, MachineConfig,
     NetConfig, RingDiskConfig, RingNetConfig,
 };
+use ddvmm::sandbox::jail::{self, JailConfig};
+use ddvmm::sandbox::limits::LogLimiter;
+use ddvmm::sandbox::seccomp::{self, SeccompMode, ThreadKind};
 use ddvmm::stats_page::StatsWriter;
 use ddvmm::units::parse_size;
 
@@ -199,25 +202,68 @@ struct RunArgs {
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Cap of a console file (K, M or G suffix; bare numbers are MiB): output beyond it is
+    /// dropped after one notice.
+    #[arg(long, default_value = "16M")]
+    console_limit: String,
+    /// System call filters per thread: a call off the list kills the VMM (enforce), is only
+    /// logged by the kernel (log), or nothing is filtered (off).
+    #[arg(long, value_enum, default_value = "enforce")]
+    seccomp: SeccompMode,
+    /// Jail the VMM (root only): own mount, PID, IPC, UTS and network namespaces, this empty
+    /// directory as its read-only root, --uid/--gid, no capabilities. The daemon always does.
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+    jail_root: Option<PathBuf>,
+    /// The jailed VMM's uid (non-zero).
+    #[arg(long, requires = "jail_root")]
+    uid: Option<u32>,
+    /// The jailed VMM's gid (non-zero).
+    #[arg(long, requires = "jail_root")]
+    gid: Option<u32>,
 }
 
-fn init_logging(level: &str) {
+/// Log lines a VMM may write: bursts of 200, then 20 a second, 16 MiB in all (a guest can
+/// provoke warnings at will).
+const VMM_LOG_RATE: f64 = 20.0;
+const VMM_LOG_BURST: u32 = 200;
+const VMM_LOG_TOTAL: u64 = 16 << 20;
+
+fn init_logging(level: &str, limited: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if limited {
+        fmt.with_writer(LogLimiter::new(VMM_LOG_RATE, VMM_LOG_BURST, VMM_LOG_TOTAL))
+            .init();
+    } else {
+        fmt.with_writer(std::io::stderr).init();
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
     let mem_size = parse_size(&args.mem).with_context(|| format!("--mem {}", args.mem))?;
+    let console_limit = parse_size(&args.console_limit)
+        .with_context(|| format!("--console-limit {}", args.console_limit))?;
     let console = match args.console.as_str() {
         "stdout" => ConsoleOutput::Stdout,
-        path => ConsoleOutput::File(PathBuf::from(path)),
+        path => ConsoleOutput::File {
+            path: PathBuf::from(path),
+            limit: console_limit,
+        },
     };
+    let jail = match (args.jail_root, args.uid, args.gid) {
+        (Some(root), Some(uid), Some(gid)) => Some(JailConfig { root, uid, gid }),
+        _ => None,
+    };
+    seccomp::enable(args.seccomp).context("seccomp")?;
+    if let Some(j) = &jail {
+        // From here on this is the VMM, PID 1 of its own namespace (the caller's process
+        // stays behind as the reaper).
+        jail::enter(j)?;
+    }
     let disks = args
         .disks
         .iter()
@@ -300,8 +346,14 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         };
         ddvmm::control::spawn_server(stream, targets).context("starting the control thread")?;
     }
+    // Opened now: the jail has no /proc.
+    let status = std::fs::File::open("/proc/self/status").ok();
+    if let Some(j) = &jail {
+        jail::lock_down(j)?;
+    }
+    seccomp::confine(ThreadKind::Main)?;
     let exit = machine.run()?;
-    log_vmm_memory();
+    log_vmm_memory(status.as_ref());
     Ok(exit)
 }
 
@@ -537,20 +589,20 @@ fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
     };
-    if let Err(e) = std::thread::Builder::new()
-        .name("stats".into())
-        .spawn(publish)
-    {
+    if let Err(e) = seccomp::spawn(ThreadKind::Stats, "stats", publish) {
         tracing::warn!(error = %e, "cannot start the stats publisher");
     }
 }
 
 /// Logs the VMM's resident memory split into guest RAM (memfd, counted as shared memory) and
 /// the VMM's own (anonymous and file-backed).
-fn log_vmm_memory() {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+fn log_vmm_memory(file: Option<&std::fs::File>) {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    let Some(n) = file.and_then(|f| f.read_at(&mut buf, 0).ok()) else {
         return;
     };
+    let status = String::from_utf8_lossy(&buf[..n]);
     let field = |name: &str| {
         status
             .lines()
@@ -567,7 +619,7 @@ fn log_vmm_memory() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    init_logging(&cli.log_level, matches!(cli.command, Command::Run(_)));
     match cli.command {
         Command::Run(args) => match run(*args) {
             Ok(exit) => {

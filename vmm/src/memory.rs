@@ -131,8 +131,10 @@ impl GuestRam {
 
 /// Creates a close-on-exec memfd with the given debug name.
 pub fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
+    // Sealing allowed: the daemon seals channel memory against resizing.
     // SAFETY: `name` is a valid NUL-terminated string; the call has no memory side effects.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }

@@ -45,7 +45,10 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
         ring_disks: Vec::new(),
         channels: Vec::new(),
         passthrough: Vec::new(),
-        console: ConsoleOutput::File(console.clone()),
+        console: ConsoleOutput::File {
+            path: console.clone(),
+            limit: u64::MAX,
+        },
         kvm_device: "/dev/kvm".into(),
     };
     let mut machine = Machine::build(&cfg).expect("build machine");

@@ -157,7 +157,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub async fn serve(listener: UnixListener, sup: Arc<Supervisor>, shutdown: Arc<Notify>) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                if let Err(refusal) = check_peer(&stream) {
+                    tracing::warn!(%refusal, "API connection refused");
+                    let line = serde_json::json!({ "ok": false, "error": refusal }).to_string();
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        stream.write_all(format!("{line}\n").as_bytes()),
+                    )
+                    .await;
+                    continue;
+                }
                 let (sup, shutdown) = (sup.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, &sup, &shutdown).await {
@@ -170,6 +180,24 @@ pub async fn serve(listener: UnixListener, sup: Arc<Supervisor>, shutdown: Arc<N
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Admits a connection only from the daemon's own uid or root (the socket's mode, 0600, says
+/// the same; this holds even if the mode is loosened).
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("permission denied: cannot read the peer's credentials: {e}"))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let uid = cred.uid();
+    if uid == me || uid == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "permission denied: uid {uid} may not use this daemon (only uid {me} and root)"
+        ))
     }
 }
 

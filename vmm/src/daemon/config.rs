@@ -16,6 +16,10 @@
 //! taps = ["ddtap0"]                 # host TAPs of its emulated NICs: eth0, eth1, ... inside
 //! cmdline = "..."                   # optional, default "console=ttyS0 quiet ddvmm.action=agent"
 //! console = "storage.log"           # optional, default <state dir>/<name>.console
+//! console_limit = "16M"             # optional: the console file stops growing here
+//! limits = { memory = "512M", cpus = 2.0, pids = 128 }
+//!                                   # optional cgroup limits of its VMM process; defaults:
+//!                                   #   guest memory + 256M, cpus + 1, 128 threads
 //!
 //! [[client]]
 //! name = "web"
@@ -52,8 +56,12 @@
 //!                                   #   index always does: that ring cannot go on)
 //! ```
 //!
-//! `[api] metrics_listen = "127.0.0.1:9464"` (optional) also serves the Prometheus metrics over
-//! HTTP on that address.
+//! `[api] metrics_listen = "9464"` (optional) also serves the Prometheus metrics over HTTP on
+//! that port of 127.0.0.1 (or an explicit address; one that is not loopback also needs
+//! `metrics_public = true`).
+//!
+//! `[jail] uid_base = 200000` (optional, the default): every VMM process runs as its own
+//! uid and gid, `uid_base` + the VM's index in the file (drivers first).
 //!
 //! Relative paths are relative to the configuration file's directory.
 
@@ -63,6 +71,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use super::cgroup::Limits;
 use crate::units::parse_size;
 use crate::vfio::PciAddress;
 
@@ -119,13 +128,34 @@ struct RawConfig {
     client: Vec<RawVm>,
     #[serde(default)]
     recovery: RecoveryConfig,
+    #[serde(default)]
+    jail: RawJail,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
     socket: Option<PathBuf>,
-    metrics_listen: Option<std::net::SocketAddr>,
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    metrics_public: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJail {
+    uid_base: Option<u32>,
+}
+
+/// Default first uid/gid of the VMM processes.
+pub const DEFAULT_UID_BASE: u32 = 200_000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory: Option<String>,
+    cpus: Option<f64>,
+    pids: Option<u32>,
 }
 
 /// How the daemon detects driver VM faults and restarts them (`[recovery]`).
@@ -204,6 +234,8 @@ struct RawVm {
     memory: Option<String>,
     cpus: Option<u32>,
     console: Option<PathBuf>,
+    console_limit: Option<String>,
+    limits: Option<RawLimits>,
     #[serde(default)]
     disks: Vec<PathBuf>,
     #[serde(default)]
@@ -264,6 +296,10 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Console log (None: the daemon picks one).
     pub console: Option<PathBuf>,
+    /// The console file's cap in bytes.
+    pub console_limit: u64,
+    /// The cgroup limits of its VMM process.
+    pub limits: Limits,
     /// Driver VMs: backing files of the devices they own, in guest order (/dev/vda, ...).
     pub disks: Vec<PathBuf>,
     /// Driver VMs: host PCI functions they own through VFIO (an NVMe controller shows up as
@@ -316,6 +352,8 @@ pub struct SystemConfig {
     pub recovery: RecoveryConfig,
     /// Also serve metrics over HTTP here.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The first VMM uid/gid.
+    pub uid_base: u32,
 }
 
 impl SystemConfig {
@@ -452,13 +490,33 @@ impl SystemConfig {
         }
         check_overlaps(&clients)?;
         raw.recovery.validate()?;
+        let metrics_listen = raw
+            .api
+            .metrics_listen
+            .as_deref()
+            .map(|m| metrics_address(m, raw.api.metrics_public))
+            .transpose()?;
+        let uid_base = raw.jail.uid_base.unwrap_or(DEFAULT_UID_BASE);
+        let count = (drivers.len() + clients.len()) as u64;
+        if uid_base < 1000 || u64::from(uid_base) + count >= u64::from(u32::MAX) {
+            return Err(invalid(
+                "jail.uid_base",
+                format!("{uid_base} leaves no room: the VMs need uids {uid_base}.. (at least 1000, below 2^32 - 1)"),
+            ));
+        }
         Ok(SystemConfig {
             socket: raw.api.socket.map_or(default_socket, |p| abs(&p)),
             drivers,
             clients,
             recovery: raw.recovery,
-            metrics_listen: raw.api.metrics_listen,
+            metrics_listen,
+            uid_base,
         })
+    }
+
+    /// VM `index`'s uid and gid (index in [`Self::vms`] order).
+    pub fn vm_ids(&self, index: usize) -> u32 {
+        self.uid_base + index as u32
     }
 
     /// All VMs, drivers first.
@@ -536,6 +594,13 @@ fn vm_common(
     for (j, d) in raw.disks.iter().enumerate() {
         disks.push(existing(&format!("disks[{j}]"), d)?);
     }
+    let console_limit = match &raw.console_limit {
+        Some(m) => {
+            parse_size(m).map_err(|e| invalid(format!("{key}.console_limit"), e.to_string()))?
+        }
+        None => DEFAULT_CONSOLE_LIMIT,
+    };
+    let limits = vm_limits(raw.limits.as_ref(), key, memory, cpus)?;
     let cmdline = raw.cmdline.clone().unwrap_or_else(|| match role {
         Role::Driver => "console=ttyS0 quiet ddvmm.action=agent".into(),
         Role::Client => "console=ttyS0".into(),
@@ -549,12 +614,82 @@ fn vm_common(
         memory,
         cpus,
         console: raw.console.as_deref().map(abs),
+        console_limit,
+        limits,
         disks,
         passthrough: Vec::new(),
         taps: Vec::new(),
         client_disks: Vec::new(),
         client_nets: Vec::new(),
     })
+}
+
+/// Default cap of a console file.
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 16 << 20;
+/// What a VMM process may use beyond its guest's memory by default.
+const DEFAULT_MEMORY_OVERHEAD: u64 = 256 << 20;
+/// Default thread limit of a VMM process.
+const DEFAULT_PIDS: u32 = 128;
+
+fn vm_limits(
+    raw: Option<&RawLimits>,
+    key: &str,
+    memory: u64,
+    cpus: u32,
+) -> Result<Limits, ConfigError> {
+    let raw_default = RawLimits::default();
+    let raw = raw.unwrap_or(&raw_default);
+    let mem = match &raw.memory {
+        Some(m) => {
+            parse_size(m).map_err(|e| invalid(format!("{key}.limits.memory"), e.to_string()))?
+        }
+        None => memory + DEFAULT_MEMORY_OVERHEAD,
+    };
+    if mem < memory + (16 << 20) {
+        return Err(invalid(
+            format!("{key}.limits.memory"),
+            format!("{mem} bytes cannot hold the guest's {memory} bytes and the VMM"),
+        ));
+    }
+    let cpu_limit = raw.cpus.unwrap_or(f64::from(cpus) + 1.0);
+    if !(0.01..=1024.0).contains(&cpu_limit) {
+        return Err(invalid(
+            format!("{key}.limits.cpus"),
+            format!("{cpu_limit} is not in 0.01..=1024"),
+        ));
+    }
+    let pids = raw.pids.unwrap_or(DEFAULT_PIDS);
+    if !(16..=65536).contains(&pids) {
+        return Err(invalid(
+            format!("{key}.limits.pids"),
+            format!("{pids} is not in 16..=65536"),
+        ));
+    }
+    Ok(Limits {
+        memory: mem,
+        cpus: Some(cpu_limit),
+        pids,
+    })
+}
+
+/// `PORT` (on 127.0.0.1) or `ADDRESS:PORT`; an address off loopback only when `public`.
+fn metrics_address(text: &str, public: bool) -> Result<std::net::SocketAddr, ConfigError> {
+    let addr = match text.parse::<u16>() {
+        Ok(port) => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Err(_) => text.parse().map_err(|_| {
+            invalid(
+                "api.metrics_listen",
+                format!("'{text}' is neither a port nor an address:port"),
+            )
+        })?,
+    };
+    if !addr.ip().is_loopback() && !public {
+        return Err(invalid(
+            "api.metrics_listen",
+            format!("{addr} is not a loopback address (set api.metrics_public = true to serve metrics beyond this host)"),
+        ));
+    }
+    Ok(addr)
 }
 
 /// A Linux network interface name.
@@ -996,6 +1131,23 @@ disks = ["pool.img"]
             &format!("[api]\nmetrics_listen = \"nowhere\"\n{base}"),
         );
         assert!(e.contains("metrics_listen") || e.contains("address"), "{e}");
+        let e = err(
+            &dir,
+            &format!("[api]\nmetrics_listen = \"0.0.0.0:9464\"\n{base}"),
+        );
+        assert!(e.contains("not a loopback address"), "{e}");
+        let c = parse(&dir, &format!("[api]\nmetrics_listen = \"9464\"\n{base}")).unwrap();
+        assert_eq!(c.metrics_listen, Some(([127, 0, 0, 1], 9464).into()));
+        let c = parse(
+            &dir,
+            &format!("[api]\nmetrics_listen = \"0.0.0.0:9464\"\nmetrics_public = true\n{base}"),
+        )
+        .unwrap();
+        assert!(c.metrics_listen.is_some());
+        let e = err(&dir, &format!("[jail]\nuid_base = 0\n{base}"));
+        assert!(e.contains("jail.uid_base"), "{e}");
+        let e = err(&dir, &format!("[jail]\nuid_base = 4294967295\n{base}"));
+        assert!(e.contains("jail.uid_base"), "{e}");
     }
 
     #[test]

@@ -85,15 +85,26 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Connections served at once; more wait in the listen backlog.
+const MAX_HTTP_CONNECTIONS: usize = 8;
+/// Time a client has to send its request, and to take the reply.
+const HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` until the task is dropped: at most
+/// [`MAX_HTTP_CONNECTIONS`] at once, each given [`HTTP_TIMEOUT`] to ask and to read.
 pub async fn serve_http(listener: TcpListener, sup: Arc<Supervisor>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let sup = sup.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
             let read = async {
@@ -106,10 +117,7 @@ pub async fn serve_http(listener: TcpListener, sup: Arc<Supervisor>) {
                 }
                 Ok::<_, std::io::Error>(())
             };
-            if tokio::time::timeout(std::time::Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(HTTP_TIMEOUT, read).await.is_err() {
                 return;
             }
             let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
@@ -125,7 +133,7 @@ pub async fn serve_http(listener: TcpListener, sup: Arc<Supervisor>) {
                  Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = tokio::time::timeout(HTTP_TIMEOUT, stream.write_all(reply.as_bytes())).await;
         });
     }
 }

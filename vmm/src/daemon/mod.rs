@@ -9,6 +9,7 @@
 //! - [`api`]: the line protocol on the Unix socket; [`client`] talks it.
 
 pub mod api;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod metrics;
@@ -56,6 +57,49 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Dae
     move |source| DaemonError::Io { what, path, source }
 }
 
+/// Creates the state directory `dir` (mode 0700) or checks an existing one: it must be a real
+/// directory (opened with `O_NOFOLLOW`), owned by this user; its mode is set to 0700.
+fn private_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+    let mut builder = std::fs::DirBuilder::new();
+    builder.mode(0o700);
+    if let Err(e) = builder.create(dir) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(io_err("cannot create state directory", dir)(e));
+        }
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(io_err(
+            "state directory is not a directory (or is a symlink)",
+            dir,
+        ))?;
+    let meta = f
+        .metadata()
+        .map_err(io_err("cannot inspect state directory", dir))?;
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() != unsafe { libc::geteuid() } {
+        return Err(io_err("state directory belongs to another user", dir)(
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        ));
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("cannot set the state directory's mode", dir))
+}
+
+/// Binds the API socket with mode 0600 (a umask around the bind: the socket never exists with
+/// a wider mode).
+fn bind_private(socket: &Path) -> Result<UnixListener, DaemonError> {
+    // SAFETY: umask only swaps the process's file creation mask (restored right after).
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound.map_err(io_err("cannot bind API socket", socket))
+}
+
 /// Runs the daemon for `config_path` until shutdown.
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let cfg = SystemConfig::load(config_path)?;
@@ -65,10 +109,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
     let _ = std::fs::remove_file(&socket);
     let state_dir = socket.with_extension("d");
-    std::fs::create_dir_all(&state_dir)
-        .map_err(io_err("cannot create state directory", &state_dir))?;
-    let listener =
-        UnixListener::bind(&socket).map_err(io_err("cannot bind API socket", &socket))?;
+    private_dir(&state_dir)?;
+    let listener = bind_private(&socket)?;
     let exe = std::env::current_exe().map_err(io_err(
         "cannot find own executable",
         Path::new("/proc/self/exe"),
@@ -90,6 +132,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     if let Err(e) = sup.start_all() {
         tracing::error!(error = %e, "start-up failed; stopping what started");
         sup.stop_all().await;
+        sup.remove_cgroups();
         api.abort();
         let _ = std::fs::remove_file(&socket);
         return Err(e.into());
@@ -105,6 +148,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         _ = shutdown.notified() => tracing::info!("shutdown requested"),
     }
     sup.stop_all().await;
+    sup.remove_cgroups();
     api.abort();
     if let Some(h) = metrics_http {
         h.abort();

@@ -65,6 +65,8 @@ pub enum Detection {
     Poweroff,
     /// The VMM process was killed by a signal.
     ProcessKilled,
+    /// The VMM made a system call its seccomp filter forbids (killed by `SIGSYS`).
+    Seccomp,
     /// Any other exit of the VMM process.
     VmmError,
     /// The agent's heartbeat stopped.
@@ -87,6 +89,7 @@ impl Detection {
             (Some(3), _) => Detection::Reset,
             (Some(4), _) => Detection::Pvpanic,
             (Some(5), _) => Detection::VcpuCrash,
+            (None, Some(libc::SIGSYS)) => Detection::Seccomp,
             (None, Some(_)) => Detection::ProcessKilled,
             _ => Detection::VmmError,
         }
@@ -100,6 +103,7 @@ impl Detection {
             Detection::Reset => "reset",
             Detection::Poweroff => "poweroff",
             Detection::ProcessKilled => "process-killed",
+            Detection::Seccomp => "seccomp",
             Detection::VmmError => "vmm-error",
             Detection::Heartbeat => "heartbeat",
             Detection::NoProgress => "no-progress",

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::cgroup::{self, Cgroups};
 use super::config::{RecoveryConfig, Role, SystemConfig, VmConfig};
 use super::recovery::{Detection, FaultBook};
 use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
@@ -124,6 +125,12 @@ pub(super) struct Channel {
 
 pub(super) struct Vm {
     pub(super) cfg: VmConfig,
+    /// Its VMM's uid and gid.
+    ids: u32,
+    /// Its jail's root (an empty directory of the daemon's).
+    jail_root: PathBuf,
+    /// Its cgroup's `cgroup.procs`, when the host gives the daemon cgroups.
+    cgroup: Option<CString>,
     pub(super) state: VmState,
     pub(super) pid: Option<u32>,
     pub(super) starts: u64,
@@ -157,8 +164,10 @@ pub struct VmInfo {
     pub role: Role,
     /// State.
     pub state: VmState,
-    /// VMM process id while running.
+    /// Process id while running: the jail's reaper, which ends as the VMM ends.
     pub pid: Option<u32>,
+    /// The VMM's own process id (host view; PID 1 of its namespace), once it runs.
+    pub vmm_pid: Option<u32>,
     /// Times started.
     pub starts: u64,
     /// How the last process ended.
@@ -171,6 +180,8 @@ pub struct VmInfo {
 pub struct Supervisor {
     exe: PathBuf,
     state_dir: PathBuf,
+    /// The VMs' cgroups (none when the host has no usable cgroup v2).
+    cgroups: Option<Cgroups>,
     inner: Mutex<Inner>,
     pub(super) recovery: RecoveryConfig,
     pub(super) book: Mutex<FaultBook>,
@@ -188,12 +199,25 @@ fn io_ctx(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorE
 }
 
 impl Supervisor {
-    /// Creates channel resources for `cfg`; starts nothing. `state_dir` receives logs.
+    /// Creates channel resources, jail directories and cgroups for `cfg`; starts nothing.
+    /// `state_dir` (the daemon's, mode 0700) receives logs and the jail directories.
     pub fn new(
         cfg: &SystemConfig,
         exe: PathBuf,
         state_dir: PathBuf,
     ) -> Result<Arc<Self>, SupervisorError> {
+        let any_vm = cfg.vms().next().is_some();
+        let cgroups = match any_vm.then(Cgroups::setup).transpose() {
+            Ok(None) => None,
+            Ok(Some(c)) => {
+                tracing::info!(group = %c.group().display(), "VM cgroups");
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "VMs run without cgroup limits (memory, CPU, pids)");
+                None
+            }
+        };
         let mem_size = |params: RingParams| -> Result<u64, SupervisorError> {
             let total = params
                 .layout()
@@ -224,6 +248,7 @@ impl Supervisor {
                 memory
                     .set_len(size)
                     .map_err(io_ctx(format!("{label} size")))?;
+                seal_size(&memory).map_err(io_ctx(format!("{label} seals")))?;
                 let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
                 let kick = efd().map_err(io_ctx(format!("{label} eventfd")))?;
                 let doorbell = efd().map_err(io_ctx(format!("{label} eventfd")))?;
@@ -248,16 +273,39 @@ impl Supervisor {
         }
         let mut vms = BTreeMap::new();
         let mut order = Vec::new();
-        for v in cfg.vms() {
+        for (index, v) in cfg.vms().enumerate() {
             let stats = create_memfd(c"ddvmm-stats")
                 .map_err(|e| io_ctx("stats page")(std::io::Error::other(e)))?;
             stats
                 .set_len(stats_page::PAGE_SIZE)
                 .map_err(io_ctx("stats page"))?;
+            seal_size(&stats).map_err(io_ctx("stats page seals"))?;
+            let jail_root = state_dir.join("jail").join(&v.name);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&jail_root)
+                .map_err(|source| SupervisorError::Spawn {
+                    name: v.name.clone(),
+                    source,
+                })?;
+            let cgroup = match &cgroups {
+                Some(c) => Some(
+                    c.vm(&v.name, &v.limits)
+                        .map_err(|e| SupervisorError::Spawn {
+                            name: v.name.clone(),
+                            source: std::io::Error::other(e),
+                        })?,
+                ),
+                None => None,
+            };
             order.push(v.name.clone());
             vms.insert(
                 v.name.clone(),
                 Vm {
+                    ids: cfg.vm_ids(index),
+                    jail_root,
+                    cgroup,
                     cfg: v.clone(),
                     state: VmState::Stopped,
                     pid: None,
@@ -279,6 +327,7 @@ impl Supervisor {
         Ok(Arc::new(Supervisor {
             exe,
             state_dir,
+            cgroups,
             inner: Mutex::new(Inner {
                 vms,
                 channels,
@@ -314,6 +363,7 @@ impl Supervisor {
                 role: v.cfg.role,
                 state: v.state.clone(),
                 pid: v.pid,
+                vmm_pid: v.pid.and_then(crate::sandbox::jail::vmm_pid),
                 starts: v.starts,
                 last_exit: v.last_exit.clone(),
                 seconds_in_state: v.since.elapsed().map(|d| d.as_secs()).unwrap_or(0),
@@ -375,6 +425,14 @@ impl Supervisor {
             .arg(vm.cfg.cpus.to_string())
             .arg("--console")
             .arg(&console)
+            .arg("--console-limit")
+            .arg(format!("{}K", vm.cfg.console_limit.div_ceil(1024)))
+            .arg("--jail-root")
+            .arg(&vm.jail_root)
+            .arg("--uid")
+            .arg(vm.ids.to_string())
+            .arg("--gid")
+            .arg(vm.ids.to_string())
             .arg("--stats-fd")
             .arg(vm.stats.as_raw_fd().to_string())
             .arg("--control-fd")
@@ -454,14 +512,10 @@ impl Supervisor {
             };
         }
         let log_path = self.state_dir.join(format!("{name}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| SupervisorError::Spawn {
-                name: name.to_string(),
-                source,
-            })?;
+        let log = open_log(&log_path).map_err(|source| SupervisorError::Spawn {
+            name: name.to_string(),
+            source,
+        })?;
         let log2 = log.try_clone().map_err(|source| SupervisorError::Spawn {
             name: name.to_string(),
             source,
@@ -470,12 +524,23 @@ impl Supervisor {
             .stdout(log)
             .stderr(log2);
         crate::handoff::inherit(&mut cmd, fds);
-        // SAFETY: prctl is async-signal-safe and only sets this (child) process's parent-death
-        // signal, so the VM dies with the daemon instead of being orphaned.
+        let daemon_pid = std::process::id() as libc::pid_t;
+        let cgroup = vm.cgroup.clone();
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (prctl, getppid, open, write, close); it does not allocate (the cgroup
+        // path was made before the fork).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // The VM dies with the daemon (no orphans). If the daemon died before the
+                // prctl, the parent is no longer the daemon: give up instead of running on.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != daemon_pid {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                if let Some(procs) = &cgroup {
+                    cgroup::join(procs)?;
                 }
                 Ok(())
             });
@@ -513,10 +578,7 @@ impl Supervisor {
                     s = child.wait() => break s,
                     Some(sig) = sig_rx.recv() => {
                         if let Some(pid) = child.id() {
-                            // SAFETY: kill only sends a signal. This task owns the child and is
-                            // the only one that reaps it, and `id()` is `Some` only until it is
-                            // reaped, so `pid` still names our child, never a reused number.
-                            unsafe { libc::kill(pid as libc::pid_t, sig) };
+                            send_signal_to_vm(pid, sig);
                         }
                     }
                 }
@@ -651,6 +713,88 @@ impl Supervisor {
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
+
+    /// Removes the VMs' cgroups (after every VM has stopped).
+    pub fn remove_cgroups(&self) {
+        if let Some(c) = &self.cgroups {
+            c.remove();
+        }
+    }
+}
+
+/// Sends `sig` to the VM whose jail reaper is `reaper`: `SIGKILL` straight to the VMM (the only
+/// signal that reaches the init of a PID namespace from outside without a handler), so the
+/// reaper, and then this daemon, see the VMM's own end; anything else to the reaper, which
+/// turns a stop request into a `SIGKILL` of the VMM.
+fn send_signal_to_vm(reaper: u32, sig: libc::c_int) {
+    if sig == libc::SIGKILL {
+        if let Some(vmm) = crate::sandbox::jail::vmm_pid(reaper) {
+            // A pidfd pins the process: if it is still the reaper's child after the pidfd was
+            // opened, the signal reaches that process, never a reused pid.
+            // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, vmm as libc::pid_t, 0) };
+            if fd >= 0 {
+                // SAFETY: `fd` was just returned by pidfd_open and is owned here.
+                let fd = unsafe {
+                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+                };
+                if crate::sandbox::jail::vmm_pid(reaper) == Some(vmm) {
+                    // SAFETY: pidfd_send_signal sends a signal through a descriptor we own.
+                    let rc = unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            fd.as_raw_fd(),
+                            sig,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                    if rc == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: kill only sends a signal. The caller owns the reaper and is the only one that
+    // reaps it, and passes its pid only until then, so `reaper` still names our child.
+    unsafe { libc::kill(reaper as libc::pid_t, sig) };
+}
+
+/// Largest a VM's log file grows before it is rotated at the VM's next start (each VMM process
+/// also caps what it writes: `ddvmm run`'s log limiter).
+const LOG_ROTATE_BYTES: u64 = 64 << 20;
+
+/// Opens VM log `path` for appending (never through a symlink), first moving a log past
+/// [`LOG_ROTATE_BYTES`] to `<path>.1`.
+fn open_log(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() > LOG_ROTATE_BYTES) {
+        std::fs::rename(path, path.with_extension("log.1"))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Seals memfd `f` against shrinking and growing: a process it is handed to (a VMM that maps
+/// it) can never be made to fault on a truncated mapping.
+fn seal_size(f: &File) -> std::io::Result<()> {
+    // SAFETY: F_ADD_SEALS only changes the seals of the memfd we own.
+    let rc = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reads a channel's ring header words the daemon watches.

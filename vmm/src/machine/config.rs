@@ -12,8 +12,13 @@ use crate::vfio::PciAddress;
 pub enum ConsoleOutput {
     /// The VMM's standard output.
     Stdout,
-    /// A log file (created or truncated).
-    File(PathBuf),
+    /// A log file (created or truncated) that stops growing at `limit` bytes.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its cap (`u64::MAX`: none).
+        limit: u64,
+    },
 }
 
 /// What the boot vCPU starts executing.

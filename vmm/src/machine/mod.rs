@@ -50,6 +50,7 @@ use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::slots::MemorySlots;
 use crate::kvm::{self, KvmError};
 use crate::memory::GuestRam;
+use crate::sandbox::seccomp::ThreadKind;
 use crate::vcpu::{self, Vcpu, VcpuInjection};
 
 /// Our ACPI tables use 8-bit APIC ids.
@@ -269,9 +270,7 @@ impl Machine {
                 inject: (index == 0).then(|| self.faults.vcpu.clone()),
             };
             let name = format!("vcpu{index}");
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || v.run())
+            let handle = crate::sandbox::seccomp::spawn(ThreadKind::Vcpu, name, move || v.run())
                 .map_err(|e| MachineError::Sys("spawning a vCPU thread", e))?;
             if index == 0 {
                 self.faults.vcpu.set_thread(Some(handle.as_pthread_t()));
@@ -338,11 +337,12 @@ fn platform_io_bus(
         .map_err(|e| MachineError::Sys("KVM_IRQFD for COM1", e.into()))?;
     let out: Box<dyn Write + Send> = match console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
-        ConsoleOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| MachineError::Console {
+        ConsoleOutput::File { path, limit } => {
+            let file = File::create(path).map_err(|source| MachineError::Console {
                 path: path.clone(),
                 source,
-            })?)
+            })?;
+            Box::new(crate::sandbox::limits::CappedWriter::new(file, *limit))
         }
     };
     let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));

@@ -142,17 +142,16 @@ pub struct QueueWorker {
 }
 
 impl QueueWorker {
-    /// Starts thread `name` running `body`, which must return once its stop eventfd (the
-    /// argument) becomes readable.
+    /// Starts thread `name` (of seccomp kind `kind`) running `body`, which must return once its
+    /// stop eventfd (the argument) becomes readable.
     pub fn spawn(
+        kind: crate::sandbox::seccomp::ThreadKind,
         name: &str,
         body: impl FnOnce(EventFd) + Send + 'static,
     ) -> Result<Self, ActivateError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Spawn)?;
         let stop_worker = stop.try_clone().map_err(ActivateError::Spawn)?;
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || body(stop_worker))
+        let thread = crate::sandbox::seccomp::spawn(kind, name, move || body(stop_worker))
             .map_err(ActivateError::Spawn)?;
         Ok(QueueWorker { stop, thread })
     }

@@ -10,6 +10,7 @@
 pub mod request;
 pub mod ring_frontend;
 
+use crate::sandbox::seccomp::{self, ThreadKind};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -194,11 +195,15 @@ impl VirtioDevice for Block {
         let q = single_queue(queues)?;
         self.reset();
         let disk = self.disk.clone();
-        self.worker = Some(QueueWorker::spawn("virtio-blk", move |stop| {
-            if let Err(e) = run_queue(q, mem, disk, stop, failure.as_ref()) {
-                failure.needs_reset(&e);
-            }
-        })?);
+        self.worker = Some(QueueWorker::spawn(
+            ThreadKind::BlockQueue,
+            "virtio-blk",
+            move |stop| {
+                if let Err(e) = run_queue(q, mem, disk, stop, failure.as_ref()) {
+                    failure.needs_reset(&e);
+                }
+            },
+        )?);
         Ok(())
     }
 
@@ -266,10 +271,12 @@ fn run_queue(
         let disk = disk.clone();
         let done = done_fd.try_clone().map_err(|e| e.to_string())?;
         pool.push(
-            std::thread::Builder::new()
-                .name(format!("virtio-blk-io{i}"))
-                .spawn(move || io_thread(rx, tx, done, mem, disk))
-                .map_err(|e| e.to_string())?,
+            seccomp::spawn(
+                ThreadKind::BlockIo,
+                format!("virtio-blk-io{i}"),
+                move || io_thread(rx, tx, done, mem, disk),
+            )
+            .map_err(|e| e.to_string())?,
         );
     }
     drop(done_tx);

@@ -25,6 +25,7 @@ use super::{
     next_chain, ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::sandbox::seccomp::ThreadKind;
 
 /// Virtio device type of a network device.
 pub const DEVICE_TYPE: u32 = 1;
@@ -137,9 +138,8 @@ impl VirtioDevice for Net {
                 got: 0,
             });
         };
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || {
+        let thread =
+            crate::sandbox::seccomp::spawn(ThreadKind::NetQueue, "virtio-net", move || {
                 let mut worker = NetWorker {
                     mem,
                     tap,

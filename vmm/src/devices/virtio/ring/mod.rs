@@ -28,6 +28,7 @@ pub mod stepper;
 pub mod testing;
 mod worker;
 
+use crate::sandbox::seccomp::ThreadKind;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -393,10 +394,9 @@ impl RingFrontend {
         setup: Setup<'_>,
     ) -> Result<Self, RingSetupError> {
         let (worker, handle) = build(device, setup)?;
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || worker.run())
-            .map_err(RingSetupError::Worker)?;
+        let thread =
+            crate::sandbox::seccomp::spawn(ThreadKind::RingWorker, name, move || worker.run())
+                .map_err(RingSetupError::Worker)?;
         Ok(RingFrontend {
             handle: Arc::new(handle),
             queues: D::QUEUES,
