@@ -102,3 +102,49 @@ fn guest_reboot_is_reported_as_reboot() {
         out.output
     );
 }
+
+/// A guest that floods its serial console does not grow the console file past its cap: the
+/// file ends with one notice, and the guest, never stalled, runs on to a clean power-off.
+#[test]
+fn a_console_flood_stops_at_the_cap() {
+    const CAP: u64 = 16 * 1024;
+    let guest = ddvmm_tests::client_initrd_with_script(
+        "head -c 262144 /dev/zero | tr '\\0' 'F' > /dev/ttyS0\necho FLOOD-DONE > /dev/kmsg\n",
+    )
+    .expect("guest image");
+    let host = TestHost::new("console-flood")
+        .expect("test host")
+        .file("guest.img", guest, 0o644);
+    let script = format!(
+        r#"$DDVMM --log-level info run --kernel $IMAGES/vmlinuz --initrd guest.img --mem 256M \
+  --console $WORK/flood.console --console-limit {}K \
+  --cmdline "console=ttyS0 quiet ddvmm.action=run-script"
+echo "VMM-RC=$?"
+echo "CONSOLE-BYTES=$(stat -c %s $WORK/flood.console)"
+echo "F-BYTES=$(tr -cd F < $WORK/flood.console | wc -c)"
+tail -c 200 $WORK/flood.console
+"#,
+        CAP / 1024
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output;
+    assert_eq!(out.status, 0, "{log}");
+    assert_eq!(vmm_rc(&out), 0, "the guest did not power off:\n{log}");
+    let number = |key: &str| -> u64 {
+        log.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{log}"))
+    };
+    let bytes = number("CONSOLE-BYTES=");
+    assert!(
+        (CAP..=CAP + 100).contains(&bytes),
+        "console file is {bytes} bytes, cap {CAP}:\n{log}"
+    );
+    // The flood reached the cap (the guest wrote far more than it).
+    assert!(number("F-BYTES=") > CAP / 2, "{log}");
+    assert!(
+        log.contains("console output stopped at its limit of 16384 bytes"),
+        "{log}"
+    );
+}

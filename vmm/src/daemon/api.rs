@@ -157,15 +157,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub async fn serve(listener: UnixListener, sup: Arc<Supervisor>, shutdown: Arc<Notify>) {
     loop {
         match listener.accept().await {
-            Ok((mut stream, _)) => {
+            Ok((stream, _)) => {
                 if let Err(refusal) = check_peer(&stream) {
                     tracing::warn!(%refusal, "API connection refused");
-                    let line = serde_json::json!({ "ok": false, "error": refusal }).to_string();
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        stream.write_all(format!("{line}\n").as_bytes()),
-                    )
-                    .await;
+                    tokio::spawn(refuse(stream, refusal));
                     continue;
                 }
                 let (sup, shutdown) = (sup.clone(), shutdown.clone());
@@ -199,6 +194,26 @@ fn check_peer(stream: &UnixStream) -> Result<(), String> {
             "permission denied: uid {uid} may not use this daemon (only uid {me} and root)"
         ))
     }
+}
+
+/// Answers a refused connection with its error line, then lets the peer finish sending (up to
+/// 64 KiB or one second) so the line is read, not lost to a reset.
+async fn refuse(mut stream: UnixStream, refusal: String) {
+    let line = serde_json::json!({ "ok": false, "error": refusal }).to_string();
+    let second = std::time::Duration::from_secs(1);
+    let _ = tokio::time::timeout(second, stream.write_all(format!("{line}\n").as_bytes())).await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(second, drain).await;
 }
 
 /// Longest pause between two campaign faults (an hour).

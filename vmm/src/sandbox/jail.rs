@@ -22,7 +22,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 use thiserror::Error;
 
@@ -100,6 +100,22 @@ fn thread_count() -> Result<usize, JailError> {
         .map_err(sys("counting threads in /proc/self/task"))
 }
 
+/// Where this process is in its jail: not jailed, entered (still root, threads may start
+/// and must drop their own bounding set), or locked down.
+static STAGE: AtomicU8 = AtomicU8::new(0);
+const ENTERED: u8 = 1;
+const LOCKED: u8 = 2;
+
+/// For a thread starting between [`enter`] and [`lock_down`] (ring workers, control, stats):
+/// empties its own capability bounding set, which is per thread (its uid and capabilities go
+/// with the process-wide change in [`lock_down`]). Does nothing otherwise.
+pub fn confine_early_thread() -> Result<(), JailError> {
+    if STAGE.load(Ordering::Acquire) == ENTERED {
+        drop_bounding_set()?;
+    }
+    Ok(())
+}
+
 /// Step 1: new namespaces and the fork. Returns in the child, which is PID 1 of its own PID
 /// namespace, in its own (private) mount namespace; the parent never returns (it reaps the
 /// child and exits as it did).
@@ -153,6 +169,7 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
             }
             // Keep `alive_r` open: a later check is free, and it is close-on-exec.
             std::mem::forget(alive_r);
+            STAGE.store(ENTERED, Ordering::Release);
             // Nothing mounted from now on propagates back to the host.
             // SAFETY: the arguments are valid C strings or null, as mount(2) allows.
             check("making mounts private", unsafe {
@@ -360,6 +377,7 @@ pub fn lock_down(cfg: &JailConfig) -> Result<(), JailError> {
     if r == 0 || e == 0 || s == 0 {
         return Err(JailError::RootIds);
     }
+    STAGE.store(LOCKED, Ordering::Release);
     Ok(())
 }
 
