@@ -237,6 +237,8 @@ for c in {clients}; do echo "=== console $c"; tr -d '\r' < $WORK/system.d/$c.con
 echo "=== driver console"; tr -d '\r' < $WORK/system.d/storage.console | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
 echo "=== daemon log"; tail -n 200 $WORK/daemon.log
 for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done
+echo "=== vmm kills"; grep -h "killed by signal\|seccomp:" $WORK/system.d/*.log | sort | uniq -c
+dmesg | grep -a -i "segfault\|traps:" | tail -n 10
 "#,
             clients = names.join(" "),
         )

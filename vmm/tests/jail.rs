@@ -4,6 +4,7 @@
 //! says so and checks nothing else.
 
 use ddvmm::sandbox::jail::{self, JailConfig};
+use ddvmm::sandbox::seccomp::{self, SeccompMode, ThreadKind};
 
 /// What the jailed process checks; its exit code is the first failure.
 fn jailed(cfg: &JailConfig) -> i32 {
@@ -104,12 +105,13 @@ fn capabilities() -> Option<(u64, u64)> {
     })
 }
 
-#[test]
-fn a_jailed_process_has_an_empty_root_and_no_privileges() {
+/// Runs `body` in a forked child jailed in a fresh directory; returns its wait status, or
+/// `None` where the jail cannot be exercised (not root).
+fn in_forked_child(body: fn(&JailConfig) -> i32) -> Option<libc::c_int> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root: the jail is not exercised here");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = JailConfig {
@@ -122,18 +124,58 @@ fn a_jailed_process_has_an_empty_root_and_no_privileges() {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork");
     if pid == 0 {
-        let code = std::panic::catch_unwind(|| jailed(&cfg)).unwrap_or(100);
+        let code = std::panic::catch_unwind(|| body(&cfg)).unwrap_or(100);
         // SAFETY: ends the child without running the parent's destructors twice.
         unsafe { libc::_exit(code) };
     }
     let mut status = 0;
     // SAFETY: waits for the child forked above.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 9 {
+        eprintln!("namespaces are not available here: the jail is not exercised");
+        return None;
+    }
+    Some(status)
+}
+
+#[test]
+fn a_jailed_process_has_an_empty_root_and_no_privileges() {
+    let Some(status) = in_forked_child(jailed) else {
+        return;
+    };
     assert!(libc::WIFEXITED(status), "status {status:#x}");
     let code = libc::WEXITSTATUS(status);
-    if code == 9 {
-        eprintln!("namespaces are not available here: the jail is not exercised");
-        return;
+    assert_eq!(
+        code, 0,
+        "jailed child failed check {code} (see the test source)"
+    );
+}
+
+/// A call off a thread's list kills the process with SIGSYS, even as the init of its own PID
+/// namespace (which ignores signals it sends itself), and the reaper ends the same way.
+#[test]
+fn a_forbidden_call_kills_the_jailed_vmm_with_sigsys() {
+    fn body(cfg: &JailConfig) -> i32 {
+        if seccomp::enable(SeccompMode::Enforce).is_err() {
+            return 20;
+        }
+        match jailed(cfg) {
+            0 => {}
+            code => return code,
+        }
+        if seccomp::confine(ThreadKind::Control).is_err() {
+            return 21;
+        }
+        // SAFETY: socket(2) traps in the control thread's filter.
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        22
     }
-    assert_eq!(code, 0, "jailed child failed check {code} (see the test source)");
+    let Some(status) = in_forked_child(body) else {
+        return;
+    };
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+        "status {status:#x} (exit code {} if it exited)",
+        libc::WEXITSTATUS(status)
+    );
 }

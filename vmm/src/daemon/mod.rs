@@ -110,6 +110,9 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     let state_dir = socket.with_extension("d");
     private_dir(&state_dir)?;
+    // Absolute: VMM processes get paths under it (their jail roots) and resolve them alone.
+    let state_dir = std::fs::canonicalize(&state_dir)
+        .map_err(io_err("cannot resolve state directory", &state_dir))?;
     let listener = bind_private(&socket)?;
     let exe = std::env::current_exe().map_err(io_err(
         "cannot find own executable",

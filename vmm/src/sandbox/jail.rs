@@ -271,6 +271,17 @@ fn reap(child: libc::pid_t, alive: OwnedFd) -> ! {
         // SAFETY: _exit ends the process.
         unsafe { libc::_exit(1) };
     }
+    if libc::WIFSIGNALED(status) {
+        // The VMM cannot say it was killed; its reaper can (to the same log), without
+        // allocating (its filter has no memory calls).
+        let mut line = super::seccomp::LineBuf::new();
+        line.push(b"ddvmm: jail: the VMM (pid ");
+        line.push_number(child);
+        line.push(b") was killed by signal ");
+        line.push_number(libc::WTERMSIG(status));
+        line.push(b"\n");
+        line.write_to_stderr();
+    }
     drop(alive);
     exit_like(status)
 }
@@ -369,8 +380,8 @@ pub fn lock_down(cfg: &JailConfig) -> Result<(), JailError> {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
     })?;
     // A regained uid 0 would be a bug of ours: check, do not assume.
-    // SAFETY: getresuid writes three ids.
     let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: getresuid writes three ids into our variables.
     check("getresuid", unsafe {
         libc::getresuid(&mut r, &mut e, &mut s)
     })?;

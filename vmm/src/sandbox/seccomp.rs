@@ -393,6 +393,10 @@ pub fn spawn<T: Send + 'static>(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            if let Err(e) = super::jail::confine_early_thread() {
+                tracing::error!(error = %e, "thread cannot drop its capabilities; aborting");
+                std::process::abort();
+            }
             if let Err(e) = confine(kind) {
                 tracing::error!(error = %e, "thread cannot be confined; aborting");
                 std::process::abort();
@@ -418,9 +422,14 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// A system call number that no filter allows (and no kernel has): the handler's second trap.
+const NO_SUCH_CALL: libc::c_long = 999;
+
 /// Writes `ddvmm: seccomp: <kind> thread made forbidden system call <nr>; the VMM dies` to
-/// stderr, then re-sends `SIGSYS` to this thread: blocked while the handler runs, it is
-/// delivered on return with the default action, so the process ends killed by `SIGSYS`.
+/// stderr, then traps again: the kernel forces a trap's `SIGSYS` on a thread that blocks it
+/// (it does while this handler runs) with the default action, now restored (`SA_RESETHAND`),
+/// and a forced default signal kills even the init of a PID namespace, which the jailed VMM
+/// is (a `SIGSYS` it sent itself would be ignored there). The process ends killed by `SIGSYS`.
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // The `_sigsys` member of siginfo: after signo, errno, code (3 ints, padded to 16 bytes),
     // a pointer (call address), then the int system call number.
@@ -439,9 +448,12 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(b" thread made forbidden system call ");
     line.push_number(nr);
     line.push(b"; the VMM dies (SIGSYS)\n");
-    // SAFETY: write(2) and tgkill(2) are async-signal-safe; the buffer is valid for its length.
+    line.write_to_stderr();
+    // SAFETY: syscall(2) is async-signal-safe; the unknown call has no effect but the trap
+    // (ENOSYS without a filter).
     unsafe {
-        libc::write(2, line.buf.as_ptr().cast(), line.len);
+        libc::syscall(NO_SUCH_CALL);
+        // Not reached under a filter; without one (never the case here), end the same way.
         libc::syscall(
             libc::SYS_tgkill,
             libc::getpid(),
@@ -451,27 +463,34 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     }
 }
 
-/// A fixed buffer for a line built in a signal handler (no allocation).
-struct LineBuf {
+/// A fixed buffer for a line built where nothing may allocate (a signal handler, the reaper
+/// under its filter).
+pub(crate) struct LineBuf {
     buf: [u8; 160],
     len: usize,
 }
 
 impl LineBuf {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         LineBuf {
             buf: [0; 160],
             len: 0,
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    /// Writes the line to stderr (one write(2), async-signal-safe).
+    pub(crate) fn write_to_stderr(&self) {
+        // SAFETY: write(2) reads `len` initialized bytes of our buffer.
+        unsafe { libc::write(2, self.buf.as_ptr().cast(), self.len) };
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         let n = bytes.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
         self.len += n;
     }
 
-    fn push_number(&mut self, n: i32) {
+    pub(crate) fn push_number(&mut self, n: i32) {
         if n < 0 {
             self.push(b"-");
         }
@@ -528,6 +547,10 @@ mod tests {
         assert!(!ring.contains(&Call::Plain(libc::SYS_clone3)));
         assert!(!ring.contains(&Call::Plain(libc::SYS_pwrite64)));
         assert!(!set(ThreadKind::Vcpu).contains(&Call::Plain(libc::SYS_openat)));
+        // The SIGSYS handler's second trap must trap in every kind.
+        for kind in ThreadKind::ALL {
+            assert!(!set(kind).contains(&Call::Plain(NO_SUCH_CALL)), "{kind}");
+        }
     }
 
     #[test]
