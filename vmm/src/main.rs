@@ -258,6 +258,10 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         (Some(root), Some(uid), Some(gid)) => Some(JailConfig { root, uid, gid }),
         _ => None,
     };
+    // glibc's malloc asks for the CPU count (by reading /sys, a call no filter allows) when a
+    // process's ninth thread needs an arena, unless the arena count is fixed up front.
+    // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
     seccomp::enable(args.seccomp).context("seccomp")?;
     if let Some(j) = &jail {
         // From here on this is the VMM, PID 1 of its own namespace (the caller's process

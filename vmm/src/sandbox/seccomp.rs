@@ -434,6 +434,12 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     // The `_sigsys` member of siginfo: after signo, errno, code (3 ints, padded to 16 bytes),
     // a pointer (call address), then the int system call number.
     const SYSCALL_OFFSET: usize = 16 + 8;
+    let call_addr = if info.is_null() {
+        0
+    } else {
+        // SAFETY: as below; the call address is the first field of `_sigsys` (offset 16).
+        unsafe { std::ptr::read(info.cast::<u8>().add(16).cast::<usize>()) }
+    };
     let nr = if info.is_null() {
         -1
     } else {
@@ -442,12 +448,20 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         unsafe { std::ptr::read(info.cast::<u8>().add(SYSCALL_OFFSET).cast::<i32>()) }
     };
     let kind = KIND.with(|k| k.get());
+    let mut comm = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the 17-byte buffer.
+    unsafe { libc::prctl(libc::PR_GET_NAME, comm.as_mut_ptr()) };
+    let comm_len = comm.iter().position(|b| *b == 0).unwrap_or(16);
     let mut line = LineBuf::new();
     line.push(b"ddvmm: seccomp: ");
     line.push(kind.as_bytes());
-    line.push(b" thread made forbidden system call ");
+    line.push(b" thread '");
+    line.push(&comm[..comm_len]);
+    line.push(b"' made forbidden system call ");
     line.push_number(nr);
-    line.push(b"; the VMM dies (SIGSYS)\n");
+    line.push(b" at ");
+    line.push_hex(call_addr.wrapping_sub(on_sigsys as *const () as usize) as u64);
+    line.push(b" from the handler; the VMM dies (SIGSYS)\n");
     line.write_to_stderr();
     // SAFETY: syscall(2) is async-signal-safe; the unknown call has no effect but the trap
     // (ENOSYS without a filter).
@@ -488,6 +502,21 @@ impl LineBuf {
         let n = bytes.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
         self.len += n;
+    }
+
+    pub(crate) fn push_hex(&mut self, v: u64) {
+        let mut digits = [0u8; 18];
+        digits[0] = b'0';
+        digits[1] = b'x';
+        for i in 0..16 {
+            let nibble = ((v >> ((15 - i) * 4)) & 0xf) as u8;
+            digits[2 + i] = if nibble < 10 {
+                b'0' + nibble
+            } else {
+                b'a' + nibble - 10
+            };
+        }
+        self.push(&digits);
     }
 
     pub(crate) fn push_number(&mut self, n: i32) {
