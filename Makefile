@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
 .PHONY: all deps images agent driver-image build nextest test test-long demo bench bench-io bench-driver \
-	bench-recovery soak-recovery bench-passthrough bench-net fuzz fuzz-smoke lint clean-images
+	bench-recovery soak-recovery bench-passthrough bench-net bench-confinement fuzz fuzz-smoke lint clean-images
 
 all: build
 
@@ -89,6 +89,14 @@ bench-io: deps images build
 	    --host-file /usr/share/qemu/linuxboot_dma.bin \
 	    --guest-script bench/guest-blk.sh --guest-script bench/guest-io-net.sh \
 	    --lib bench/lib.sh bench/io-net.sh
+
+# Cost of confinement: boot and fio on ddvmm with its filters off vs filtered and jailed (what
+# the daemon runs), alternating, CONF_ROUNDS rounds (default 2).
+CONF_ROUNDS ?= 2
+bench-confinement: deps images build
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --program boot-timer=target/release/boot-timer --env ROUNDS=$(CONF_ROUNDS) \
+	    --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/confinement.sh
 
 # Block I/O through a driver VM vs ddvmm's direct virtio-blk: same guest, fio jobs and backing
 # file, one run; plus the driver VM's resident memory and idle CPU.
