@@ -254,14 +254,19 @@ $CTL list | tr -d ' \n' | sed 's/},{/}\n{/g' | while read -r line; do
     name=$(echo "$line" | sed -n 's/.*"name":"\([^"]*\)".*/\1/p')
     vmm=$(echo "$line" | sed -n 's/.*"vmm_pid":\([0-9][0-9]*\).*/\1/p')
     [ -n "$vmm" ] || continue
-    echo "vm $name $vmm"
-    for t in /proc/$vmm/task/*; do
-        echo "task $name $(tr -d ' ' < $t/comm) $(grep -E '^(Uid|Gid|CapEff|CapPrm|CapBnd|Seccomp|NoNewPrivs):' $t/status | tr -s '\t\n' '  ')"
-    done
-    for ns in pid mnt net ipc; do echo "ns $name $ns $(readlink /proc/$vmm/ns/$ns) $(readlink /proc/$DAEMON/ns/$ns)"; done
-    echo "root $name $(ls -A /proc/$vmm/root/ | wc -l)"
-    cg=$(sed -n 's/^0:://p' /proc/$vmm/cgroup)
-    echo "cgroup $name $cg $(cat /sys/fs/cgroup$cg/memory.max 2>/dev/null) $(cat /sys/fs/cgroup$cg/pids.max 2>/dev/null)"
+    # A client that powers off meanwhile is left out: its lines count only if it still runs
+    # once they are all read.
+    {
+        echo "vm $name $vmm"
+        for t in /proc/$vmm/task/*; do
+            echo "task $name $(tr -d ' ' < $t/comm) $(grep -E '^(Uid|Gid|CapEff|CapPrm|CapBnd|Seccomp|NoNewPrivs):' $t/status | tr -s '\t\n' '  ')"
+        done
+        for ns in pid mnt net ipc; do echo "ns $name $ns $(readlink /proc/$vmm/ns/$ns) $(readlink /proc/$DAEMON/ns/$ns)"; done
+        echo "root $name $(ls -A /proc/$vmm/root/ | wc -l)"
+        cg=$(sed -n 's/^0:://p' /proc/$vmm/cgroup)
+        echo "cgroup $name $cg $(cat /sys/fs/cgroup$cg/memory.max 2>/dev/null) $(cat /sys/fs/cgroup$cg/pids.max 2>/dev/null)"
+    } > $WORK/.confinement 2>&1
+    [ -d /proc/$vmm/task ] && cat $WORK/.confinement
 done
 echo "modes $(stat -c %a $WORK/system.sock) $(stat -c %a $WORK/system.d)"
 "#;
