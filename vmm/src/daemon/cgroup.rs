@@ -46,8 +46,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 pub struct Limits {
     /// `memory.max`, bytes.
     pub memory: u64,
-    /// `cpu.max`, in CPUs (1.5 = one and a half); `None`: no limit.
-    pub cpus: Option<f64>,
+    /// `cpu.max`, in CPUs (1.5 = one and a half).
+    pub cpus: f64,
     /// `pids.max` (threads count).
     pub pids: u32,
 }
@@ -101,10 +101,8 @@ impl Cgroups {
         }
         if self.enabled.contains(&"cpu") {
             let period = 100_000u64;
-            let quota = match limits.cpus {
-                Some(c) => format!("{} {period}", ((c * period as f64) as u64).max(1000)),
-                None => format!("max {period}"),
-            };
+            let quota = ((limits.cpus * period as f64) as u64).max(1000);
+            let quota = format!("{quota} {period}");
             write(&dir.join("cpu.max"), &quota)?;
         }
         if self.enabled.contains(&"pids") {

@@ -667,7 +667,7 @@ fn vm_limits(
     }
     Ok(Limits {
         memory: mem,
-        cpus: Some(cpu_limit),
+        cpus: cpu_limit,
         pids,
     })
 }
