@@ -727,38 +727,43 @@ impl Supervisor {
 /// reaper, and then this daemon, see the VMM's own end; anything else to the reaper, which
 /// turns a stop request into a `SIGKILL` of the VMM.
 fn send_signal_to_vm(reaper: u32, sig: libc::c_int) {
-    if sig == libc::SIGKILL {
-        if let Some(vmm) = crate::sandbox::jail::vmm_pid(reaper) {
-            // A pidfd pins the process: if it is still the reaper's child after the pidfd was
-            // opened, the signal reaches that process, never a reused pid.
-            // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, vmm as libc::pid_t, 0) };
-            if fd >= 0 {
-                // SAFETY: `fd` was just returned by pidfd_open and is owned here.
-                let fd = unsafe {
-                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
-                };
-                if crate::sandbox::jail::vmm_pid(reaper) == Some(vmm) {
-                    // SAFETY: pidfd_send_signal sends a signal through a descriptor we own.
-                    let rc = unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            fd.as_raw_fd(),
-                            sig,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        )
-                    };
-                    if rc == 0 {
-                        return;
-                    }
-                }
-            }
-        }
+    if sig == libc::SIGKILL && kill_vmm_of(reaper) {
+        return;
     }
     // SAFETY: kill only sends a signal. The caller owns the reaper and is the only one that
     // reaps it, and passes its pid only until then, so `reaper` still names our child.
     unsafe { libc::kill(reaper as libc::pid_t, sig) };
+}
+
+/// SIGKILLs the VMM under `reaper` through a pidfd; false if it has not been forked yet or is
+/// gone. The pidfd pins the process: if it is still the reaper's child after the pidfd was
+/// opened, the signal reaches that process, never a reused pid.
+fn kill_vmm_of(reaper: u32) -> bool {
+    use std::os::fd::FromRawFd;
+    let Some(vmm) = crate::sandbox::jail::vmm_pid(reaper) else {
+        return false;
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, vmm as libc::pid_t, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned here.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    if crate::sandbox::jail::vmm_pid(reaper) != Some(vmm) {
+        return false;
+    }
+    // SAFETY: pidfd_send_signal sends a signal through a descriptor we own; no siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    rc == 0
 }
 
 /// Largest a VM's log file grows before it is rotated at the VM's next start (each VMM process
