@@ -460,8 +460,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     line.push(b"' made forbidden system call ");
     line.push_number(nr);
     line.push(b" at ");
-    line.push_hex(call_addr.wrapping_sub(on_sigsys as *const () as usize) as u64);
-    line.push(b" from the handler; the VMM dies (SIGSYS)\n");
+    line.push_hex(call_addr as u64);
+    line.push(b"; the VMM dies (SIGSYS)\n");
     line.write_to_stderr();
     // SAFETY: syscall(2) is async-signal-safe; the unknown call has no effect but the trap
     // (ENOSYS without a filter).
