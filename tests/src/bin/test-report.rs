@@ -15,6 +15,59 @@ struct Case {
     binary: String,
     seconds: f64,
     failed: bool,
+    /// For a failed test: the lines that say why (panic messages and what follows them).
+    why: Vec<String>,
+}
+
+/// XML text back to plain text (the five entities nextest escapes).
+fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+/// Why a test failed, in at most `MAX_WHY_LINES` lines: each `panicked at` line of its output
+/// with the lines after it (the assertion's message), or the output's last lines if nothing
+/// panicked. Printed at the very end of the report, where a truncated CI log still shows it.
+fn failure_lines(body: &str) -> Vec<String> {
+    const MAX_WHY_LINES: usize = 40;
+    const AFTER_PANIC: usize = 12;
+    // Tags become line breaks (their attributes are not output), then entities are undone.
+    let mut plain = String::with_capacity(body.len());
+    let mut in_tag = false;
+    for ch in body.chars() {
+        match (in_tag, ch) {
+            (false, '<') => in_tag = true,
+            (true, '>') => {
+                in_tag = false;
+                plain.push('\n');
+            }
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    let text = unescape(&plain);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut why = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if l.contains("panicked at") {
+            why.extend(
+                lines[i..(i + AFTER_PANIC).min(lines.len())]
+                    .iter()
+                    .map(|l| l.to_string()),
+            );
+        }
+    }
+    if why.is_empty() {
+        why = lines[lines.len().saturating_sub(AFTER_PANIC)..]
+            .iter()
+            .map(|l| l.to_string())
+            .collect();
+    }
+    why.truncate(MAX_WHY_LINES);
+    why.iter().map(|l| l.chars().take(300).collect()).collect()
 }
 
 /// The value of `attr="..."` in a tag's text.
@@ -43,13 +96,19 @@ fn junit_cases(xml: &str) -> Vec<Case> {
             rest.find("</testcase>").unwrap_or(rest.len())
         };
         let body = &rest[..body_end];
+        let failed = body.contains("<failure") || body.contains("<error");
         cases.push(Case {
             name: attr(tag, "name").unwrap_or_default(),
             binary: attr(tag, "classname").unwrap_or_default(),
             seconds: attr(tag, "time")
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(0.0),
-            failed: body.contains("<failure") || body.contains("<error"),
+            failed,
+            why: if failed {
+                failure_lines(body)
+            } else {
+                Vec::new()
+            },
         });
         rest = &rest[tag_end.max(1)..];
     }
@@ -165,8 +224,14 @@ fn main() {
     let failed: Vec<&Case> = cases.iter().filter(|c| c.failed).collect();
     if !failed.is_empty() {
         println!("=== failed: {}", failed.len());
-        for c in failed {
+        for c in &failed {
             println!("  {} {}", c.binary, c.name);
+        }
+        for c in failed {
+            println!("=== why {} {}:", c.binary, c.name);
+            for l in &c.why {
+                println!("  | {l}");
+            }
         }
     }
 }
@@ -189,7 +254,17 @@ mod tests {
             ("a", 13.25, false)
         );
         assert_eq!((c[1].name.as_str(), c[1].failed), ("b&c", true));
+        assert_eq!(c[1].why, vec!["boom", ".."]);
         assert_eq!((c[2].binary.as_str(), c[2].failed), ("ddvmm::kvm", false));
+    }
+
+    #[test]
+    fn failure_lines_start_at_the_panic() {
+        let body = "<system-out>boot\nok\nthread 'x' panicked at a.rs:1:2:\nboom &lt;here&gt;\n</system-out>";
+        assert_eq!(
+            failure_lines(body),
+            vec!["thread 'x' panicked at a.rs:1:2:", "boom <here>"]
+        );
     }
 
     #[test]
