@@ -1,8 +1,16 @@
 //! The channel device's register block (BAR 0), as both sides see it: the driver VM's VMM
 //! implements it (`ddvmm::devices::channel`), the agent reads it. Version 1.
 //!
-//! All registers are little-endian and read-only except the doorbell. They come from the
-//! daemon's configuration through the driver VM's VMM, never from the client.
+//! All registers are little-endian and read-only except the doorbell and the gate. They come
+//! from the daemon's configuration through the driver VM's VMM, never from the client.
+//!
+//! **The gate** (version 2): once set up (devices open, BARs mapped), the agent writes
+//! [`regs::GATE`] ("parked: ready, not attached to any ring") and waits until it reads 1
+//! before attaching. A VMM making a snapshot template keeps the gate shut until the snapshot
+//! is taken, so the template holds a driver VM that is ready but has served nobody. Every VMM
+//! process puts fresh random bytes in [`regs::ENTROPY`]; the agent feeds them to the kernel's
+//! RNG and reseeds it when the gate opens, so driver VMs restored from one template do not
+//! share random state.
 
 /// PCI vendor id (Red Hat's, as used for paravirtual devices; the device id is ours).
 pub const VENDOR: u16 = 0x1b36;
@@ -13,7 +21,9 @@ pub const REGS_SIZE: u64 = 0x1000;
 /// Value of [`regs::MAGIC`]: `"DDCH"`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DDCH");
 /// Register layout version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Bytes of [`regs::ENTROPY`].
+pub const ENTROPY_LEN: usize = 32;
 /// [`regs::KIND`] of a block channel.
 pub const KIND_BLOCK: u32 = 1;
 /// [`regs::KIND`] of a network channel: `BACKEND` names the driver VM's uplink interface (the
@@ -68,6 +78,11 @@ pub mod regs {
     pub const BACKEND: u64 = 0x40;
     /// Net: the client's MAC address in the low 6 bytes (u64, byte 0 first on the wire).
     pub const MAC: u64 = BACKEND + super::BACKEND_LEN as u64;
+    /// Read: 1 when the agent may attach to its ring, 0 while it must wait (u32). Write any
+    /// value: the agent is parked at the gate.
+    pub const GATE: u64 = MAC + 8;
+    /// Fresh random bytes from the host ([`super::ENTROPY_LEN`]), new in every VMM process.
+    pub const ENTROPY: u64 = GATE + 8;
     /// End of the defined registers.
-    pub const END: u64 = MAC + 8;
+    pub const END: u64 = ENTROPY + super::ENTROPY_LEN as u64;
 }

@@ -55,19 +55,36 @@ impl fmt::Display for GuestExit {
     }
 }
 
-/// Where devices and vCPUs report that the guest stopped. The first report wins.
+/// What the machine's main loop waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachineEvent {
+    /// The guest stopped.
+    Exit(GuestExit),
+    /// A channel's agent parked at its gate (channel index).
+    Parked(u32),
+    /// Take a snapshot now (into the machine's snapshot target).
+    Snapshot,
+}
+
+/// Where devices and vCPUs report that the guest stopped (the first report wins), and where
+/// other machine events arrive.
 #[derive(Clone)]
-pub struct ExitNotifier(Sender<GuestExit>);
+pub struct ExitNotifier(Sender<MachineEvent>);
 
 impl ExitNotifier {
     /// Wraps a channel sender.
-    pub fn new(tx: Sender<GuestExit>) -> Self {
+    pub fn new(tx: Sender<MachineEvent>) -> Self {
         ExitNotifier(tx)
     }
 
     /// Reports an exit. A closed channel means the VM is already stopping; ignore it.
     pub fn notify(&self, exit: GuestExit) {
-        let _ = self.0.send(exit);
+        self.event(MachineEvent::Exit(exit));
+    }
+
+    /// Reports any event.
+    pub fn event(&self, event: MachineEvent) {
+        let _ = self.0.send(event);
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`stats_page`] carries a VMM's device counters to the daemon.
 //! - [`control`] is the daemon's command line to each VMM (replay, quarantine, fault injection).
 //! - [`handoff`] passes channel descriptors from the daemon to VMM processes.
+//! - [`snapshot`] saves a running VM to files and restores it (vCPUs, KVM state, devices, RAM).
 //! - [`sandbox`] confines a VMM process: jail, per-thread seccomp filters, output caps.
 //! - [`units`] parses sizes given on the command line.
 //! - [`vfio`] opens host PCI functions for passthrough (`devices::vfio_pci` is the guest side).
@@ -26,6 +27,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats_page;
 pub mod units;
 pub mod vcpu;

@@ -12,7 +12,7 @@ use ddvmm::exit::GuestExit;
 use ddvmm::handoff::Adopter;
 use ddvmm::machine::{
     BootSource, ChannelConfig, ChannelFds, ConsoleOutput, DiskConfig, Machine, MachineConfig,
-    NetConfig, RingDiskConfig, RingNetConfig,
+    NetConfig, RingDiskConfig, RingNetConfig, SnapshotMode,
 };
 use ddvmm::sandbox::jail::{self, JailConfig};
 use ddvmm::sandbox::limits::LogLimiter;
@@ -220,6 +220,15 @@ struct RunArgs {
     /// The jailed VMM's gid (non-zero).
     #[arg(long, requires = "jail_root")]
     gid: Option<u32>,
+    /// Write a snapshot of this VM into DIR once every channel's agent is ready and parked at
+    /// its gate (the gates open after it): the template a driver VM is restored from.
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    snapshot_to: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of booting (same devices, memory and vCPUs as
+    /// when it was taken; the kernel is not read). A snapshot from another ddvmm version,
+    /// another CPU or a damaged file is refused.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
 }
 
 /// Log lines a VMM may write: bursts of 200, then 20 a second, 16 MiB in all (a guest can
@@ -286,6 +295,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .enumerate()
         .map(|(i, c)| parse_channel(c, i as u32, &mut adopter))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let channels_empty = channels.is_empty();
     let ring_disks = args
         .ring_disks
         .iter()
@@ -318,6 +328,18 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         vcpus: args.cpus,
         console,
         kvm_device: args.kvm_device,
+        snapshot: match (args.snapshot_to, args.restore) {
+            (Some(dir), _) => {
+                anyhow::ensure!(
+                    !channels_empty,
+                    "--snapshot-to needs a driver VM (--channel): the snapshot is taken when \
+                     every channel's agent is parked"
+                );
+                SnapshotMode::TemplateTo(dir)
+            }
+            (None, Some(dir)) => SnapshotMode::Restore(dir),
+            (None, None) => SnapshotMode::None,
+        },
     };
     let stats = args
         .stats_fd

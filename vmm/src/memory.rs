@@ -7,7 +7,8 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use thiserror::Error;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
@@ -33,6 +34,9 @@ pub enum MemoryError {
     #[error("cannot map guest RAM")]
     Map(#[source] vm_memory::mmap::FromRangesError),
     /// Size is zero or not page aligned.
+    /// The snapshot's memory file cannot be mapped.
+    #[error("cannot map guest RAM from the snapshot")]
+    MapSnapshot(#[source] std::io::Error),
     #[error("guest RAM size {0:#x} must be a non-zero multiple of 4 KiB")]
     BadSize(u64),
 }
@@ -69,7 +73,7 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
 /// Guest RAM and the memfd behind it.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
-    memfd: File,
+    memfd: Option<File>,
     ranges: Vec<RamRange>,
     size: u64,
 }
@@ -97,7 +101,38 @@ impl GuestRam {
         let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
         Ok(GuestRam {
             memory,
-            memfd,
+            memfd: Some(memfd),
+            ranges,
+            size,
+        })
+    }
+
+    /// Guest RAM mapped copy-on-write (`MAP_PRIVATE`) from a snapshot's memory file, laid out
+    /// as the memfd of [`Self::new`]: the file is never written, pages are read on first touch.
+    pub fn from_snapshot(file: &File, size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || size % 4096 != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let ranges = ram_ranges(size);
+        let mut regions = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            let file = file.try_clone().map_err(MemoryError::Dup)?;
+            let region = MmapRegionBuilder::new(r.len as usize)
+                .with_file_offset(FileOffset::new(file, r.file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| MemoryError::MapSnapshot(std::io::Error::other(e)))?;
+            regions.push(
+                GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+                    .ok_or_else(|| MemoryError::MapSnapshot(std::io::Error::other("region")))?,
+            );
+        }
+        let memory = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::MapSnapshot(std::io::Error::other(e)))?;
+        Ok(GuestRam {
+            memory,
+            memfd: None,
             ranges,
             size,
         })
@@ -108,9 +143,9 @@ impl GuestRam {
         &self.memory
     }
 
-    /// The memfd that backs all of guest RAM.
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// The memfd that backs all of guest RAM (`None` for RAM mapped from a snapshot).
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
     }
 
     /// The guest-physical ranges of RAM.
@@ -177,7 +212,10 @@ mod tests {
             .write_slice(b"ddvmm", GuestAddress(0x1234))
             .expect("write");
         let mut buf = [0u8; 5];
-        ram.memfd().read_exact_at(&mut buf, 0x1234).expect("read");
+        ram.memfd()
+            .expect("memfd")
+            .read_exact_at(&mut buf, 0x1234)
+            .expect("read");
         assert_eq!(&buf, b"ddvmm");
     }
 

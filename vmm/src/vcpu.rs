@@ -3,10 +3,14 @@
 //!
 //! Stopping: the machine sets the shared `stop` flag and signals each vCPU thread with
 //! [`kick_signal`] until it exits; the signal interrupts `KVM_RUN` with `EINTR`.
+//!
+//! Pausing (for a snapshot): the machine raises a [`PauseGate`] and kicks; each vCPU thread
+//! completes the I/O its last exit left pending (one `KVM_RUN` with `immediate_exit` set),
+//! saves its own state into the gate and waits there until the machine resumes it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -14,6 +18,111 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, GuestExit};
+use crate::snapshot::{SnapshotError, VcpuState};
+
+/// Where vCPU threads wait while the machine is paused, and leave their saved state.
+pub struct PauseGate {
+    requested: AtomicBool,
+    state: Mutex<PauseState>,
+    changed: Condvar,
+    /// MSRs each vCPU saves.
+    msr_indices: Vec<u32>,
+}
+
+#[derive(Default)]
+struct PauseState {
+    /// Pause rounds so far: a vCPU waits until the round it paused in is over.
+    round: u64,
+    paused: usize,
+    saved: Vec<Option<Result<VcpuState, String>>>,
+}
+
+impl PauseGate {
+    /// A gate for `vcpus` vCPUs that save `msr_indices`.
+    pub fn new(vcpus: usize, msr_indices: Vec<u32>) -> Arc<Self> {
+        Arc::new(PauseGate {
+            requested: AtomicBool::new(false),
+            state: Mutex::new(PauseState {
+                saved: (0..vcpus).map(|_| None).collect(),
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+            msr_indices,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pauses every vCPU (`kick` interrupts their `KVM_RUN`) and returns their saved states,
+    /// or an error if they are not all parked within `timeout` (the machine is then resumed).
+    pub fn pause(
+        &self,
+        kick: &dyn Fn(),
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, SnapshotError> {
+        let n = self.lock().saved.len();
+        self.requested.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        while s.paused < n {
+            if Instant::now() >= deadline {
+                drop(s);
+                self.resume();
+                return Err(SnapshotError::PauseTimeout(timeout.as_millis() as u64));
+            }
+            drop(s);
+            kick();
+            s = self.lock();
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(5))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let mut states = Vec::with_capacity(n);
+        for (i, slot) in s.saved.iter_mut().enumerate() {
+            match slot.take() {
+                Some(Ok(v)) => states.push(v),
+                Some(Err(e)) => {
+                    drop(s);
+                    self.resume();
+                    return Err(SnapshotError::device(format!("vCPU {i}"), e));
+                }
+                None => {
+                    drop(s);
+                    self.resume();
+                    return Err(SnapshotError::device(format!("vCPU {i}"), "saved no state"));
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    /// Lets every paused vCPU run again.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        self.requested.store(false, Ordering::Release);
+        s.round += 1;
+        self.changed.notify_all();
+    }
+
+    /// The vCPU side: save, report, wait for the round to end.
+    fn park(&self, index: u32, state: Result<VcpuState, String>) {
+        let mut s = self.lock();
+        let round = s.round;
+        if let Some(slot) = s.saved.get_mut(index as usize) {
+            *slot = Some(state);
+        }
+        s.paused += 1;
+        self.changed.notify_all();
+        while s.round == round {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.paused -= 1;
+    }
+}
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -83,6 +192,8 @@ pub struct Vcpu {
     pub stop: Arc<AtomicBool>,
     /// Fault injection requests (the boot vCPU only).
     pub inject: Option<Arc<VcpuInjection>>,
+    /// Where to pause for a snapshot.
+    pub pause: Arc<PauseGate>,
 }
 
 /// What one `KVM_RUN` exit means for the loop.
@@ -96,6 +207,10 @@ impl Vcpu {
     pub fn run(mut self) {
         tracing::debug!(vcpu = self.index, "vCPU thread running");
         while !self.stop.load(Ordering::Acquire) {
+            if self.pause.requested.load(Ordering::Acquire) {
+                self.pause_here();
+                continue;
+            }
             // A plain load on every exit; the read-modify-write only when a request is there.
             if let Some(i) = &self.inject {
                 if i.triple_fault.load(Ordering::Relaxed)
@@ -115,6 +230,23 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Completes the I/O the last exit left pending (KVM finishes it on entry and returns at
+    /// once with `immediate_exit`), then saves this vCPU and waits at the pause gate.
+    fn pause_here(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(exit) => Err(format!("unexpected exit while pausing: {exit:?}")),
+            Err(e) => Err(format!("KVM_RUN while pausing: {e}")),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        let state = completed.and_then(|()| {
+            VcpuState::save(self.index, &self.fd, &self.pause.msr_indices)
+                .map_err(|e| e.to_string())
+        });
+        self.pause.park(self.index, state);
     }
 
     fn crash(&self, reason: impl Into<String>) -> Step {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ddvmm::devices::bus::{BusDevice, SharedDevice};
 use ddvmm::exit::GuestExit;
-use ddvmm::machine::{BootSource, ConsoleOutput, Machine, MachineConfig};
+use ddvmm::machine::{BootSource, ConsoleOutput, Machine, MachineConfig, SnapshotMode};
 use vm_memory::{Bytes, GuestAddress};
 
 const LOAD: u16 = 0x1000;
@@ -50,6 +50,7 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
             limit: u64::MAX,
         },
         kvm_device: "/dev/kvm".into(),
+        snapshot: SnapshotMode::None,
     };
     let mut machine = Machine::build(&cfg).expect("build machine");
     if let Some((dev, base, len)) = mmio {
@@ -92,8 +93,8 @@ fn serial_output_poweroff_and_memory_contents() {
     assert_eq!(byte, 0xab);
     // The guest's write landed in the memfd that backs RAM (shareable with other processes).
     let mut from_fd = [0u8; 1];
-    std::os::unix::fs::FileExt::read_exact_at(r.machine.ram().memfd(), &mut from_fd, 0x5000)
-        .expect("read memfd");
+    let memfd = r.machine.ram().memfd().expect("RAM is a memfd");
+    std::os::unix::fs::FileExt::read_exact_at(memfd, &mut from_fd, 0x5000).expect("read memfd");
     assert_eq!(from_fd[0], 0xab);
 }
 

@@ -60,6 +60,9 @@ mod tests {
         dev.write(0, &[SLEEP_ENABLE | (3 << SLEEP_TYPE_SHIFT)]);
         assert!(rx.try_recv().is_err());
         dev.write(0, &[SLEEP_ENABLE | (S5_SLEEP_TYPE << SLEEP_TYPE_SHIFT)]);
-        assert_eq!(rx.try_recv(), Ok(GuestExit::PowerOff));
+        assert_eq!(
+            rx.try_recv(),
+            Ok(crate::exit::MachineEvent::Exit(GuestExit::PowerOff))
+        );
     }
 }

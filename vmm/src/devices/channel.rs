@@ -25,7 +25,7 @@
 //! agent's unmask); the ring's notification suppression keeps those to one per agent sleep.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -38,9 +38,43 @@ use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
 
 pub use ddvmm_translation::channel::{
-    regs, BACKEND_LEN, DEVICE, FLAG_READ_ONLY, KIND_BLOCK, KIND_NET, MAGIC, REGS_SIZE, VENDOR,
-    VERSION,
+    regs, BACKEND_LEN, DEVICE, ENTROPY_LEN, FLAG_READ_ONLY, KIND_BLOCK, KIND_NET, MAGIC, REGS_SIZE,
+    VENDOR, VERSION,
 };
+
+/// Called with the channel's index when its agent parks at the gate.
+pub type ParkNotifier = Arc<dyn Fn(u32) + Send + Sync>;
+
+/// A channel's gate ([`regs::GATE`]), shared by the device and the machine: the machine shuts
+/// it while it makes a snapshot template and learns from it when the agent is parked.
+pub struct ChannelGate {
+    index: u32,
+    open: AtomicBool,
+    parked: AtomicBool,
+    notify: ParkNotifier,
+}
+
+impl ChannelGate {
+    /// A gate, open or shut, that calls `notify` when the agent parks.
+    pub fn new(index: u32, open: bool, notify: ParkNotifier) -> Arc<Self> {
+        Arc::new(ChannelGate {
+            index,
+            open: AtomicBool::new(open),
+            parked: AtomicBool::new(false),
+            notify,
+        })
+    }
+
+    /// Lets the agent attach.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+
+    /// Whether the agent announced itself parked.
+    pub fn parked(&self) -> bool {
+        self.parked.load(Ordering::Acquire)
+    }
+}
 
 /// Status register bit: INTx asserted.
 const STATUS_INTERRUPT: u8 = 1 << 3;
@@ -160,6 +194,7 @@ pub struct ChannelDevice {
     regs: [u8; regs::END as usize],
     /// Pending fault request ([`regs::FAULT`]), set by the VMM's control thread.
     fault: Arc<AtomicU32>,
+    gate: Arc<ChannelGate>,
 }
 
 impl ChannelDevice {
@@ -170,6 +205,7 @@ impl ChannelDevice {
         regs_addr: u64,
         mem_addr: u64,
         mem_size: u64,
+        gate: Arc<ChannelGate>,
     ) -> Result<Self, ChannelError> {
         match info.kind {
             ChannelKind::Block {
@@ -250,10 +286,14 @@ impl ChannelDevice {
         }
         put(regs::MEM_SIZE, &mem_size.to_le_bytes());
         put(regs::BACKEND, info.backend.as_bytes());
+        let mut entropy = [0u8; ENTROPY_LEN];
+        crate::snapshot::fill_random(&mut entropy);
+        put(regs::ENTROPY, &entropy);
         Ok(ChannelDevice {
             config,
             regs: r,
             fault: Arc::new(AtomicU32::new(0)),
+            gate,
         })
     }
 
@@ -293,6 +333,11 @@ impl PciDevice for ChannelDevice {
             data.copy_from_slice(&self.fault.swap(0, Ordering::AcqRel).to_le_bytes());
             return;
         }
+        if bar == 0 && offset == regs::GATE && data.len() == 4 {
+            let open = u32::from(self.gate.open.load(Ordering::Acquire));
+            data.copy_from_slice(&open.to_le_bytes());
+            return;
+        }
         for (i, b) in data.iter_mut().enumerate() {
             *b = match (bar, offset.checked_add(i as u64)) {
                 (0, Some(at)) if at < regs::END => self.regs[at as usize],
@@ -303,9 +348,21 @@ impl PciDevice for ChannelDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, _data: &[u8]) {
+        if bar == 0 && offset == regs::GATE {
+            if !self.gate.parked.swap(true, Ordering::AcqRel) {
+                tracing::info!(channel = self.gate.index, "agent parked at the gate");
+                (self.gate.notify)(self.gate.index);
+            }
+            return;
+        }
         // A doorbell write only lands here if the ioeventfd did not match (an odd width);
         // anything else is a read-only register.
         tracing::debug!(bar, offset, "ignored write to a channel register");
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.config
+            .restore_regs(&crate::devices::pci::saved_config(state)?)
     }
 }
 
@@ -341,7 +398,8 @@ mod tests {
 
     #[test]
     fn registers_describe_the_channel() {
-        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        let mut d =
+            ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
         assert_eq!(read(&mut d, regs::INDEX, 4), 3u32.to_le_bytes());
         assert_eq!(read(&mut d, regs::START, 8), 2048u64.to_le_bytes());
@@ -349,7 +407,7 @@ mod tests {
         assert_eq!(read(&mut d, regs::MEM_SIZE, 8), (1u64 << 24).to_le_bytes());
         assert_eq!(&read(&mut d, regs::BACKEND, 9)[..], b"/dev/vda\0");
         // Past the end and across it: zeroes, no panic.
-        assert_eq!(read(&mut d, regs::END - 2, 4), [0, 0, 0, 0]);
+        assert_eq!(read(&mut d, regs::END - 2, 4)[2..], [0, 0]);
         assert_eq!(read(&mut d, u64::MAX, 4), [0, 0, 0, 0]);
         d.bar_write(0, regs::MAGIC, &[0; 4]);
         assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
@@ -364,16 +422,55 @@ mod tests {
                 mac: [0x52, 0x54, 0, 1, 2, 3],
             },
         };
-        let mut d = ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        let mut d = ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::KIND, 4), KIND_NET.to_le_bytes());
         assert_eq!(&read(&mut d, regs::BACKEND, 5)[..], b"eth0\0");
         assert_eq!(read(&mut d, regs::MAC, 8), [0x52, 0x54, 0, 1, 2, 3, 0, 0]);
         assert_eq!(read(&mut d, regs::SECTORS, 8), [0; 8]);
     }
 
+    fn gate() -> Arc<ChannelGate> {
+        ChannelGate::new(3, true, Arc::new(|_| {}))
+    }
+
+    #[test]
+    fn gate_reports_parking_once_and_opens() {
+        let parked = Arc::new(AtomicU32::new(0));
+        let p = parked.clone();
+        let gate = ChannelGate::new(
+            3,
+            false,
+            Arc::new(move |i| {
+                p.fetch_add(i, Ordering::SeqCst);
+            }),
+        );
+        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate.clone())
+            .expect("dev");
+        assert_eq!(read(&mut d, regs::GATE, 4), [0; 4]);
+        d.bar_write(0, regs::GATE, &[1, 0, 0, 0]);
+        d.bar_write(0, regs::GATE, &[1, 0, 0, 0]);
+        assert_eq!(
+            parked.load(Ordering::SeqCst),
+            3,
+            "one notification per park"
+        );
+        assert!(gate.parked());
+        gate.open();
+        assert_eq!(read(&mut d, regs::GATE, 4), 1u32.to_le_bytes());
+        let e1 = read(&mut d, regs::ENTROPY, ENTROPY_LEN);
+        let d2 = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate).expect("dev");
+        let mut d2 = d2;
+        assert_ne!(
+            e1,
+            read(&mut d2, regs::ENTROPY, ENTROPY_LEN),
+            "entropy per device"
+        );
+    }
+
     #[test]
     fn fault_register_is_taken_by_one_read() {
-        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        let mut d =
+            ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::FAULT, 4), [0; 4]);
         d.fault_request()
             .store(ddvmm_translation::channel::fault::PANIC, Ordering::SeqCst);
@@ -383,7 +480,8 @@ mod tests {
 
     #[test]
     fn interrupt_status_follows_intx_disable() {
-        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24).expect("dev");
+        let mut d =
+            ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
         let mut b = [0u8; 4];
         d.config_read(config::COMMAND, &mut b);
         assert_ne!(b[2] & STATUS_INTERRUPT, 0);
@@ -399,14 +497,14 @@ mod tests {
     fn rejects_bad_descriptions() {
         let mut i = info();
         i.backend = "vda".into();
-        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).is_err());
+        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).is_err());
         let mut i = info();
         i.kind = ChannelKind::Block {
             start_sector: 0,
             sectors: 0,
             read_only: false,
         };
-        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24).is_err());
+        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).is_err());
         let net = |uplink: &str| ChannelInfo {
             index: 0,
             backend: uplink.into(),
@@ -414,11 +512,11 @@ mod tests {
         };
         for bad in ["", "/dev/vda", "a-name-too-long-x", "eth 0"] {
             assert!(
-                ChannelDevice::new(&net(bad), 0xc000_0000, 0xc100_0000, 1 << 24).is_err(),
+                ChannelDevice::new(&net(bad), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).is_err(),
                 "{bad}"
             );
         }
-        assert!(ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 3 << 20).is_err());
+        assert!(ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 3 << 20, gate()).is_err());
     }
 }
 

@@ -52,6 +52,9 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[0xd1]);
         assert!(rx.try_recv().is_err());
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
-        assert_eq!(rx.try_recv(), Ok(GuestExit::Reboot));
+        assert_eq!(
+            rx.try_recv(),
+            Ok(crate::exit::MachineEvent::Exit(GuestExit::Reboot))
+        );
     }
 }

@@ -57,6 +57,9 @@ mod tests {
         dev.write(0, &[]);
         assert!(rx.try_recv().is_err());
         dev.write(0, &[PVPANIC_PANICKED]);
-        assert_eq!(rx.try_recv(), Ok(GuestExit::Panic));
+        assert_eq!(
+            rx.try_recv(),
+            Ok(crate::exit::MachineEvent::Exit(GuestExit::Panic))
+        );
     }
 }

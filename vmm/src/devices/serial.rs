@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -18,9 +19,26 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Bytes the UART's receive FIFO holds.
+const FIFO_SIZE: usize = 64;
+
 /// COM1, writing guest output to `W` (stdout or a log file).
 pub struct SerialConsole<W: Write + Send> {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, W>,
+    uart: Serial<IrqTrigger, NoEvents, W>,
+}
+
+/// The UART's registers and receive FIFO as saved in a snapshot (vm-superio's `SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSerial {
+    divisor: [u8; 2],
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 impl<W: Write + Send> SerialConsole<W> {
@@ -34,6 +52,57 @@ impl<W: Write + Send> SerialConsole<W> {
     /// Feeds bytes typed by the user to the guest. Returns how many fit in the FIFO.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+
+    /// The UART's state.
+    pub fn save(&self) -> SavedSerial {
+        let s = self.uart.state();
+        SavedSerial {
+            divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Replaces the UART's state (same interrupt line and output; `placeholder` stands in
+    /// for the output during the swap).
+    pub fn restore(&mut self, saved: &SavedSerial, placeholder: W) -> Result<(), String> {
+        if saved.in_buffer.len() > FIFO_SIZE {
+            return Err(format!(
+                "{} bytes in the receive FIFO",
+                saved.in_buffer.len()
+            ));
+        }
+        let state = SerialState {
+            baud_divisor_low: saved.divisor[0],
+            baud_divisor_high: saved.divisor[1],
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let irq = || {
+            self.uart
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("serial irq: {e}"))
+        };
+        let (a, b) = (irq()?, irq()?);
+        let old = std::mem::replace(&mut self.uart, Serial::new(IrqTrigger(a), placeholder));
+        self.uart = Serial::from_state(&state, IrqTrigger(b), NoEvents, old.into_writer())
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(())
     }
 }
 
@@ -88,5 +157,23 @@ mod tests {
         let mut wide = [0u8; 4];
         s.read(0, &mut wide);
         assert_eq!(wide[0], 0xff);
+    }
+
+    #[test]
+    fn state_survives_a_restore() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut s = SerialConsole::new(irq.try_clone().expect("clone"), Vec::new());
+        s.write(1, &[0x02]);
+        s.write(7, &[0x5a]);
+        s.enqueue_input(b"ab");
+        let saved = s.save();
+        let mut r = SerialConsole::new(irq, Vec::new());
+        r.restore(&saved, Vec::new()).expect("restore");
+        assert_eq!(r.save(), saved);
+        let mut b = [0u8];
+        r.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'a');
     }
 }

@@ -501,6 +501,14 @@ impl PciDevice for VfioPci {
         &self.virt
     }
 
+    fn save_state(&mut self) -> Result<serde_json::Value, String> {
+        Err("a passed-through function's state lives in the hardware: not in a snapshot".into())
+    }
+
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("a passed-through function cannot be restored from a snapshot".into())
+    }
+
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         if offset.saturating_add(data.len()) > CONFIG_SIZE
             || self

@@ -121,4 +121,20 @@ pub struct MachineConfig {
     pub console: ConsoleOutput,
     /// Path of the KVM device.
     pub kvm_device: PathBuf,
+    /// Snapshot template to make, or snapshot to restore.
+    pub snapshot: SnapshotMode,
+}
+
+/// Whether a machine makes a snapshot or starts from one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Neither.
+    #[default]
+    None,
+    /// Boot, and write a snapshot into this directory when every channel's agent is parked
+    /// at its gate (the gates stay shut until then), or when asked
+    /// ([`super::Machine::snapshot_trigger`]).
+    TemplateTo(PathBuf),
+    /// Start from the snapshot in this directory instead of booting.
+    Restore(PathBuf),
 }

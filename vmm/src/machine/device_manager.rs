@@ -11,8 +11,8 @@ use kvm_ioctls::VmFd;
 use super::{ChannelConfig, MachineError};
 use crate::arch::x86_64::acpi;
 use crate::arch::x86_64::layout::{PCI_MMIO_END, PCI_MMIO_START};
-use crate::devices::bus::{Bus, SharedDevice};
-use crate::devices::channel::{self, ChannelDevice, ChannelWiring};
+use crate::devices::bus::Bus;
+use crate::devices::channel::{self, ChannelDevice, ChannelGate, ChannelWiring};
 use crate::devices::pci::msix::IrqRouter;
 use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
@@ -27,6 +27,8 @@ use crate::memory::GuestRam;
 pub(super) struct PciBuilder {
     root: PciRoot,
     next_bar: u64,
+    /// What each function is, in slot order (a snapshot's shape).
+    labels: Vec<String>,
 }
 
 impl PciBuilder {
@@ -38,7 +40,13 @@ impl PciBuilder {
         PciBuilder {
             root,
             next_bar: PCI_MMIO_START,
+            labels: vec!["host bridge".into()],
         }
+    }
+
+    /// What each function is, in slot order.
+    pub(super) fn labels(&self) -> &[String] {
+        &self.labels
     }
 
     /// Reserves `size` bytes (a power of two) of MMIO space, naturally aligned.
@@ -52,9 +60,12 @@ impl PciBuilder {
     }
 
     fn add(&mut self, dev: SharedPciDevice, label: &str) -> Result<usize, MachineError> {
-        self.root
+        let slot = self
+            .root
             .add(dev)
-            .ok_or_else(|| MachineError::PciFull(label.to_string()))
+            .ok_or_else(|| MachineError::PciFull(label.to_string()))?;
+        self.labels.push(label.to_string());
+        Ok(slot)
     }
 
     pub(super) fn add_virtio(
@@ -69,7 +80,7 @@ impl PciBuilder {
         let kind = device.device_type();
         let dev = VirtioPciDevice::new(device, ram.memory().clone(), router.clone(), bar)?;
         let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
-        let slot = self.add(dev.clone(), &label)?;
+        let slot = self.add(dev.clone(), &format!("virtio type {kind}"))?;
         mmio_bus.insert(Arc::new(Mutex::new(BarRegion::new(dev, 0))), bar, BAR_SIZE)?;
         tracing::info!(device = %label, virtio_type = kind, slot, bar = format_args!("{bar:#x}"), "virtio-pci device");
         Ok(())
@@ -116,6 +127,7 @@ impl PciBuilder {
         vm: &VmFd,
         slots: &mut MemorySlots,
         c: &ChannelConfig,
+        gate: Arc<ChannelGate>,
         mmio_bus: &mut Bus,
     ) -> Result<(ChannelWiring, Arc<AtomicU32>), MachineError> {
         let label = format!("channel {}", c.info.index);
@@ -125,10 +137,14 @@ impl PciBuilder {
             .map_err(|e| MachineError::Sys("sizing channel memory", e))?;
         let regs_addr = self.alloc_bar(channel::REGS_SIZE, &label)?;
         let mem_addr = self.alloc_bar(size.max(0x1000).next_power_of_two(), &label)?;
-        let dev = ChannelDevice::new(&c.info, regs_addr, mem_addr, size)?;
+        let dev = ChannelDevice::new(&c.info, regs_addr, mem_addr, size, gate)?;
         let fault = dev.fault_request();
         let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
-        let slot = self.add(dev.clone(), &label)?;
+        let kind = match c.info.kind {
+            channel::ChannelKind::Block { .. } => "block",
+            channel::ChannelKind::Net { .. } => "net",
+        };
+        let slot = self.add(dev.clone(), &format!("{label} {kind} {size:#x}"))?;
         mmio_bus.insert(
             Arc::new(Mutex::new(BarRegion::new(dev, 0))),
             regs_addr,
@@ -148,7 +164,7 @@ impl PciBuilder {
         Ok((wiring, fault))
     }
 
-    pub(super) fn finish(self) -> SharedDevice {
+    pub(super) fn finish(self) -> Arc<Mutex<PciRoot>> {
         Arc::new(Mutex::new(self.root))
     }
 }

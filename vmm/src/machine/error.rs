@@ -21,6 +21,9 @@ use crate::memory::MemoryError;
 /// Errors building or running a machine.
 #[derive(Debug, Error)]
 pub enum MachineError {
+    /// Taking or restoring a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// KVM is unusable.
     #[error(transparent)]
     Kvm(#[from] KvmError),

@@ -32,9 +32,10 @@ use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, SharedDevice};
 pub use crate::devices::channel::ChannelFds;
-use crate::devices::channel::ChannelWiring;
+use crate::devices::channel::{ChannelGate, ChannelWiring};
 use crate::devices::i8042::I8042;
 use crate::devices::pci::msix::IrqRouter;
+use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::SharedPciDevice;
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::SerialConsole;
@@ -46,12 +47,21 @@ use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::ring::RingPort;
 use crate::devices::virtio::VirtioDevice;
-use crate::exit::{ExitNotifier, GuestExit};
+use crate::exit::{ExitNotifier, GuestExit, MachineEvent};
 use crate::kvm::slots::MemorySlots;
 use crate::kvm::{self, KvmError};
 use crate::memory::GuestRam;
 use crate::sandbox::seccomp::ThreadKind;
-use crate::vcpu::{self, Vcpu, VcpuInjection};
+use crate::snapshot::{
+    self, Identity, Shape, Snapshot, SnapshotError, SnapshotState, SnapshotTarget, VmState,
+};
+use crate::vcpu::{self, PauseGate, Vcpu, VcpuInjection};
+
+/// The console as the machine holds it.
+type Console = SerialConsole<Box<dyn Write + Send>>;
+
+/// How long vCPUs get to pause for a snapshot.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Our ACPI tables use 8-bit APIC ids.
 pub(crate) const MAX_VCPUS_ACPI: u32 = 254;
@@ -71,7 +81,18 @@ pub struct Machine {
     io_bus: Bus,
     mmio_bus: Bus,
     exits: ExitNotifier,
-    _vm: Arc<VmFd>,
+    vm: Arc<VmFd>,
+    pci: Arc<Mutex<PciRoot>>,
+    serial: Arc<Mutex<Console>>,
+    pause: Arc<PauseGate>,
+    /// Every channel's gate.
+    gates: Vec<Arc<ChannelGate>>,
+    /// Where the snapshot template goes (until it is written).
+    target: Option<SnapshotTarget>,
+    identity: Identity,
+    shape: Shape,
+    /// Started from a snapshot: devices resume (and workers start) when the machine runs.
+    restored: bool,
     _kvm: Kvm,
     /// The memory slots and the mappings behind them (channel memory, BAR pages): released
     /// with the VM, before the passed-through functions (their BAR pages first, then the
@@ -82,7 +103,7 @@ pub struct Machine {
     /// What keeps the channels wired (INTx resample eventfds).
     _channels: Vec<ChannelWiring>,
     ram: GuestRam,
-    exit_rx: Receiver<GuestExit>,
+    exit_rx: Receiver<MachineEvent>,
     stop: Arc<AtomicBool>,
     /// Ring disks, then ring NICs.
     ring_ports: Vec<RingPort>,
@@ -115,8 +136,45 @@ impl Machine {
         if cfg.vcpus == 0 {
             return Err(MachineError::NoVcpus);
         }
-        let payload = BootPayload::read(&cfg.boot)?;
+        if cfg.snapshot != SnapshotMode::None {
+            let unsupported = if !cfg.ring_disks.is_empty() || !cfg.ring_nets.is_empty() {
+                Some("its ring disks and NICs hold a journal that lives with the client")
+            } else if !cfg.passthrough.is_empty() {
+                Some("a passed-through function's state is in the hardware")
+            } else {
+                None
+            };
+            if let Some(why) = unsupported {
+                return Err(SnapshotError::Unsupported(why.into()).into());
+            }
+        }
+        let restore_dir = match &cfg.snapshot {
+            SnapshotMode::Restore(dir) => Some(dir.as_path()),
+            _ => None,
+        };
+        // A restore boots nothing: the kernel is not even read.
+        let payload = match restore_dir {
+            None => Some(BootPayload::read(&cfg.boot)?),
+            Some(_) => None,
+        };
         let kvm = kvm::open(&cfg.kvm_device)?;
+        let identity = Identity::of_host(&kvm)?;
+        let restore = restore_dir
+            .map(|dir| {
+                snapshot::check_xsave_size(&kvm)?;
+                let s = Snapshot::open(dir, &identity)?;
+                // Before RAM is mapped from its file: the sizes must agree.
+                s.check_shape(&Shape {
+                    vcpus: cfg.vcpus,
+                    mem_size: cfg.mem_size,
+                    devices: s.state.shape.devices.clone(),
+                })?;
+                Ok::<_, SnapshotError>(s)
+            })
+            .transpose()?;
+        if matches!(cfg.snapshot, SnapshotMode::TemplateTo(_)) {
+            snapshot::check_xsave_size(&kvm)?;
+        }
         let kvm_max = u32::try_from(kvm::max_vcpus(&kvm)).unwrap_or(u32::MAX);
         let max = kvm_max.min(MAX_VCPUS_ACPI);
         if cfg.vcpus > max {
@@ -127,16 +185,27 @@ impl Machine {
             });
         }
 
-        let ram = GuestRam::new(cfg.mem_size)?;
-        let rsdp = acpi::write_acpi_tables(ram.memory(), cfg.vcpus)?;
-        reset_vector::write_reset_vector(ram.memory()).map_err(|source| {
-            MachineError::Loader(loader::LoaderError::GuestWrite {
-                what: "reset vector",
-                addr: reset_vector::RESET_VECTOR,
-                source,
-            })
-        })?;
-        let entry = payload.load(&ram, rsdp)?;
+        let (ram, entry) = match (&restore, &payload) {
+            (Some(s), _) => (GuestRam::from_snapshot(&s.memory, cfg.mem_size)?, None),
+            (None, Some(payload)) => {
+                let ram = GuestRam::new(cfg.mem_size)?;
+                let rsdp = acpi::write_acpi_tables(ram.memory(), cfg.vcpus)?;
+                reset_vector::write_reset_vector(ram.memory()).map_err(|source| {
+                    MachineError::Loader(loader::LoaderError::GuestWrite {
+                        what: "reset vector",
+                        addr: reset_vector::RESET_VECTOR,
+                        source,
+                    })
+                })?;
+                let entry = payload.load(&ram, rsdp)?;
+                (ram, Some(entry))
+            }
+            (None, None) => return Err(MachineError::NoVcpus),
+        };
+        let target = match &cfg.snapshot {
+            SnapshotMode::TemplateTo(dir) => Some(SnapshotTarget::create(dir)?),
+            _ => None,
+        };
 
         // Open disks before creating the VM: a bad path is a user error, reported first.
         let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
@@ -170,7 +239,7 @@ impl Machine {
 
         let (exit_tx, exit_rx) = channel();
         let exits = ExitNotifier::new(exit_tx);
-        let mut io_bus = platform_io_bus(&vm, &cfg.console, &exits)?;
+        let (mut io_bus, serial) = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mut mmio_bus = Bus::new();
         let router = Arc::new(IrqRouter::new(vm.clone()));
         let mut pci = PciBuilder::new();
@@ -178,9 +247,19 @@ impl Machine {
             pci.add_virtio(&ram, &router, label, device, &mut mmio_bus)?;
         }
         let mut channels = Vec::new();
+        let mut gates = Vec::new();
         let mut faults = FaultInjector::default();
+        // A template's gates stay shut until the snapshot is written.
+        let gates_open = target.is_none();
         for c in &cfg.channels {
-            let (wiring, fault) = pci.add_channel(&vm, &mut slots, c, &mut mmio_bus)?;
+            let parked = exits.clone();
+            let gate = ChannelGate::new(
+                c.info.index,
+                gates_open,
+                Arc::new(move |i| parked.event(MachineEvent::Parked(i))),
+            );
+            gates.push(gate.clone());
+            let (wiring, fault) = pci.add_channel(&vm, &mut slots, c, gate, &mut mmio_bus)?;
             channels.push(wiring);
             faults.channels.push(fault);
         }
@@ -188,13 +267,26 @@ impl Machine {
         for f in functions {
             passthrough.push(pci.add_vfio(&vm, &mut slots, &ram, &router, f, &mut mmio_bus)?);
         }
-        io_bus.insert(pci.finish(), u64::from(PCI_CONFIG_IO), 8)?;
+        let mut shape = Shape {
+            vcpus: cfg.vcpus,
+            mem_size: cfg.mem_size,
+            devices: pci.labels().to_vec(),
+        };
+        shape.devices.insert(0, "COM1".into());
+        let pci = pci.finish();
+        let pci_bus: SharedDevice = pci.clone();
+        io_bus.insert(pci_bus, u64::from(PCI_CONFIG_IO), 8)?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| KvmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
         let supported_msrs = msrs::supported_msrs(&kvm)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let pause = PauseGate::new(cfg.vcpus as usize, supported_msrs.clone());
+        if let Some(s) = &restore {
+            s.check_shape(&shape)?;
+            s.state.vm.restore(&vm)?;
+        }
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for index in 0..cfg.vcpus {
             let fd: VcpuFd = vm
@@ -204,11 +296,21 @@ impl Machine {
                 .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
             msrs::setup_msrs(&fd, &supported_msrs)?;
             regs::setup_lint(&fd)?;
-            if index == 0 {
+            match (&restore, &entry) {
+                (Some(s), _) => s.state.vcpus[index as usize].restore(&fd)?,
                 // Application processors wait for INIT/SIPI from the boot processor.
-                entry.setup_boot_vcpu(&fd)?;
+                (None, Some(entry)) if index == 0 => entry.setup_boot_vcpu(&fd)?,
+                _ => {}
             }
             vcpus.push((index, fd));
+        }
+        if let Some(s) = &restore {
+            restore_devices(&s.state.devices, &pci, &serial)?;
+            tracing::info!(
+                snapshot = %s.dir.display(),
+                rip = format_args!("{:#x}", s.state.vcpus[0].rip()),
+                "restored from snapshot"
+            );
         }
 
         Ok(Machine {
@@ -216,7 +318,15 @@ impl Machine {
             io_bus,
             mmio_bus,
             exits,
-            _vm: vm,
+            vm,
+            pci,
+            serial,
+            pause,
+            gates,
+            target,
+            identity,
+            shape,
+            restored: restore.is_some(),
             _kvm: kvm,
             _slots: slots,
             _passthrough: passthrough,
@@ -254,10 +364,21 @@ impl Machine {
         Ok(self.mmio_bus.insert(device, base, len)?)
     }
 
+    /// Asks the running machine to write a snapshot into its snapshot target (a machine
+    /// built with [`SnapshotMode::TemplateTo`]); the result is logged.
+    pub fn snapshot_trigger(&self) -> impl Fn() + Send + Sync + 'static {
+        let exits = self.exits.clone();
+        move || exits.event(MachineEvent::Snapshot)
+    }
+
     /// Runs the guest until it powers off, reboots, panics or crashes. A machine runs once.
     pub fn run(&mut self) -> Result<GuestExit, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
+        if self.restored {
+            // Restored devices start their workers now (after the VMM is confined).
+            lock(&self.pci).resume_all();
+        }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, fd) in self.vcpus.drain(..) {
             let v = Vcpu {
@@ -268,6 +389,7 @@ impl Machine {
                 exits: self.exits.clone(),
                 stop: self.stop.clone(),
                 inject: (index == 0).then(|| self.faults.vcpu.clone()),
+                pause: self.pause.clone(),
             };
             let name = format!("vcpu{index}");
             let handle = crate::sandbox::seccomp::spawn(ThreadKind::Vcpu, name, move || v.run())
@@ -288,21 +410,106 @@ impl Machine {
 }
 
 impl Machine {
-    /// Waits for the first exit report. The machine itself holds a sender, so a plain `recv`
-    /// would never fail; poll for the case where every vCPU thread ended without reporting.
-    fn recv_exit(&self, threads: &[JoinHandle<()>]) -> Result<GuestExit, MachineError> {
+    /// Waits for the first exit report, taking snapshots on the way when asked (or when
+    /// every agent parked, for a template). The machine itself holds a sender, so a plain
+    /// `recv` would never fail; poll for the case where every vCPU thread ended without
+    /// reporting.
+    fn recv_exit(&mut self, threads: &[JoinHandle<()>]) -> Result<GuestExit, MachineError> {
         loop {
-            match self.exit_rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(exit) => return Ok(exit),
-                Err(_) if threads.iter().all(|t| t.is_finished()) => {
-                    return self
-                        .exit_rx
-                        .try_recv()
-                        .map_err(|_| MachineError::VcpusVanished)
+            let event = match self.exit_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(event) => event,
+                Err(_) if threads.iter().all(|t| t.is_finished()) => loop {
+                    match self.exit_rx.try_recv() {
+                        Ok(MachineEvent::Exit(exit)) => return Ok(exit),
+                        Ok(_) => {}
+                        Err(_) => return Err(MachineError::VcpusVanished),
+                    }
+                },
+                Err(_) => continue,
+            };
+            match event {
+                MachineEvent::Exit(exit) => return Ok(exit),
+                MachineEvent::Parked(_) => {
+                    if self.target.is_some() && self.gates.iter().all(|g| g.parked()) {
+                        self.snapshot_template(threads);
+                    }
                 }
-                Err(_) => {}
+                MachineEvent::Snapshot => {
+                    if self.target.is_some() {
+                        self.snapshot_template(threads);
+                    } else {
+                        tracing::warn!("snapshot requested, but no snapshot target");
+                    }
+                }
             }
         }
+    }
+
+    /// Writes the template snapshot (once), then opens the channels' gates whatever the
+    /// outcome: a VM without a template still serves (its restarts boot cold).
+    fn snapshot_template(&mut self, threads: &[JoinHandle<()>]) {
+        let Some(target) = self.target.take() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        match self.take_snapshot(&target, threads) {
+            Ok(bytes) => tracing::info!(
+                dir = %target.dir().display(),
+                ram_bytes_written = bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "snapshot template written"
+            ),
+            Err(e) => tracing::error!(
+                dir = %target.dir().display(),
+                error = %e,
+                "snapshot template failed; restarts of this VM will boot cold"
+            ),
+        }
+        for g in &self.gates {
+            g.open();
+        }
+    }
+
+    /// Pauses the vCPUs and devices, writes everything into `target`, resumes.
+    fn take_snapshot(
+        &self,
+        target: &SnapshotTarget,
+        threads: &[JoinHandle<()>],
+    ) -> Result<u64, SnapshotError> {
+        let Some(memfd) = self.ram.memfd() else {
+            return Err(SnapshotError::Unsupported(
+                "it was itself restored from a snapshot (take snapshots of a booted VM)".into(),
+            ));
+        };
+        let kick = || {
+            for t in threads {
+                let _ = t.kill(vcpu::kick_signal());
+            }
+        };
+        let vcpus = self.pause.pause(&kick, PAUSE_TIMEOUT)?;
+        let pci = lock(&self.pci);
+        pci.pause_all();
+        let result = (|| {
+            let devices = serde_json::json!({
+                "com1": lock(&self.serial).save(),
+                "pci": pci
+                    .save_state()
+                    .map_err(|(slot, e)| SnapshotError::device(format!("PCI slot {slot}"), e))?,
+            });
+            let mut state = SnapshotState {
+                identity: self.identity.clone(),
+                shape: self.shape.clone(),
+                memory_id: snapshot::random_id(),
+                vm: VmState::save(&self.vm)?,
+                vcpus,
+                devices,
+            };
+            target.write(memfd, self.ram.size(), &mut state)
+        })();
+        pci.resume_all();
+        drop(pci);
+        self.pause.resume();
+        result
     }
 }
 
@@ -330,7 +537,7 @@ fn platform_io_bus(
     vm: &VmFd,
     console: &ConsoleOutput,
     exits: &ExitNotifier,
-) -> Result<Bus, MachineError> {
+) -> Result<(Bus, Arc<Mutex<Console>>), MachineError> {
     let mut bus = Bus::new();
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, ports::COM1_IRQ)
@@ -345,7 +552,8 @@ fn platform_io_bus(
             Box::new(crate::sandbox::limits::CappedWriter::new(file, *limit))
         }
     };
-    let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
+    let console = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
+    let serial: SharedDevice = console.clone();
     bus.insert(serial, u64::from(ports::COM1), 8)?;
     let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(exits.clone())));
     // One range 0x60..=0x64: port 0x61 in between is handled inside KVM (PIT speaker).
@@ -355,7 +563,28 @@ fn platform_io_bus(
     bus.insert(pvpanic, u64::from(ports::PVPANIC), 1)?;
     let sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(exits.clone())));
     bus.insert(sleep, u64::from(ports::ACPI_SLEEP_CONTROL), 2)?;
-    Ok(bus)
+    Ok((bus, console))
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Restores the devices' saved states (see [`Machine::take_snapshot`]).
+fn restore_devices(
+    saved: &serde_json::Value,
+    pci: &Mutex<PciRoot>,
+    serial: &Mutex<Console>,
+) -> Result<(), SnapshotError> {
+    let com1: crate::devices::serial::SavedSerial =
+        serde_json::from_value(saved["com1"].clone())
+            .map_err(|e| SnapshotError::device("COM1", e.to_string()))?;
+    lock(serial)
+        .restore(&com1, Box::new(std::io::sink()))
+        .map_err(|e| SnapshotError::device("COM1", e))?;
+    lock(pci)
+        .restore_state(&saved["pci"])
+        .map_err(|(slot, e)| SnapshotError::device(format!("PCI slot {slot}"), e))
 }
 
 /// The boot payload read from disk, validated before KVM is touched.

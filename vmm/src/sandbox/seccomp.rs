@@ -128,6 +128,13 @@ impl ThreadKind {
                 Plain(libc::SYS_rt_sigaction),
                 Ioctl,
                 Plain(libc::SYS_pread64),
+                // Writing a snapshot through descriptors opened before the jail: guest RAM is
+                // copied sparse (SEEK_DATA/SEEK_HOLE), the files emptied first, the memory
+                // file's id drawn from the kernel's RNG.
+                Plain(libc::SYS_pwrite64),
+                Plain(libc::SYS_lseek),
+                Plain(libc::SYS_ftruncate),
+                Plain(libc::SYS_getrandom),
             ],
             ThreadKind::Vcpu => &[
                 Ioctl,

@@ -151,6 +151,7 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             .map_err(|e| ctx(e.to_string()))?;
     }
 
+    crate::gate::pass(&regs_map, w.index);
     loop {
         let ring = attach(&mem, SUPPORTED).map_err(ctx)?;
         ring.set_ready().map_err(|e| ctx(e.to_string()))?;

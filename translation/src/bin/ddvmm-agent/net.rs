@@ -264,6 +264,7 @@ pub fn serve(dev: &ChannelDevice) -> Result<(), String> {
     );
     let mut counters = Counters::default();
     let mut buf = vec![0u8; MAX_FRAME];
+    crate::gate::pass(&regs_map, port.index);
     loop {
         let mut ring = attach(&mem, features::NET).map_err(ctx)?;
         ring.set_ready().map_err(|e| ctx(e.to_string()))?;

@@ -233,6 +233,31 @@ impl PciConfig {
         }
     }
 
+    /// The registers (for a snapshot).
+    pub fn save_regs(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Restores saved registers. Refused (nothing changed) if their length is wrong or a BAR
+    /// holds another address than the one this VMM assigned: BARs are not relocatable here.
+    pub fn restore_regs(&mut self, saved: &[u32]) -> Result<(), String> {
+        if saved.len() != self.regs.len() {
+            return Err(format!("{} configuration registers saved", saved.len()));
+        }
+        let old = self.regs;
+        self.regs.copy_from_slice(saved);
+        for b in self.bars.clone() {
+            if self.bar_address(b.index) != Some(b.addr) {
+                self.regs = old;
+                return Err(format!(
+                    "BAR {} moved from its address {:#x}",
+                    b.index, b.addr
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Sets the interrupt pin register (1 = INTA .. 4 = INTD, 0 = none).
     pub fn set_interrupt_pin(&mut self, pin: u8) {
         self.set_byte(INTERRUPT_LINE + 1, pin);

@@ -25,6 +25,27 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// Guest write inside BAR `bar` at `offset`.
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+
+    /// Stops the device's own activity (workers finish what they took from the guest and
+    /// publish it) so that its state and guest memory can be saved. vCPUs are paused.
+    fn pause(&mut self) {}
+
+    /// Undoes [`Self::pause`] (and starts a restored device): workers run again.
+    fn resume(&mut self) {}
+
+    /// The device's state for a snapshot (after [`Self::pause`]). By default only the
+    /// configuration space: right for functions whose other state is fixed at creation.
+    fn save_state(&mut self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::json!({ "config": self.config().save_regs() }))
+    }
+
+    /// Restores [`Self::save_state`]'s result into a device built from the same configuration.
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String>;
+}
+
+/// Reads the `config` registers of a saved state (the default [`PciDevice::save_state`]).
+pub fn saved_config(state: &serde_json::Value) -> Result<Vec<u32>, String> {
+    serde_json::from_value(state["config"].clone()).map_err(|e| format!("config space: {e}"))
 }
 
 /// A shared PCI function.
@@ -104,4 +125,7 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.config.restore_regs(&saved_config(state)?)
+    }
 }

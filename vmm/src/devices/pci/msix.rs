@@ -46,6 +46,16 @@ pub enum MsixError {
     Fam(#[source] vmm_sys_util::fam::Error),
 }
 
+/// An MSI-X table as saved in a snapshot.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Per vector: address low, address high, data, vector control.
+    entries: Vec<[u32; 4]>,
+    pending: Vec<bool>,
+    enabled: bool,
+    function_masked: bool,
+}
+
 #[derive(Default)]
 struct RouterState {
     msi: BTreeMap<u32, (u64, u32)>,
@@ -405,6 +415,46 @@ impl Msix {
     /// The eventfd behind `vector` (what KVM listens to as its irqfd).
     pub fn irqfd(&self, vector: u16) -> Option<&EventFd> {
         self.irqfds.get(usize::from(vector))
+    }
+
+    /// The table, pending bits and control (for a snapshot).
+    pub fn save_state(&self) -> MsixState {
+        let s = self.lock();
+        MsixState {
+            entries: s
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+        }
+    }
+
+    /// Restores a saved table (re-programming each vector's route), its pending bits and
+    /// control. Pending vectors that are deliverable fire.
+    pub fn restore_state(&self, saved: &MsixState) -> Result<(), String> {
+        if saved.entries.len() != self.count() || saved.pending.len() != self.count() {
+            return Err(format!(
+                "{} MSI-X vectors saved, the device has {}",
+                saved.entries.len(),
+                self.count()
+            ));
+        }
+        for (i, e) in saved.entries.iter().enumerate() {
+            let mut bytes = [0u8; 16];
+            for (k, w) in e.iter().enumerate() {
+                bytes[k * 4..k * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            self.write_table(i as u64 * ENTRY_SIZE, &bytes);
+        }
+        let mut s = self.lock();
+        s.pending.clone_from(&saved.pending);
+        s.enabled = saved.enabled;
+        s.function_masked = saved.function_masked;
+        self.flush_pending(&mut s);
+        Ok(())
     }
 
     /// Guest read of the pending-bit array.

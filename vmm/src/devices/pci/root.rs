@@ -39,6 +39,59 @@ impl PciRoot {
     }
 
     /// The function the address register selects, and the register offset in it.
+    fn devices(&self) -> impl Iterator<Item = &SharedPciDevice> {
+        self.slots.iter().flatten()
+    }
+
+    /// Pauses every function (see [`PciDevice::pause`]).
+    pub fn pause_all(&self) {
+        self.devices().for_each(|d| lock(d).pause());
+    }
+
+    /// Resumes every function (see [`PciDevice::resume`]).
+    pub fn resume_all(&self) {
+        self.devices().for_each(|d| lock(d).resume());
+    }
+
+    /// The configuration address latch and every function's state, in slot order.
+    pub fn save_state(&self) -> Result<serde_json::Value, (usize, String)> {
+        let mut functions = Vec::new();
+        for (slot, d) in self.slots.iter().enumerate() {
+            if let Some(d) = d {
+                functions.push(lock(d).save_state().map_err(|e| (slot, e))?);
+            }
+        }
+        Ok(serde_json::json!({ "address": self.address, "functions": functions }))
+    }
+
+    /// Restores [`Self::save_state`]'s result into a bus built from the same configuration.
+    pub fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), (usize, String)> {
+        let functions = state["functions"]
+            .as_array()
+            .ok_or((0, "no functions saved".to_string()))?;
+        let present: Vec<usize> = (0..SLOTS).filter(|s| self.slots[*s].is_some()).collect();
+        if functions.len() != present.len() {
+            return Err((
+                0,
+                format!(
+                    "{} functions saved, {} here",
+                    functions.len(),
+                    present.len()
+                ),
+            ));
+        }
+        for (slot, saved) in present.into_iter().zip(functions) {
+            if let Some(d) = &self.slots[slot] {
+                lock(d).restore_state(saved).map_err(|e| (slot, e))?;
+            }
+        }
+        self.address = state["address"]
+            .as_u64()
+            .and_then(|a| u32::try_from(a).ok())
+            .ok_or((0, "bad configuration address".to_string()))?;
+        Ok(())
+    }
+
     fn selected(&self) -> Option<(&SharedPciDevice, usize)> {
         if self.address & ENABLE == 0 {
             return None;
