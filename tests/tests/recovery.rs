@@ -248,6 +248,9 @@ echo "=== metrics"; $CTL metrics
             "{kind} detected on the wrong path: {events}"
         );
         assert_eq!(e["outcome"], "restarted", "{events}");
+        // From the template made at the first boot, never a boot.
+        assert_eq!(e["restart"], "restore", "{kind}: {events}");
+        assert!(e["fallback"].is_null(), "{kind}: {events}");
         assert!(e["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "{events}");
         // Evidence from one channel names it.
         if path.starts_with("corrupt") {
@@ -278,6 +281,10 @@ echo "=== metrics"; $CTL metrics
     assert!(
         list.iter().all(|e| !e["injected"].is_null()),
         "a fault nobody injected: {mixed_events}"
+    );
+    assert!(
+        list.iter().all(|e| e["restart"] == "restore"),
+        "a restart that was not a restore: {mixed_events}"
     );
 
     // Counters match the faults exactly: each injected fault detected once and restarted,
@@ -527,6 +534,83 @@ echo "=== metrics"; $CTL metrics
 /// requests already on the ring are still drained (the ring worker does not depend on the
 /// guest's queues), so the daemon sees no stall: no driver VM restart, and the other client's
 /// fio verify runs clean throughout.
+/// Restarts from the driver VM's template: each restore reseeds the guest's RNG with fresh
+/// entropy from its VMM (the agent prints a fingerprint of the RNG's output after the reseed,
+/// so restores of one template that did not reseed would print the same one); a template
+/// damaged on disk is refused, the driver VM boots instead (the event says why) and that boot
+/// makes a new template the next fault restores. The client's fio verifies throughout.
+#[test]
+fn restores_reseed_the_rng_and_a_damaged_template_makes_a_boot() {
+    let disk = backing_file("recovery-template.img", SLICE_MIB);
+    let clients = [("alpha", looping_client("client-alpha"))];
+    let system = recovery_system("recovery-template", &disk, &clients, false);
+    let (host, prelude) = system.host_and_prelude();
+    let script = format!(
+        r#"{prelude}{CAMPAIGN_FN}
+fp() {{
+    echo "FINGERPRINT $1 $(tr -d '\r' < $WORK/system.d/storage.console | sed -n 's/.*RNG reseeded.*fingerprint \([0-9a-f]*\).*/\1/p' | tail -n 1)"
+}}
+kill1() {{ campaign $1 --faults 1 --kinds kill --min-interval-ms 300 --max-interval-ms 600; }}
+wait_console alpha "ROUND 1 "
+fp boot
+kill1 r1; fp restore1
+kill1 r2; fp restore2
+# Damage the template: one byte in the middle of its state becomes 0xff (never in JSON).
+T=$WORK/system.d/templates/storage/state
+n=$(wc -c < $T); printf '\377' | dd of=$T bs=1 seek=$((n / 2)) conv=notrunc 2>/dev/null
+kill1 r3; fp boot2
+kill1 r4; fp restore3
+stop_clients 0
+wait_done alpha
+{ending}"#,
+        ending = system.ending(false),
+    );
+    let out = host.run(&script, TIMEOUT).expect("test host run");
+    let log = &out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{log}");
+    assert_clean_ending(log);
+    let c = console(log, "alpha");
+    assert!(field(c, "ROUNDS ").ends_with("FAILS 0"), "{log}");
+
+    let event = |label: &str| {
+        let (line, list) = campaign_events(log, label);
+        assert_eq!(list.len(), 1, "{label}: {line}");
+        assert_eq!(list[0]["outcome"], "restarted", "{label}: {line}");
+        (line.to_string(), list[0].clone())
+    };
+    for label in ["r1", "r2", "r4"] {
+        let (line, e) = event(label);
+        assert_eq!(e["restart"], "restore", "{label}: {line}");
+        assert!(e["fallback"].is_null(), "{label}: {line}");
+    }
+    let (line, e) = event("r3");
+    assert_eq!(
+        e["restart"], "boot",
+        "the damaged template was restored: {line}"
+    );
+    let why = e["fallback"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("template refused") && why.contains("corrupt"),
+        "r3's fallback: {line}"
+    );
+
+    let fingerprints: Vec<&str> = ["boot", "restore1", "restore2", "boot2", "restore3"]
+        .iter()
+        .map(|l| field(log, &format!("FINGERPRINT {l} ")))
+        .collect();
+    for (i, f) in fingerprints.iter().enumerate() {
+        assert_eq!(
+            f.len(),
+            16,
+            "fingerprint {i} missing: {fingerprints:?}\n{log}"
+        );
+        assert!(
+            !fingerprints[..i].contains(f),
+            "two driver VMs share RNG state: {fingerprints:?}"
+        );
+    }
+}
+
 #[test]
 fn a_guest_resetting_its_disk_mid_io_restarts_nothing() {
     let disk = backing_file("recovery-guest-reset.img", 2 * SLICE_MIB);

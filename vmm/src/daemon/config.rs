@@ -19,7 +19,9 @@
 //! console_limit = "16M"             # optional: the console file stops growing here
 //! limits = { memory = "512M", cpus = 2.0, pids = 128 }
 //!                                   # optional cgroup limits of its VMM process; defaults:
-//!                                   #   guest memory + 256M, cpus + 1, 128 threads
+//!                                   #   guest memory + 256M (driver VMs: twice their
+//!                                   #   guest memory + 256M, for the template they write),
+//!                                   #   cpus + 1, 128 threads
 //!
 //! [[client]]
 //! name = "web"
@@ -46,14 +48,19 @@
 //! heartbeat_timeout_ms = 5000       # agent heartbeat older than this: hang
 //! progress_timeout_ms = 15000       # requests outstanding, none completed for this long: hang
 //! boot_timeout_ms = 300000          # a (re)started driver VM's agent must be ready by then
-//! backoff_initial_ms = 100          # delay before the first restart of a series, doubled per
-//! backoff_max_ms = 10000            #   further fault, capped
+//! backoff_initial_ms = 100          # the first restart of a series is immediate; delay before
+//! backoff_max_ms = 10000            #   the second, doubled per further fault, capped
 //! max_restarts = 10                 # more restarts than this within
 //! restart_window_s = 300            #   this window: quarantine the driver VM (crashes
 //!                                   #   charged to one channel count for that channel)
 //! poison_after = 3                  # a request in flight at this many crashes in a row fails alone
 //! restart_on_corrupt = true         # garbage completions count as a fault (a broken ring
 //!                                   #   index always does: that ring cannot go on)
+//! restore_from_template = true      # restart a driver VM from a snapshot of itself, made
+//!                                   #   at its first boot once its agents are ready (not for
+//!                                   #   driver VMs with passed-through functions: they boot)
+//! template_max_restores = 1000      # after this many restores, or
+//! template_max_age_s = 21600        #   this age, the next restart boots and makes it anew
 //! ```
 //!
 //! `[api] metrics_listen = "9464"` (optional) also serves the Prometheus metrics over HTTP on
@@ -170,7 +177,8 @@ pub struct RecoveryConfig {
     pub progress_timeout_ms: u64,
     /// Time a started driver VM has to get its agents ready.
     pub boot_timeout_ms: u64,
-    /// Delay before the first restart of a series.
+    /// Delay before the second restart of a series (the first is immediate), doubled for each
+    /// further one.
     pub backoff_initial_ms: u64,
     /// Longest delay before a restart.
     pub backoff_max_ms: u64,
@@ -182,6 +190,14 @@ pub struct RecoveryConfig {
     pub poison_after: u32,
     /// Treat garbage completions as a fault.
     pub restart_on_corrupt: bool,
+    /// Restart driver VMs by restoring a snapshot of a clean, ready instance of themselves
+    /// (made at their first boot) instead of booting them (driver VMs with passed-through
+    /// functions always boot).
+    pub restore_from_template: bool,
+    /// Restores from one template before it is made anew (by a cold boot).
+    pub template_max_restores: u32,
+    /// Age (seconds) after which a template is made anew.
+    pub template_max_age_s: u64,
 }
 
 impl Default for RecoveryConfig {
@@ -197,6 +213,9 @@ impl Default for RecoveryConfig {
             restart_window_s: 300,
             poison_after: 3,
             restart_on_corrupt: true,
+            restore_from_template: true,
+            template_max_restores: 1000,
+            template_max_age_s: 6 * 3600,
         }
     }
 }
@@ -209,6 +228,11 @@ impl RecoveryConfig {
             ("boot_timeout_ms", self.boot_timeout_ms),
             ("restart_window_s", self.restart_window_s),
             ("max_restarts", u64::from(self.max_restarts)),
+            (
+                "template_max_restores",
+                u64::from(self.template_max_restores),
+            ),
+            ("template_max_age_s", self.template_max_age_s),
         ] {
             if v == 0 {
                 return Err(invalid(format!("recovery.{key}"), "must be at least 1"));
@@ -600,7 +624,10 @@ fn vm_common(
         }
         None => DEFAULT_CONSOLE_LIMIT,
     };
-    let limits = vm_limits(raw.limits.as_ref(), key, memory, cpus)?;
+    // A driver VM's VMM also writes its template (up to its guest's memory), charged to it
+    // where the state directory is a tmpfs.
+    let template = if role == Role::Driver { memory } else { 0 };
+    let limits = vm_limits(raw.limits.as_ref(), key, memory, template, cpus)?;
     let cmdline = raw.cmdline.clone().unwrap_or_else(|| match role {
         Role::Driver => "console=ttyS0 quiet ddvmm.action=agent".into(),
         Role::Client => "console=ttyS0".into(),
@@ -635,6 +662,7 @@ fn vm_limits(
     raw: Option<&RawLimits>,
     key: &str,
     memory: u64,
+    template: u64,
     cpus: u32,
 ) -> Result<Limits, ConfigError> {
     let raw_default = RawLimits::default();
@@ -643,7 +671,7 @@ fn vm_limits(
         Some(m) => {
             parse_size(m).map_err(|e| invalid(format!("{key}.limits.memory"), e.to_string()))?
         }
-        None => memory + DEFAULT_MEMORY_OVERHEAD,
+        None => memory + template + DEFAULT_MEMORY_OVERHEAD,
     };
     if mem < memory + (16 << 20) {
         return Err(invalid(

@@ -40,7 +40,7 @@ use ddvmm_translation::ring::offsets as ring_offsets;
 use serde::Serialize;
 
 use super::config::Role;
-use super::supervisor::{ring_word, Supervisor, SupervisorError, VmState};
+use super::supervisor::{ring_word, Boot, Supervisor, SupervisorError, VmState};
 use crate::control::{ControlRequest, FaultKind};
 use crate::stats_page;
 
@@ -140,7 +140,13 @@ pub struct FaultEvent {
     pub replayed: u64,
     /// Requests failed as poison.
     pub poisoned: u64,
-    /// `restarted`, `quarantined` or `restart-failed`.
+    /// How the new driver VM started: `restore` (from its template) or `boot`.
+    pub restart: &'static str,
+    /// Why it booted where a restore was expected (no template, template refused or renewed,
+    /// or the restore failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// `restarted`, `quarantined`, `restart-failed` or `restore-failed`.
     pub outcome: &'static str,
 }
 
@@ -194,6 +200,18 @@ pub struct FaultBook {
     pub cold_boots_ms: VecDeque<f64>,
 }
 
+/// The delay before the `n`th restart within the policy window: none for the first (a driver
+/// VM that was serving is replaced at once), then `initial` doubled per further restart, capped.
+fn backoff(n: usize, initial_ms: u64, max_ms: u64) -> Duration {
+    let ms = match n {
+        0 | 1 => 0,
+        n => initial_ms
+            .saturating_mul(1u64 << (n - 2).min(20))
+            .min(max_ms),
+    };
+    Duration::from_millis(ms)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -226,6 +244,8 @@ struct Round {
     channel: Option<(String, usize)>,
     /// The fault is that channel's (its suspect request was alone on the ring).
     attributed: bool,
+    /// The previous round's restore failed: boot at once, not counted as a fault again.
+    after_failed_restore: Option<String>,
 }
 
 impl Round {
@@ -237,6 +257,7 @@ impl Round {
             detect_ms: None,
             channel,
             attributed,
+            after_failed_restore: None,
         }
     }
 }
@@ -366,6 +387,7 @@ impl Supervisor {
                 detect_ms,
                 channel,
                 attributed: false,
+                after_failed_restore: None,
             };
             me.recover(&name, first, fault_at).await;
             if let Some(vm) = me.lock().vms.get_mut(&name) {
@@ -384,13 +406,11 @@ impl Supervisor {
             return None;
         }
         times.push_back(Instant::now());
-        let n = times.len().min(32) as u32;
-        let ms = self
-            .recovery
-            .backoff_initial_ms
-            .saturating_mul(1u64 << (n - 1).min(20))
-            .min(self.recovery.backoff_max_ms);
-        Some(Duration::from_millis(ms))
+        Some(backoff(
+            times.len(),
+            self.recovery.backoff_initial_ms,
+            self.recovery.backoff_max_ms,
+        ))
     }
 
     /// A channel's request turned out poison: the crashes it was on the ring at are that
@@ -427,15 +447,22 @@ impl Supervisor {
                 boot_ms: None,
                 replayed: 0,
                 poisoned: 0,
+                restart: "boot",
+                fallback: round.after_failed_restore.clone(),
                 outcome: "restarted",
             };
-            *self
-                .book()
-                .faults
-                .entry((name.to_string(), round.detection))
-                .or_default() += 1;
-            // A crash while one channel's suspect was alone on the ring is that channel's.
-            let backoff = if round.attributed {
+            if round.after_failed_restore.is_none() {
+                *self
+                    .book()
+                    .faults
+                    .entry((name.to_string(), round.detection))
+                    .or_default() += 1;
+            }
+            // A crash while one channel's suspect was alone on the ring is that channel's; a
+            // failed restore is retried as a boot at once.
+            let backoff = if round.after_failed_restore.is_some() {
+                Some(Duration::ZERO)
+            } else if round.attributed {
                 Some(Duration::from_millis(self.recovery.backoff_initial_ms))
             } else {
                 self.restart_allowed(name)
@@ -461,7 +488,18 @@ impl Supervisor {
                 *b.poisoned.entry(name.to_string()).or_default() += event.poisoned;
             }
             tokio::time::sleep(backoff).await;
-            let started = self.start(name);
+            if round.after_failed_restore.is_some() {
+                self.drop_template(name);
+            }
+            let (boot, fallback) = self.restart_boot(name);
+            let restoring = boot == Boot::Restore;
+            if restoring {
+                event.restart = "restore";
+            }
+            if event.fallback.is_none() {
+                event.fallback = fallback;
+            }
+            let started = self.start_as(name, boot);
             if started.is_ok() {
                 if let Some(vm) = self.lock().vms.get_mut(name) {
                     vm.started_by_recovery = true;
@@ -493,6 +531,22 @@ impl Supervisor {
                     );
                     self.log_event(event);
                     return;
+                }
+                Err((Detection::VmmError, _)) if restoring => {
+                    // The restored VMM gave up (its log says why): boot instead.
+                    let why = self
+                        .lock()
+                        .vms
+                        .get(name)
+                        .and_then(|v| v.last_exit.clone())
+                        .unwrap_or_default();
+                    let why = format!("restore failed ({why}), see {name}.log");
+                    tracing::error!(vm = name, reason = %why, "restore failed; booting instead");
+                    event.outcome = "restore-failed";
+                    self.log_event(event);
+                    let mut next = Round::detected(Detection::VmmError, None, false);
+                    next.after_failed_restore = Some(why);
+                    round = next;
                 }
                 Err((next, isolating)) => {
                     self.log_event(event);
@@ -1195,6 +1249,19 @@ impl XorShift {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_restart_is_immediate_then_backoff_doubles_to_its_cap() {
+        let ms = |n| backoff(n, 100, 1000).as_millis();
+        assert_eq!(
+            (ms(1), ms(2), ms(3), ms(4), ms(5), ms(40)),
+            (0, 100, 200, 400, 800, 1000)
+        );
+        assert_eq!(
+            backoff(64, u64::MAX, u64::MAX).as_millis(),
+            u128::from(u64::MAX)
+        );
+    }
 
     #[test]
     fn exits_map_to_detections() {

@@ -123,8 +123,32 @@ pub(super) struct Channel {
     client_starts: u64,
 }
 
+/// A driver VM's clean template: a snapshot made at a boot once its agents were ready and
+/// parked, before they served anything (see [`crate::snapshot`]).
+pub(super) struct Template {
+    /// Its directory (outside the VM's jail).
+    pub(super) dir: PathBuf,
+    /// Restores from it so far.
+    pub(super) restores: u32,
+    /// When the boot that writes it started (`None`: no template, or it is not to be used).
+    pub(super) made: Option<Instant>,
+}
+
+/// How a VM's process starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Boot {
+    /// Boot the kernel.
+    Cold,
+    /// Boot the kernel and write the VM's template once its agents are parked.
+    MakeTemplate,
+    /// Restore the VM's template.
+    Restore,
+}
+
 pub(super) struct Vm {
     pub(super) cfg: VmConfig,
+    /// The template of a driver VM that restarts by restoring one.
+    pub(super) template: Option<Template>,
     /// Its VMM's uid and gid.
     ids: u32,
     /// Its jail's root (an empty directory of the daemon's).
@@ -134,7 +158,7 @@ pub(super) struct Vm {
     pub(super) state: VmState,
     pub(super) pid: Option<u32>,
     pub(super) starts: u64,
-    last_exit: Option<String>,
+    pub(super) last_exit: Option<String>,
     /// How the last process ended, as a fault detection.
     pub(super) last_detection: Option<Detection>,
     since: SystemTime,
@@ -300,9 +324,20 @@ impl Supervisor {
                 None => None,
             };
             order.push(v.name.clone());
+            let has_channels = channels.iter().any(|c| c.driver == v.name);
+            let template = (v.role == Role::Driver
+                && has_channels
+                && v.passthrough.is_empty()
+                && cfg.recovery.restore_from_template)
+                .then(|| Template {
+                    dir: state_dir.join("templates").join(&v.name),
+                    restores: 0,
+                    made: None,
+                });
             vms.insert(
                 v.name.clone(),
                 Vm {
+                    template,
                     ids: cfg.vm_ids(index),
                     jail_root,
                     cgroup,
@@ -392,8 +427,64 @@ impl Supervisor {
         serde_json::Value::Object(out)
     }
 
-    /// Starts VM `name`'s VMM process.
+    /// Starts VM `name`'s VMM process, booting it (a driver VM with a template makes it anew).
     pub fn start(self: &Arc<Self>, name: &str) -> Result<(), SupervisorError> {
+        let boot = match self.lock().vms.get(name).map(|v| v.template.is_some()) {
+            Some(true) => Boot::MakeTemplate,
+            _ => Boot::Cold,
+        };
+        self.start_as(name, boot)
+    }
+
+    /// How a driver VM restarts: a restore of its template if it has a usable one, else a
+    /// boot (that makes a template where it can), with the reason it is not a restore.
+    pub(super) fn restart_boot(&self, name: &str) -> (Boot, Option<String>) {
+        let mut g = self.lock();
+        let Some(t) = g.vms.get_mut(name).and_then(|v| v.template.as_mut()) else {
+            return (Boot::Cold, None);
+        };
+        let why = match t.made {
+            None => Some("no template".to_string()),
+            Some(_) if t.restores >= self.recovery.template_max_restores => {
+                Some(format!("template renewed after {} restores", t.restores))
+            }
+            Some(at) if at.elapsed().as_secs() >= self.recovery.template_max_age_s => Some(
+                format!("template renewed after {} s", at.elapsed().as_secs()),
+            ),
+            Some(_) => crate::snapshot::Snapshot::read(&t.dir)
+                .err()
+                .map(|e| format!("template refused: {e}")),
+        };
+        match why {
+            None => {
+                t.restores += 1;
+                (Boot::Restore, None)
+            }
+            Some(why) => {
+                t.made = None;
+                (Boot::MakeTemplate, Some(why))
+            }
+        }
+    }
+
+    /// Marks `name`'s template unusable (a restore from it failed): the next restart boots.
+    pub(super) fn drop_template(&self, name: &str) {
+        if let Some(t) = self
+            .lock()
+            .vms
+            .get_mut(name)
+            .and_then(|v| v.template.as_mut())
+        {
+            t.made = None;
+        }
+    }
+
+    /// Starts VM `name`'s VMM process the way `boot` says.
+    pub(super) fn start_as(
+        self: &Arc<Self>,
+        name: &str,
+        boot: Boot,
+    ) -> Result<(), SupervisorError> {
         let mut g = self.lock();
         let inner = &mut *g;
         let vm = inner
@@ -439,6 +530,17 @@ impl Supervisor {
             .arg(control_child.as_raw_fd().to_string());
         if let Some(initrd) = &vm.cfg.initrd {
             cmd.arg("--initrd").arg(initrd);
+        }
+        match (&boot, vm.template.as_mut()) {
+            (Boot::MakeTemplate, Some(t)) => {
+                cmd.arg("--snapshot-to").arg(&t.dir);
+                t.made = Some(Instant::now());
+                t.restores = 0;
+            }
+            (Boot::Restore, Some(t)) => {
+                cmd.arg("--restore").arg(&t.dir);
+            }
+            _ => {}
         }
         for d in &vm.cfg.disks {
             cmd.arg("--disk").arg(d);
@@ -569,7 +671,7 @@ impl Supervisor {
         vm.started_by_recovery = false;
         vm.exited = Some(rx);
         vm.control = Some(Arc::new(tokio::sync::Mutex::new(control)));
-        tracing::info!(vm = name, pid, log = %log_path.display(), "VM started");
+        tracing::info!(vm = name, pid, ?boot, log = %log_path.display(), "VM started");
         let me = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {

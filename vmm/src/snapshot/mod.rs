@@ -287,6 +287,34 @@ impl Snapshot {
     /// Reads and checks the snapshot in `dir` against this host: header, checksum, format,
     /// ddvmm version, CPU, and the memory file's size and trailer.
     pub fn open(dir: &Path, host: &Identity) -> Result<Self, SnapshotError> {
+        let s = Self::read(dir)?;
+        let mismatch = |what, snapshot: String, here: String| SnapshotError::Mismatch {
+            path: dir.to_path_buf(),
+            what,
+            snapshot,
+            here,
+        };
+        let id = &s.state.identity;
+        if id.ddvmm != host.ddvmm {
+            return Err(mismatch(
+                "the ddvmm version",
+                id.ddvmm.clone(),
+                host.ddvmm.clone(),
+            ));
+        }
+        if (&id.cpu_vendor, id.cpu_signature) != (&host.cpu_vendor, host.cpu_signature) {
+            return Err(mismatch(
+                "the CPU",
+                format!("{} {:#x}", id.cpu_vendor, id.cpu_signature),
+                format!("{} {:#x}", host.cpu_vendor, host.cpu_signature),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Reads the snapshot in `dir` and checks that it is intact (header, checksum, format,
+    /// the memory file's size and trailer), not where it may run.
+    pub fn read(dir: &Path) -> Result<Self, SnapshotError> {
         let state_path = dir.join(STATE_FILE);
         let corrupt = |reason: String| SnapshotError::Corrupt {
             path: state_path.clone(),
@@ -337,27 +365,6 @@ impl Snapshot {
         }
         let state: SnapshotState =
             serde_json::from_slice(json).map_err(|e| corrupt(format!("state: {e}")))?;
-        let mismatch = |what, snapshot: String, here: String| SnapshotError::Mismatch {
-            path: dir.to_path_buf(),
-            what,
-            snapshot,
-            here,
-        };
-        let id = &state.identity;
-        if id.ddvmm != host.ddvmm {
-            return Err(mismatch(
-                "the ddvmm version",
-                id.ddvmm.clone(),
-                host.ddvmm.clone(),
-            ));
-        }
-        if (&id.cpu_vendor, id.cpu_signature) != (&host.cpu_vendor, host.cpu_signature) {
-            return Err(mismatch(
-                "the CPU",
-                format!("{} {:#x}", id.cpu_vendor, id.cpu_signature),
-                format!("{} {:#x}", host.cpu_vendor, host.cpu_signature),
-            ));
-        }
         if state.vcpus.len() != state.shape.vcpus as usize {
             return Err(corrupt("vCPU count differs from the shape".into()));
         }
