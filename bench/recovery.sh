@@ -1,17 +1,56 @@
 # Recovery benchmark: one driver VM serving one client VM that loops fio with crc32c verify.
-# In one run: the driver VM's cold boot time (API stop + start, COLD_BOOTS times), then
-# FAULTS_PER_KIND injected faults of each kind, then SOAK_FAULTS mixed faults (0 by default;
-# `make soak-recovery` sets 1000). Prints per kind the detection latency and the outage
-# (fault to first completion after the restart) as median / p95 / max, the restart boot time,
-# and outage / cold boot. Absolute times come from an emulated CPU here: read the ratios.
+# Two arms, one daemon each, in one run:
+#   boot     the control: restore_from_template = false. The driver VM's cold boot time (API
+#            stop + start, COLD_BOOTS times), then FAULTS_PER_KIND injected faults of each kind,
+#            every restart a cold boot.
+#   restore  the default: every restart restores the template the first boot made.
+#            FAULTS_PER_KIND faults of each kind, then SOAK_FAULTS mixed faults (0 by default;
+#            `make soak-recovery` sets 1000).
+# Prints per arm and kind the detection latency and the outage (fault to the first completion
+# after the restart) as median / p95 / max, the restart time (new driver VM start to agents
+# ready) and outage / cold boot; the template writes; the clients' fio verify results.
+# Absolute times come from an emulated CPU here: read the ratios.
 FAULTS_PER_KIND=${FAULTS_PER_KIND:-5}
 SOAK_FAULTS=${SOAK_FAULTS:-0}
-COLD_BOOTS=${COLD_BOOTS:-3}
+COLD_BOOTS=${COLD_BOOTS:-5}
+KINDS=${KINDS:-"panic hang kill triple-fault corrupt reset"}
 K=$IMAGES/vmlinuz
 DISK=/tmp/pool.img
-dd if=/dev/zero of=$DISK bs=1M count=64 2>/dev/null
 
-cat > system.toml <<CFG
+campaign() {
+    label=$1; shift
+    $CTL campaign storage "$@" > c-$label.json 2>&1 &
+    cpid=$!; seen=""; quiet=0
+    while kill -0 $cpid 2>/dev/null; do
+        sleep 5; quiet=$((quiet + 5))
+        n=$($CTL events | tr -d ' \n' | grep -o '"detected_by"' | wc -l)
+        if [ "$n" != "$seen" ]; then echo "faults so far: $n"; seen=$n; quiet=0; fi
+        [ $quiet -ge 60 ] && echo "faults so far: $n (waiting)" && quiet=0
+    done
+    wait $cpid || { echo "campaign $label failed:"; cat c-$label.json; }
+}
+
+cold_boots() {
+    i=0
+    while [ $i -lt $COLD_BOOTS ]; do
+        i=$((i + 1))
+        before=$($CTL events | tr -d ' \n' | sed 's/.*"cold_boots_ms":\[\([^]]*\)\].*/\1/' | tr ',' '\n' | grep -c .)
+        $CTL stop storage > /dev/null; $CTL start storage > /dev/null
+        while :; do
+            sleep 1
+            n=$($CTL events | tr -d ' \n' | sed 's/.*"cold_boots_ms":\[\([^]]*\)\].*/\1/' | tr ',' '\n' | grep -c .)
+            [ "$n" -gt "$before" ] && break
+        done
+        echo "cold boot $i done"
+    done
+}
+
+# run_arm ARM RESTORE: one daemon, one client, the faults; leaves events-ARM.json.
+run_arm() {
+    arm=$1
+    rm -rf system.d system.sock
+    dd if=/dev/zero of=$DISK bs=1M count=64 2>/dev/null
+    cat > system.toml <<CFG
 [[driver]]
 name = "storage"
 kernel = "$K"
@@ -35,71 +74,60 @@ heartbeat_timeout_ms = 8000
 progress_timeout_ms = 60000
 backoff_initial_ms = 100
 backoff_max_ms = 2000
-max_restarts = 30
+max_restarts = 100000
 restart_window_s = 60
+restore_from_template = $2
 CFG
-$DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
-DAEMON=$!
-CTL="$DDVMM ctl --socket system.sock"
-count() { $CTL events | tr -d ' \n' | grep -o "$1" | wc -l; }
-until grep -q "ROUND 1 " system.d/bench.console 2>/dev/null; do
-    sleep 5; kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; exit 1; }
-done
-echo "client running"
-
-i=0
-while [ $i -lt $COLD_BOOTS ]; do
-    i=$((i + 1))
-    before=$($CTL events | tr -d ' \n' | sed 's/.*"cold_boots_ms":\[\([^]]*\)\].*/\1/' | tr ',' '\n' | grep -c .)
-    $CTL stop storage > /dev/null; $CTL start storage > /dev/null
-    while :; do
-        sleep 1
-        n=$($CTL events | tr -d ' \n' | sed 's/.*"cold_boots_ms":\[\([^]]*\)\].*/\1/' | tr ',' '\n' | grep -c .)
-        [ "$n" -gt "$before" ] && break
+    $DDVMM --log-level info daemon --config system.toml > daemon-$arm.log 2>&1 &
+    DAEMON=$!
+    CTL="$DDVMM ctl --socket system.sock"
+    until grep -q "ROUND 1 " system.d/bench.console 2>/dev/null; do
+        sleep 5; kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon-$arm.log; exit 1; }
     done
-    echo "cold boot $i done"
-done
-
-campaign() {
-    label=$1; shift
-    $CTL campaign storage "$@" > c-$label.json 2>&1 &
-    cpid=$!; seen=""; quiet=0
-    while kill -0 $cpid 2>/dev/null; do
-        sleep 5; quiet=$((quiet + 5))
-        n=$(count '"detected_by"')
-        if [ "$n" != "$seen" ]; then echo "faults so far: $n"; seen=$n; quiet=0; fi
-        [ $quiet -ge 60 ] && echo "faults so far: $n (waiting)" && quiet=0
+    echo "=== arm $arm: client running"
+    [ "$arm" = boot ] && cold_boots
+    for k in $KINDS; do
+        echo "=== $arm: $FAULTS_PER_KIND x $k"
+        campaign $arm-$k --faults $FAULTS_PER_KIND --kinds $k --min-interval-ms 500 --max-interval-ms 3000
     done
-    wait $cpid || { echo "campaign $label failed:"; cat c-$label.json; }
+    if [ "$arm" = restore ] && [ "$SOAK_FAULTS" -gt 0 ]; then
+        echo "=== soak: $SOAK_FAULTS mixed faults"
+        fds0=$(ls /proc/$DAEMON/fd | wc -l); rss0=$(grep VmRSS /proc/$DAEMON/status | tr -s ' ' | cut -d' ' -f2)
+        campaign soak --faults $SOAK_FAULTS --min-interval-ms 0 --max-interval-ms 3000 --seed 11
+        fds1=$(ls /proc/$DAEMON/fd | wc -l); rss1=$(grep VmRSS /proc/$DAEMON/status | tr -s ' ' | cut -d' ' -f2)
+        echo "SOAK-DAEMON fds $fds0 -> $fds1, rss_kib $rss0 -> $rss1"
+    fi
+    printf 'DDVMM-STOP' | dd of=$DISK bs=1 seek=$((60 * 1048576)) conv=notrunc 2>/dev/null
+    sync
+    until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
+        sleep 5; kill -0 $DAEMON 2>/dev/null || break
+    done
+    tr -d '\r' < system.d/bench.console | grep -E "CLIENT-RESULT|FIO-FAILED" | sed "s/^/$arm: /"
+    grep -h "snapshot template written" system.d/storage.log 2>/dev/null \
+        | sed -n 's/.*ram_bytes_written=\([0-9]*\).*ms=\([0-9]*\).*/\1 \2/p' \
+        | awk -v arm=$arm '{ n++; b += $1; t += $2 } END { if (n) printf "%s: %d template writes, %.0f MiB of RAM, %.0f ms each (mean)\n", arm, n, b / n / 1048576, t / n }'
+    $CTL events | tr -d ' \n' > events-$arm.json
+    $CTL metrics | grep -E "^ddvmm_(driver_faults|driver_restarts|requests_replayed|poison|quarantines|ring_disk_errors)" | sed "s/^/$arm: /"
+    $CTL shutdown > /dev/null
+    wait $DAEMON
 }
-for k in panic hang kill triple-fault corrupt reset; do
-    echo "=== $FAULTS_PER_KIND x $k"
-    campaign $k --faults $FAULTS_PER_KIND --kinds $k --min-interval-ms 500 --max-interval-ms 3000
-done
-if [ "$SOAK_FAULTS" -gt 0 ]; then
-    echo "=== soak: $SOAK_FAULTS mixed faults"
-    campaign soak --faults $SOAK_FAULTS --min-interval-ms 0 --max-interval-ms 3000 --seed 11
-fi
 
-printf 'DDVMM-STOP' | dd of=$DISK bs=1 seek=$((60 * 1048576)) conv=notrunc 2>/dev/null
-sync
-until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
-    sleep 5; kill -0 $DAEMON 2>/dev/null || break
-done
-tr -d '\r' < system.d/bench.console | grep -E "CLIENT-RESULT|FIO-FAILED"
-$CTL events | tr -d ' \n' > events.json
-$CTL metrics | grep -E "^ddvmm_(driver_faults|driver_restarts|requests_replayed|poison|quarantines|ring_disk_errors)"
-$CTL shutdown > /dev/null
-wait $DAEMON
+run_arm boot false
+run_arm restore true
 
-# One line per event: kind detect_ms outage_ms boot_ms; and the cold boots.
-sed 's/"cold_boots_ms":\[\([^]]*\)\]/\n&\n/' events.json | grep '^"cold_boots_ms"' \
+# One line per event: arm kind detect_ms outage_ms boot_ms restart; and the cold boots.
+sed 's/"cold_boots_ms":\[\([^]]*\)\]/\n&\n/' events-boot.json | grep '^"cold_boots_ms"' \
     | sed 's/.*\[\(.*\)\]/\1/' | tr ',' '\n' | grep . | sed 's/^/cold /' > samples.txt
-sed 's/},{/}\n{/g' events.json | grep '"injected":"' | while read -r e; do
-    kind=$(echo "$e" | sed 's/.*"injected":"\([a-z-]*\)".*/\1/')
-    field() { echo "$e" | sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
-    echo "$kind $(field detect_ms) $(field outage_ms) $(field boot_ms)"
+for arm in boot restore; do
+    sed 's/},{/}\n{/g' events-$arm.json | grep '"injected":"' | while read -r e; do
+        kind=$(echo "$e" | sed 's/.*"injected":"\([a-z-]*\)".*/\1/')
+        field() { echo "$e" | sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
+        how=$(echo "$e" | sed -n 's/.*"restart":"\([a-z]*\)".*/\1/p')
+        echo "$arm/$kind $(field detect_ms) $(field outage_ms) $(field boot_ms) $how"
+    done
 done >> samples.txt
+echo "restarts by arm and kind of restart:"
+awk '$1 != "cold" { split($1, a, "/"); c[a[1] " " $5]++ } END { for (k in c) print "  " k ": " c[k] }' samples.txt
 
 awk '
 function sort(a, c,    i, j, x) { for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x } }
@@ -108,20 +136,25 @@ $1 == "cold" { cb[++ncb] = $2; next }
 NF >= 3 && $3 != "" {
     k = $1; if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
     n[k]++; d[k, n[k]] = $2; o[k, n[k]] = $3; b[k, n[k]] = $4
-    all[++na] = $3
+    split(k, arm, "/"); all[arm[1], ++na[arm[1]]] = $3
 }
 END {
     sort(cb, ncb); cold = pct(cb, ncb, 0.5)
     printf "\ndriver VM cold boot (start to agent ready), median of %d: %.0f ms\n\n", ncb, cold
-    printf "%-13s %4s %9s %9s %10s %10s %10s %10s %8s\n", "fault", "n", "detect50", "detect95", "outage50", "outage95", "outageMax", "restart50", "out/cold"
+    printf "%-21s %4s %9s %9s %10s %10s %10s %10s %8s\n", "arm/fault", "n", "detect50", "detect95", "outage50", "outage95", "outageMax", "restart50", "out/cold"
     for (i = 1; i <= nk; i++) {
         k = order[i]; c = n[k]
         for (j = 1; j <= c; j++) { dd[j] = d[k, j]; oo[j] = o[k, j]; bb[j] = b[k, j] }
         sort(dd, c); sort(oo, c); sort(bb, c)
-        printf "%-13s %4d %9.0f %9.0f %10.0f %10.0f %10.0f %10.0f %8.2f\n", k, c, pct(dd, c, 0.5), pct(dd, c, 0.95), pct(oo, c, 0.5), pct(oo, c, 0.95), oo[c], pct(bb, c, 0.5), (cold > 0 ? pct(oo, c, 0.5) / cold : 0)
+        printf "%-21s %4d %9.0f %9.0f %10.0f %10.0f %10.0f %10.0f %8.2f\n", k, c, pct(dd, c, 0.5), pct(dd, c, 0.95), pct(oo, c, 0.5), pct(oo, c, 0.95), oo[c], pct(bb, c, 0.5), (cold > 0 ? pct(oo, c, 0.5) / cold : 0)
         delete dd; delete oo; delete bb
     }
-    sort(all, na)
-    printf "%-13s %4d %9s %9s %10.0f %10.0f %10.0f %10s %8.2f\n", "all", na, "", "", pct(all, na, 0.5), pct(all, na, 0.95), all[na], "", (cold > 0 ? pct(all, na, 0.5) / cold : 0)
-    printf "\n(ms; detect = injection to detection; outage = fault to the first completion after the\n restart; restart = new driver VM start to agent ready)\n"
+    for (a = 0; a < 2; a++) {
+        arm = a ? "restore" : "boot"; c = na[arm]
+        for (j = 1; j <= c; j++) t[j] = all[arm, j]
+        sort(t, c)
+        printf "%-21s %4d %9s %9s %10.0f %10.0f %10.0f %10s %8.2f\n", arm "/all", c, "", "", pct(t, c, 0.5), pct(t, c, 0.95), t[c], "", (cold > 0 ? pct(t, c, 0.5) / cold : 0)
+        delete t
+    }
+    printf "\n(ms; detect = injection to detection; outage = fault to the first completion after the\n restart; restart = new driver VM start to agents ready)\n"
 }' samples.txt
