@@ -613,7 +613,7 @@ fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
             tracing::warn!(error = %e, "stats page");
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        std::thread::sleep(std::time::Duration::from_millis(100));
     };
     if let Err(e) = seccomp::spawn(ThreadKind::Stats, "stats", publish) {
         tracing::warn!(error = %e, "cannot start the stats publisher");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::recovery::Summary;
+use super::fault_log::Summary;
 use super::supervisor::Supervisor;
 
 /// Largest HTTP request head read.

@@ -4,7 +4,10 @@
 //!
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`supervisor`]: channels, VMM processes, their states.
-//! - [`recovery`]: driver VM fault detection, restart and replay, policy, fault injection.
+//! - [`recovery`]: driver VM fault watching, restart (restore of a template or boot) and replay.
+//! - [`detection`]: how a fault was detected; [`policy`]: backoff, restart caps, quarantine
+//!   (a pure type); [`inject`]: fault injection and campaigns; [`fault_log`]: events and
+//!   counters.
 //! - [`metrics`]: the counters in Prometheus text format.
 //! - [`api`]: the line protocol on the Unix socket; [`client`] talks it.
 
@@ -12,7 +15,11 @@ pub mod api;
 pub mod cgroup;
 pub mod client;
 pub mod config;
+pub mod detection;
+pub mod fault_log;
+pub mod inject;
 pub mod metrics;
+pub mod policy;
 pub mod recovery;
 pub mod supervisor;
 

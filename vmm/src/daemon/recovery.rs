@@ -1,20 +1,26 @@
-//! Driver VM fault detection, restart with replay, restart policy and fault injection.
+//! Driver VM fault watching and recovery: restart (a restore of the driver VM's template, or a
+//! boot) with replay.
 //!
-//! **Detection** ([`Detection`]): an unexpected exit of the driver VM's VMM process, classified
-//! by its status (pvpanic kernel panic, vCPU crash such as a triple fault, guest reset, SIGKILL
-//! of the process, VMM error), and — from a watcher task per driver VM that reads the channel
-//! memory and the clients' stats pages ten times a second — a stale agent heartbeat, requests
-//! outstanding with none completing, garbage completions counted by a client, or an agent that
-//! is not ready within the boot timeout. All timeouts come from `[recovery]`.
+//! **Detection** (classified in [`super::detection`]): an unexpected exit of the driver VM's
+//! VMM process (pvpanic kernel panic, vCPU crash such as a triple fault, guest reset, SIGKILL,
+//! seccomp, VMM error), and — from a watcher task per driver VM that reads the channel memory
+//! and the clients' stats pages ten times a second — a stale agent heartbeat, requests
+//! outstanding with none completing, garbage completions counted by a client, a broken ring,
+//! or an agent that is not ready within the boot timeout. All timeouts come from `[recovery]`.
 //!
 //! **Recovery** of one driver VM, one at a time: SIGKILL what is left of it (a hung VM must not
-//! write channel memory again), apply the policy (too many restarts in the window: quarantine —
-//! the clients fail their outstanding and new requests), tell every running client to start a
-//! new ring generation and replay its outstanding requests (the clients hold them until then:
-//! never completed, never failed, except a poison request), wait an exponential backoff, boot a
-//! fresh driver VM from its image, and wait for its agents and the first completion after the
-//! restart. A fault during that wait starts the next round of the same recovery; the outage
-//! runs from the (injected or detected) fault to that first completion.
+//! write channel memory again), apply the policy ([`super::policy`]: the first restart at once,
+//! then an exponential backoff; too many restarts in the window: quarantine — the clients fail
+//! their outstanding and new requests), tell every running client (all at once) to start a new
+//! ring generation and replay its outstanding requests (the clients hold them until then:
+//! never completed, never failed, except a poison request), then start the driver VM again:
+//! by restoring its template (a snapshot of it ready and parked, made at its first boot; see
+//! [`crate::snapshot`]), or by a boot where it has none (passthrough), the template is
+//! refused (damaged, renewed after `template_max_restores` or `template_max_age_s`), or the
+//! restore failed (the next round boots at once; the event says why). Then wait for its
+//! agents and the first completion after the restart. A fault during that wait starts the
+//! next round of the same recovery; the outage runs from the (injected or detected) fault to
+//! the first completion after the restart, by the clients' own clocks.
 //!
 //! **Attribution per channel.** Replays are *held*: nothing goes on a new ring until released.
 //! Once the new driver VM's agents are ready, the channels that hold suspects (requests one
@@ -26,191 +32,25 @@
 //! VM's window to the channel's. A channel that reaches `max_restarts` of its own is quarantined
 //! alone; the driver VM goes on serving the others. Stalls, broken rings and garbage are
 //! reported with the channel they were seen on.
-//!
-//! **Injection** ([`Supervisor::inject`]): `kill` is a SIGKILL from here; the others go through
-//! the driver VM's control socket to its VMM (triple fault) or to its agent (panic, reset,
-//! hang, corrupt, bad-index). A campaign injects many of mixed kinds at random intervals.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::os::unix::process::ExitStatusExt;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ddvmm_translation::ring::offsets as ring_offsets;
-use serde::Serialize;
 
 use super::config::Role;
+use super::detection::Detection;
+use super::fault_log::{FaultEvent, MAX_EVENTS};
+use super::policy::PolicyLimits;
 use super::supervisor::{ring_word, Boot, Supervisor, SupervisorError, VmState};
 use crate::control::{ControlRequest, FaultKind};
 use crate::stats_page;
 
-/// Events kept for the API.
-const MAX_EVENTS: usize = 20_000;
 /// Watcher period.
 const WATCH_PERIOD: Duration = Duration::from_millis(100);
 /// How long a client may take to start a new generation.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How a driver VM fault was detected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Detection {
-    /// Exit status 4: the guest kernel panicked and said so through pvpanic.
-    Pvpanic,
-    /// Exit status 5: a vCPU crashed (triple fault / KVM shutdown, internal error).
-    VcpuCrash,
-    /// Exit status 3: the guest reset itself (i8042 reset line, KVM reset event).
-    Reset,
-    /// Exit status 0: the guest powered off.
-    Poweroff,
-    /// The VMM process was killed by a signal.
-    ProcessKilled,
-    /// The VMM made a system call its seccomp filter forbids (killed by `SIGSYS`).
-    Seccomp,
-    /// Any other exit of the VMM process.
-    VmmError,
-    /// The agent's heartbeat stopped.
-    Heartbeat,
-    /// Requests outstanding and none completed within the progress timeout.
-    NoProgress,
-    /// A client counted garbage completions.
-    CorruptCompletions,
-    /// A client's ring was broken by an agent index (the ring stopped until a new generation).
-    CorruptRing,
-    /// The agents were not ready within the boot timeout.
-    BootTimeout,
-}
-
-impl Detection {
-    /// Classifies a VMM process exit.
-    pub fn from_exit(s: std::process::ExitStatus) -> Self {
-        match (s.code(), s.signal()) {
-            (Some(0), _) => Detection::Poweroff,
-            (Some(3), _) => Detection::Reset,
-            (Some(4), _) => Detection::Pvpanic,
-            (Some(5), _) => Detection::VcpuCrash,
-            (None, Some(libc::SIGSYS)) => Detection::Seccomp,
-            (None, Some(_)) => Detection::ProcessKilled,
-            _ => Detection::VmmError,
-        }
-    }
-
-    /// Label used in events and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Detection::Pvpanic => "pvpanic",
-            Detection::VcpuCrash => "vcpu-crash",
-            Detection::Reset => "reset",
-            Detection::Poweroff => "poweroff",
-            Detection::ProcessKilled => "process-killed",
-            Detection::Seccomp => "seccomp",
-            Detection::VmmError => "vmm-error",
-            Detection::Heartbeat => "heartbeat",
-            Detection::NoProgress => "no-progress",
-            Detection::CorruptCompletions => "corrupt-completions",
-            Detection::CorruptRing => "corrupt-ring",
-            Detection::BootTimeout => "boot-timeout",
-        }
-    }
-}
-
-/// One detected fault and what came of it.
-#[derive(Debug, Clone, Serialize)]
-pub struct FaultEvent {
-    /// Driver VM.
-    pub driver: String,
-    /// The injected fault this detection is attributed to, if any.
-    pub injected: Option<FaultKind>,
-    /// How it was detected.
-    pub detected_by: Detection,
-    /// The channel (`client/disk`) the evidence came from, when it came from one: a stall,
-    /// a broken ring, garbage completions, or a crash while that channel's suspect request
-    /// was alone on the ring.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub channel: Option<String>,
-    /// Wall clock of the detection (ms since the epoch).
-    pub detected_at_ms: u64,
-    /// Injection to detection.
-    pub detect_ms: Option<f64>,
-    /// Fault to first completion after the restart (set on the round that recovered).
-    pub outage_ms: Option<f64>,
-    /// Start of the new driver VM to its agents being ready (set on the round that recovered).
-    pub boot_ms: Option<f64>,
-    /// Requests the clients replayed.
-    pub replayed: u64,
-    /// Requests failed as poison.
-    pub poisoned: u64,
-    /// How the new driver VM started: `restore` (from its template) or `boot`.
-    pub restart: &'static str,
-    /// Why it booted where a restore was expected (no template, template refused or renewed,
-    /// or the restore failed).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fallback: Option<String>,
-    /// `restarted`, `quarantined`, `restart-failed` or `restore-failed`.
-    pub outcome: &'static str,
-}
-
-/// Running sum, count and maximum of a duration in seconds.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Summary {
-    /// Sum.
-    pub sum: f64,
-    /// Count.
-    pub count: u64,
-    /// Maximum.
-    pub max: f64,
-}
-
-impl Summary {
-    fn add(&mut self, v: f64) {
-        self.sum += v;
-        self.count += 1;
-        self.max = self.max.max(v);
-    }
-}
-
-/// Counters and the event log of all recoveries.
-#[derive(Debug, Default)]
-pub struct FaultBook {
-    /// Most recent events, oldest first.
-    pub events: VecDeque<FaultEvent>,
-    /// Faults by (driver, detection).
-    pub faults: BTreeMap<(String, Detection), u64>,
-    /// Injected faults by (driver, kind).
-    pub injected: BTreeMap<(String, FaultKind), u64>,
-    /// Restarts by driver.
-    pub restarts: BTreeMap<String, u64>,
-    /// Replayed requests by driver.
-    pub replayed: BTreeMap<String, u64>,
-    /// Poison requests by driver.
-    pub poisoned: BTreeMap<String, u64>,
-    /// Quarantines by driver.
-    pub quarantines: BTreeMap<String, u64>,
-    /// Outage by driver (seconds).
-    pub outage: BTreeMap<String, Summary>,
-    /// Detection latency by injected kind (seconds).
-    pub detection: BTreeMap<FaultKind, Summary>,
-    /// Restart times by driver within the policy window.
-    restart_times: BTreeMap<String, VecDeque<Instant>>,
-    /// Crashes attributed to a channel (its poison request), times within the policy window.
-    channel_strikes: BTreeMap<(String, usize), VecDeque<Instant>>,
-    /// Channels given up on their own (their driver VM serves the others), as (client, disk).
-    quarantined_channels: BTreeSet<(String, usize)>,
-    /// Boots not caused by a recovery (start to agents ready), milliseconds, most recent last.
-    pub cold_boots_ms: VecDeque<f64>,
-}
-
-/// The delay before the `n`th restart within the policy window: none for the first (a driver
-/// VM that was serving is replaced at once), then `initial` doubled per further restart, capped.
-fn backoff(n: usize, initial_ms: u64, max_ms: u64) -> Duration {
-    let ms = match n {
-        0 | 1 => 0,
-        n => initial_ms
-            .saturating_mul(1u64 << (n - 2).min(20))
-            .min(max_ms),
-    };
-    Duration::from_millis(ms)
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -226,13 +66,6 @@ struct ChannelWatch {
     heartbeat: Option<(u64, Instant)>,
     completed: Option<(u64, Instant)>,
     bogus: Option<u64>,
-}
-
-/// Drops the times older than `window` from the front of `times` (oldest first).
-fn forget_before(times: &mut VecDeque<Instant>, window: Duration) {
-    while times.front().is_some_and(|t| t.elapsed() > window) {
-        times.pop_front();
-    }
 }
 
 /// What one recovery round starts from.
@@ -264,7 +97,7 @@ impl Round {
 
 /// What the clients did on a replay.
 #[derive(Default)]
-struct Replayed {
+pub(super) struct Replayed {
     replayed: u64,
     /// Poisoned requests by channel.
     poisoned: Vec<((String, usize), u64)>,
@@ -292,6 +125,8 @@ struct DiskCounters {
     bogus: u64,
     corrupt: bool,
     suspects: u64,
+    /// The client's clock at its first completion on the current generation (0: none yet).
+    first_completion_ms: u64,
 }
 
 /// A running client's ring disk counters, from one read of its stats page.
@@ -312,14 +147,11 @@ fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<DiskCounte
         bogus: d["bogus_completions"].as_u64()?,
         corrupt: d["corrupt"].as_u64().unwrap_or(0) != 0,
         suspects: d["suspects"].as_u64().unwrap_or(0),
+        first_completion_ms: d["first_completion_ms"].as_u64().unwrap_or(0),
     })
 }
 
 impl Supervisor {
-    fn book(&self) -> std::sync::MutexGuard<'_, FaultBook> {
-        self.book.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Starts the watcher of every driver VM.
     pub fn spawn_watchers(self: &Arc<Self>) {
         for name in self.names(Role::Driver) {
@@ -398,38 +230,18 @@ impl Supervisor {
 
     /// Counts a restart of `name` against its policy window; `None` if the cap is reached.
     fn restart_allowed(&self, name: &str) -> Option<Duration> {
-        let mut b = self.book();
-        let window = Duration::from_secs(self.recovery.restart_window_s);
-        let times = b.restart_times.entry(name.to_string()).or_default();
-        forget_before(times, window);
-        if times.len() >= self.recovery.max_restarts as usize {
-            return None;
-        }
-        times.push_back(Instant::now());
-        Some(backoff(
-            times.len(),
-            self.recovery.backoff_initial_ms,
-            self.recovery.backoff_max_ms,
-        ))
+        let limits = PolicyLimits::from(&self.recovery);
+        self.book().policy.restart(name, Instant::now(), &limits)
     }
 
     /// A channel's request turned out poison: the crashes it was on the ring at are that
     /// channel's, not the driver VM's. Takes them off the driver VM's restart window, adds
     /// them to the channel's, and returns whether the channel reached the cap.
     fn charge_channel(&self, driver: &str, channel: &(String, usize), crashes: u32) -> bool {
-        let mut b = self.book();
-        if let Some(times) = b.restart_times.get_mut(driver) {
-            for _ in 1..crashes {
-                times.pop_back();
-            }
-        }
-        let window = Duration::from_secs(self.recovery.restart_window_s);
-        let strikes = b.channel_strikes.entry(channel.clone()).or_default();
-        forget_before(strikes, window);
-        for _ in 0..crashes {
-            strikes.push_back(Instant::now());
-        }
-        strikes.len() >= self.recovery.max_restarts as usize
+        let limits = PolicyLimits::from(&self.recovery);
+        self.book()
+            .policy
+            .charge_channel(driver, channel, crashes, Instant::now(), &limits)
     }
 
     /// One recovery, in rounds until a driver VM serves again or the VM is quarantined.
@@ -513,8 +325,14 @@ impl Supervisor {
                 continue;
             }
             match self.await_service(name, replay.suspects).await {
-                Ok(boot) => {
-                    let outage = fault_at.elapsed().as_secs_f64();
+                Ok((boot, served_ms)) => {
+                    // From the clients' own clocks when they had requests waiting (the last
+                    // of them to be served again), else from when the daemon saw service.
+                    let fault_ms = now_ms().saturating_sub(fault_at.elapsed().as_millis() as u64);
+                    let outage = match served_ms {
+                        Some(t) if t >= fault_ms => (t - fault_ms) as f64 / 1e3,
+                        _ => fault_at.elapsed().as_secs_f64(),
+                    };
                     event.outage_ms = Some(outage * 1e3);
                     event.boot_ms = Some(boot.as_secs_f64() * 1e3);
                     self.book()
@@ -563,25 +381,34 @@ impl Supervisor {
         }
     }
 
-    fn log_event(&self, e: FaultEvent) {
-        let mut b = self.book();
-        if b.events.len() >= MAX_EVENTS {
-            b.events.pop_front();
-        }
-        b.events.push_back(e);
-    }
-
     /// Tells every running client of `driver` to start a new generation and replay; with
     /// `hold`, nothing is sent until [`await_service`](Self::await_service) releases it.
-    async fn replay_clients(&self, driver: &str, hold: bool) -> Replayed {
+    pub(super) async fn replay_clients(self: &Arc<Self>, driver: &str, hold: bool) -> Replayed {
         let mut out = Replayed::default();
-        for (client, disk) in self.client_disks_of(driver) {
+        // All clients at once; the answers in channel order.
+        let mut asked = tokio::task::JoinSet::new();
+        for (i, (client, disk)) in self.client_disks_of(driver).into_iter().enumerate() {
             let req = ControlRequest::Replay {
                 disk,
                 poison_after: self.recovery.poison_after,
                 hold,
             };
-            match self.control(&client, &req, REPLAY_TIMEOUT).await {
+            let me = self.clone();
+            asked.spawn(async move {
+                let r = me.control(&client, &req, REPLAY_TIMEOUT).await;
+                (i, client, disk, r)
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(a) = asked.join_next().await {
+            match a {
+                Ok(a) => answers.push(a),
+                Err(e) => tracing::error!(error = %e, "replay task"),
+            }
+        }
+        answers.sort_by_key(|a| a.0);
+        for (_, client, disk, answer) in answers {
+            match answer {
                 Ok(r) => {
                     out.replayed += r.replayed;
                     if r.poisoned > 0 {
@@ -601,7 +428,7 @@ impl Supervisor {
     /// (client, ring disk index) of every channel `driver` serves, except channels given up
     /// on their own.
     fn client_disks_of(&self, driver: &str) -> Vec<(String, usize)> {
-        let quarantined = self.book().quarantined_channels.clone();
+        let quarantined = self.book().policy.quarantined().clone();
         self.lock()
             .channels
             .iter()
@@ -620,7 +447,7 @@ impl Supervisor {
             channel = format!("{client}/{disk}"),
             "a channel's requests crashed the driver VM too often: channel quarantined"
         );
-        self.book().quarantined_channels.insert(channel.clone());
+        self.book().policy.quarantine_channel(channel.clone());
         let req = ControlRequest::Quarantine { disk: *disk };
         match self.control(client, &req, REPLAY_TIMEOUT).await {
             Ok(_) | Err(SupervisorError::NotRunning(_)) => {}
@@ -660,10 +487,10 @@ impl Supervisor {
     /// client had requests to replay, one of them has completed. A fault meanwhile is returned
     /// as the next round's detection, with the channel whose suspect was alone on the ring.
     async fn await_service(
-        &self,
+        self: &Arc<Self>,
         driver: &str,
         mut suspects: Vec<(String, usize)>,
-    ) -> Result<Duration, (Detection, Option<(String, usize)>)> {
+    ) -> Result<(Duration, Option<u64>), (Detection, Option<(String, usize)>)> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.recovery.boot_timeout_ms);
         let mut boot = None;
@@ -705,25 +532,36 @@ impl Supervisor {
                             isolating = Some(ch);
                         }
                         None => {
+                            let mut releases = tokio::task::JoinSet::new();
                             for ch in baseline.keys() {
-                                self.release(ch).await;
+                                let (me, ch) = (self.clone(), ch.clone());
+                                releases.spawn(async move { me.release(&ch).await });
                             }
+                            while releases.join_next().await.is_some() {}
                             released_all = true;
                         }
                     }
                 }
             }
+            let mut served_ms: Option<u64> = None;
             let served = released_all
                 && baseline
                     .iter()
                     .all(|((client, disk), before)| match before {
                         None => true,
-                        Some(b) => {
-                            client_disk(self, client, *disk).is_none_or(|c| c.completed > *b)
-                        }
+                        Some(b) => match client_disk(self, client, *disk) {
+                            None => true,
+                            Some(c) if c.completed > *b => {
+                                if c.first_completion_ms > 0 {
+                                    served_ms = served_ms.max(Some(c.first_completion_ms));
+                                }
+                                true
+                            }
+                            Some(_) => false,
+                        },
                     });
             if let (Some(boot), true) = (boot, served) {
-                return Ok(boot);
+                return Ok((boot, served_ms));
             }
             if Instant::now() > deadline {
                 return Err((Detection::BootTimeout, isolating));
@@ -743,7 +581,7 @@ impl Supervisor {
 
     /// The channels of `driver` whose client runs (only those have a live ring to serve).
     fn channel_views(&self, driver: &str) -> Vec<ChannelView> {
-        let quarantined = self.book().quarantined_channels.clone();
+        let quarantined = self.book().policy.quarantined().clone();
         let g = self.lock();
         g.channels
             .iter()
@@ -772,7 +610,7 @@ impl Supervisor {
     }
 
     /// Whether every live channel's agent serves the channel's current generation.
-    fn agents_ready(&self, driver: &str) -> bool {
+    pub(super) fn agents_ready(&self, driver: &str) -> bool {
         self.channel_views(driver).iter().all(|c| c.ready)
     }
 
@@ -891,404 +729,5 @@ impl Supervisor {
                 self.fault_detected_on(&driver, d, channel);
             }
         }
-    }
-
-    /// Injects `kind` into driver VM `name`.
-    pub async fn inject(&self, name: &str, kind: FaultKind) -> Result<(), SupervisorError> {
-        {
-            let mut g = self.lock();
-            let vm = g
-                .vms
-                .get_mut(name)
-                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
-            if vm.cfg.role != Role::Driver {
-                return Err(SupervisorError::NotDriver(name.to_string()));
-            }
-            if vm.recovering {
-                return Err(SupervisorError::Busy(name.to_string(), "recovering"));
-            }
-            if vm.state == VmState::Quarantined {
-                return Err(SupervisorError::Busy(name.to_string(), "quarantined"));
-            }
-            if vm.state != VmState::Running {
-                return Err(SupervisorError::NotRunning(name.to_string()));
-            }
-            vm.injected = Some((kind, Instant::now()));
-        };
-        *self
-            .book()
-            .injected
-            .entry((name.to_string(), kind))
-            .or_default() += 1;
-        tracing::warn!(vm = name, fault = kind.name(), "injecting fault");
-        if kind == FaultKind::Kill {
-            return self
-                .signal(name, libc::SIGKILL)
-                .map(|_| ())
-                .ok_or_else(|| SupervisorError::NotRunning(name.to_string()));
-        }
-        let r = self
-            .control(
-                name,
-                &ControlRequest::Inject { fault: kind },
-                Duration::from_secs(10),
-            )
-            .await;
-        if r.is_err() {
-            if let Some(vm) = self.lock().vms.get_mut(name) {
-                vm.injected = None;
-            }
-        }
-        r.map(|_| ())
-    }
-
-    /// Starts VM `name`; a driver VM that ran before (or was quarantined) first has its
-    /// clients start a new generation, so the new agent never inherits the old one's state.
-    pub async fn start_vm(self: &Arc<Self>, name: &str) -> Result<(), SupervisorError> {
-        let rerun_driver = {
-            let g = self.lock();
-            let vm = g
-                .vms
-                .get(name)
-                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
-            if vm.recovering {
-                return Err(SupervisorError::Busy(name.to_string(), "recovering"));
-            }
-            vm.cfg.role == Role::Driver && vm.starts > 0 && vm.state != VmState::Running
-        };
-        if rerun_driver {
-            // A start by hand: the clients send at once (no suspects to isolate).
-            self.replay_clients(name, false).await;
-            if let Some(vm) = self.lock().vms.get_mut(name) {
-                if vm.state == VmState::Quarantined {
-                    vm.state = VmState::Exited;
-                }
-            }
-            self.book().restart_times.remove(name);
-        }
-        self.start(name)
-    }
-
-    /// Waits until driver `name` runs with its agents ready and no recovery under way.
-    async fn wait_serving(&self, name: &str, timeout: Duration) -> Result<(), SupervisorError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (running, recovering, quarantined) = {
-                let g = self.lock();
-                let vm = g
-                    .vms
-                    .get(name)
-                    .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
-                (
-                    vm.state == VmState::Running,
-                    vm.recovering,
-                    vm.state == VmState::Quarantined,
-                )
-            };
-            if quarantined {
-                return Err(SupervisorError::Busy(name.to_string(), "quarantined"));
-            }
-            if running && !recovering && self.agents_ready(name) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(SupervisorError::Timeout(format!(
-                    "driver VM '{name}' not serving after {timeout:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn recoveries(&self, name: &str) -> u64 {
-        let b = self.book();
-        b.events.iter().filter(|e| e.driver == name).count() as u64
-    }
-
-    /// Injects `count` faults of `kinds` (every kind once per round, shuffled) into `name`,
-    /// each after the previous recovery plus a random pause in `interval_ms`; returns the
-    /// events of the campaign.
-    pub async fn campaign(
-        &self,
-        name: &str,
-        count: u32,
-        kinds: &[FaultKind],
-        interval_ms: (u64, u64),
-        seed: u64,
-    ) -> Result<Vec<FaultEvent>, SupervisorError> {
-        let kinds: Vec<FaultKind> = if kinds.is_empty() {
-            FaultKind::ALL.to_vec()
-        } else {
-            kinds.to_vec()
-        };
-        let mut rng = XorShift(seed | 1);
-        let per_fault = Duration::from_millis(
-            self.recovery
-                .boot_timeout_ms
-                .saturating_add(self.recovery.heartbeat_timeout_ms)
-                .saturating_add(self.recovery.progress_timeout_ms)
-                .saturating_add(self.recovery.backoff_max_ms),
-        ) * 2;
-        let first_event = self.book().events.len();
-        let mut round = Vec::new();
-        for i in 0..count {
-            if round.is_empty() {
-                round = rng.shuffled(&kinds);
-            }
-            let kind = round.pop().unwrap_or(FaultKind::Kill);
-            self.wait_serving(name, per_fault).await?;
-            let (lo, hi) = interval_ms;
-            let span = hi.saturating_sub(lo).saturating_add(1);
-            let pause = lo.saturating_add(rng.next() % span);
-            tokio::time::sleep(Duration::from_millis(pause)).await;
-            let before = self.recoveries(name);
-            tracing::info!(
-                vm = name,
-                n = i + 1,
-                of = count,
-                fault = kind.name(),
-                "campaign"
-            );
-            self.inject(name, kind).await?;
-            let deadline = Instant::now() + per_fault;
-            while self.recoveries(name) == before {
-                if Instant::now() > deadline {
-                    return Err(SupervisorError::Timeout(format!(
-                        "fault {} ({}) was not detected within {per_fault:?}",
-                        i + 1,
-                        kind.name()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        self.wait_serving(name, per_fault).await?;
-        let b = self.book();
-        Ok(b.events.iter().skip(first_event).cloned().collect())
-    }
-
-    /// The event log.
-    pub fn events(&self) -> Vec<FaultEvent> {
-        self.book().events.iter().cloned().collect()
-    }
-
-    /// Cold boot times (start to agents ready) of driver VMs, milliseconds.
-    pub fn cold_boots_ms(&self) -> Vec<f64> {
-        self.book().cold_boots_ms.iter().copied().collect()
-    }
-
-    /// Everything the daemon counts, in the Prometheus text format.
-    pub fn metrics_text(&self) -> String {
-        let mut m = super::metrics::Metrics::default();
-        {
-            let b = self.book();
-            for ((d, det), n) in &b.faults {
-                m.counter(
-                    "ddvmm_driver_faults_total",
-                    "Driver VM faults by detection path",
-                    &[("driver", d), ("detected_by", det.name())],
-                    *n as f64,
-                );
-            }
-            for ((d, k), n) in &b.injected {
-                m.counter(
-                    "ddvmm_injected_faults_total",
-                    "Faults injected through the API",
-                    &[("driver", d), ("kind", k.name())],
-                    *n as f64,
-                );
-            }
-            for (metric, help, map) in [
-                (
-                    "ddvmm_driver_restarts_total",
-                    "Driver VM restarts",
-                    &b.restarts,
-                ),
-                (
-                    "ddvmm_requests_replayed_total",
-                    "Client requests replayed after a restart",
-                    &b.replayed,
-                ),
-                (
-                    "ddvmm_poison_requests_total",
-                    "Requests failed as poison",
-                    &b.poisoned,
-                ),
-                (
-                    "ddvmm_quarantines_total",
-                    "Driver VMs quarantined",
-                    &b.quarantines,
-                ),
-            ] {
-                for (d, n) in map {
-                    m.counter(metric, help, &[("driver", d)], *n as f64);
-                }
-            }
-            for (d, s) in &b.outage {
-                m.summary(
-                    "ddvmm_outage_seconds",
-                    "Fault to first completion after the restart",
-                    &[("driver", d)],
-                    s,
-                );
-            }
-            for (k, s) in &b.detection {
-                m.summary(
-                    "ddvmm_detection_seconds",
-                    "Injected fault to detection",
-                    &[("kind", k.name())],
-                    s,
-                );
-            }
-        }
-        let (vms, pages) = {
-            let g = self.lock();
-            let vms: Vec<(String, bool, u64)> = g
-                .vms
-                .values()
-                .map(|v| (v.cfg.name.clone(), v.state == VmState::Running, v.starts))
-                .collect();
-            let pages: Vec<(String, serde_json::Value)> = g
-                .vms
-                .values()
-                .filter(|v| v.cfg.role == Role::Client)
-                .filter_map(|v| Some((v.cfg.name.clone(), stats_page::read(&v.stats)?)))
-                .collect();
-            (vms, pages)
-        };
-        for (name, up, starts) in vms {
-            m.gauge(
-                "ddvmm_vm_up",
-                "VMM process running",
-                &[("vm", &name)],
-                f64::from(u8::from(up)),
-            );
-            m.counter(
-                "ddvmm_vm_starts_total",
-                "VMM process starts",
-                &[("vm", &name)],
-                starts as f64,
-            );
-        }
-        for (name, page) in pages {
-            for (key, prefix, label, help) in [
-                (
-                    "ring_disks",
-                    "ddvmm_ring_disk",
-                    "disk",
-                    "Client ring disk counter",
-                ),
-                (
-                    "ring_nets",
-                    "ddvmm_ring_net",
-                    "nic",
-                    "Client ring NIC counter",
-                ),
-            ] {
-                let Some(list) = page[key].as_array() else {
-                    continue;
-                };
-                for (i, d) in list.iter().enumerate() {
-                    let Some(obj) = d.as_object() else { continue };
-                    let index = i.to_string();
-                    for (k, v) in obj {
-                        let Some(v) = v.as_u64() else { continue };
-                        let valid = k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
-                        if !valid {
-                            continue;
-                        }
-                        let labels = [("vm", name.as_str()), (label, index.as_str())];
-                        if let Some(help) = RING_GAUGES
-                            .iter()
-                            .find_map(|(g, help)| (g == k).then_some(*help))
-                        {
-                            m.gauge(&format!("{prefix}_{k}"), help, &labels, v as f64);
-                        } else {
-                            m.counter(&format!("{prefix}_{k}_total"), help, &labels, v as f64);
-                        }
-                    }
-                }
-            }
-        }
-        m.render()
-    }
-}
-
-/// The ring counters that are gauges (the others are counters), with their help lines.
-const RING_GAUGES: [(&str, &str); 5] = [
-    ("outstanding", "Requests on the ring"),
-    ("waiting", "Requests journaled, not yet on the ring"),
-    ("suspects", "Requests one more crash makes poison"),
-    ("corrupt", "1 while the driver VM has broken the ring"),
-    ("held", "1 while the daemon holds the channel"),
-];
-
-/// A small deterministic generator for campaign timing (not for anything secret).
-struct XorShift(u64);
-
-impl XorShift {
-    /// A Fisher-Yates permutation of `items`.
-    fn shuffled<T: Clone>(&mut self, items: &[T]) -> Vec<T> {
-        let mut v = items.to_vec();
-        for j in (1..v.len()).rev() {
-            v.swap(j, (self.next() % (j as u64 + 1)) as usize);
-        }
-        v
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_first_restart_is_immediate_then_backoff_doubles_to_its_cap() {
-        let ms = |n| backoff(n, 100, 1000).as_millis();
-        assert_eq!(
-            (ms(1), ms(2), ms(3), ms(4), ms(5), ms(40)),
-            (0, 100, 200, 400, 800, 1000)
-        );
-        assert_eq!(
-            backoff(64, u64::MAX, u64::MAX).as_millis(),
-            u128::from(u64::MAX)
-        );
-    }
-
-    #[test]
-    fn exits_map_to_detections() {
-        use std::process::ExitStatus;
-        let code = |c: i32| ExitStatus::from_raw(c << 8);
-        assert_eq!(Detection::from_exit(code(4)), Detection::Pvpanic);
-        assert_eq!(Detection::from_exit(code(5)), Detection::VcpuCrash);
-        assert_eq!(Detection::from_exit(code(3)), Detection::Reset);
-        assert_eq!(Detection::from_exit(code(0)), Detection::Poweroff);
-        assert_eq!(Detection::from_exit(code(1)), Detection::VmmError);
-        assert_eq!(
-            Detection::from_exit(ExitStatus::from_raw(9)),
-            Detection::ProcessKilled
-        );
-    }
-
-    #[test]
-    fn campaign_order_covers_every_kind_each_round() {
-        let mut rng = XorShift(7);
-        let mut orders = std::collections::BTreeSet::new();
-        for _ in 0..50 {
-            let round = rng.shuffled(&FaultKind::ALL);
-            let mut sorted = round.clone();
-            sorted.sort();
-            assert_eq!(sorted, FaultKind::ALL.to_vec(), "every kind exactly once");
-            orders.insert(round);
-        }
-        assert!(orders.len() > 10, "rounds are not all in the same order");
     }
 }

@@ -26,7 +26,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::cgroup::{self, Cgroups};
 use super::config::{RecoveryConfig, Role, SystemConfig, VmConfig};
-use super::recovery::{Detection, FaultBook};
+use super::detection::Detection;
+use super::fault_log::FaultBook;
 use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
 use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
 use crate::devices::virtio::net::ring_frontend::NET_RING_PARAMS;

@@ -313,6 +313,18 @@ pub struct RingStats {
     pub held: AtomicU64,
     /// Ring generations started after the first (driver VM restarts seen).
     pub generations: AtomicU64,
+    /// Wall clock (ms since the epoch) of the first completion on the current generation, 0
+    /// until there is one: when this client saw service again after a restart (the daemon
+    /// measures outages with it).
+    pub first_completion_ms: AtomicU64,
+}
+
+/// Wall clock in ms since the epoch.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl RingStats {
@@ -336,6 +348,7 @@ impl RingStats {
             ("corrupt", g(&self.corrupt)),
             ("held", g(&self.held)),
             ("generations", g(&self.generations)),
+            ("first_completion_ms", g(&self.first_completion_ms)),
         ]
     }
 }

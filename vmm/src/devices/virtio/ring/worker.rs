@@ -240,6 +240,7 @@ impl<D: RingDevice> Worker<D> {
                 // not needed.
                 self.ring.new_generation().map_err(CommandError::Renew)?;
                 self.stats.generations.fetch_add(1, Ordering::Relaxed);
+                self.stats.first_completion_ms.store(0, Ordering::Relaxed);
                 let reposted = self.standing.len() as u64;
                 self.stats.reposted.fetch_add(reposted, Ordering::Relaxed);
                 self.standing.clear();
@@ -336,6 +337,11 @@ impl<D: RingDevice> Worker<D> {
                     .standing_done(self.guest.as_mut(), &self.ring, &c);
             } else if self.journal.is_on_ring(id) {
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                if self.stats.first_completion_ms.load(Ordering::Relaxed) == 0 {
+                    self.stats
+                        .first_completion_ms
+                        .store(super::wall_ms(), Ordering::Relaxed);
+                }
                 let item = self.journal.complete(id);
                 if let (Some(item), Some(g)) = (item, self.guest.as_mut()) {
                     self.device.complete(g, &self.ring, item, &c);
