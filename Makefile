@@ -115,18 +115,21 @@ bench-net: deps images build driver-image
 
 # Driver VM recovery: cold boot, then FAULTS_PER_KIND faults of each kind under fio verify;
 # detection latency and outage per kind (median, p95, max) and outage / cold boot.
+# Optional: ARMS="restore" (skip the boot arm), KINDS="kill panic", BOOT_KINDS=... (the control
+# arm's kinds), TIMELINE=1 (the daemon's and the driver VMM's timestamps per restart).
 FAULTS_PER_KIND ?= 5
+RECOVERY_ENV = $(foreach v,ARMS KINDS BOOT_KINDS TIMELINE,$(if $($(v)),--env "$(v)=$($(v))"))
 bench-recovery: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --timeout 14400 --driver-image --guest-script bench/guest-recovery.sh \
-	    --env FAULTS_PER_KIND=$(FAULTS_PER_KIND) bench/recovery.sh
+	    --env FAULTS_PER_KIND=$(FAULTS_PER_KIND) $(RECOVERY_ENV) bench/recovery.sh
 
 # The same plus SOAK_FAULTS mixed faults (1000 by default; hours on an emulated CPU).
 SOAK_FAULTS ?= 1000
 soak-recovery: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --timeout 86400 --driver-image --guest-script bench/guest-recovery.sh \
-	    --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$(SOAK_FAULTS) bench/recovery.sh
+	    --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$(SOAK_FAULTS) $(RECOVERY_ENV) bench/recovery.sh
 
 # VFIO passthrough vs ddvmm's virtio-blk on the same NVMe controller and backing file: the fio
 # jobs of bench/guest-blk.sh (4 KiB random read QD32, 128 KiB sequential read, ...) in the same

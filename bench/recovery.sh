@@ -14,6 +14,9 @@ FAULTS_PER_KIND=${FAULTS_PER_KIND:-5}
 SOAK_FAULTS=${SOAK_FAULTS:-0}
 COLD_BOOTS=${COLD_BOOTS:-5}
 KINDS=${KINDS:-"panic hang kill triple-fault corrupt reset"}
+ARMS=${ARMS:-"boot restore"}
+# The control arm's kinds (each of its faults costs a cold boot).
+BOOT_KINDS=${BOOT_KINDS:-$KINDS}
 K=$IMAGES/vmlinuz
 DISK=/tmp/pool.img
 
@@ -86,7 +89,8 @@ CFG
     done
     echo "=== arm $arm: client running"
     [ "$arm" = boot ] && cold_boots
-    for k in $KINDS; do
+    kinds=$KINDS; [ "$arm" = boot ] && kinds=$BOOT_KINDS
+    for k in $kinds; do
         echo "=== $arm: $FAULTS_PER_KIND x $k"
         campaign $arm-$k --faults $FAULTS_PER_KIND --kinds $k --min-interval-ms 500 --max-interval-ms 3000
     done
@@ -112,8 +116,13 @@ CFG
     wait $DAEMON
 }
 
-run_arm boot false
-run_arm restore true
+for arm in $ARMS; do
+    case $arm in boot) run_arm boot false ;; restore) run_arm restore true ;; esac
+    [ -n "$TIMELINE" ] && grep -a -E "injecting fault|VM process ended|driver VM fault|VM started|driver VM recovered|released" daemon-$arm.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
+    [ -n "$TIMELINE" ] && grep -a -h -E "restored from snapshot|VM set up|parked" system.d/storage.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
+done
+[ -f events-boot.json ] || echo '{}' > events-boot.json
+[ -f events-restore.json ] || echo '{}' > events-restore.json
 
 # One line per event: arm kind detect_ms outage_ms boot_ms restart; and the cold boots.
 sed 's/"cold_boots_ms":\[\([^]]*\)\]/\n&\n/' events-boot.json | grep '^"cold_boots_ms"' \

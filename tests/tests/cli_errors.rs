@@ -225,3 +225,45 @@ fn ring_nic_and_channel_specs_name_the_problem() {
     ]);
     assert_error(&o, "bad mac=1:2");
 }
+
+#[test]
+fn restore_from_a_missing_snapshot() {
+    let o = ddvmm(&[
+        "run",
+        "--kernel",
+        s(&kernel()),
+        "--restore",
+        "/nonexistent/snapshot",
+    ]);
+    assert_error(
+        &o,
+        "snapshot /nonexistent/snapshot/state: cannot open: No such file or directory",
+    );
+}
+
+#[test]
+fn restore_from_a_damaged_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("state"),
+        b"ddvmm-snapshot 1 00000000 3\n{}\n",
+    )
+    .expect("w");
+    let o = ddvmm(&["run", "--kernel", s(&kernel()), "--restore", s(dir.path())]);
+    assert_error(&o, "is corrupt: checksum");
+}
+
+#[test]
+fn snapshot_and_restore_together_are_a_usage_error() {
+    let o = ddvmm(&[
+        "run",
+        "--kernel",
+        s(&kernel()),
+        "--snapshot-to",
+        "/tmp/a",
+        "--restore",
+        "/tmp/b",
+    ]);
+    assert_eq!(o.status, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("cannot be used with"), "{}", o.stderr);
+}

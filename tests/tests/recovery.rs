@@ -914,6 +914,15 @@ echo "=== metrics"; $CTL metrics
         );
     }
     assert!(list.iter().all(|e| e["outcome"] == "restarted"), "{events}");
+    // The driver VM owns an emulated NIC and restarts from its template like any other.
+    assert!(list.iter().all(|e| e["restart"] == "restore"), "{events}");
+    // Network outages (fault to the first completed frame), printed for the closing note.
+    let mut outages: Vec<f64> = list
+        .iter()
+        .filter_map(|e| e["outage_ms"].as_f64())
+        .collect();
+    outages.sort_by(f64::total_cmp);
+    println!("network outages (ms, sorted): {outages:?}");
     assert!(
         log.contains("STREAMS-FINISHED-AT-CAMPAIGN-END 0"),
         "a stream ended before the last fault was recovered:\n{log}"

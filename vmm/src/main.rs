@@ -220,8 +220,9 @@ struct RunArgs {
     /// The jailed VMM's gid (non-zero).
     #[arg(long, requires = "jail_root")]
     gid: Option<u32>,
-    /// Write a snapshot of this VM into DIR once every channel's agent is ready and parked at
-    /// its gate (the gates open after it): the template a driver VM is restored from.
+    /// Write a snapshot of this VM into DIR: for a driver VM, once every channel's agent is
+    /// ready and parked at its gate (the gates open after it: the template it is restored
+    /// from); for any other VM, when the process gets SIGUSR1. One snapshot per run.
     #[arg(long, value_name = "DIR", conflicts_with = "restore")]
     snapshot_to: Option<PathBuf>,
     /// Start from the snapshot in DIR instead of booting (same devices, memory and vCPUs as
@@ -253,6 +254,7 @@ fn init_logging(level: &str, limited: bool) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
+    let started = std::time::Instant::now();
     let mem_size = parse_size(&args.mem).with_context(|| format!("--mem {}", args.mem))?;
     let console_limit = parse_size(&args.console_limit)
         .with_context(|| format!("--console-limit {}", args.console_limit))?;
@@ -330,11 +332,9 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         kvm_device: args.kvm_device,
         snapshot: match (args.snapshot_to, args.restore) {
             (Some(dir), _) => {
-                anyhow::ensure!(
-                    !channels_empty,
-                    "--snapshot-to needs a driver VM (--channel): the snapshot is taken when \
-                     every channel's agent is parked"
-                );
+                if channels_empty {
+                    ddvmm::machine::snapshot_on_sigusr1()?;
+                }
                 SnapshotMode::TemplateTo(dir)
             }
             (None, Some(dir)) => SnapshotMode::Restore(dir),
@@ -378,6 +378,10 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         jail::lock_down(j)?;
     }
     seccomp::confine(ThreadKind::Main)?;
+    tracing::info!(
+        setup_ms = started.elapsed().as_secs_f64() * 1e3,
+        "VM set up, vCPUs starting"
+    );
     let exit = machine.run()?;
     log_vmm_memory(status.as_ref());
     Ok(exit)

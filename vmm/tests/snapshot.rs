@@ -205,3 +205,21 @@ fn damaged_or_foreign_snapshots_are_refused() {
     let e = build_err(MEM);
     assert!(e.contains("trailer"), "{e}");
 }
+
+#[test]
+fn a_vm_with_a_passed_through_function_cannot_be_snapshotted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(
+        &dir.path().join("console.log"),
+        SnapshotMode::TemplateTo(dir.path().join("snap")),
+        MEM,
+    );
+    cfg.passthrough = vec!["0000:01:00.0".parse().expect("address")];
+    let e = Machine::build(&cfg).err().expect("refused").to_string();
+    assert!(
+        e.contains("cannot snapshot this VM") && e.contains("passed-through"),
+        "{e}"
+    );
+    // Nothing was created.
+    assert!(!dir.path().join("snap").exists());
+}

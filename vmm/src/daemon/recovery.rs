@@ -516,6 +516,11 @@ impl Supervisor {
             let ready = self.agents_ready(driver);
             if ready && boot.is_none() {
                 boot = Some(started.elapsed());
+                tracing::info!(
+                    vm = driver,
+                    ms = started.elapsed().as_millis() as u64,
+                    "agents ready"
+                );
             }
             if ready && !released_all {
                 // The isolated channel is done once it has no suspect left (completed, or
@@ -539,6 +544,7 @@ impl Supervisor {
                             }
                             while releases.join_next().await.is_some() {}
                             released_all = true;
+                            tracing::info!(vm = driver, "channels released");
                         }
                     }
                 }

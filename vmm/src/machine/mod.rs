@@ -63,6 +63,20 @@ type Console = SerialConsole<Box<dyn Write + Send>>;
 /// How long vCPUs get to pause for a snapshot.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Set by the `SIGUSR1` handler ([`snapshot_on_sigusr1`]): a snapshot was asked for.
+static SIGNALLED_SNAPSHOT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn snapshot_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNALLED_SNAPSHOT.store(true, Ordering::Release);
+}
+
+/// Makes `SIGUSR1` ask the running machine for its snapshot (into its
+/// [`SnapshotMode::TemplateTo`] directory; the main loop looks at least every 200 ms).
+pub fn snapshot_on_sigusr1() -> Result<(), MachineError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, snapshot_signal)
+        .map_err(|e| MachineError::Sys("installing the SIGUSR1 handler", e.into()))
+}
+
 /// Our ACPI tables use 8-bit APIC ids.
 pub(crate) const MAX_VCPUS_ACPI: u32 = 254;
 
@@ -416,6 +430,9 @@ impl Machine {
     /// reporting.
     fn recv_exit(&mut self, threads: &[JoinHandle<()>]) -> Result<GuestExit, MachineError> {
         loop {
+            if SIGNALLED_SNAPSHOT.swap(false, Ordering::AcqRel) {
+                self.exits.event(MachineEvent::Snapshot);
+            }
             let event = match self.exit_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(event) => event,
                 Err(_) if threads.iter().all(|t| t.is_finished()) => loop {
