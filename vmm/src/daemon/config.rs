@@ -48,8 +48,9 @@
 //! heartbeat_timeout_ms = 5000       # agent heartbeat older than this: hang
 //! progress_timeout_ms = 15000       # requests outstanding, none completed for this long: hang
 //! boot_timeout_ms = 300000          # a (re)started driver VM's agent must be ready by then
-//! backoff_initial_ms = 100          # the first restart of a series is immediate; delay before
-//! backoff_max_ms = 10000            #   the second, doubled per further fault, capped
+//! backoff_initial_ms = 100          # a driver VM that served since its last restart restarts
+//! backoff_max_ms = 10000            #   at once; one that faults again before serving waits
+//!                                   #   this, doubled per further such fault, capped
 //! max_restarts = 10                 # more restarts than this within
 //! restart_window_s = 300            #   this window: quarantine the driver VM (crashes
 //!                                   #   charged to one channel count for that channel)
@@ -177,8 +178,8 @@ pub struct RecoveryConfig {
     pub progress_timeout_ms: u64,
     /// Time a started driver VM has to get its agents ready.
     pub boot_timeout_ms: u64,
-    /// Delay before the second restart of a series (the first is immediate), doubled for each
-    /// further one.
+    /// Delay before the restart of a driver VM that faulted again before it served (one that
+    /// served since its last restart is restarted at once), doubled for each further one.
     pub backoff_initial_ms: u64,
     /// Longest delay before a restart.
     pub backoff_max_ms: u64,

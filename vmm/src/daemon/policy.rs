@@ -1,7 +1,8 @@
-//! The restart policy, as a pure type: how long to wait before a restart (none for the first,
-//! then an exponential backoff), how many restarts a driver VM gets within a window before it
-//! is quarantined, and the same count per channel for crashes charged to one channel's poison
-//! request. No clock of its own: every decision takes `now`, so it is unit-tested exactly.
+//! The restart policy, as a pure type: how long to wait before a restart (none for a driver VM
+//! that served since its last restart; an exponential backoff for one that keeps faulting before
+//! it serves), how many restarts a driver VM gets within a window before it is quarantined, and
+//! the same count per channel for crashes charged to one channel's poison request. No clock of
+//! its own: every decision takes `now`, so it is unit-tested exactly.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -40,12 +41,15 @@ impl From<&RecoveryConfig> for PolicyLimits {
 #[derive(Debug, Default)]
 pub struct RestartPolicy {
     restarts: BTreeMap<String, VecDeque<Instant>>,
+    /// Restarts since the driver VM last served (what the backoff grows with).
+    unserved: BTreeMap<String, usize>,
     strikes: BTreeMap<ChannelId, VecDeque<Instant>>,
     quarantined: BTreeSet<ChannelId>,
 }
 
-/// The delay before the `n`th restart within the window: none for the first (a driver VM that
-/// was serving is replaced at once), then `initial` doubled per further restart, capped.
+/// The delay before the `n`th restart since the driver VM last served: none for the first (a
+/// driver VM that was serving is replaced at once), then `initial` doubled per further one,
+/// capped.
 pub fn backoff(n: usize, initial_ms: u64, max_ms: u64) -> Duration {
     let ms = match n {
         0 | 1 => 0,
@@ -76,7 +80,14 @@ impl RestartPolicy {
             return None;
         }
         times.push_back(now);
-        Some(backoff(times.len(), l.backoff_initial_ms, l.backoff_max_ms))
+        let n = self.unserved.entry(driver.to_string()).or_default();
+        *n += 1;
+        Some(backoff(*n, l.backoff_initial_ms, l.backoff_max_ms))
+    }
+
+    /// `driver` serves again after a restart: its next restart is immediate.
+    pub fn served(&mut self, driver: &str) {
+        self.unserved.remove(driver);
     }
 
     /// A channel's request turned out poison after `crashes` crashes: they are the channel's,
@@ -106,6 +117,7 @@ impl RestartPolicy {
     /// Forgets `driver`'s restarts (an API start after a quarantine).
     pub fn forget(&mut self, driver: &str) {
         self.restarts.remove(driver);
+        self.unserved.remove(driver);
     }
 
     /// Records a channel quarantined on its own.
@@ -155,10 +167,24 @@ mod tests {
         assert_eq!(p.restart("d", at(2), &l), Some(Duration::from_millis(200)));
         assert_eq!(p.restart("d", at(3), &l), None, "fourth within 60 s");
         assert_eq!(p.restart("other", at(3), &l), Some(Duration::ZERO));
-        // 61 s after the first, it has left the window: room for one more.
-        assert_eq!(p.restart("d", at(61), &l), Some(Duration::from_millis(200)));
+        // 61 s after the first, it has left the window: room for one more, still backing off
+        // (it has not served since).
+        assert_eq!(p.restart("d", at(61), &l), Some(Duration::from_millis(400)));
         p.forget("d");
         assert_eq!(p.restart("d", at(62), &l), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_driver_vm_that_served_is_restarted_at_once() {
+        let (l, t0) = (limits(), Instant::now());
+        let mut p = RestartPolicy::default();
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(p.restart("d", at(0), &l), Some(Duration::ZERO));
+        assert_eq!(p.restart("d", at(1), &l), Some(Duration::from_millis(100)));
+        p.served("d");
+        assert_eq!(p.restart("d", at(2), &l), Some(Duration::ZERO));
+        // The cap still counts every restart in the window.
+        assert_eq!(p.restart("d", at(3), &l), None);
     }
 
     #[test]

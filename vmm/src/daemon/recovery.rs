@@ -9,8 +9,9 @@
 //! or an agent that is not ready within the boot timeout. All timeouts come from `[recovery]`.
 //!
 //! **Recovery** of one driver VM, one at a time: SIGKILL what is left of it (a hung VM must not
-//! write channel memory again), apply the policy ([`super::policy`]: the first restart at once,
-//! then an exponential backoff; too many restarts in the window: quarantine — the clients fail
+//! write channel memory again), apply the policy ([`super::policy`]: at once for a driver VM
+//! that served since its last restart, else after an exponential backoff; too many restarts in
+//! the window: quarantine — the clients fail
 //! their outstanding and new requests), tell every running client (all at once) to start a new
 //! ring generation and replay its outstanding requests (the clients hold them until then:
 //! never completed, never failed, except a poison request), then start the driver VM again:
@@ -326,6 +327,7 @@ impl Supervisor {
             }
             match self.await_service(name, replay.suspects).await {
                 Ok((boot, served_ms)) => {
+                    self.book().policy.served(name);
                     // From the clients' own clocks when they had requests waiting (the last
                     // of them to be served again), else from when the daemon saw service.
                     let fault_ms = now_ms().saturating_sub(fault_at.elapsed().as_millis() as u64);
@@ -572,7 +574,7 @@ impl Supervisor {
             if Instant::now() > deadline {
                 return Err((Detection::BootTimeout, isolating));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

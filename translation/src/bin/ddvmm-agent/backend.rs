@@ -155,11 +155,11 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     loop {
         let ring = attach(&mem, SUPPORTED).map_err(ctx)?;
         ring.set_ready().map_err(|e| ctx(e.to_string()))?;
-        println!(
+        crate::console::say(format!(
             "ddvmm-agent: channel {} ready, generation {}",
             w.index,
             ring.generation()
-        );
+        ));
         let mut server = Server {
             ring,
             window: &w,

@@ -25,7 +25,7 @@ pub fn pass(regs_map: &BarMapping, index: u32) {
     let mut waited = 0u32;
     while regs_map.read32(regs::GATE) != 1 {
         if waited == 0 {
-            println!("ddvmm-agent: channel {index} parked at the gate");
+            crate::console::say(format!("ddvmm-agent: channel {index} parked at the gate"));
         }
         waited = waited.saturating_add(1);
         std::thread::sleep(POLL);
@@ -36,11 +36,11 @@ pub fn pass(regs_map: &BarMapping, index: u32) {
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
     SEED.call_once(|| match reseed(&entropy) {
-        Ok(()) => println!(
+        Ok(()) => crate::console::say(format!(
             "ddvmm-agent: RNG reseeded from the VMM; fingerprint {}",
             fingerprint()
-        ),
-        Err(e) => eprintln!("ddvmm-agent: cannot reseed the RNG: {e}"),
+        )),
+        Err(e) => crate::console::say(format!("ddvmm-agent: cannot reseed the RNG: {e}")),
     });
 }
 

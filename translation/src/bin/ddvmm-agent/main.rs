@@ -24,6 +24,7 @@
 //! heartbeat) for a kernel panic, a reboot, a hang or garbage completions.
 
 mod backend;
+mod console;
 mod gate;
 mod net;
 mod pci;

@@ -268,11 +268,11 @@ pub fn serve(dev: &ChannelDevice) -> Result<(), String> {
     loop {
         let mut ring = attach(&mem, features::NET).map_err(ctx)?;
         ring.set_ready().map_err(|e| ctx(e.to_string()))?;
-        println!(
+        crate::console::say(format!(
             "ddvmm-agent: channel {} ready, generation {}",
             port.index,
             ring.generation()
-        );
+        ));
         serve_generation(
             &mut ring,
             &port,
