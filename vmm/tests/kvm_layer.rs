@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ddvmm::devices::bus::{BusDevice, SharedDevice};
 use ddvmm::exit::GuestExit;
-use ddvmm::machine::{BootSource, ConsoleOutput, Machine, MachineConfig, SnapshotMode};
+use ddvmm::machine::{BootSource, ConsoleOutput, Machine, MachineConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 const LOAD: u16 = 0x1000;
@@ -32,26 +32,15 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let console = dir.path().join("console.log");
-    let cfg = MachineConfig {
-        boot: BootSource::RealMode {
-            image: code,
-            load_addr: LOAD,
-        },
-        mem_size: mem,
-        vcpus,
-        disks: Vec::new(),
-        nets: Vec::new(),
-        ring_nets: Vec::new(),
-        ring_disks: Vec::new(),
-        channels: Vec::new(),
-        passthrough: Vec::new(),
-        console: ConsoleOutput::File {
-            path: console.clone(),
-            limit: u64::MAX,
-        },
-        kvm_device: "/dev/kvm".into(),
-        snapshot: SnapshotMode::None,
+    let boot = BootSource::RealMode {
+        image: code,
+        load_addr: LOAD,
     };
+    let out = ConsoleOutput::File {
+        path: console.clone(),
+        limit: u64::MAX,
+    };
+    let cfg = MachineConfig::new(boot, mem, vcpus, out);
     let mut machine = Machine::build(&cfg).expect("build machine");
     if let Some((dev, base, len)) = mmio {
         machine

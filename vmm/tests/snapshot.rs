@@ -34,25 +34,17 @@ fn counter_program() -> Vec<u8> {
 }
 
 fn config(console: &Path, snapshot: SnapshotMode, mem: u64) -> MachineConfig {
+    let boot = BootSource::RealMode {
+        image: counter_program(),
+        load_addr: LOAD,
+    };
+    let console = ConsoleOutput::File {
+        path: console.to_path_buf(),
+        limit: u64::MAX,
+    };
     MachineConfig {
-        boot: BootSource::RealMode {
-            image: counter_program(),
-            load_addr: LOAD,
-        },
-        mem_size: mem,
-        vcpus: 1,
-        disks: Vec::new(),
-        nets: Vec::new(),
-        ring_nets: Vec::new(),
-        ring_disks: Vec::new(),
-        channels: Vec::new(),
-        passthrough: Vec::new(),
-        console: ConsoleOutput::File {
-            path: console.to_path_buf(),
-            limit: u64::MAX,
-        },
-        kvm_device: "/dev/kvm".into(),
         snapshot,
+        ..MachineConfig::new(boot, mem, 1, console)
     }
 }
 

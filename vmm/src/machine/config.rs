@@ -125,6 +125,27 @@ pub struct MachineConfig {
     pub snapshot: SnapshotMode,
 }
 
+impl MachineConfig {
+    /// A machine with `vcpus` vCPUs and `mem_size` bytes of RAM running `boot`, its console in
+    /// `console`, no devices beyond the platform's, `/dev/kvm`, no snapshot.
+    pub fn new(boot: BootSource, mem_size: u64, vcpus: u32, console: ConsoleOutput) -> Self {
+        MachineConfig {
+            disks: Vec::new(),
+            ring_disks: Vec::new(),
+            nets: Vec::new(),
+            ring_nets: Vec::new(),
+            channels: Vec::new(),
+            passthrough: Vec::new(),
+            boot,
+            mem_size,
+            vcpus,
+            console,
+            kvm_device: PathBuf::from("/dev/kvm"),
+            snapshot: SnapshotMode::None,
+        }
+    }
+}
+
 /// Whether a machine makes a snapshot or starts from one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum SnapshotMode {

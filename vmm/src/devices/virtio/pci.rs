@@ -128,12 +128,7 @@ pub struct VirtioPciDevice {
     d3hot: bool,
     notify: Vec<EventFd>,
     queues: Vec<QueueConfig>,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    status: u8,
-    config_generation: u8,
-    queue_select: u16,
+    common: CommonRegs,
     isr: Arc<AtomicU8>,
     failure: Arc<Failure>,
     active: bool,
@@ -143,18 +138,24 @@ pub struct VirtioPciDevice {
     paused: Option<Vec<Option<u16>>>,
 }
 
-/// A virtio-pci function as saved in a snapshot.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct VirtioPciState {
-    config: Vec<u32>,
-    d3hot: bool,
-    queues: Vec<QueueConfig>,
+/// The common configuration registers the driver writes (besides the per-queue ones).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+struct CommonRegs {
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
     config_generation: u8,
     queue_select: u16,
+}
+
+/// A virtio-pci function as saved in a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VirtioPciState {
+    config: Vec<u32>,
+    d3hot: bool,
+    queues: Vec<QueueConfig>,
+    common: CommonRegs,
     isr: u8,
     needs_reset: bool,
     config_vector: u16,
@@ -264,12 +265,7 @@ impl VirtioPciDevice {
             d3hot: false,
             notify,
             queues: queue_sizes.into_iter().map(QueueConfig::new).collect(),
-            device_feature_select: 0,
-            driver_feature_select: 0,
-            driver_features: 0,
-            status: 0,
-            config_generation: 0,
-            queue_select: 0,
+            common: CommonRegs::default(),
             isr,
             failure,
             active: false,
@@ -278,7 +274,7 @@ impl VirtioPciDevice {
     }
 
     fn status(&self) -> u8 {
-        let mut s = self.status;
+        let mut s = self.common.status;
         if self.failure.needs_reset.load(Ordering::Acquire) {
             s |= status::NEEDS_RESET;
         }
@@ -292,11 +288,11 @@ impl VirtioPciDevice {
         }
         let sizes: Vec<u16> = self.queues.iter().map(|q| q.max).collect();
         self.queues = sizes.into_iter().map(QueueConfig::new).collect();
-        self.driver_features = 0;
-        self.device_feature_select = 0;
-        self.driver_feature_select = 0;
-        self.queue_select = 0;
-        self.status = 0;
+        // The configuration generation survives a reset (it only ever grows).
+        self.common = CommonRegs {
+            config_generation: self.common.config_generation,
+            ..CommonRegs::default()
+        };
         self.isr.store(0, Ordering::Release);
         self.failure.needs_reset.store(false, Ordering::Release);
         self.failure
@@ -310,21 +306,22 @@ impl VirtioPciDevice {
             return;
         }
         let mut value = value;
-        if value & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
+        if value & status::FEATURES_OK != 0 && self.common.status & status::FEATURES_OK == 0 {
             let offered = self.device.features();
-            let ok = self.driver_features & !offered == 0
-                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            let ok = self.common.driver_features & !offered == 0
+                && self.common.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
             if !ok {
                 tracing::warn!(
-                    driver = format_args!("{:#x}", self.driver_features),
+                    driver = format_args!("{:#x}", self.common.driver_features),
                     offered = format_args!("{:#x}", offered),
                     "driver features rejected"
                 );
                 value &= !status::FEATURES_OK;
             }
         }
-        let newly_ok = value & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
-        self.status = value;
+        let newly_ok =
+            value & status::DRIVER_OK != 0 && self.common.status & status::DRIVER_OK == 0;
+        self.common.status = value;
         if newly_ok && !self.active {
             if let Err(reason) = self.activate() {
                 self.failure.needs_reset(&reason);
@@ -339,10 +336,10 @@ impl VirtioPciDevice {
     /// Activates the device; `positions` (from a pause or a snapshot) sets where each queue
     /// resumes instead of at index 0.
     fn activate_at(&mut self, positions: Option<&[Option<u16>]>) -> Result<(), String> {
-        if self.status & status::FEATURES_OK == 0 {
+        if self.common.status & status::FEATURES_OK == 0 {
             return Err("DRIVER_OK without FEATURES_OK".into());
         }
-        let event_idx = self.driver_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
+        let event_idx = self.common.driver_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut active = Vec::new();
         for (i, qc) in self.queues.iter().enumerate() {
             if !qc.ready {
@@ -381,43 +378,51 @@ impl VirtioPciDevice {
         }
         let failure: Arc<dyn DeviceFailure> = self.failure.clone();
         self.device
-            .activate(self.mem.clone(), self.driver_features, active, failure)
+            .activate(
+                self.mem.clone(),
+                self.common.driver_features,
+                active,
+                failure,
+            )
             .map_err(|e| e.to_string())?;
         self.active = true;
         Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
-        self.queues.get_mut(usize::from(self.queue_select))
+        self.queues.get_mut(usize::from(self.common.queue_select))
     }
 
     fn common_read(&mut self, offset: u64) -> u64 {
         let features = self.device.features();
         let nqueues = self.queues.len() as u64;
-        let select = self.device_feature_select;
-        let q = self.queues.get(usize::from(self.queue_select)).copied();
+        let select = self.common.device_feature_select;
+        let q = self
+            .queues
+            .get(usize::from(self.common.queue_select))
+            .copied();
         match offset {
-            0x00 => u64::from(self.device_feature_select),
+            0x00 => u64::from(self.common.device_feature_select),
             0x04 => match select {
                 0 => features & 0xffff_ffff,
                 1 => features >> 32,
                 _ => 0,
             },
-            0x08 => u64::from(self.driver_feature_select),
-            0x0c => match self.driver_feature_select {
-                0 => self.driver_features & 0xffff_ffff,
-                1 => self.driver_features >> 32,
+            0x08 => u64::from(self.common.driver_feature_select),
+            0x0c => match self.common.driver_feature_select {
+                0 => self.common.driver_features & 0xffff_ffff,
+                1 => self.common.driver_features >> 32,
                 _ => 0,
             },
             0x10 => u64::from(self.failure.config_vector.load(Ordering::Acquire)),
             0x12 => nqueues,
             0x14 => u64::from(self.status()),
-            0x15 => u64::from(self.config_generation),
-            0x16 => u64::from(self.queue_select),
+            0x15 => u64::from(self.common.config_generation),
+            0x16 => u64::from(self.common.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size)),
             0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
             0x1c => q.map_or(0, |q| u64::from(q.ready)),
-            0x1e => u64::from(self.queue_select),
+            0x1e => u64::from(self.common.queue_select),
             0x20 => q.map_or(0, |q| q.desc & 0xffff_ffff),
             0x24 => q.map_or(0, |q| q.desc >> 32),
             0x28 => q.map_or(0, |q| q.avail & 0xffff_ffff),
@@ -432,7 +437,7 @@ impl VirtioPciDevice {
         let v32 = value as u32;
         let v16 = value as u16;
         // Queue configuration is frozen once the driver is running.
-        let running = self.status & status::DRIVER_OK != 0;
+        let running = self.common.status & status::DRIVER_OK != 0;
         let set_half = |field: &mut u64, high: bool| {
             *field = if high {
                 (*field & 0xffff_ffff) | (u64::from(v32) << 32)
@@ -441,16 +446,21 @@ impl VirtioPciDevice {
             }
         };
         match offset {
-            0x00 => self.device_feature_select = v32,
-            0x08 => self.driver_feature_select = v32,
-            0x0c if self.status & status::FEATURES_OK == 0 => match self.driver_feature_select {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v32),
-                1 => {
-                    self.driver_features =
-                        (self.driver_features & 0xffff_ffff) | (u64::from(v32) << 32)
+            0x00 => self.common.device_feature_select = v32,
+            0x08 => self.common.driver_feature_select = v32,
+            0x0c if self.common.status & status::FEATURES_OK == 0 => {
+                match self.common.driver_feature_select {
+                    0 => {
+                        self.common.driver_features =
+                            (self.common.driver_features & !0xffff_ffff) | u64::from(v32)
+                    }
+                    1 => {
+                        self.common.driver_features =
+                            (self.common.driver_features & 0xffff_ffff) | (u64::from(v32) << 32)
+                    }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
             0x10 => {
                 let vector = if usize::from(v16) < self.msix.count() {
                     v16
@@ -460,7 +470,7 @@ impl VirtioPciDevice {
                 self.failure.config_vector.store(vector, Ordering::Release);
             }
             0x14 => self.set_status(value as u8),
-            0x16 => self.queue_select = v16,
+            0x16 => self.common.queue_select = v16,
             _ if running => {}
             0x18 => {
                 if let Some(q) = self.selected_queue() {
@@ -644,12 +654,7 @@ impl PciDevice for VirtioPciDevice {
             config: self.config.save_regs(),
             d3hot: self.d3hot,
             queues: self.queues.clone(),
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            driver_features: self.driver_features,
-            status: self.status,
-            config_generation: self.config_generation,
-            queue_select: self.queue_select,
+            common: self.common,
             isr: self.isr.load(Ordering::Acquire),
             needs_reset: self.failure.needs_reset.load(Ordering::Acquire),
             config_vector: self.failure.config_vector.load(Ordering::Acquire),
@@ -670,22 +675,17 @@ impl PciDevice for VirtioPciDevice {
         {
             return Err("queue count or sizes differ".into());
         }
-        if s.driver_features & !self.device.features() != 0 {
+        if s.common.driver_features & !self.device.features() != 0 {
             return Err(format!(
                 "driver features {:#x} not offered by this device",
-                s.driver_features
+                s.common.driver_features
             ));
         }
         self.config.restore_regs(&s.config)?;
         self.msix.restore_state(&s.msix)?;
         self.d3hot = s.d3hot;
         self.queues = s.queues;
-        self.device_feature_select = s.device_feature_select;
-        self.driver_feature_select = s.driver_feature_select;
-        self.driver_features = s.driver_features;
-        self.status = s.status;
-        self.config_generation = s.config_generation;
-        self.queue_select = s.queue_select;
+        self.common = s.common;
         self.isr.store(s.isr, Ordering::Release);
         self.failure
             .needs_reset
