@@ -28,9 +28,11 @@ fn unescape(text: &str) -> String {
         .replace("&amp;", "&")
 }
 
-/// Why a test failed, in at most `MAX_WHY_LINES` lines: each `panicked at` line of its output
-/// with the lines after it (the assertion's message), or the output's last lines if nothing
-/// panicked. Printed at the very end of the report, where a truncated CI log still shows it.
+/// Why a test failed, in at most `MAX_WHY_LINES` lines: the harness's alarm lines (a run that
+/// went silent, a client down, a retry, a hung task...), then each `panicked at` line of its
+/// output with the lines after it (the assertion's message), or the output's last lines if
+/// nothing panicked; the emulator's start-up warnings left out. Printed at the very end of the
+/// report, where a truncated CI log still shows it.
 fn failure_lines(body: &str) -> Vec<String> {
     const MAX_WHY_LINES: usize = 40;
     const AFTER_PANIC: usize = 12;
@@ -49,8 +51,29 @@ fn failure_lines(body: &str) -> Vec<String> {
         }
     }
     let text = unescape(&plain);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut why = Vec::new();
+    // The emulator's start-up warnings and the test host's harmless KVM notices say nothing.
+    const NOISE: [&str; 2] = ["qemu-system-x86_64: warning", "Unhandled WRMSR"];
+    // Lines the harness and the scripts print when a run goes wrong, wherever they are.
+    const MARKERS: [&str; 8] = [
+        "NO-PROGRESS",
+        "CLIENT-DOWN",
+        "CLIENT-TIMEOUT",
+        "DAEMON-DIED",
+        "FIO-FAILED",
+        "testhost RETRY",
+        "blocked for more than",
+        "I/O error",
+    ];
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !NOISE.iter().any(|n| l.contains(n)))
+        .collect();
+    let mut why: Vec<String> = lines
+        .iter()
+        .filter(|l| MARKERS.iter().any(|m| l.contains(m)))
+        .take(8)
+        .map(|l| l.to_string())
+        .collect();
     for (i, l) in lines.iter().enumerate() {
         if l.contains("panicked at") {
             why.extend(
@@ -60,11 +83,12 @@ fn failure_lines(body: &str) -> Vec<String> {
             );
         }
     }
-    if why.is_empty() {
-        why = lines[lines.len().saturating_sub(AFTER_PANIC)..]
-            .iter()
-            .map(|l| l.to_string())
-            .collect();
+    if !lines.iter().any(|l| l.contains("panicked at")) {
+        why.extend(
+            lines[lines.len().saturating_sub(AFTER_PANIC)..]
+                .iter()
+                .map(|l| l.to_string()),
+        );
     }
     why.truncate(MAX_WHY_LINES);
     why.iter().map(|l| l.chars().take(300).collect()).collect()
@@ -264,6 +288,19 @@ mod tests {
         assert_eq!(
             failure_lines(body),
             vec!["thread 'x' panicked at a.rs:1:2:", "boom <here>"]
+        );
+    }
+
+    #[test]
+    fn failure_lines_keep_markers_and_drop_noise() {
+        let body = "<system-out>qemu-system-x86_64: warning: x\nNO-PROGRESS alpha: stuck\nthread 't' panicked at a.rs:1:2:\nqemu-system-x86_64: warning: y\nboom\n</system-out>";
+        assert_eq!(
+            failure_lines(body),
+            vec![
+                "NO-PROGRESS alpha: stuck",
+                "thread 't' panicked at a.rs:1:2:",
+                "boom"
+            ]
         );
     }
 
