@@ -112,6 +112,13 @@ CFG
         | awk -v arm=$arm '{ n++; b += $1; t += $2 } END { if (n) printf "%s: %d template writes, %.0f MiB of RAM, %.0f ms each (mean)\n", arm, n, b / n / 1048576, t / n }'
     $CTL events | tr -d ' \n' > events-$arm.json
     $CTL metrics | grep -E "^ddvmm_(driver_faults|driver_restarts|requests_replayed|poison|quarantines|ring_disk_errors)" | sed "s/^/$arm: /"
+    if [ -n "$TIMELINE" ]; then
+        dmesg | grep -i -E "oom|killed process" | tail -n 5
+        find /sys/fs/cgroup -path "*ddvmm-*" -name memory.events | while read -r f; do
+            echo "$f: $(tr '\n' ' ' < $f) peak=$(cat ${f%events}peak 2>/dev/null) max=$(cat ${f%events}max)"
+        done
+        sed 's/},{/}\n{/g' events-$arm.json | grep -v '"restart":"restore"' | head -n 5
+    fi
     $CTL shutdown > /dev/null
     wait $DAEMON
 }
