@@ -440,28 +440,38 @@ impl Supervisor {
     /// How a driver VM restarts: a restore of its template if it has a usable one, else a
     /// boot (that makes a template where it can), with the reason it is not a restore.
     pub(super) fn restart_boot(&self, name: &str) -> (Boot, Option<String>) {
+        // The policy under the lock; the template's files are read without it.
+        let checked = {
+            let g = self.lock();
+            let Some(t) = g.vms.get(name).and_then(|v| v.template.as_ref()) else {
+                return (Boot::Cold, None);
+            };
+            match t.made {
+                None => Err("no template".to_string()),
+                Some(_) if t.restores >= self.recovery.template_max_restores => {
+                    Err(format!("template renewed after {} restores", t.restores))
+                }
+                Some(at) if at.elapsed().as_secs() >= self.recovery.template_max_age_s => Err(
+                    format!("template renewed after {} s", at.elapsed().as_secs()),
+                ),
+                Some(_) => Ok(t.dir.clone()),
+            }
+        };
+        let why = checked.and_then(|dir| {
+            crate::snapshot::Snapshot::read(&dir)
+                .map(drop)
+                .map_err(|e| format!("template refused: {e}"))
+        });
         let mut g = self.lock();
         let Some(t) = g.vms.get_mut(name).and_then(|v| v.template.as_mut()) else {
             return (Boot::Cold, None);
         };
-        let why = match t.made {
-            None => Some("no template".to_string()),
-            Some(_) if t.restores >= self.recovery.template_max_restores => {
-                Some(format!("template renewed after {} restores", t.restores))
-            }
-            Some(at) if at.elapsed().as_secs() >= self.recovery.template_max_age_s => Some(
-                format!("template renewed after {} s", at.elapsed().as_secs()),
-            ),
-            Some(_) => crate::snapshot::Snapshot::read(&t.dir)
-                .err()
-                .map(|e| format!("template refused: {e}")),
-        };
         match why {
-            None => {
+            Ok(()) => {
                 t.restores += 1;
                 (Boot::Restore, None)
             }
-            Some(why) => {
+            Err(why) => {
                 t.made = None;
                 (Boot::MakeTemplate, Some(why))
             }

@@ -162,33 +162,25 @@ impl Machine {
                 return Err(SnapshotError::Unsupported(why.into()).into());
             }
         }
-        let restore_dir = match &cfg.snapshot {
-            SnapshotMode::Restore(dir) => Some(dir.as_path()),
-            _ => None,
-        };
         // A restore boots nothing: the kernel is not even read.
-        let payload = match restore_dir {
-            None => Some(BootPayload::read(&cfg.boot)?),
-            Some(_) => None,
+        let payload = match &cfg.snapshot {
+            SnapshotMode::Restore(_) => None,
+            _ => Some(BootPayload::read(&cfg.boot)?),
         };
         let kvm = kvm::open(&cfg.kvm_device)?;
         let identity = Identity::of_host(&kvm)?;
-        let restore = restore_dir
-            .map(|dir| {
-                snapshot::check_xsave_size(&kvm)?;
-                let s = Snapshot::open(dir, &identity)?;
-                // Before RAM is mapped from its file: the sizes must agree.
-                s.check_shape(&Shape {
-                    vcpus: cfg.vcpus,
-                    mem_size: cfg.mem_size,
-                    devices: s.state.shape.devices.clone(),
-                })?;
-                Ok::<_, SnapshotError>(s)
-            })
-            .transpose()?;
-        if matches!(cfg.snapshot, SnapshotMode::TemplateTo(_)) {
+        if cfg.snapshot != SnapshotMode::None {
             snapshot::check_xsave_size(&kvm)?;
         }
+        let restore = match &cfg.snapshot {
+            SnapshotMode::Restore(dir) => {
+                let s = Snapshot::open(dir, &identity)?;
+                // Before RAM is mapped from its file: the sizes must agree.
+                s.check_size(cfg.vcpus, cfg.mem_size)?;
+                Some(s)
+            }
+            _ => None,
+        };
         let kvm_max = u32::try_from(kvm::max_vcpus(&kvm)).unwrap_or(u32::MAX);
         let max = kvm_max.min(MAX_VCPUS_ACPI);
         if cfg.vcpus > max {
@@ -201,6 +193,7 @@ impl Machine {
 
         let (ram, entry) = match (&restore, &payload) {
             (Some(s), _) => (GuestRam::from_snapshot(&s.memory, cfg.mem_size)?, None),
+            (None, None) => unreachable!("a machine either restores or boots"),
             (None, Some(payload)) => {
                 let ram = GuestRam::new(cfg.mem_size)?;
                 let rsdp = acpi::write_acpi_tables(ram.memory(), cfg.vcpus)?;
@@ -214,7 +207,6 @@ impl Machine {
                 let entry = payload.load(&ram, rsdp)?;
                 (ram, Some(entry))
             }
-            (None, None) => return Err(MachineError::NoVcpus),
         };
         let target = match &cfg.snapshot {
             SnapshotMode::TemplateTo(dir) => Some(SnapshotTarget::create(dir)?),

@@ -385,35 +385,41 @@ impl Snapshot {
 
     /// Refuses the snapshot unless the machine being built has its shape.
     pub fn check_shape(&self, here: &Shape) -> Result<(), SnapshotError> {
+        self.check_size(here.vcpus, here.mem_size)?;
+        self.check_field(
+            "the device list",
+            &self.state.shape.devices.join(", "),
+            &here.devices.join(", "),
+        )
+    }
+
+    /// Refuses the snapshot unless it has `vcpus` vCPUs and `mem_size` bytes of RAM (checked
+    /// before its memory file is mapped; [`Self::check_shape`] checks the devices too).
+    pub fn check_size(&self, vcpus: u32, mem_size: u64) -> Result<(), SnapshotError> {
         let s = &self.state.shape;
-        let mismatch = |what, snapshot: String, here: String| SnapshotError::Mismatch {
+        self.check_field("the vCPU count", &s.vcpus.to_string(), &vcpus.to_string())?;
+        self.check_field(
+            "the memory size",
+            &s.mem_size.to_string(),
+            &mem_size.to_string(),
+        )
+    }
+
+    fn check_field(
+        &self,
+        what: &'static str,
+        snapshot: &str,
+        here: &str,
+    ) -> Result<(), SnapshotError> {
+        if snapshot == here {
+            return Ok(());
+        }
+        Err(SnapshotError::Mismatch {
             path: self.dir.clone(),
             what,
-            snapshot,
-            here,
-        };
-        if s.vcpus != here.vcpus {
-            return Err(mismatch(
-                "the vCPU count",
-                s.vcpus.to_string(),
-                here.vcpus.to_string(),
-            ));
-        }
-        if s.mem_size != here.mem_size {
-            return Err(mismatch(
-                "the memory size",
-                s.mem_size.to_string(),
-                here.mem_size.to_string(),
-            ));
-        }
-        if s.devices != here.devices {
-            return Err(mismatch(
-                "the device list",
-                s.devices.join(", "),
-                here.devices.join(", "),
-            ));
-        }
-        Ok(())
+            snapshot: snapshot.to_string(),
+            here: here.to_string(),
+        })
     }
 }
 
