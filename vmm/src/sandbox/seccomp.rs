@@ -397,10 +397,17 @@ pub fn spawn<T: Send + 'static>(
     name: impl Into<String>,
     body: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
-    std::thread::Builder::new()
+    // The spawner waits until the new thread has dropped its own bounding set: otherwise the
+    // jail's lock-down could take the capability that needs (CAP_SETPCAP) away first, and the
+    // thread would abort (seen: a restored VMM locks down within milliseconds of starting its
+    // stats thread).
+    let (early_done, early_wait) = std::sync::mpsc::sync_channel::<()>(1);
+    let handle = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            if let Err(e) = super::jail::confine_early_thread() {
+            let early = super::jail::confine_early_thread();
+            let _ = early_done.send(());
+            if let Err(e) = early {
                 tracing::error!(error = %e, "thread cannot drop its capabilities; aborting");
                 std::process::abort();
             }
@@ -409,7 +416,10 @@ pub fn spawn<T: Send + 'static>(
                 std::process::abort();
             }
             body()
-        })
+        })?;
+    // An error means the thread ended before sending: it aborted the process already.
+    let _ = early_wait.recv();
+    Ok(handle)
 }
 
 /// Installs the handler that reports a trapped call and then lets `SIGSYS` kill the process.
