@@ -267,3 +267,20 @@ fn snapshot_and_restore_together_are_a_usage_error() {
     assert_eq!(o.status, 2, "{}", o.stderr);
     assert!(o.stderr.contains("cannot be used with"), "{}", o.stderr);
 }
+
+#[test]
+fn a_standby_needs_a_snapshot_and_a_control_connection() {
+    let o = ddvmm(&["run", "--kernel", s(&kernel()), "--standby"]);
+    assert_eq!(o.status, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--restore"), "{}", o.stderr);
+    let o = ddvmm(&[
+        "run",
+        "--kernel",
+        s(&kernel()),
+        "--restore",
+        "/tmp/b",
+        "--standby",
+    ]);
+    assert_eq!(o.status, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--control-fd"), "{}", o.stderr);
+}

@@ -248,8 +248,10 @@ echo "=== metrics"; $CTL metrics
             "{kind} detected on the wrong path: {events}"
         );
         assert_eq!(e["outcome"], "restarted", "{events}");
-        // From the template made at the first boot, never a boot.
+        // From the template made at the first boot, never a boot: the standby VMM made
+        // ahead of time (the driver VM served before each injection).
         assert_eq!(e["restart"], "restore", "{kind}: {events}");
+        assert_eq!(e["standby"], true, "{kind}: {events}");
         assert!(e["fallback"].is_null(), "{kind}: {events}");
         assert!(e["outage_ms"].as_f64().is_some_and(|o| o > 0.0), "{events}");
         // Evidence from one channel names it.
@@ -581,6 +583,8 @@ wait_done alpha
     for label in ["r1", "r2", "r4"] {
         let (line, e) = event(label);
         assert_eq!(e["restart"], "restore", "{label}: {line}");
+        // A standby made ahead of time, with entropy of its own (the fingerprints below).
+        assert_eq!(e["standby"], true, "{label}: {line}");
         assert!(e["fallback"].is_null(), "{label}: {line}");
     }
     let (line, e) = event("r3");
@@ -588,6 +592,7 @@ wait_done alpha
         e["restart"], "boot",
         "the damaged template was restored: {line}"
     );
+    assert_eq!(e["standby"], false, "{line}");
     // (The campaign's output lost its spaces on the way: `tr -d ' \n'`.)
     let why = e["fallback"].as_str().unwrap_or_default();
     assert!(

@@ -158,9 +158,10 @@ pub use client::{
     AgentStatus, ClientRing, ClientStats, Completed, Corruption, Request, RingParams,
 };
 pub use layout::{
-    features, flags, need_event, offsets, Layout, Opcode, RawCompletion, RawRequest, RequestEntry,
-    Status, AGENT_NOT_READY, AGENT_READY, ENTRY_SIZE, HEADER_SIZE, MAGIC, MAX_RING_ENTRIES,
-    MAX_SLOT_COUNT, MAX_SLOT_SIZE, NO_SLOT, SECTOR_SIZE, VERSION_MAJOR, VERSION_MINOR,
+    features, flags, need_event, offsets, HeaderView, Layout, Opcode, RawCompletion, RawRequest,
+    RequestEntry, Status, AGENT_NOT_READY, AGENT_READY, ENTRY_SIZE, HEADER_SIZE, MAGIC,
+    MAX_RING_ENTRIES, MAX_SLOT_COUNT, MAX_SLOT_SIZE, NO_SLOT, SECTOR_SIZE, VERSION_MAJOR,
+    VERSION_MINOR,
 };
 pub use region::{HeapRegion, Load, RawRegion, SharedRegion, Store};
 

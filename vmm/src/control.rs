@@ -110,6 +110,8 @@ pub enum ControlRequest {
         /// How.
         fault: FaultKind,
     },
+    /// A standby VMM (`ddvmm run --standby`): load the snapshot and start the vCPUs.
+    Resume,
 }
 
 /// The answer to one request.
@@ -167,6 +169,9 @@ pub struct ControlTargets {
     pub rings: Vec<Arc<dyn RingCommands>>,
     /// Fault injection handles.
     pub faults: Arc<FaultInjector>,
+    /// A standby's main thread, waiting for [`ControlRequest::Resume`] (`None`: not a
+    /// standby).
+    pub resume: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl ControlTargets {
@@ -186,6 +191,7 @@ impl ControlTargets {
             ControlRequest::Release { disk } => (disk, RingCommand::Release),
             ControlRequest::Quarantine { disk } => (disk, RingCommand::Quarantine),
             ControlRequest::Inject { fault } => return self.inject(fault),
+            ControlRequest::Resume => return self.resume(),
         };
         let outcome =
             ring(cmd.0).and_then(|r| r.request(cmd.1, RING_TIMEOUT).map_err(|e| e.to_string()));
@@ -199,6 +205,22 @@ impl ControlTargets {
                 suspects: o.suspects,
             },
             Err(e) => ControlReply::error(e),
+        }
+    }
+
+    fn resume(&self) -> ControlReply {
+        let Some(tx) = &self.resume else {
+            return ControlReply::error("this VMM is not a standby");
+        };
+        match tx.try_send(()) {
+            // Full: resumed already (the main thread took the first one or will).
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(())) => ControlReply {
+                ok: true,
+                ..Default::default()
+            },
+            Err(std::sync::mpsc::TrySendError::Disconnected(())) => {
+                ControlReply::error("the VMM is ending")
+            }
         }
     }
 
@@ -423,6 +445,7 @@ mod tests {
         let targets = ControlTargets {
             rings: Vec::new(),
             faults: Arc::new(FaultInjector::default()),
+            resume: None,
         };
         spawn_server(b, targets).expect("server");
         let mut w = a.try_clone().expect("clone");
@@ -449,5 +472,38 @@ mod tests {
         assert!(!rep.ok, "no channel, nothing to fail");
         let rep = ask("{\"op\":\"inject\",\"fault\":\"kill\"}\n");
         assert!(!rep.ok);
+        let rep = ask("{\"op\":\"resume\"}\n");
+        assert_eq!(rep.error.as_deref(), Some("this VMM is not a standby"));
+    }
+
+    #[test]
+    fn a_standby_resumes_once_and_a_closed_connection_dismisses_it() {
+        let resumed = |conversation: &[&str]| {
+            let (a, b) = UnixStream::pair().expect("pair");
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let targets = ControlTargets {
+                rings: Vec::new(),
+                faults: Arc::new(FaultInjector::default()),
+                resume: Some(tx),
+            };
+            spawn_server(b, targets).expect("server");
+            let mut w = a.try_clone().expect("clone");
+            let mut r = BufReader::new(a);
+            for line in conversation {
+                w.write_all(line.as_bytes()).expect("write");
+                let mut back = String::new();
+                r.read_line(&mut back).expect("read");
+                let rep: ControlReply = serde_json::from_str(&back).expect("reply");
+                assert!(rep.ok, "{line}: {rep:?}");
+            }
+            drop((w, r));
+            // The first resume is taken; then the server ends with the connection.
+            let first = rx.recv().is_ok();
+            let second = rx.recv().is_ok();
+            (first, second)
+        };
+        let resume = "{\"op\":\"resume\"}\n";
+        assert_eq!(resumed(&[resume, resume]), (true, false));
+        assert_eq!(resumed(&[]), (false, false));
     }
 }

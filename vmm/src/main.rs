@@ -230,6 +230,13 @@ struct RunArgs {
     /// another CPU or a damaged file is refused.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// With --restore: a standby. Build the VM (process, jail, KVM, memory, devices) and wait,
+    /// confined, with no vCPU started and no state loaded, until the control connection says
+    /// `resume`; then load the snapshot and run. The console file is appended to, not
+    /// truncated (it still belongs to the VM this one replaces). The daemon keeps one per
+    /// driver VM so that a restart costs no process start.
+    #[arg(long, requires_all = ["restore", "control_fd"])]
+    standby: bool,
 }
 
 /// Log lines a VMM may write: bursts of 200, then 20 a second, 16 MiB in all (a guest can
@@ -263,6 +270,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         path => ConsoleOutput::File {
             path: PathBuf::from(path),
             limit: console_limit,
+            append: args.standby,
         },
     };
     let jail = match (args.jail_root, args.uid, args.gid) {
@@ -361,6 +369,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
     if let Some(writer) = stats {
         spawn_stats_publisher(writer, machine.ring_ports().to_vec());
     }
+    let (resume_tx, resume_rx) = std::sync::mpsc::sync_channel(1);
     if let Some(stream) = control {
         let targets = ddvmm::control::ControlTargets {
             rings: machine
@@ -369,6 +378,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
                 .map(|p| p.control.clone())
                 .collect(),
             faults: machine.fault_injector(),
+            resume: args.standby.then_some(resume_tx),
         };
         ddvmm::control::spawn_server(stream, targets).context("starting the control thread")?;
     }
@@ -378,10 +388,18 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         jail::lock_down(j)?;
     }
     seccomp::confine(ThreadKind::Main)?;
-    tracing::info!(
-        setup_ms = started.elapsed().as_secs_f64() * 1e3,
-        "VM set up, vCPUs starting"
-    );
+    let setup_ms = started.elapsed().as_secs_f64() * 1e3;
+    if args.standby {
+        tracing::info!(setup_ms, "standby: VM set up, waiting for resume");
+        // The sender lives in the control thread: a closed connection ends the wait.
+        if resume_rx.recv().is_err() {
+            tracing::info!("standby: dismissed (control connection closed)");
+            return Ok(GuestExit::PowerOff);
+        }
+        tracing::info!("standby: resumed");
+    } else {
+        tracing::info!(setup_ms, "VM set up, vCPUs starting");
+    }
     let exit = machine.run()?;
     log_vmm_memory(status.as_ref());
     Ok(exit)
@@ -610,7 +628,11 @@ fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
         let (disks, nets) = (of(RingKind::Disk), of(RingKind::Nic));
         // `rings`: every ring device in control order (disks, then NICs), for the daemon's
         // watcher, which needs only the progress counters both kinds have.
-        let rings: Vec<_> = disks.iter().chain(&nets).collect();
+        let rings: Vec<_> = [RingKind::Disk, RingKind::Nic]
+            .into_iter()
+            .flat_map(|kind| ports.iter().filter(move |p| p.kind == kind))
+            .map(|p| p.counters.progress())
+            .collect();
         let json = serde_json::json!({ "ring_disks": disks, "ring_nets": nets, "rings": rings })
             .to_string();
         if let Err(e) = writer.publish(&json) {

@@ -9,6 +9,39 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The progress counters of one ring device (disk or NIC), which the daemon's watcher reads
+/// from the page's `rings` list (every ring device in control order: disks, then NICs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingProgress {
+    /// Journaled requests on the ring awaiting completion.
+    pub outstanding: u64,
+    /// Journaled requests not yet on the ring.
+    pub waiting: u64,
+    /// Completions taken from the ring.
+    pub completed: u64,
+    /// Completions the frontend refused as garbage.
+    pub bogus_completions: u64,
+    /// The driver VM broke the ring (until the next generation).
+    pub corrupt: bool,
+    /// Requests one more crash would make poison.
+    pub suspects: u64,
+    /// Wall clock (ms since the epoch) of the first completion on the current generation, 0
+    /// until there is one.
+    pub first_completion_ms: u64,
+}
+
+/// The part of a VMM's page the daemon's watcher reads (the rest, per-device counters by
+/// name, is rendered as it is by `ctl stats` and the metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct WatchedPage {
+    /// Every ring device, disks then NICs.
+    #[serde(default)]
+    pub rings: Vec<RingProgress>,
+}
+
 /// Largest snapshot.
 pub const MAX_LEN: usize = 60 * 1024;
 /// Size of the page file.
@@ -46,6 +79,11 @@ impl StatsWriter {
 
 /// Reads the latest consistent snapshot, if any.
 pub fn read(file: &File) -> Option<serde_json::Value> {
+    read_as(file)
+}
+
+/// Reads the latest consistent snapshot as a `T`, if there is one and it parses as a `T`.
+pub fn read_as<T: DeserializeOwned>(file: &File) -> Option<T> {
     let u64_at = |off| {
         let mut b = [0u8; 8];
         file.read_exact_at(&mut b, off)

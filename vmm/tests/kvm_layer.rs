@@ -39,6 +39,7 @@ fn run_with(code: Vec<u8>, mem: u64, vcpus: u32, mmio: Option<(SharedDevice, u64
     let out = ConsoleOutput::File {
         path: console.clone(),
         limit: u64::MAX,
+        append: false,
     };
     let cfg = MachineConfig::new(boot, mem, vcpus, out);
     let mut machine = Machine::build(&cfg).expect("build machine");

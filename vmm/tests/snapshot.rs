@@ -41,6 +41,7 @@ fn config(console: &Path, snapshot: SnapshotMode, mem: u64) -> MachineConfig {
     let console = ConsoleOutput::File {
         path: console.to_path_buf(),
         limit: u64::MAX,
+        append: false,
     };
     MachineConfig {
         snapshot,

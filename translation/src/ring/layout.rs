@@ -85,6 +85,53 @@ pub mod offsets {
     pub const CMP_EVENT: usize = 0x240;
 }
 
+/// What an observer of a ring (the daemon's watcher, `ctl stats`) reads of its header: whose
+/// generation is current, whether the agent serves it and is alive, and the producer indices.
+/// Parsed from one copy of the header's first [`HeaderView::LEN`] bytes; the fields are
+/// untrusted values, only compared and reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HeaderView {
+    /// The client's current generation (0: no ring created yet).
+    pub generation: u64,
+    /// The generation the agent serves.
+    pub agent_generation: u64,
+    /// [`AGENT_READY`] or [`AGENT_NOT_READY`] (or anything an agent wrote).
+    pub agent_state: u32,
+    /// The agent's heartbeat counter.
+    pub heartbeat: u64,
+    /// Request producer index.
+    pub req_prod: u32,
+    /// Completion producer index.
+    pub cmp_prod: u32,
+}
+
+impl HeaderView {
+    /// Bytes of the header a view reads (offset 0 up to and including `cmp_prod`).
+    pub const LEN: usize = offsets::CMP_PROD + 4;
+
+    /// Parses the first [`Self::LEN`] bytes of a header; `None` if `header` is shorter.
+    pub fn parse(header: &[u8]) -> Option<Self> {
+        let bytes = |at: usize, n: usize| header.get(at..at + n);
+        let u32_at = |at| bytes(at, 4)?.try_into().ok().map(u32::from_le_bytes);
+        let u64_at = |at| bytes(at, 8)?.try_into().ok().map(u64::from_le_bytes);
+        Some(HeaderView {
+            generation: u64_at(offsets::GENERATION)?,
+            agent_generation: u64_at(offsets::AGENT_GENERATION)?,
+            agent_state: u32_at(offsets::AGENT_STATE)?,
+            heartbeat: u64_at(offsets::HEARTBEAT)?,
+            req_prod: u32_at(offsets::REQ_PROD)?,
+            cmp_prod: u32_at(offsets::CMP_PROD)?,
+        })
+    }
+
+    /// Whether the agent has attached to the client's current generation and is ready.
+    pub fn agent_serves_current(&self) -> bool {
+        self.generation != 0
+            && self.agent_generation == self.generation
+            && self.agent_state == AGENT_READY
+    }
+}
+
 /// Feature bits (`client_features` / `agent_features`). Flush is always available.
 pub mod features {
     /// The agent honours [`super::flags::FUA`] on writes.

@@ -925,3 +925,36 @@ fn network_frames_cross_both_ways_and_are_replayed() {
     let ops: Vec<_> = replay.iter().map(|r| (r.id, r.op)).collect();
     assert_eq!(ops, [(4, Opcode::NetTx), (5, Opcode::NetRx)]);
 }
+
+#[test]
+fn header_view_follows_the_agent() {
+    let p = params(8, 8);
+    let region = Arc::new(HeapRegion::new(p.layout().unwrap().total));
+    let view = || {
+        let mut b = vec![0u8; HeaderView::LEN];
+        region.read_bytes(0, &mut b).unwrap();
+        HeaderView::parse(&b).unwrap()
+    };
+    assert_eq!(view(), HeaderView::default());
+    assert!(!view().agent_serves_current());
+    let mut client = ClientRing::create(region.clone(), p).unwrap();
+    let created = view();
+    assert_ne!(created.generation, 0);
+    assert!(!created.agent_serves_current());
+    let mut agent = AgentRing::attach(region.clone(), features::ALL).unwrap();
+    assert!(!view().agent_serves_current());
+    agent.set_ready().unwrap();
+    agent.heartbeat().unwrap();
+    let v = view();
+    assert!(v.agent_serves_current());
+    assert_eq!(v.agent_generation, v.generation);
+    assert!(v.heartbeat > created.heartbeat);
+    client.submit(req(1, Opcode::Read, 0, 512), None).unwrap();
+    assert_eq!(view().req_prod, 1);
+    assert_eq!(view().cmp_prod, 0);
+    // A new generation the agent has not attached to yet.
+    client.new_generation().unwrap();
+    assert!(!view().agent_serves_current());
+    // Short input is refused, not read past.
+    assert_eq!(HeaderView::parse(&[0u8; HeaderView::LEN - 1]), None);
+}

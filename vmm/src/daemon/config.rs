@@ -62,6 +62,8 @@
 //!                                   #   driver VMs with passed-through functions: they boot)
 //! template_max_restores = 1000      # after this many restores, or
 //! template_max_age_s = 21600        #   this age, the next restart boots and makes it anew
+//! standby = true                    # keep the template restored ahead of time in a waiting
+//!                                   #   VMM process: a restart resumes it (no process start)
 //! ```
 //!
 //! `[api] metrics_listen = "9464"` (optional) also serves the Prometheus metrics over HTTP on
@@ -199,6 +201,9 @@ pub struct RecoveryConfig {
     pub template_max_restores: u32,
     /// Age (seconds) after which a template is made anew.
     pub template_max_age_s: u64,
+    /// Keep each template restored ahead of time in a standby VMM (built, confined, no vCPU
+    /// started) that a restart resumes.
+    pub standby: bool,
 }
 
 impl Default for RecoveryConfig {
@@ -217,6 +222,7 @@ impl Default for RecoveryConfig {
             restore_from_template: true,
             template_max_restores: 1000,
             template_max_age_s: 6 * 3600,
+            standby: true,
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct FaultEvent {
     pub poisoned: u64,
     /// How the new driver VM started: `restore` (from its template) or `boot`.
     pub restart: &'static str,
+    /// The restore was a standby VMM resumed (made ahead of time), not a process started.
+    pub standby: bool,
     /// Why it booted where a restore was expected (no template, template refused or renewed,
     /// or the restore failed).
     #[serde(skip_serializing_if = "Option::is_none")]

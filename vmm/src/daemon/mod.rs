@@ -21,6 +21,7 @@ pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod recovery;
+pub mod standby;
 pub mod supervisor;
 
 use std::path::{Path, PathBuf};

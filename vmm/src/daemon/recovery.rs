@@ -38,15 +38,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ddvmm_translation::ring::offsets as ring_offsets;
-
 use super::config::Role;
 use super::detection::Detection;
 use super::fault_log::{FaultEvent, MAX_EVENTS};
 use super::policy::PolicyLimits;
-use super::supervisor::{ring_word, Boot, Supervisor, SupervisorError, VmState};
+use super::supervisor::{ring_header, Boot, Supervisor, SupervisorError, VmState};
 use crate::control::{ControlRequest, FaultKind};
-use crate::stats_page;
+use crate::stats_page::{self, RingProgress, WatchedPage};
 
 /// Watcher period.
 const WATCH_PERIOD: Duration = Duration::from_millis(100);
@@ -117,39 +115,17 @@ struct ChannelView {
     heartbeat: u64,
 }
 
-/// The counters of a client ring disk the daemon watches.
-#[derive(Debug, Clone, Copy)]
-struct DiskCounters {
-    outstanding: u64,
-    waiting: u64,
-    completed: u64,
-    bogus: u64,
-    corrupt: bool,
-    suspects: u64,
-    /// The client's clock at its first completion on the current generation (0: none yet).
-    first_completion_ms: u64,
-}
-
-/// A running client's ring disk counters, from one read of its stats page.
-fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<DiskCounters> {
-    let page = {
+/// A running client's ring device counters, from one read of its stats page.
+fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<RingProgress> {
+    let page: WatchedPage = {
         let g = sup.lock();
         let vm = g.vms.get(client)?;
         if vm.state != VmState::Running {
             return None;
         }
-        stats_page::read(&vm.stats)?
+        stats_page::read_as(&vm.stats)?
     };
-    let d = &page["rings"][disk];
-    Some(DiskCounters {
-        outstanding: d["outstanding"].as_u64()?,
-        waiting: d["waiting"].as_u64().unwrap_or(0),
-        completed: d["completed"].as_u64()?,
-        bogus: d["bogus_completions"].as_u64()?,
-        corrupt: d["corrupt"].as_u64().unwrap_or(0) != 0,
-        suspects: d["suspects"].as_u64().unwrap_or(0),
-        first_completion_ms: d["first_completion_ms"].as_u64().unwrap_or(0),
-    })
+    page.rings.get(disk).copied()
 }
 
 impl Supervisor {
@@ -261,6 +237,7 @@ impl Supervisor {
                 replayed: 0,
                 poisoned: 0,
                 restart: "boot",
+                standby: false,
                 fallback: round.after_failed_restore.clone(),
                 outcome: "restarted",
             };
@@ -312,7 +289,15 @@ impl Supervisor {
             if event.fallback.is_none() {
                 event.fallback = fallback;
             }
-            let started = self.start_as(name, boot);
+            let started = if restoring && self.resume_standby(name).await {
+                event.standby = true;
+                Ok(())
+            } else {
+                if !restoring {
+                    self.dismiss_standby(name);
+                }
+                self.start_as(name, boot)
+            };
             if started.is_ok() {
                 if let Some(vm) = self.lock().vms.get_mut(name) {
                     vm.started_by_recovery = true;
@@ -602,16 +587,13 @@ impl Supervisor {
                     .is_some_and(|v| v.state == VmState::Running)
             })
             .map(|(index, c)| {
-                let generation = ring_word(c, ring_offsets::GENERATION, 8);
-                let ready = generation.is_some_and(|g| g != 0)
-                    && ring_word(c, ring_offsets::AGENT_GENERATION, 8) == generation
-                    && ring_word(c, ring_offsets::AGENT_STATE, 4) == Some(1);
+                let header = ring_header(c).unwrap_or_default();
                 ChannelView {
                     index,
                     client: c.client.clone(),
                     disk: c.client_index,
-                    ready,
-                    heartbeat: ring_word(c, ring_offsets::HEARTBEAT, 8).unwrap_or(0),
+                    ready: header.agent_serves_current(),
+                    heartbeat: header.heartbeat,
                 }
             })
             .collect()
@@ -656,6 +638,8 @@ impl Supervisor {
             // recovery started it (recoveries time their own boots).
             if boot_recorded != starts && !views.is_empty() && views.iter().all(|v| v.ready) {
                 boot_recorded = starts;
+                // Serving from a usable template: restore it ahead of the next restart.
+                self.ensure_standby(&driver);
                 if cold {
                     let mut b = self.book();
                     if b.cold_boots_ms.len() >= MAX_EVENTS {
@@ -708,7 +692,7 @@ impl Supervisor {
                     break;
                 }
                 match counters {
-                    DiskCounters {
+                    RingProgress {
                         outstanding,
                         completed,
                         ..
@@ -726,8 +710,10 @@ impl Supervisor {
                     }
                     _ => w.completed = None,
                 }
-                let grew = w.bogus.is_some_and(|before| counters.bogus > before);
-                w.bogus = Some(counters.bogus);
+                let grew = w
+                    .bogus
+                    .is_some_and(|before| counters.bogus_completions > before);
+                w.bogus = Some(counters.bogus_completions);
                 if grew && cfg.restart_on_corrupt {
                     found = Some((Detection::CorruptCompletions, channel));
                     break;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ddvmm_translation::ring::offsets as ring_offsets;
+use ddvmm_translation::ring::HeaderView;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::watch;
@@ -28,6 +28,7 @@ use super::cgroup::{self, Cgroups};
 use super::config::{RecoveryConfig, Role, SystemConfig, VmConfig};
 use super::detection::Detection;
 use super::fault_log::FaultBook;
+use super::standby::Standby;
 use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
 use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
 use crate::devices::virtio::net::ring_frontend::NET_RING_PARAMS;
@@ -135,6 +136,12 @@ pub(super) struct Template {
     pub(super) made: Option<Instant>,
 }
 
+/// A VMM process just spawned, not yet a VM's running process.
+pub(super) struct Spawned {
+    pub(super) child: tokio::process::Child,
+    pub(super) control: ControlClient,
+}
+
 /// How a VM's process starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Boot {
@@ -178,6 +185,11 @@ pub(super) struct Vm {
     pub(super) started_by_recovery: bool,
     /// The last injected fault not yet detected, and when.
     pub(super) injected: Option<(FaultKind, Instant)>,
+    /// Its template restored ahead of time, waiting to be resumed.
+    pub(super) standby: Option<Standby>,
+    /// The template (when it was made) and process start the last standby was spawned for:
+    /// one attempt per pair.
+    pub(super) standby_for: Option<(Instant, u64)>,
 }
 
 /// What `list` reports per VM.
@@ -357,6 +369,8 @@ impl Supervisor {
                     recovering: false,
                     started_by_recovery: false,
                     injected: None,
+                    standby: None,
+                    standby_for: None,
                 },
             );
         }
@@ -498,13 +512,32 @@ impl Supervisor {
     ) -> Result<(), SupervisorError> {
         let mut g = self.lock();
         let inner = &mut *g;
+        match inner.vms.get(name) {
+            None => return Err(SupervisorError::UnknownVm(name.to_string())),
+            Some(vm) if vm.state == VmState::Running => {
+                return Err(SupervisorError::AlreadyRunning(name.to_string()))
+            }
+            Some(_) => {}
+        }
+        let spawned = self.spawn_vmm(inner, name, &boot, false)?;
+        if let Some(vm) = inner.vms.get_mut(name) {
+            self.adopt(vm, name, spawned, &boot);
+        }
+        Ok(())
+    }
+
+    /// Spawns a VMM process for VM `name` (`standby`: a restore that waits for `resume`).
+    pub(super) fn spawn_vmm(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        boot: &Boot,
+        standby: bool,
+    ) -> Result<Spawned, SupervisorError> {
         let vm = inner
             .vms
             .get_mut(name)
             .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
-        if vm.state == VmState::Running {
-            return Err(SupervisorError::AlreadyRunning(name.to_string()));
-        }
         let (control_here, control_child) =
             std::os::unix::net::UnixStream::pair().map_err(io_ctx(format!("{name} control")))?;
         let mut cmd = std::process::Command::new(&self.exe);
@@ -542,7 +575,7 @@ impl Supervisor {
         if let Some(initrd) = &vm.cfg.initrd {
             cmd.arg("--initrd").arg(initrd);
         }
-        match (&boot, vm.template.as_mut()) {
+        match (boot, vm.template.as_mut()) {
             (Boot::MakeTemplate, Some(t)) => {
                 cmd.arg("--snapshot-to").arg(&t.dir);
                 t.made = Some(Instant::now());
@@ -550,6 +583,9 @@ impl Supervisor {
             }
             (Boot::Restore, Some(t)) => {
                 cmd.arg("--restore").arg(&t.dir);
+                if standby {
+                    cmd.arg("--standby");
+                }
             }
             _ => {}
         }
@@ -658,7 +694,7 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let mut child = tokio::process::Command::from(cmd)
+        let child = tokio::process::Command::from(cmd)
             .kill_on_drop(false)
             .spawn()
             .map_err(|source| SupervisorError::Spawn {
@@ -670,6 +706,14 @@ impl Supervisor {
             name: name.to_string(),
             source: e,
         })?;
+        tracing::info!(vm = name, pid = child.id(), ?boot, standby, log = %log_path.display(), "VMM process spawned");
+        Ok(Spawned { child, control })
+    }
+
+    /// Makes `spawned` VM `name`'s running process: state, control, and the task that reaps
+    /// it and reports an unexpected exit.
+    pub(super) fn adopt(self: &Arc<Self>, vm: &mut Vm, name: &str, spawned: Spawned, boot: &Boot) {
+        let Spawned { mut child, control } = spawned;
         let pid = child.id();
         let (tx, rx) = watch::channel(false);
         let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<libc::c_int>();
@@ -682,7 +726,7 @@ impl Supervisor {
         vm.started_by_recovery = false;
         vm.exited = Some(rx);
         vm.control = Some(Arc::new(tokio::sync::Mutex::new(control)));
-        tracing::info!(vm = name, pid, ?boot, log = %log_path.display(), "VM started");
+        tracing::info!(vm = name, pid, ?boot, "VM started");
         let me = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -725,11 +769,11 @@ impl Supervisor {
                 me.fault_detected(&name, detection);
             }
         });
-        Ok(())
     }
 
     /// Stops VM `name`: SIGTERM, then SIGKILL after a grace period; returns once it is gone.
     pub async fn stop(&self, name: &str) -> Result<(), SupervisorError> {
+        self.dismiss_standby(name);
         let mut exited = {
             let mut g = self.lock();
             let vm = g
@@ -839,7 +883,7 @@ impl Supervisor {
 /// signal that reaches the init of a PID namespace from outside without a handler), so the
 /// reaper, and then this daemon, see the VMM's own end; anything else to the reaper, which
 /// turns a stop request into a `SIGKILL` of the VMM.
-fn send_signal_to_vm(reaper: u32, sig: libc::c_int) {
+pub(super) fn send_signal_to_vm(reaper: u32, sig: libc::c_int) {
     if sig == libc::SIGKILL && kill_vmm_of(reaper) {
         return;
     }
@@ -915,13 +959,11 @@ fn seal_size(f: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads a channel's ring header words the daemon watches.
-pub(super) fn ring_word(c: &Channel, offset: usize, width: usize) -> Option<u64> {
-    let mut b = [0u8; 8];
-    c.memory
-        .read_exact_at(&mut b[..width], offset as u64)
-        .ok()
-        .map(|()| u64::from_le_bytes(b))
+/// One read of a channel's ring header, through the ring crate's view of it.
+pub(super) fn ring_header(c: &Channel) -> Option<HeaderView> {
+    let mut b = [0u8; HeaderView::LEN];
+    c.memory.read_exact_at(&mut b, 0).ok()?;
+    HeaderView::parse(&b)
 }
 
 fn describe_exit(s: std::process::ExitStatus) -> String {
@@ -945,8 +987,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 fn channel_stats(c: &Channel) -> serde_json::Value {
-    let u32_at = |off: usize| ring_word(c, off, 4);
-    let u64_at = |off: usize| ring_word(c, off, 8);
+    let h = ring_header(c);
     serde_json::json!({
         "driver": c.driver,
         "client": c.client,
@@ -954,10 +995,10 @@ fn channel_stats(c: &Channel) -> serde_json::Value {
         "start_sector": c.start_sector,
         "sectors": c.sectors,
         "mac": c.mac.as_ref().map(format_mac),
-        "generation": u64_at(ring_offsets::GENERATION),
-        "agent_ready": u32_at(ring_offsets::AGENT_STATE).map(|s| s == 1),
-        "heartbeat": u64_at(ring_offsets::HEARTBEAT),
-        "requests": u32_at(ring_offsets::REQ_PROD),
-        "completions": u32_at(ring_offsets::CMP_PROD),
+        "generation": h.map(|h| h.generation),
+        "agent_ready": h.map(|h| h.agent_serves_current()),
+        "heartbeat": h.map(|h| h.heartbeat),
+        "requests": h.map(|h| h.req_prod),
+        "completions": h.map(|h| h.cmp_prod),
     })
 }

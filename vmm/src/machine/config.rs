@@ -12,12 +12,15 @@ use crate::vfio::PciAddress;
 pub enum ConsoleOutput {
     /// The VMM's standard output.
     Stdout,
-    /// A log file (created or truncated) that stops growing at `limit` bytes.
+    /// A log file (created, then truncated or appended to) that stops growing at `limit`
+    /// bytes.
     File {
         /// The file.
         path: PathBuf,
         /// Its cap (`u64::MAX`: none).
         limit: u64,
+        /// Append instead of truncating.
+        append: bool,
     },
 }
 

@@ -13,7 +13,7 @@ pub use error::MachineError;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -105,8 +105,10 @@ pub struct Machine {
     target: Option<SnapshotTarget>,
     identity: Identity,
     shape: Shape,
-    /// Started from a snapshot: devices resume (and workers start) when the machine runs.
-    restored: bool,
+    /// Started from a snapshot: its state (irqchip, clock, vCPUs, devices) is loaded when the
+    /// machine runs, so that a standby VMM built long before starts its guest's clock and TSC
+    /// from the snapshot instant, not from the build.
+    pending_restore: Option<(PathBuf, SnapshotState)>,
     _kvm: Kvm,
     /// The memory slots and the mappings behind them (channel memory, BAR pages): released
     /// with the VM, before the passed-through functions (their BAR pages first, then the
@@ -129,16 +131,30 @@ pub struct Machine {
 pub struct FaultInjector {
     /// The boot vCPU.
     pub vcpu: Arc<VcpuInjection>,
-    /// Each channel device's fault request register.
-    pub channels: Vec<Arc<AtomicU32>>,
+    /// Each channel device's fault request register and the agent's interrupt.
+    pub channels: Vec<ChannelFault>,
+}
+
+/// Where a fault request for one channel's agent goes.
+#[derive(Debug)]
+pub struct ChannelFault {
+    /// The channel device's fault request register.
+    pub request: Arc<AtomicU32>,
+    /// The channel's interrupt into this VM (the client's kick).
+    pub kick: Arc<EventFd>,
 }
 
 impl FaultInjector {
     /// Asks the agent behind every channel to fail with `code` (see
-    /// `ddvmm_translation::channel::fault`). False if the machine has no channel.
+    /// `ddvmm_translation::channel::fault`), and interrupts it so that a sleeping agent reads
+    /// the request at once (a busy one reads it within its fault poll). False if the machine
+    /// has no channel.
     pub fn request_agent_fault(&self, code: u32) -> bool {
         for c in &self.channels {
-            c.store(code, Ordering::Release);
+            c.request.store(code, Ordering::Release);
+            if let Err(e) = c.kick.write(1) {
+                tracing::warn!(error = %e, "fault injection: interrupting the agent");
+            }
         }
         !self.channels.is_empty()
     }
@@ -267,7 +283,10 @@ impl Machine {
             gates.push(gate.clone());
             let (wiring, fault) = pci.add_channel(&vm, &mut slots, c, gate, &mut mmio_bus)?;
             channels.push(wiring);
-            faults.channels.push(fault);
+            faults.channels.push(ChannelFault {
+                request: fault,
+                kick: c.fds.kick.clone(),
+            });
         }
         let mut passthrough = Vec::new();
         for f in functions {
@@ -291,7 +310,6 @@ impl Machine {
         let pause = PauseGate::new(cfg.vcpus as usize, supported_msrs.clone());
         if let Some(s) = &restore {
             s.check_shape(&shape)?;
-            s.state.vm.restore(&vm)?;
         }
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for index in 0..cfg.vcpus {
@@ -302,21 +320,12 @@ impl Machine {
                 .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
             msrs::setup_msrs(&fd, &supported_msrs)?;
             regs::setup_lint(&fd)?;
-            match (&restore, &entry) {
-                (Some(s), _) => s.state.vcpus[index as usize].restore(&fd)?,
-                // Application processors wait for INIT/SIPI from the boot processor.
-                (None, Some(entry)) if index == 0 => entry.setup_boot_vcpu(&fd)?,
-                _ => {}
+            // A restored vCPU gets its state when the machine runs. Application processors
+            // wait for INIT/SIPI from the boot processor.
+            if let (0, Some(entry)) = (index, &entry) {
+                entry.setup_boot_vcpu(&fd)?;
             }
             vcpus.push((index, fd));
-        }
-        if let Some(s) = &restore {
-            restore_devices(&s.state.devices, &pci, &serial)?;
-            tracing::info!(
-                snapshot = %s.dir.display(),
-                rip = format_args!("{:#x}", s.state.vcpus[0].rip()),
-                "restored from snapshot"
-            );
         }
 
         Ok(Machine {
@@ -332,7 +341,7 @@ impl Machine {
             target,
             identity,
             shape,
-            restored: restore.is_some(),
+            pending_restore: restore.map(|s| (s.dir, s.state)),
             _kvm: kvm,
             _slots: slots,
             _passthrough: passthrough,
@@ -381,7 +390,8 @@ impl Machine {
     pub fn run(&mut self) -> Result<GuestExit, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
-        if self.restored {
+        if let Some((dir, state)) = self.pending_restore.take() {
+            self.load_snapshot(&dir, &state)?;
             // Restored devices start their workers now (after the VMM is confined).
             lock(&self.pci).resume_all();
         }
@@ -479,6 +489,25 @@ impl Machine {
         }
     }
 
+    /// Loads a snapshot's state into the built machine: irqchip, PIT and clock, each vCPU,
+    /// then the devices.
+    fn load_snapshot(&self, dir: &Path, state: &SnapshotState) -> Result<(), MachineError> {
+        state.vm.restore(&self.vm)?;
+        for (index, fd) in &self.vcpus {
+            let saved = state.vcpus.get(*index as usize).ok_or_else(|| {
+                SnapshotError::Unsupported(format!("no saved state for vCPU {index}"))
+            })?;
+            saved.restore(fd)?;
+        }
+        restore_devices(&state.devices, &self.pci, &self.serial)?;
+        tracing::info!(
+            snapshot = %dir.display(),
+            rip = format_args!("{:#x}", state.vcpus.first().map_or(0, |v| v.rip())),
+            "restored from snapshot"
+        );
+        Ok(())
+    }
+
     /// Pauses the vCPUs and devices, writes everything into `target`, resumes.
     fn take_snapshot(
         &self,
@@ -553,12 +582,31 @@ fn platform_io_bus(
         .map_err(|e| MachineError::Sys("KVM_IRQFD for COM1", e.into()))?;
     let out: Box<dyn Write + Send> = match console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
-        ConsoleOutput::File { path, limit } => {
-            let file = File::create(path).map_err(|source| MachineError::Console {
-                path: path.clone(),
-                source,
-            })?;
-            Box::new(crate::sandbox::limits::CappedWriter::new(file, *limit))
+        ConsoleOutput::File {
+            path,
+            limit,
+            append,
+        } => {
+            let file = File::options()
+                .create(true)
+                .write(true)
+                .append(*append)
+                .truncate(!*append)
+                .open(path)
+                .map_err(|source| MachineError::Console {
+                    path: path.clone(),
+                    source,
+                })?;
+            // Appending: the cap is for the whole file, what is there already included.
+            let used = if *append {
+                file.metadata().map(|m| m.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            Box::new(crate::sandbox::limits::CappedWriter::new(
+                file,
+                limit.saturating_sub(used),
+            ))
         }
     };
     let console = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));

@@ -25,6 +25,9 @@ use crate::Options;
 const SUPPORTED: u64 = features::FUA | features::GET_ID;
 /// Heartbeat period.
 pub(crate) const HEARTBEAT: Duration = Duration::from_millis(500);
+/// How often a busy agent reads the fault request register (one exit each). An idle agent
+/// reads it when it wakes: the VMM interrupts it with every request.
+pub(crate) const FAULT_POLL: Duration = Duration::from_millis(20);
 /// Device id string returned for get-id.
 const AGENT_ID: &[u8] = b"ddvmm-agent";
 
@@ -312,6 +315,7 @@ impl Server<'_> {
     /// Serves until the client starts a new generation.
     fn run(&mut self, irq: &mut UioIrq, done: &Receiver<Done>, wake: &EventFd) {
         let mut beat = Instant::now();
+        let mut fault_check = Instant::now();
         // Jobs (and their buffers) in flight, and answers waiting for room, are bounded by a
         // ring's worth: a client that publishes more waits in its own ring.
         let cap = self.ring.layout().ring_entries as usize;
@@ -351,8 +355,11 @@ impl Server<'_> {
             if std::mem::take(&mut self.published) && self.ring.needs_notify_client() {
                 self.doorbell.write32(regs::DOORBELL, 1);
             }
-            if beat.elapsed() >= HEARTBEAT {
+            if fault_check.elapsed() >= FAULT_POLL {
                 self.take_fault();
+                fault_check = Instant::now();
+            }
+            if beat.elapsed() >= HEARTBEAT {
                 let _ = self.ring.heartbeat();
                 beat = Instant::now();
                 if !self.ring.is_current() {

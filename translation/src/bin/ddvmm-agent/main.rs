@@ -20,8 +20,9 @@
 //! `ddvmm.agent.poison=SECTOR` panics the kernel on any read or write touching that sector of a
 //! channel's window (a poison request, for the recovery tests).
 //!
-//! Fault injection: the daemon can ask (through the channel's `FAULT` register, read with every
-//! heartbeat) for a kernel panic, a reboot, a hang or garbage completions.
+//! Fault injection: the daemon can ask (through the channel's `FAULT` register, which the VMM
+//! follows with an interrupt; a busy agent also reads it every 20 ms) for a kernel panic, a
+//! reboot, a hang or garbage completions.
 
 mod backend;
 mod console;

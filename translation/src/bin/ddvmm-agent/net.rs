@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ddvmm_translation::channel::{regs, BACKEND_LEN};
 use ddvmm_translation::ring::{features, AgentRing, Completion, Opcode, RawRegion, Status};
 
-use crate::backend::{attach, take_fault, Injected, HEARTBEAT};
+use crate::backend::{attach, take_fault, Injected, FAULT_POLL, HEARTBEAT};
 use crate::pci::{BarMapping, ChannelDevice, UioIrq};
 
 /// The bridge every client port and the uplink join.
@@ -299,6 +299,7 @@ fn serve_generation(
     // Receive buffers the client lent us: (request id, slot, capacity).
     let mut posted: VecDeque<(u64, u32, usize)> = VecDeque::new();
     let mut beat = Instant::now();
+    let mut fault_check = Instant::now();
     let mut report = Instant::now();
     loop {
         let mut progress = false;
@@ -368,7 +369,8 @@ fn serve_generation(
         if published && ring.needs_notify_client() {
             regs_map.write32(regs::DOORBELL, 1);
         }
-        if beat.elapsed() >= HEARTBEAT {
+        if fault_check.elapsed() >= FAULT_POLL {
+            fault_check = Instant::now();
             if take_fault(regs_map, ring) == Injected::BrokenRing {
                 // Nothing more is published on a broken ring (a completion would store a sane
                 // index again): heartbeat only, until the client starts a new generation.
@@ -378,6 +380,8 @@ fn serve_generation(
                 }
                 return;
             }
+        }
+        if beat.elapsed() >= HEARTBEAT {
             let _ = ring.heartbeat();
             beat = Instant::now();
             if !ring.is_current() {

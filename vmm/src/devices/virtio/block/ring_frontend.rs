@@ -34,7 +34,7 @@ use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
     Failure, Guest, GuestError, RingCommands, RingCounters, RingDevice, RingFrontend, RingKind,
-    RingPort, RingSetupError, RingStats, Setup,
+    RingPort, RingProgress, RingSetupError, RingStats, Setup,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -89,6 +89,10 @@ impl RingCounters for RingDiskStats {
             ("written_bytes", g(&self.written_bytes)),
         ]);
         v
+    }
+
+    fn progress(&self) -> RingProgress {
+        self.ring.progress()
     }
 }
 

@@ -42,7 +42,7 @@ use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
     Failure, Guest, GuestError, RingCommands, RingCounters, RingDevice, RingFrontend, RingKind,
-    RingPort, RingSetupError, RingStats, Setup,
+    RingPort, RingProgress, RingSetupError, RingStats, Setup,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -129,6 +129,10 @@ impl RingCounters for RingNetStats {
             ("rx_dropped_invalid", g(&self.rx_dropped_invalid)),
         ]);
         v
+    }
+
+    fn progress(&self) -> RingProgress {
+        self.ring.progress()
     }
 }
 

@@ -259,10 +259,14 @@ pub enum RingKind {
     Nic,
 }
 
+pub use crate::stats_page::RingProgress;
+
 /// A device's counters as `name value` pairs.
 pub trait RingCounters: Send + Sync {
     /// The counters now.
     fn snapshot(&self) -> Vec<(&'static str, u64)>;
+    /// The progress counters the daemon's watcher reads.
+    fn progress(&self) -> RingProgress;
 }
 
 /// What the rest of the VMM sees of a ring device: its kind, its counters (for the stats
@@ -278,7 +282,7 @@ pub struct RingPort {
 }
 
 /// Counters every ring frontend keeps, readable while it runs. The daemon's watcher reads
-/// `outstanding`, `completed`, `bogus_completions` and `corrupt`.
+/// their [`RingProgress`].
 #[derive(Debug, Default)]
 pub struct RingStats {
     /// Journaled requests submitted on the ring (replays included).
@@ -328,6 +332,20 @@ pub fn wall_ms() -> u64 {
 }
 
 impl RingStats {
+    /// The progress counters the daemon's watcher reads.
+    pub fn progress(&self) -> RingProgress {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RingProgress {
+            outstanding: g(&self.outstanding),
+            waiting: g(&self.waiting),
+            completed: g(&self.completed),
+            bogus_completions: g(&self.bogus_completions),
+            corrupt: g(&self.corrupt) != 0,
+            suspects: g(&self.suspects),
+            first_completion_ms: g(&self.first_completion_ms),
+        }
+    }
+
     /// `name value` pairs of the counters.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
