@@ -11,8 +11,11 @@ CMD="console=ttyS0 quiet ddvmm.action=run-script"
 
 echo "=== direct ==="
 # Results are shown as they come (the emulated host's harness treats long silence as a hang).
+: > direct.out
+work_watch direct.out direct &
 $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 --disk $DISK \
     --cmdline "$CMD" 2>&1 | tee direct.out | grep -a RESULT
+touch work.stop; wait
 tr -d '\r' < direct.out | grep -a RESULT | sed 's/^/direct /' > results.txt
 grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }
 
@@ -39,6 +42,9 @@ size = "256M"
 CFG
 $DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
 DAEMON=$!
+until [ -f system.d/bench.console ] || ! kill -0 $DAEMON 2>/dev/null; do sleep 0.2; done
+work_watch system.d/bench.console driver &
+WATCH=$!
 CTL="$DDVMM ctl --socket system.sock"
 shown=0
 until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
@@ -49,6 +55,7 @@ until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
     fi
     kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; break; }
 done
+touch work.stop; wait $WATCH
 tr -d '\r' < system.d/bench.console | grep RESULT | sed 's/^/driver /' >> results.txt
 grep -q RESULT system.d/bench.console || { echo "driver run produced no results:"; tail -30 system.d/bench.console; }
 
@@ -63,6 +70,7 @@ $CTL shutdown > /dev/null
 wait $DAEMON
 
 ratio_table results.txt driver direct
+work_table work.txt "request (the client's block-layer completions)"
 awk -v rss="$rss_kib" -v ticks="$((t1 - t0))" -v hz="$hz" 'BEGIN {
     printf "\ndriver VM (256 MiB guest, 1 vCPU): resident %d KiB; idle CPU %.2f%% of one core (20 s)\n", rss, ticks * 100 / hz / 20
 }'

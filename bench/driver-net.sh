@@ -26,8 +26,11 @@ ROUNDS=${ROUNDS:-2}
 
 direct() {
     echo "=== direct (round $1) ==="
+    : > direct.out
+    work_watch direct.out direct &
     $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 \
         --net tap=ddtap0,mac=$MAC --cmdline "$CMD" 2>&1 | tee direct.out | grep -a RESULT
+    touch work.stop; wait
     tr -d '\r' < direct.out | grep -a RESULT | sed 's/^/direct /' >> results.txt
     grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }
     $IP -n peer neigh flush dev veth1
@@ -59,6 +62,9 @@ CFG
     $DDVMM --log-level info daemon --config system.toml > daemon.log 2>&1 &
     DAEMON=$!
     CTL="$DDVMM ctl --socket system.sock"
+    until [ -f system.d/bench.console ] || ! kill -0 $DAEMON 2>/dev/null; do sleep 0.2; done
+    work_watch system.d/bench.console driver &
+    WATCH=$!
     shown=0
     until grep -q DDVMM-GUEST-SCRIPT-EXIT system.d/bench.console 2>/dev/null; do
         sleep 5
@@ -68,6 +74,7 @@ CFG
         fi
         kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; cat daemon.log; break; }
     done
+    touch work.stop; wait $WATCH
     tr -d '\r' < system.d/bench.console | grep RESULT | sed 's/^/driver /' >> results.txt
     grep -q RESULT system.d/bench.console || { echo "driver run produced no results:"; tail -30 system.d/bench.console; }
     $CTL metrics | grep -E 'ddvmm_ring_net_(tx_frames|rx_frames|kicks|doorbells|tx_dropped|rx_dropped)'
@@ -84,3 +91,4 @@ while [ $r -le $ROUNDS ]; do
     r=$((r + 1))
 done
 ratio_table results.txt driver direct
+work_table work.txt "frame (the client's eth0 frames sent and received)"

@@ -19,3 +19,85 @@ END {
     }
 }' "$1"
 }
+
+# --- Work per request: what carries over to hardware (an exit costs ~1 us there, far more on
+# the emulated CPU here, so these counts matter more than the emulated timings).
+
+# kvm_work: one line per VMM process that has a KVM VM:
+#   <vm> <exits> <user-exits> <irqs> <vmm-switches>
+# from KVM's own statistics of the VM (debugfs, summed over its vCPUs: every exit; the exits
+# that reached the VMM's userspace, port I/O and MMIO; interrupts injected) and the context
+# switches of the VMM's threads. <vm> is the VM's console file name without `.console`
+# ("direct" for a VMM whose console is its standard output).
+kvm_work() {
+    [ -d /sys/kernel/debug/kvm ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+    for d in /sys/kernel/debug/kvm/*-*; do
+        [ -r "$d/exits" ] || continue
+        pid=${d##*/}; pid=${pid%%-*}
+        # A standby VMM runs no guest: not one of the path's VMs.
+        tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null | grep -q -x -- --standby && continue
+        vm=$(tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null | awk 'p { print; exit } $0 == "--console" { p = 1 }')
+        vm=${vm##*/}; vm=${vm%.console}
+        case $vm in ""|stdout) vm=direct ;; esac
+        cs=$(cat /proc/$pid/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
+        echo "$vm $(cat $d/exits) $(($(cat $d/io_exits) + $(cat $d/mmio_exits))) $(cat $d/irq_injections) $cs"
+    done
+}
+
+# work_watch CONSOLE PATH (in the background, until a file work.stop appears): at each
+# "JOB-BEGIN <job>" and "JOB-END <job> <requests> <guest-switches> <guest-interrupts>" line the
+# guest script prints on CONSOLE (it idles a second after each, so a snapshot taken within this
+# 0.1 s poll holds the job's work only, plus under a second of idling), appends kvm_work to
+# work.txt as "<path> <job> BEGIN|END <vm> <counters>", and the guest's counts as
+# "<path> <job> GUEST <requests> <guest-switches> <guest-interrupts>".
+work_watch() {
+    seen=0
+    until [ -f work.stop ]; do
+        sleep 0.1
+        n=$(grep -a -c -E '^JOB-(BEGIN|END) ' "$1" 2>/dev/null)
+        [ "${n:-0}" -gt "$seen" ] || continue
+        kvm_work > work.snap
+        grep -a -E '^JOB-(BEGIN|END) ' "$1" | tr -d '\r' | tail -n $((n - seen)) | while read -r tag job rest; do
+            sed "s/^/$2 $job ${tag#JOB-} /" work.snap >> work.txt
+            [ "$tag" = JOB-END ] && echo "$2 $job GUEST $rest" >> work.txt
+        done
+        seen=$n
+    done
+    rm -f work.stop
+}
+
+# work_table WORK UNIT: per path, job and VM, the medians over runs of exits, exits to userspace,
+# interrupts injected and VMM thread switches per request, the sum over the path's VMs, and
+# the client guest's own context switches and interrupts per request.
+work_table() {
+    awk -v unit="$2" '
+$3 == "BEGIN" { b[$1, $2, $4] = $5 " " $6 " " $7 " " $8; vms[$1, $2, $4] = 1; if (!(($1, $2) in seenj)) { seenj[$1, $2] = 1; jobs[++nj] = $1 SUBSEP $2 } next }
+$3 == "END"   { if (($1, $2, $4) in b) { split(b[$1, $2, $4], x, " "); pend[$1, $2, $4] = ($5 - x[1]) " " ($6 - x[2]) " " ($7 - x[3]) " " ($8 - x[4]) } next }
+$3 == "GUEST" {
+    r = $4; if (r <= 0) next
+    for (k in pend) { split(k, p, SUBSEP); if (p[1] != $1 || p[2] != $2) continue
+        split(pend[k], d, " "); c = ++cnt[k]
+        for (i = 1; i <= 4; i++) val[k, i, c] = d[i] / r
+        delete pend[k] }
+    kg = $1 SUBSEP $2; cg = ++gcnt[kg]; gv[kg, 1, cg] = $5 / r; gv[kg, 2, cg] = $6 / r
+}
+function med(arr, k, i, c,    t, a, j, x) {
+    for (a = 1; a <= c; a++) t[a] = arr[k, i, a]
+    for (a = 1; a <= c; a++) for (j = a + 1; j <= c; j++) if (t[j] < t[a]) { x = t[a]; t[a] = t[j]; t[j] = x }
+    return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
+}
+END {
+    printf "\nwork per %s (median of runs; KVM statistics per VM, the VMM threads\x27 context switches,\n", unit
+    printf "the client guest\x27s own)\n"
+    printf "%-7s %-18s %-8s %8s %8s %8s %8s %9s %9s\n", "path", "job", "vm", "exits", "to-user", "irqs", "vmm-cs", "guest-cs", "guest-irq"
+    for (j = 1; j <= nj; j++) {
+        split(jobs[j], pj, SUBSEP); s1 = s2 = s3 = s4 = 0; n = 0
+        for (k in vms) { split(k, p, SUBSEP); if (p[1] != pj[1] || p[2] != pj[2] || !cnt[k]) continue
+            e = med(val, k, 1, cnt[k]); u = med(val, k, 2, cnt[k]); q = med(val, k, 3, cnt[k]); w = med(val, k, 4, cnt[k])
+            printf "%-7s %-18s %-8s %8.2f %8.2f %8.2f %8.2f\n", pj[1], pj[2], p[3], e, u, q, w
+            s1 += e; s2 += u; s3 += q; s4 += w; n++ }
+        kg = pj[1] SUBSEP pj[2]
+        if (n) printf "%-7s %-18s %-8s %8.2f %8.2f %8.2f %8.2f %9.2f %9.2f\n", pj[1], pj[2], "(all)", s1, s2, s3, s4, med(gv, kg, 1, gcnt[kg]), med(gv, kg, 2, gcnt[kg])
+    }
+}' "$1"
+}
