@@ -60,7 +60,11 @@ tr -d '\r' < system.d/bench.console | grep RESULT | sed 's/^/driver /' >> result
 grep -q RESULT system.d/bench.console || { echo "driver run produced no results:"; tail -30 system.d/bench.console; }
 
 # The driver VM now idles (its client is gone): resident memory and CPU over 20 s.
-dpid=$($CTL list | awk '/"name": "storage"/ { f = 1 } f && /"pid"/ { gsub(/[^0-9]/, "", $2); print $2; exit }')
+$CTL list > list.json
+dpid=$(awk '/"name": "storage"/ { f = 1 } f && /"pid"/ { gsub(/[^0-9]/, "", $2); print $2; exit }' list.json)
+# The daemon's child is the jail's reaper; the VMM is its child (PID 1 of the jail).
+vmm=$(cat /proc/$dpid/task/$dpid/children 2>/dev/null | awk '{ print $1 }')
+[ -n "$vmm" ] && dpid=$vmm
 rss_kib=$(awk '/^VmRSS/ { print $2 }' /proc/$dpid/status)
 ticks() { awk '{ print $14 + $15 }' /proc/$dpid/stat; }
 hz=$(getconf CLK_TCK 2>/dev/null || echo 100)

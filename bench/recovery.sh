@@ -139,7 +139,9 @@ for arm in boot restore; do
         kind=$(echo "$e" | sed 's/.*"injected":"\([a-z-]*\)".*/\1/')
         field() { echo "$e" | sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
         how=$(echo "$e" | sed -n 's/.*"restart":"\([a-z]*\)".*/\1/p')
-        echo "$arm/$kind $(field detect_ms) $(field outage_ms) $(field boot_ms) $how"
+        sb=$(echo "$e" | sed -n 's/.*"standby":\([a-z]*\).*/\1/p')
+        f() { v=$(field $1); echo "${v:--}"; }
+        echo "$arm/$kind $(f detect_ms) $(f outage_ms) $(f boot_ms) $how $(f kill_ms) $(f replay_ms) $(f backoff_ms) $(f start_ms) $(f release_ms) $(f serve_ms) ${sb:--}"
     done
 done >> samples.txt
 echo "restarts by arm and kind of restart:"
@@ -149,10 +151,10 @@ awk '
 function sort(a, c,    i, j, x) { for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x } }
 function pct(a, c, p,    r) { if (!c) return 0; r = int(c * p + 0.999999); if (r < 1) r = 1; return a[r] }
 $1 == "cold" { cb[++ncb] = $2; next }
-NF >= 3 && $3 != "" {
+NF >= 3 && $3 != "-" {
     k = $1; if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
     n[k]++; d[k, n[k]] = $2; o[k, n[k]] = $3; b[k, n[k]] = $4
-    split(k, arm, "/"); all[arm[1], ++na[arm[1]]] = $3
+    split(k, ap, "/"); all[ap[1], ++na[ap[1]]] = $3
 }
 END {
     sort(cb, ncb); cold = pct(cb, ncb, 0.5)
@@ -173,4 +175,25 @@ END {
         delete t
     }
     printf "\n(ms; detect = injection to detection; outage = fault to the first completion after the\n restart; restart = new driver VM start to agents ready)\n"
+}' samples.txt
+
+# The timeline of the recovered rounds, step by step (medians), to check what a restart would
+# cost where an exit is ~1 us instead of the emulator's much more.
+awk '
+function med(k, f,    c, i, j, x, t) { c = 0; for (i = 1; i <= n[k]; i++) if (v[k, f, i] != "-") t[++c] = v[k, f, i]
+    for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (t[j] < t[i]) { x = t[i]; t[i] = t[j]; t[j] = x }
+    return c ? ((c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2) : -1 }
+$1 != "cold" && $3 != "-" {
+    k = $1; if (!(k in seen)) { seen[k] = 1; order[++nk] = k }; n[k]++
+    v[k, 1, n[k]] = $2; v[k, 2, n[k]] = $6; v[k, 3, n[k]] = $7; v[k, 4, n[k]] = $8; v[k, 5, n[k]] = $9
+    v[k, 6, n[k]] = $4; v[k, 7, n[k]] = $10; v[k, 8, n[k]] = $11; v[k, 9, n[k]] = $3
+    if ($12 == "true") sb[k]++
+}
+END {
+    printf "\nrecovery timeline, median per step (ms): detect -> kill -> replay -> backoff -> start ->\n"
+    printf "agents ready -> release -> first completion; standby = restarts that resumed a standby VMM\n"
+    printf "%-21s %7s %7s %7s %7s %7s %7s %7s %7s %8s %8s\n", "arm/fault", "detect", "kill", "replay", "backoff", "start", "ready", "release", "serve", "outage", "standby"
+    for (i = 1; i <= nk; i++) { k = order[i]
+        printf "%-21s", k; for (f = 1; f <= 9; f++) { m = med(k, f); if (m < 0) printf " %7s", "-"; else printf " %7.0f", m }
+        printf " %5d/%-2d\n", sb[k], n[k] }
 }' samples.txt

@@ -37,6 +37,9 @@ pub struct FaultEvent {
     pub outage_ms: Option<f64>,
     /// Start of the new driver VM to its agents being ready (set on the round that recovered).
     pub boot_ms: Option<f64>,
+    /// The round's timeline, step by step (ms; set on the round that recovered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<RecoverySteps>,
     /// Requests the clients replayed.
     pub replayed: u64,
     /// Requests failed as poison.
@@ -51,6 +54,26 @@ pub struct FaultEvent {
     pub fallback: Option<String>,
     /// `restarted`, `quarantined`, `restart-failed` or `restore-failed`.
     pub outcome: &'static str,
+}
+
+/// Where a recovered round's time went, in order (ms). With the detection (`detect_ms`) and
+/// the agents' start (`boot_ms`, between `start_ms` and `release_ms`) they add up to the
+/// outage, up to the daemon's polling.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RecoverySteps {
+    /// SIGKILL of what was left of the driver VM, until its VMM was reaped.
+    pub kill_ms: f64,
+    /// Every client told to start a new generation and hold its replay.
+    pub replay_ms: f64,
+    /// The restart policy's wait.
+    pub backoff_ms: f64,
+    /// Choosing the restart (checking the template) and starting it: a process spawned, or a
+    /// standby resumed.
+    pub start_ms: f64,
+    /// Agents ready to the clients' replays released.
+    pub release_ms: f64,
+    /// Release to the last client's first completion (by the clients' clocks).
+    pub serve_ms: Option<f64>,
 }
 
 /// Running sum, count and maximum of a duration in seconds.

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::config::Role;
 use super::detection::Detection;
-use super::fault_log::{FaultEvent, MAX_EVENTS};
+use super::fault_log::{FaultEvent, RecoverySteps, MAX_EVENTS};
 use super::policy::PolicyLimits;
 use super::supervisor::{ring_header, Boot, Supervisor, SupervisorError, VmState};
 use crate::control::{ControlRequest, FaultKind};
@@ -92,6 +92,18 @@ impl Round {
             after_failed_restore: None,
         }
     }
+}
+
+/// When a restarted driver VM served again (from the start of the wait).
+struct Service {
+    /// Its agents were ready.
+    ready: Duration,
+    /// Every held channel was released.
+    released: Duration,
+    /// The same, by the wall clock (ms since the epoch).
+    released_ms: u64,
+    /// The last waiting client's first completion, by its clock (None: no client waited).
+    served_ms: Option<u64>,
 }
 
 /// What the clients did on a replay.
@@ -224,7 +236,15 @@ impl Supervisor {
     /// One recovery, in rounds until a driver VM serves again or the VM is quarantined.
     async fn recover(self: &Arc<Self>, name: &str, mut round: Round, fault_at: Instant) {
         loop {
+            let mut steps = RecoverySteps::default();
+            let mut lap = Instant::now();
+            let mut step = move || {
+                let ms = lap.elapsed().as_secs_f64() * 1e3;
+                lap = Instant::now();
+                ms
+            };
             self.kill_and_wait(name).await;
+            steps.kill_ms = step();
             let mut event = FaultEvent {
                 driver: name.to_string(),
                 injected: round.injected,
@@ -234,6 +254,7 @@ impl Supervisor {
                 detect_ms: round.detect_ms,
                 outage_ms: None,
                 boot_ms: None,
+                steps: None,
                 replayed: 0,
                 poisoned: 0,
                 restart: "boot",
@@ -263,7 +284,9 @@ impl Supervisor {
                 self.log_event(event);
                 return;
             };
+            step();
             let replay = self.replay_clients(name, true).await;
+            steps.replay_ms = step();
             event.replayed = replay.replayed;
             event.poisoned = replay.poisoned.iter().map(|p| p.1).sum();
             for (channel, _) in &replay.poisoned {
@@ -278,6 +301,7 @@ impl Supervisor {
                 *b.poisoned.entry(name.to_string()).or_default() += event.poisoned;
             }
             tokio::time::sleep(backoff).await;
+            steps.backoff_ms = step();
             if round.after_failed_restore.is_some() {
                 self.drop_template(name);
             }
@@ -298,6 +322,7 @@ impl Supervisor {
                 }
                 self.start_as(name, boot)
             };
+            steps.start_ms = step();
             if started.is_ok() {
                 if let Some(vm) = self.lock().vms.get_mut(name) {
                     vm.started_by_recovery = true;
@@ -311,7 +336,12 @@ impl Supervisor {
                 continue;
             }
             match self.await_service(name, replay.suspects).await {
-                Ok((boot, served_ms)) => {
+                Ok(Service {
+                    ready: boot,
+                    released,
+                    released_ms,
+                    served_ms,
+                }) => {
                     self.book().policy.served(name);
                     // From the clients' own clocks when they had requests waiting (the last
                     // of them to be served again), else from when the daemon saw service.
@@ -322,6 +352,9 @@ impl Supervisor {
                     };
                     event.outage_ms = Some(outage * 1e3);
                     event.boot_ms = Some(boot.as_secs_f64() * 1e3);
+                    steps.release_ms = released.saturating_sub(boot).as_secs_f64() * 1e3;
+                    steps.serve_ms = served_ms.map(|t| t.saturating_sub(released_ms) as f64);
+                    event.steps = Some(steps);
                     self.book()
                         .outage
                         .entry(name.to_string())
@@ -477,7 +510,7 @@ impl Supervisor {
         self: &Arc<Self>,
         driver: &str,
         mut suspects: Vec<(String, usize)>,
-    ) -> Result<(Duration, Option<u64>), (Detection, Option<(String, usize)>)> {
+    ) -> Result<Service, (Detection, Option<(String, usize)>)> {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.recovery.boot_timeout_ms);
         let mut boot = None;
@@ -490,7 +523,7 @@ impl Supervisor {
         }
         suspects.reverse();
         let mut isolating: Option<(String, usize)> = None;
-        let mut released_all = false;
+        let mut released_all = None;
         loop {
             {
                 let g = self.lock();
@@ -509,7 +542,7 @@ impl Supervisor {
                     "agents ready"
                 );
             }
-            if ready && !released_all {
+            if ready && released_all.is_none() {
                 // The isolated channel is done once it has no suspect left (completed, or
                 // its client went away).
                 if let Some((client, disk)) = &isolating {
@@ -530,14 +563,14 @@ impl Supervisor {
                                 releases.spawn(async move { me.release(&ch).await });
                             }
                             while releases.join_next().await.is_some() {}
-                            released_all = true;
+                            released_all = Some((started.elapsed(), now_ms()));
                             tracing::info!(vm = driver, "channels released");
                         }
                     }
                 }
             }
             let mut served_ms: Option<u64> = None;
-            let served = released_all
+            let served = released_all.is_some()
                 && baseline
                     .iter()
                     .all(|((client, disk), before)| match before {
@@ -553,8 +586,14 @@ impl Supervisor {
                             Some(_) => false,
                         },
                     });
-            if let (Some(boot), true) = (boot, served) {
-                return Ok((boot, served_ms));
+            if let (Some(ready), Some((released, released_ms)), true) = (boot, released_all, served)
+            {
+                return Ok(Service {
+                    ready,
+                    released,
+                    released_ms,
+                    served_ms,
+                });
             }
             if Instant::now() > deadline {
                 return Err((Detection::BootTimeout, isolating));
