@@ -390,9 +390,36 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
     seccomp::confine(ThreadKind::Main)?;
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     if args.standby {
-        tracing::info!(setup_ms, "standby: VM set up, waiting for resume");
+        tracing::info!(setup_ms, "standby: VM set up");
         // The sender lives in the control thread: a closed connection ends the wait.
-        if resume_rx.recv().is_err() {
+        let mut resumed = None;
+        let mut asked = || {
+            resumed = match resume_rx.try_recv() {
+                Ok(()) => Some(true),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(false),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+            };
+            resumed.is_some()
+        };
+        // While it waits: the template's pages, so that the resumed guest does not fault
+        // them in one by one (stopped at once by a resume).
+        let t = std::time::Instant::now();
+        match machine.ram().prefault(2 << 20, &mut asked) {
+            Ok(bytes) => tracing::info!(
+                mib = bytes >> 20,
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "standby: guest memory faulted in"
+            ),
+            Err(e) => tracing::warn!(error = %e, "standby: guest memory not faulted in"),
+        }
+        let resumed = match resumed {
+            Some(r) => r,
+            None => {
+                tracing::info!("standby: waiting for resume");
+                resume_rx.recv().is_ok()
+            }
+        };
+        if !resumed {
             tracing::info!("standby: dismissed (control connection closed)");
             return Ok(GuestExit::PowerOff);
         }

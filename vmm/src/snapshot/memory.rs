@@ -28,6 +28,28 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option
     Ok(Some(r as u64))
 }
 
+/// The `(offset, length)` ranges of the first `size` bytes of `file` that hold data (holes,
+/// which read as zeros, left out), from `SEEK_DATA`/`SEEK_HOLE`.
+pub fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= size {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if hole <= data {
+            break;
+        }
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(out)
+}
+
 /// Copies the `size` bytes of guest RAM in `ram` (a memfd) to `out`, writing only pages that
 /// are not all zero (the rest stay holes), then the trailer after them. Returns the bytes of
 /// RAM written.
@@ -36,24 +58,15 @@ pub fn dump(ram: &File, size: u64, out: &File, id: u64) -> std::io::Result<u64> 
     out.set_len(size + PAGE)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut written = 0u64;
-    let mut pos = 0u64;
-    while pos < size {
-        // Only the memfd's allocated ranges can hold anything but zeros.
-        let Some(data) = seek(ram, pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        if data >= size {
-            break;
-        }
-        let hole = seek(ram, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+    // Only the memfd's allocated ranges can hold anything but zeros.
+    for (data, len) in data_extents(ram, size)? {
         let mut at = data;
-        while at < hole {
-            let n = (hole - at).min(CHUNK) as usize;
+        while at < data + len {
+            let n = (data + len - at).min(CHUNK) as usize;
             ram.read_exact_at(&mut buf[..n], at)?;
             written += write_nonzero_runs(&buf[..n], at, out)?;
             at += n as u64;
         }
-        pos = hole;
     }
     let mut trailer = TRAILER_MAGIC.to_vec();
     trailer.extend_from_slice(&id.to_le_bytes());
