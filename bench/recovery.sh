@@ -125,8 +125,8 @@ CFG
 
 for arm in $ARMS; do
     case $arm in boot) run_arm boot false ;; restore) run_arm restore true ;; esac
-    [ -n "$TIMELINE" ] && grep -a -E "injecting fault|VM process ended|driver VM fault|VM started|driver VM recovered|released" daemon-$arm.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
-    [ -n "$TIMELINE" ] && grep -a -h -E "restored from snapshot|VM set up|parked" system.d/storage.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
+    [ -n "$TIMELINE" ] && grep -a -E "injecting fault|VM process ended|driver VM fault|VM started|driver VM recovered|released|agents ready|standby" daemon-$arm.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
+    [ -n "$TIMELINE" ] && grep -a -h -E "restored from snapshot|VM set up|parked|standby|passed the gate" system.d/storage.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
 done
 [ -f events-boot.json ] || echo '{}' > events-boot.json
 [ -f events-restore.json ] || echo '{}' > events-restore.json

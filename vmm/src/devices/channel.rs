@@ -51,6 +51,8 @@ pub struct ChannelGate {
     index: u32,
     open: AtomicBool,
     parked: AtomicBool,
+    /// The agent has read the gate open (logged once: a step of a restart's timeline).
+    passed: AtomicBool,
     notify: ParkNotifier,
 }
 
@@ -61,6 +63,7 @@ impl ChannelGate {
             index,
             open: AtomicBool::new(open),
             parked: AtomicBool::new(false),
+            passed: AtomicBool::new(false),
             notify,
         })
     }
@@ -335,6 +338,9 @@ impl PciDevice for ChannelDevice {
         }
         if bar == 0 && offset == regs::GATE && data.len() == 4 {
             let open = u32::from(self.gate.open.load(Ordering::Acquire));
+            if open == 1 && !self.gate.passed.swap(true, Ordering::AcqRel) {
+                tracing::info!(channel = self.gate.index, "agent passed the gate");
+            }
             data.copy_from_slice(&open.to_le_bytes());
             return;
         }
