@@ -113,6 +113,7 @@ CFG
     $CTL events | tr -d ' \n' > events-$arm.json
     $CTL metrics | grep -E "^ddvmm_(driver_faults|driver_restarts|requests_replayed|poison|quarantines|ring_disk_errors)" | sed "s/^/$arm: /"
     if [ -n "$TIMELINE" ]; then
+        tr -d '\r' < system.d/storage.console | grep -a -E "passed the gate|RNG reseeded" | tail -n 8
         dmesg | grep -i -E "oom|killed process" | tail -n 5
         find /sys/fs/cgroup -path "*ddvmm-*" -name memory.events | while read -r f; do
             echo "$f: $(tr '\n' ' ' < $f) peak=$(cat ${f%events}peak 2>/dev/null) max=$(cat ${f%events}max)"

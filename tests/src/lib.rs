@@ -682,6 +682,29 @@ impl TestHost {
         let dir = records::logs_dir();
         std::fs::create_dir_all(&dir)
             .map_err(|e| HarnessError::Io(format!("mkdir {}", dir.display()), e))?;
+        // Every file of a run is named after the test host: two runs of one name at once would
+        // take each other's heartbeat socket and monitor (and read a healthy run as wedged).
+        let lock_path = dir.join(format!("{}.lock", self.name));
+        let lock = std::fs::File::create(&lock_path)
+            .map_err(|e| HarnessError::Io(format!("create {}", lock_path.display()), e))?;
+        // SAFETY: flock on a descriptor `lock` owns (held until `lock` drops at the end of the
+        // run); no memory is involved.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            return Err(HarnessError::Io(
+                format!(
+                    "test host '{}' is already running here (its lock {} is held): runs of one name must not overlap",
+                    self.name,
+                    lock_path.display()
+                ),
+                std::io::Error::last_os_error(),
+            ));
+        }
         let initrd_path = dir.join(format!("{}.initrd", self.name));
         std::fs::write(&initrd_path, &initrd)
             .map_err(|e| HarnessError::Io(format!("write {}", initrd_path.display()), e))?;

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Once;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ddvmm_translation::channel::{regs, ENTROPY_LEN};
 
@@ -21,6 +21,7 @@ static SEED: Once = Once::new();
 
 /// Announces this channel parked, waits for the gate, then (once per agent) reseeds the RNG.
 pub fn pass(regs_map: &BarMapping, index: u32) {
+    let parked = Instant::now();
     regs_map.write32(regs::GATE, 1);
     let mut waited = 0u32;
     while regs_map.read32(regs::GATE) != 1 {
@@ -30,6 +31,12 @@ pub fn pass(regs_map: &BarMapping, index: u32) {
         waited = waited.saturating_add(1);
         std::thread::sleep(POLL);
     }
+    // By this guest's clock, which a restore sets back to the snapshot's instant (taken right
+    // after the park): the time the restored guest took to get here.
+    crate::console::say(format!(
+        "ddvmm-agent: channel {index} passed the gate {} us after parking ({waited} polls)",
+        parked.elapsed().as_micros()
+    ));
     let mut entropy = [0u8; ENTROPY_LEN];
     for (i, chunk) in entropy.chunks_mut(4).enumerate() {
         let v = regs_map.read32(regs::ENTROPY + 4 * i as u64).to_le_bytes();
