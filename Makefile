@@ -124,12 +124,30 @@ bench-recovery: deps images build driver-image
 	    --timeout 14400 --driver-image --guest-script bench/guest-recovery.sh \
 	    --env FAULTS_PER_KIND=$(FAULTS_PER_KIND) $(RECOVERY_ENV) bench/recovery.sh
 
-# The same plus SOAK_FAULTS mixed faults (1000 by default; hours on an emulated CPU).
+# The soak: SOAK_FAULTS mixed faults (1000 by default) on restores, in segments of
+# SOAK_SEGMENT faults, each a daemon in a test host of its own (an emulator wedge then costs
+# the harness's retry of one segment, not the soak); each segment also injects one fault of
+# every kind first. Prints each segment's result and the totals (target/soak-N.log).
 SOAK_FAULTS ?= 1000
+SOAK_SEGMENT ?= 250
 soak-recovery: deps images build driver-image
-	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
-	    --timeout 86400 --driver-image --guest-script bench/guest-recovery.sh \
-	    --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$(SOAK_FAULTS) $(RECOVERY_ENV) bench/recovery.sh
+	@done=0; seg=0; rm -f target/soak-*.log; \
+	while [ $$done -lt $(SOAK_FAULTS) ]; do \
+	    seg=$$((seg + 1)); n=$(SOAK_SEGMENT); [ $$((done + n)) -gt $(SOAK_FAULTS) ] && n=$$(($(SOAK_FAULTS) - done)); \
+	    echo "=== soak segment $$seg: $$n mixed faults"; \
+	    $(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	        --timeout 14400 --driver-image --guest-script bench/guest-recovery.sh \
+	        --env FAULTS_PER_KIND=1 --env SOAK_FAULTS=$$n --env SOAK_SEED=$$((10 + seg)) \
+	        --env ARMS=restore $(foreach v,KINDS TIMELINE,$(if $($(v)),--env "$(v)=$($(v))")) \
+	        bench/recovery.sh > target/soak-$$seg.log 2>&1; rc=$$?; \
+	    grep -a -E "^(SOAK-|restore: CLIENT-RESULT|testhost RETRY)" target/soak-$$seg.log | sed "s/^/  /"; \
+	    [ $$rc -eq 0 ] || { echo "soak segment $$seg failed (rc $$rc): target/soak-$$seg.log"; exit 1; }; \
+	    done=$$((done + n)); \
+	done; \
+	cat target/soak-*.log | tr -d '\r' | awk '/^SOAK-RESULT/ { for (i = 2; i <= NF; i++) { split($$i, kv, "="); t[kv[1]] += kv[2] } } \
+	    /^SOAK-DAEMON/ { printf "  daemon of segment %d: %s\n", ++s, substr($$0, 13) } \
+	    END { printf "soak totals: faults %d (restores %d, of them standby %d), fallbacks %d, quarantined %d, client fio failures %d\n", \
+	        t["faults"], t["restores"], t["standby"], t["fallbacks"], t["quarantined"], t["fio_failures"] }'
 
 # VFIO passthrough vs ddvmm's virtio-blk on the same NVMe controller and backing file: the fio
 # jobs of bench/guest-blk.sh (4 KiB random read QD32, 128 KiB sequential read, ...) in the same

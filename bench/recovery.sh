@@ -97,7 +97,7 @@ CFG
     if [ "$arm" = restore ] && [ "$SOAK_FAULTS" -gt 0 ]; then
         echo "=== soak: $SOAK_FAULTS mixed faults"
         fds0=$(ls /proc/$DAEMON/fd | wc -l); rss0=$(grep VmRSS /proc/$DAEMON/status | tr -s ' ' | cut -d' ' -f2)
-        campaign soak --faults $SOAK_FAULTS --min-interval-ms 0 --max-interval-ms 3000 --seed 11
+        campaign soak --faults $SOAK_FAULTS --min-interval-ms 0 --max-interval-ms 3000 --seed ${SOAK_SEED:-11}
         fds1=$(ls /proc/$DAEMON/fd | wc -l); rss1=$(grep VmRSS /proc/$DAEMON/status | tr -s ' ' | cut -d' ' -f2)
         echo "SOAK-DAEMON fds $fds0 -> $fds1, rss_kib $rss0 -> $rss1"
     fi
@@ -107,13 +107,19 @@ CFG
         sleep 5; kill -0 $DAEMON 2>/dev/null || break
     done
     tr -d '\r' < system.d/bench.console | grep -E "CLIENT-RESULT|FIO-FAILED" | sed "s/^/$arm: /"
+    if [ "$arm" = restore ] && [ "$SOAK_FAULTS" -gt 0 ]; then
+        ev=$($CTL events | tr -d ' \n' | sed 's/},{/}\n{/g')
+        fio_failures=$(tr -d '\r' < system.d/bench.console | grep -c FIO-FAILED)
+        echo "SOAK-RESULT faults=$(echo "$ev" | grep -c '"detected_by"') restores=$(echo "$ev" | grep -c '"restart":"restore"') standby=$(echo "$ev" | grep -c '"standby":true') fallbacks=$(echo "$ev" | grep -c '"fallback"') quarantined=$(echo "$ev" | grep -c '"outcome":"quarantined"') fio_failures=$fio_failures"
+    fi
     grep -h "snapshot template written" system.d/storage.log 2>/dev/null \
         | sed -n 's/.*ram_bytes_written=\([0-9]*\).*ms=\([0-9]*\).*/\1 \2/p' \
         | awk -v arm=$arm '{ n++; b += $1; t += $2 } END { if (n) printf "%s: %d template writes, %.0f MiB of RAM, %.0f ms each (mean)\n", arm, n, b / n / 1048576, t / n }'
     $CTL events | tr -d ' \n' > events-$arm.json
     $CTL metrics | grep -E "^ddvmm_(driver_faults|driver_restarts|requests_replayed|poison|quarantines|ring_disk_errors)" | sed "s/^/$arm: /"
     if [ -n "$TIMELINE" ]; then
-        tr -d '\r' < system.d/storage.console | grep -a -E "passed the gate|RNG reseeded" | tail -n 8
+        echo "--- the driver VM's console, last 40 lines"
+        tr -d '\r' < system.d/storage.console | tail -n 40
         dmesg | grep -i -E "oom|killed process" | tail -n 5
         find /sys/fs/cgroup -path "*ddvmm-*" -name memory.events | while read -r f; do
             echo "$f: $(tr '\n' ' ' < $f) peak=$(cat ${f%events}peak 2>/dev/null) max=$(cat ${f%events}max)"
@@ -127,7 +133,7 @@ CFG
 for arm in $ARMS; do
     case $arm in boot) run_arm boot false ;; restore) run_arm restore true ;; esac
     [ -n "$TIMELINE" ] && grep -a -E "injecting fault|VM process ended|driver VM fault|VM started|driver VM recovered|released|agents ready|standby" daemon-$arm.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
-    [ -n "$TIMELINE" ] && grep -a -h -E "restored from snapshot|VM set up|parked|standby|passed the gate" system.d/storage.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
+    [ -n "$TIMELINE" ] && grep -a -h -E "restored from snapshot|restored VM running|VM set up|parked|standby|passed the gate" system.d/storage.log | sed 's/\x1b\[[0-9;]*m//g' | cut -c12-150
 done
 [ -f events-boot.json ] || echo '{}' > events-boot.json
 [ -f events-restore.json ] || echo '{}' > events-restore.json

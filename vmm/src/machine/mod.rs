@@ -390,6 +390,8 @@ impl Machine {
     pub fn run(&mut self) -> Result<GuestExit, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
+        let started = std::time::Instant::now();
+        let restored = self.pending_restore.is_some();
         if let Some((dir, state)) = self.pending_restore.take() {
             self.load_snapshot(&dir, &state)?;
             // Restored devices start their workers now (after the VMM is confined).
@@ -417,6 +419,13 @@ impl Machine {
         }
         if threads.is_empty() {
             return Err(MachineError::AlreadyRan);
+        }
+        if restored {
+            // A step of a restart's timeline: state loaded, devices resumed, vCPUs started.
+            tracing::info!(
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "restored VM running"
+            );
         }
         let exit = self.recv_exit(&threads);
         self.faults.vcpu.set_thread(None);
