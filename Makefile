@@ -125,9 +125,10 @@ bench-recovery: deps images build driver-image
 	    --env FAULTS_PER_KIND=$(FAULTS_PER_KIND) $(RECOVERY_ENV) bench/recovery.sh
 
 # The soak: SOAK_FAULTS mixed faults (1000 by default) on restores, in segments of
-# SOAK_SEGMENT faults (100: the emulator wedged about once per 10 soak minutes here), each a daemon in a test host of its own (an emulator wedge then costs
-# the harness's retry of one segment, not the soak); each segment also injects one fault of
-# every kind first. Prints each segment's result and the totals (target/soak-N.log).
+# SOAK_SEGMENT faults, each a daemon in a test host of its own: an emulator wedge (about one per
+# 10 soak minutes here) then costs the harness's retry of one segment, not the soak. Each
+# segment also injects one fault of every kind first. Prints each segment's result and the
+# totals (target/soak-N.log).
 SOAK_FAULTS ?= 1000
 SOAK_SEGMENT ?= 100
 soak-recovery: deps images build driver-image
