@@ -313,15 +313,9 @@ impl Supervisor {
             if event.fallback.is_none() {
                 event.fallback = fallback;
             }
-            let started = if restoring && self.resume_standby(name).await {
-                event.standby = true;
-                Ok(())
-            } else {
-                if !restoring {
-                    self.dismiss_standby(name);
-                }
-                self.start_as(name, boot)
-            };
+            let started = self.restart_as(name, boot).await.map(|standby| {
+                event.standby = standby;
+            });
             steps.start_ms = step();
             if started.is_ok() {
                 if let Some(vm) = self.lock().vms.get_mut(name) {

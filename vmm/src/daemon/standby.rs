@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::supervisor::{send_signal_to_vm, Boot, Spawned, Supervisor, VmState};
+use super::supervisor::{send_signal_to_vm, Boot, Spawned, Supervisor, SupervisorError, VmState};
 use crate::control::ControlRequest;
 
 /// How long a standby may take to accept `resume`.
@@ -76,7 +76,12 @@ impl Supervisor {
             match vm.standby.take() {
                 Some(s) if Some(s.template) == current && vm.state != VmState::Running => s,
                 Some(s) => {
-                    dismiss(name, s, "its template is no longer current");
+                    let why = if vm.state == VmState::Running {
+                        "the VM runs"
+                    } else {
+                        "its template is no longer current"
+                    };
+                    dismiss(name, s, why);
                     return false;
                 }
                 None => return false,
@@ -107,6 +112,23 @@ impl Supervisor {
         );
         self.adopt(vm, name, spawned, &Boot::Restore);
         true
+    }
+
+    /// Restarts driver VM `name` the way `boot` says: a restore resumes its standby when it has
+    /// a current one, anything else spawns a process (and ends a standby no restore will use).
+    /// Whether a standby was resumed.
+    pub(super) async fn restart_as(
+        self: &Arc<Self>,
+        name: &str,
+        boot: Boot,
+    ) -> Result<bool, SupervisorError> {
+        if boot == Boot::Restore && self.resume_standby(name).await {
+            return Ok(true);
+        }
+        if boot != Boot::Restore {
+            self.dismiss_standby(name);
+        }
+        self.start_as(name, boot).map(|()| false)
     }
 
     /// Ends driver VM `name`'s standby, if it has one.
