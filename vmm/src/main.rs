@@ -391,35 +391,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     if args.standby {
         tracing::info!(setup_ms, "standby: VM set up");
-        // The sender lives in the control thread: a closed connection ends the wait.
-        let mut resumed = None;
-        let mut asked = || {
-            resumed = match resume_rx.try_recv() {
-                Ok(()) => Some(true),
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(false),
-                Err(std::sync::mpsc::TryRecvError::Empty) => None,
-            };
-            resumed.is_some()
-        };
-        // While it waits: the template's pages, so that the resumed guest does not fault
-        // them in one by one (stopped at once by a resume).
-        let t = std::time::Instant::now();
-        match machine.ram().prefault(2 << 20, &mut asked) {
-            Ok(bytes) => tracing::info!(
-                mib = bytes >> 20,
-                ms = t.elapsed().as_secs_f64() * 1e3,
-                "standby: guest memory faulted in"
-            ),
-            Err(e) => tracing::warn!(error = %e, "standby: guest memory not faulted in"),
-        }
-        let resumed = match resumed {
-            Some(r) => r,
-            None => {
-                tracing::info!("standby: waiting for resume");
-                resume_rx.recv().is_ok()
-            }
-        };
-        if !resumed {
+        if !wait_as_standby(&machine, &resume_rx) {
             tracing::info!("standby: dismissed (control connection closed)");
             return Ok(GuestExit::PowerOff);
         }
@@ -430,6 +402,34 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
     let exit = machine.run()?;
     log_vmm_memory(status.as_ref());
     Ok(exit)
+}
+
+/// A standby's wait: faults in the template's pages (stopped at once by a resume), then waits
+/// for the control thread's resume. False if the control connection closed instead (the
+/// sender lives in the control thread).
+fn wait_as_standby(machine: &Machine, resume_rx: &std::sync::mpsc::Receiver<()>) -> bool {
+    let mut resumed = None;
+    let mut asked = || {
+        resumed = match resume_rx.try_recv() {
+            Ok(()) => Some(true),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(false),
+            Err(std::sync::mpsc::TryRecvError::Empty) => None,
+        };
+        resumed.is_some()
+    };
+    let t = std::time::Instant::now();
+    match machine.ram().prefault(2 << 20, &mut asked) {
+        Ok(bytes) => tracing::info!(
+            mib = bytes >> 20,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "standby: guest memory faulted in"
+        ),
+        Err(e) => tracing::warn!(error = %e, "standby: guest memory not faulted in"),
+    }
+    resumed.unwrap_or_else(|| {
+        tracing::info!("standby: waiting for resume");
+        resume_rx.recv().is_ok()
+    })
 }
 
 /// Parses `PATH` or `PATH,ro`.
