@@ -60,9 +60,54 @@ fn assert_boots_to_init(cpus: u32) {
         format!("smp: Brought up 1 node, {cpus} CPUs")
     };
     assert!(log.contains(&smp), "missing {smp:?} in:\n{log}");
+    // The kernel's console output came through KVM's coalesced ring (its transmit writes
+    // never exit to the VMM one by one; the status read before each byte does), and in order:
+    // the lines above are intact.
+    let (writes, batches) = coalesced_counts(log);
+    assert!(
+        writes > 10_000 && batches < writes,
+        "writes {writes} batches {batches}"
+    );
     // Power-off went through ACPI, not a crash or reset, and the kernel saw no error.
     assert!(!log.contains("Kernel panic"), "{log}");
     ddvmm_tests::assert_no_kernel_errors(log);
+}
+
+/// `s` without ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The VMM's count of console writes KVM coalesced, and of the batches they came in.
+fn coalesced_counts(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("console writes coalesced by KVM"))
+        .unwrap_or_else(|| panic!("no coalescing count in:\n{log}"));
+    let field = |name: &str| {
+        let plain = strip_ansi(line);
+        plain
+            .split_whitespace()
+            .find_map(|w| {
+                w.strip_prefix(&format!("{name}="))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    (field("writes"), field("batches"))
 }
 
 #[test]

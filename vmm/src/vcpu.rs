@@ -18,6 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, GuestExit};
+use crate::kvm::coalesced::CoalescedPort;
 use crate::snapshot::{SnapshotError, VcpuState};
 
 /// Where vCPU threads wait while the machine is paused, and leave their saved state.
@@ -194,6 +195,8 @@ pub struct Vcpu {
     pub inject: Option<Arc<VcpuInjection>>,
     /// Where to pause for a snapshot.
     pub pause: Arc<PauseGate>,
+    /// Port writes KVM queued instead of exiting (mapped into this vCPU's `fd`).
+    pub coalesced: Option<Arc<CoalescedPort>>,
 }
 
 /// What one `KVM_RUN` exit means for the loop.
@@ -222,6 +225,8 @@ impl Vcpu {
             match self.run_once() {
                 Step::Continue => {}
                 Step::Exit(exit) => {
+                    // The guest's last console output, before the exit is reported.
+                    self.drain_coalesced();
                     if let GuestExit::Crash { .. } = exit {
                         self.log_state();
                     }
@@ -242,11 +247,20 @@ impl Vcpu {
             Err(e) => Err(format!("KVM_RUN while pausing: {e}")),
         };
         self.fd.set_kvm_immediate_exit(0);
+        self.drain_coalesced();
         let state = completed.and_then(|()| {
             VcpuState::save(self.index, &self.fd, &self.pause.msr_indices)
                 .map_err(|e| e.to_string())
         });
         self.pause.park(self.index, state);
+    }
+
+    /// Replays the port writes KVM queued, so that they reach their device before anything
+    /// this vCPU does next.
+    fn drain_coalesced(&self) {
+        if let Some(c) = &self.coalesced {
+            c.drain(&self.io_bus);
+        }
     }
 
     fn crash(&self, reason: impl Into<String>) -> Step {
@@ -258,7 +272,14 @@ impl Vcpu {
 
     fn run_once(&mut self) -> Step {
         let index = self.index;
-        match self.fd.run() {
+        let coalesced = self.coalesced.as_deref();
+        let exit = self.fd.run();
+        // Port writes KVM queued come before this exit's access: a read of the UART's status
+        // follows the writes it waits for.
+        if let (Some(c), Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..))) = (coalesced, &exit) {
+            c.drain(&self.io_bus);
+        }
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !self.io_bus.read(u64::from(port), data) {
                     tracing::trace!(vcpu = index, port, "unhandled port read");

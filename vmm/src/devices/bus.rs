@@ -13,6 +13,9 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// Guest write of `data`.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// A batch of writes replayed from KVM's coalesced ring ended: make their effect visible
+    /// (the UART writes its buffered output).
+    fn flush(&mut self) {}
 }
 
 /// Errors registering devices.
@@ -89,6 +92,13 @@ impl Bus {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Tells the device at `addr` that a batch of replayed writes ended.
+    pub fn flush(&self, addr: u64) {
+        if let Some((_, dev)) = self.resolve(addr) {
+            lock(dev).flush();
         }
     }
 

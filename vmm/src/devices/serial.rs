@@ -1,12 +1,14 @@
 //! The 8250/16550 UART at COM1 (vm-superio's model), its interrupt delivered through an irqfd.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
+use crate::kvm::coalesced::CoalescedPort;
 
 /// Raises the UART's IRQ line by writing the eventfd registered as its irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -22,9 +24,24 @@ impl Trigger for IrqTrigger {
 /// Bytes the UART's receive FIFO holds.
 const FIFO_SIZE: usize = 64;
 
+/// Interrupt Enable Register bit: transmit holding register empty.
+const IER_THRI: u8 = 0x02;
+/// Interrupt Enable Register (or, with DLAB set, the divisor's high byte).
+const IER: u8 = 1;
+/// Transmit holding register.
+const THR: u8 = 0;
+
 /// COM1, writing guest output to `W` (stdout or a log file).
+///
+/// While the guest polls the transmitter (its THR-empty interrupt off, as the kernel's console
+/// does), writes to THR can be coalesced by KVM ([`CoalescedPort`]): they reach the UART in
+/// batches, and the output is flushed once per batch. With the interrupt on they come one
+/// exit each, so that each raises the interrupt the guest's driver waits for.
 pub struct SerialConsole<W: Write + Send> {
     uart: Serial<IrqTrigger, NoEvents, W>,
+    coalesce: Option<Arc<CoalescedPort>>,
+    /// Output written to `W` and not flushed yet.
+    unflushed: bool,
 }
 
 /// The UART's registers and receive FIFO as saved in a snapshot (vm-superio's `SerialState`).
@@ -46,6 +63,32 @@ impl<W: Write + Send> SerialConsole<W> {
     pub fn new(irq: EventFd, out: W) -> Self {
         SerialConsole {
             uart: Serial::new(IrqTrigger(irq), out),
+            coalesce: None,
+            unflushed: false,
+        }
+    }
+
+    /// Lets KVM coalesce THR writes through `port` whenever the guest polls the transmitter.
+    pub fn coalesce_transmit(&mut self, port: Arc<CoalescedPort>) {
+        self.coalesce = Some(port);
+        self.sync_coalescing();
+    }
+
+    /// Coalesces THR writes exactly while the THR-empty interrupt is off. If KVM refuses, the
+    /// UART goes on without: one exit per byte, as before.
+    fn sync_coalescing(&mut self) {
+        let Some(port) = &self.coalesce else { return };
+        let polled = self.uart.state().interrupt_enable & IER_THRI == 0;
+        if let Err(e) = port.set_enabled(polled) {
+            tracing::warn!(error = %e, "console: coalescing transmit writes off");
+            let _ = port.set_enabled(false);
+            self.coalesce = None;
+        }
+    }
+
+    fn flush_output(&mut self) {
+        if std::mem::take(&mut self.unflushed) {
+            let _ = self.uart.writer_mut().flush();
         }
     }
 
@@ -102,12 +145,14 @@ impl<W: Write + Send> SerialConsole<W> {
         let old = std::mem::replace(&mut self.uart, Serial::new(IrqTrigger(a), placeholder));
         self.uart = Serial::from_state(&state, IrqTrigger(b), NoEvents, old.into_writer())
             .map_err(|e| format!("serial state: {e:?}"))?;
+        self.sync_coalescing();
         Ok(())
     }
 }
 
 impl<W: Write + Send> BusDevice for SerialConsole<W> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.flush_output();
         let value = match u8::try_from(offset) {
             Ok(off) if off < 8 && data.len() == 1 => self.uart.read(off),
             _ => 0xff,
@@ -125,13 +170,29 @@ impl<W: Write + Send> BusDevice for SerialConsole<W> {
         if off >= 8 {
             return;
         }
+        let coalescing = self.coalesce.as_ref().is_some_and(|c| c.enabled());
+        if off != THR {
+            self.flush_output();
+        }
         if let Err(e) = self.uart.write(off, *value) {
             tracing::warn!(error = ?e, "serial write failed");
         }
-        if off == 0 {
-            // Keep the console current even if the guest dies right after.
-            let _ = self.uart.writer_mut().flush();
+        match off {
+            THR => {
+                self.unflushed = true;
+                // Keep the console current even if the guest dies right after; a coalesced
+                // batch is flushed when it ends.
+                if !coalescing {
+                    self.flush_output();
+                }
+            }
+            IER => self.sync_coalescing(),
+            _ => {}
         }
+    }
+
+    fn flush(&mut self) {
+        self.flush_output();
     }
 }
 

@@ -1,6 +1,7 @@
 //! Thin, checked access to KVM: opening the device, creating the VM with its in-kernel
 //! interrupt controllers, and its memory slots ([`slots`]).
 
+pub mod coalesced;
 pub mod slots;
 
 use std::fs::OpenOptions;

@@ -11,7 +11,7 @@ use device_manager::PciBuilder;
 pub use error::MachineError;
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -30,7 +30,7 @@ use crate::arch::x86_64::bzimage::BzImage;
 use crate::arch::x86_64::layout::{ports, PCI_CONFIG_IO};
 use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
-use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::bus::{Bus, BusDevice, SharedDevice};
 pub use crate::devices::channel::ChannelFds;
 use crate::devices::channel::{ChannelGate, ChannelWiring};
 use crate::devices::i8042::I8042;
@@ -48,6 +48,7 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::ring::RingPort;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit, MachineEvent};
+use crate::kvm::coalesced::CoalescedPort;
 use crate::kvm::slots::MemorySlots;
 use crate::kvm::{self, KvmError};
 use crate::memory::GuestRam;
@@ -58,7 +59,7 @@ use crate::snapshot::{
 use crate::vcpu::{self, PauseGate, Vcpu, VcpuInjection};
 
 /// The console as the machine holds it.
-type Console = SerialConsole<Box<dyn Write + Send>>;
+type Console = SerialConsole<BufWriter<Box<dyn Write + Send>>>;
 
 /// How long vCPUs get to pause for a snapshot.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,6 +99,8 @@ pub struct Machine {
     vm: Arc<VmFd>,
     pci: Arc<Mutex<PciRoot>>,
     serial: Arc<Mutex<Console>>,
+    /// KVM's queue of the UART's transmit writes, when KVM can coalesce port writes.
+    coalesced: Option<Arc<CoalescedPort>>,
     pause: Arc<PauseGate>,
     /// Every channel's gate.
     gates: Vec<Arc<ChannelGate>>,
@@ -261,7 +264,7 @@ impl Machine {
 
         let (exit_tx, exit_rx) = channel();
         let exits = ExitNotifier::new(exit_tx);
-        let (mut io_bus, serial) = platform_io_bus(&vm, &cfg.console, &exits)?;
+        let (mut io_bus, serial, coalesced) = platform_io_bus(&vm, &cfg.console, &exits)?;
         let mut mmio_bus = Bus::new();
         let router = Arc::new(IrqRouter::new(vm.clone()));
         let mut pci = PciBuilder::new();
@@ -316,6 +319,9 @@ impl Machine {
             let fd: VcpuFd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(|e| KvmError::Ioctl("KVM_CREATE_VCPU", e))?;
+            if let Some(c) = &coalesced {
+                c.map_ring(&fd)?;
+            }
             fd.set_cpuid2(&cpuid::vcpu_cpuid(&supported_cpuid, index, cfg.vcpus))
                 .map_err(|e| KvmError::Ioctl("KVM_SET_CPUID2", e))?;
             msrs::setup_msrs(&fd, &supported_msrs)?;
@@ -336,6 +342,7 @@ impl Machine {
             vm,
             pci,
             serial,
+            coalesced,
             pause,
             gates,
             target,
@@ -408,6 +415,7 @@ impl Machine {
                 stop: self.stop.clone(),
                 inject: (index == 0).then(|| self.faults.vcpu.clone()),
                 pause: self.pause.clone(),
+                coalesced: self.coalesced.clone(),
             };
             let name = format!("vcpu{index}");
             let handle = crate::sandbox::seccomp::spawn(ThreadKind::Vcpu, name, move || v.run())
@@ -430,6 +438,12 @@ impl Machine {
         let exit = self.recv_exit(&threads);
         self.faults.vcpu.set_thread(None);
         stop_vcpus(&self.stop, threads);
+        // What the guest wrote last, if no access after it flushed the UART's output.
+        BusDevice::flush(&mut *lock(&self.serial));
+        if let Some(c) = &self.coalesced {
+            let (writes, batches) = c.counts();
+            tracing::info!(writes, batches, "console writes coalesced by KVM");
+        }
         exit
     }
 }
@@ -579,12 +593,16 @@ fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Sys("eventfd", e))
 }
 
-/// COM1, i8042, pvpanic and the ACPI sleep registers on the port I/O bus.
+/// The port I/O bus, COM1, and the queue KVM coalesces COM1's transmit writes into.
+type PlatformIo = (Bus, Arc<Mutex<Console>>, Option<Arc<CoalescedPort>>);
+
+/// COM1, i8042, pvpanic and the ACPI sleep registers on the port I/O bus; and the queue KVM
+/// coalesces COM1's transmit writes into, if it can.
 fn platform_io_bus(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     console: &ConsoleOutput,
     exits: &ExitNotifier,
-) -> Result<(Bus, Arc<Mutex<Console>>), MachineError> {
+) -> Result<PlatformIo, MachineError> {
     let mut bus = Bus::new();
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, ports::COM1_IRQ)
@@ -618,7 +636,14 @@ fn platform_io_bus(
             ))
         }
     };
-    let console = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
+    let mut uart = SerialConsole::new(serial_irq, BufWriter::new(out));
+    let coalesced = vm
+        .check_extension(kvm_ioctls::Cap::CoalescedPio)
+        .then(|| CoalescedPort::new(vm.clone(), ports::COM1));
+    if let Some(c) = &coalesced {
+        uart.coalesce_transmit(c.clone());
+    }
+    let console = Arc::new(Mutex::new(uart));
     let serial: SharedDevice = console.clone();
     bus.insert(serial, u64::from(ports::COM1), 8)?;
     let i8042: SharedDevice = Arc::new(Mutex::new(I8042::new(exits.clone())));
@@ -629,7 +654,7 @@ fn platform_io_bus(
     bus.insert(pvpanic, u64::from(ports::PVPANIC), 1)?;
     let sleep: SharedDevice = Arc::new(Mutex::new(AcpiSleep::new(exits.clone())));
     bus.insert(sleep, u64::from(ports::ACPI_SLEEP_CONTROL), 2)?;
-    Ok((bus, console))
+    Ok((bus, console, coalesced))
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -646,7 +671,7 @@ fn restore_devices(
         serde_json::from_value(saved["com1"].clone())
             .map_err(|e| SnapshotError::device("COM1", e.to_string()))?;
     lock(serial)
-        .restore(&com1, Box::new(std::io::sink()))
+        .restore(&com1, BufWriter::new(Box::new(std::io::sink())))
         .map_err(|e| SnapshotError::device("COM1", e))?;
     lock(pci)
         .restore_state(&saved["pci"])
