@@ -418,7 +418,7 @@ fn wait_as_standby(machine: &Machine, resume_rx: &std::sync::mpsc::Receiver<()>)
         resumed.is_some()
     };
     let t = std::time::Instant::now();
-    match machine.ram().prefault(2 << 20, &mut asked) {
+    match machine.prefault_ram(&mut asked) {
         Ok(bytes) => tracing::info!(
             mib = bytes >> 20,
             ms = t.elapsed().as_secs_f64() * 1e3,

@@ -366,6 +366,18 @@ impl Machine {
         &self.ram
     }
 
+    /// Before the machine runs, for RAM restored from a snapshot: see [`GuestRam::prefault`].
+    /// Not with passed-through functions: their DMA mappings pinned the pages RAM has now.
+    pub fn prefault_ram(
+        &self,
+        stop: impl FnMut() -> bool,
+    ) -> Result<u64, crate::memory::MemoryError> {
+        if !self._passthrough.is_empty() {
+            return Ok(0);
+        }
+        self.ram.prefault(stop)
+    }
+
     /// The ring devices (disks, then NICs, in configuration order): counters and control.
     pub fn ring_ports(&self) -> &[RingPort] {
         &self.ring_ports

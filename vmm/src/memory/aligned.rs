@@ -1,0 +1,175 @@
+//! Mappings placed at 2 MiB-aligned addresses, so that KVM can map guest RAM with 2 MiB pages
+//! wherever the host backs it with a transparent huge page (KVM needs the host address and the
+//! guest address to agree modulo 2 MiB).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::ptr::null_mut;
+
+/// A huge page.
+pub const HUGE: usize = 2 << 20;
+
+/// A mapping this process made and unmaps on drop. Holds the address as an integer: the
+/// memory is only reached through the `vm-memory` region built over it.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Mapping {
+    /// The start address.
+    pub fn addr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// `len` bytes of address space at a 2 MiB-aligned address, reserved (no access, no
+    /// memory) until something is mapped over it.
+    fn reserve(len: usize) -> std::io::Result<Mapping> {
+        let span = len
+            .checked_add(HUGE)
+            .ok_or_else(|| std::io::Error::other("mapping size overflows"))?;
+        // SAFETY: a new anonymous mapping at an address the kernel chooses; it overlaps
+        // nothing this process uses.
+        let base = unsafe {
+            libc::mmap(
+                null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = base as usize;
+        let start = base.next_multiple_of(HUGE);
+        let head = start - base;
+        let tail = span - head - len;
+        // SAFETY: both pieces lie inside the reservation just made, outside `start..start +
+        // len`; nothing refers to them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(Mapping { addr: start, len })
+    }
+
+    /// `len` bytes of `file` from `offset`, private (copy-on-write), at a 2 MiB-aligned
+    /// address.
+    pub fn file_private(file: &File, offset: u64, len: usize) -> std::io::Result<Mapping> {
+        let m = Mapping::reserve(len)?;
+        let offset =
+            libc::off_t::try_from(offset).map_err(|_| std::io::Error::other("offset too large"))?;
+        // SAFETY: MAP_FIXED over the reservation `m` owns (and nothing else), replacing it.
+        let p = unsafe {
+            libc::mmap(
+                m.addr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(m)
+    }
+
+    /// Anonymous read-write memory at a 2 MiB-aligned address, asking for huge pages.
+    pub fn anonymous(len: usize) -> std::io::Result<Mapping> {
+        let m = Mapping::reserve(len)?;
+        // SAFETY: MAP_FIXED over the reservation `m` owns (and nothing else), replacing it.
+        let p = unsafe {
+            libc::mmap(
+                m.addr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Advice only (the host may have huge pages off): failure changes nothing.
+        // SAFETY: the range is the mapping just made.
+        unsafe { libc::madvise(m.addr().cast(), len, libc::MADV_HUGEPAGE) };
+        Ok(m)
+    }
+
+    /// Fills `self` from `file` at `offset` (holes read as zeros), then moves it over
+    /// `dest.addr() + at` in `dest`, replacing what was mapped there in one step: a reader
+    /// of `dest` sees the old pages or the new ones, never a gap. Consumes `self` either way.
+    pub fn fill_and_move_into(
+        self,
+        file: &File,
+        offset: u64,
+        dest: &Mapping,
+        at: usize,
+    ) -> std::io::Result<()> {
+        if at.checked_add(self.len).is_none_or(|end| end > dest.len) {
+            return Err(std::io::Error::other("piece outside the destination"));
+        }
+        let mut done = 0usize;
+        while done < self.len {
+            let off = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| std::io::Error::other("offset too large"))?;
+            // SAFETY: `self.addr + done .. self.addr + self.len` is inside `self`'s read-write
+            // mapping, which nothing else refers to.
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    (self.addr + done) as *mut libc::c_void,
+                    self.len - done,
+                    off,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                // Past the end of the file: the rest stays zero.
+                0 => break,
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // SAFETY: moves `self`'s pages to `dest.addr + at .. + self.len`, a range inside
+        // `dest`'s mapping (checked above); MREMAP_FIXED replaces what was there. On success
+        // `self`'s range is unmapped by the kernel, so it must not be unmapped again.
+        let p = unsafe {
+            libc::mremap(
+                self.addr as *mut libc::c_void,
+                self.len,
+                self.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                dest.addr + at,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::mem::forget(self);
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by this object and is unmapped once, here; the regions
+        // built over it are dropped first (their owners order their fields so).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
