@@ -40,7 +40,9 @@ kvm_work() {
         vm=${vm##*/}; vm=${vm%.console}
         case $vm in ""|stdout) vm=direct ;; esac
         cs=$(cat /proc/$pid/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
-        echo "$vm $(cat $d/exits) $(($(cat $d/io_exits) + $(cat $d/mmio_exits))) $(cat $d/irq_injections) $cs"
+        # Exits, of them to the VMM's userspace (port I/O, MMIO), halts, nested page faults and
+        # host interrupts; interrupts injected; the VMM threads' switches.
+        echo "$vm $(cat $d/exits) $(($(cat $d/io_exits) + $(cat $d/mmio_exits))) $(cat $d/halt_exits) $(cat $d/pf_taken) $(cat $d/irq_exits) $(cat $d/irq_injections) $cs"
     done
 }
 
@@ -66,18 +68,22 @@ work_watch() {
     rm -f work.stop
 }
 
-# work_table WORK UNIT: per path, job and VM, the medians over runs of exits, exits to userspace,
-# interrupts injected and VMM thread switches per request, the sum over the path's VMs, and
-# the client guest's own context switches and interrupts per request.
+# work_table WORK UNIT: per path, job and VM, the medians over runs of each counter of
+# kvm_work per request (exits; of them to userspace, halts, nested page faults, host
+# interrupts; interrupts injected; VMM thread switches), the sum over the path's VMs, and the
+# client guest's own context switches and interrupts per request.
 work_table() {
     awk -v unit="$2" '
-$3 == "BEGIN" { b[$1, $2, $4] = $5 " " $6 " " $7 " " $8; vms[$1, $2, $4] = 1; if (!(($1, $2) in seenj)) { seenj[$1, $2] = 1; jobs[++nj] = $1 SUBSEP $2 } next }
-$3 == "END"   { if (($1, $2, $4) in b) { split(b[$1, $2, $4], x, " "); pend[$1, $2, $4] = ($5 - x[1]) " " ($6 - x[2]) " " ($7 - x[3]) " " ($8 - x[4]) } next }
+BEGIN { nc = split("exits to-user halt npf host-irq irqs vmm-cs", hdr, " ") }
+$3 == "BEGIN" { v = ""; for (i = 5; i <= NF; i++) v = v " " $i; b[$1, $2, $4] = v; vms[$1, $2, $4] = 1
+    if (!(($1, $2) in seenj)) { seenj[$1, $2] = 1; jobs[++nj] = $1 SUBSEP $2 } next }
+$3 == "END"   { if (($1, $2, $4) in b) { split(b[$1, $2, $4], x, " "); v = ""
+    for (i = 5; i <= NF; i++) v = v " " ($i - x[i - 4]); pend[$1, $2, $4] = v } next }
 $3 == "GUEST" {
     r = $4; if (r <= 0) next
     for (k in pend) { split(k, p, SUBSEP); if (p[1] != $1 || p[2] != $2) continue
-        split(pend[k], d, " "); c = ++cnt[k]
-        for (i = 1; i <= 4; i++) val[k, i, c] = d[i] / r
+        n = split(pend[k], d, " "); c = ++cnt[k]
+        for (i = 1; i <= nc; i++) val[k, i, c] = (i <= n) ? d[i] / r : 0
         delete pend[k] }
     kg = $1 SUBSEP $2; cg = ++gcnt[kg]; gv[kg, 1, cg] = $5 / r; gv[kg, 2, cg] = $6 / r
 }
@@ -87,17 +93,22 @@ function med(arr, k, i, c,    t, a, j, x) {
     return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
 }
 END {
-    printf "\nwork per %s (median of runs; KVM statistics per VM, the VMM threads\x27 context switches,\n", unit
-    printf "the client guest\x27s own)\n"
-    printf "%-7s %-18s %-8s %8s %8s %8s %8s %9s %9s\n", "path", "job", "vm", "exits", "to-user", "irqs", "vmm-cs", "guest-cs", "guest-irq"
+    printf "\nwork per %s (median of runs; KVM statistics per VM: exits, of them to the VMM\x27s userspace,\n", unit
+    printf "halts, nested page faults, host interrupts; interrupts injected; the VMM threads\x27 context\n"
+    printf "switches; the client guest\x27s own switches and interrupts)\n"
+    printf "%-7s %-18s %-8s", "path", "job", "vm"
+    for (i = 1; i <= nc; i++) printf " %8s", hdr[i]
+    printf " %9s %9s\n", "guest-cs", "guest-irq"
     for (j = 1; j <= nj; j++) {
-        split(jobs[j], pj, SUBSEP); s1 = s2 = s3 = s4 = 0; n = 0
+        split(jobs[j], pj, SUBSEP); for (i = 1; i <= nc; i++) sum[i] = 0; n = 0
         for (k in vms) { split(k, p, SUBSEP); if (p[1] != pj[1] || p[2] != pj[2] || !cnt[k]) continue
-            e = med(val, k, 1, cnt[k]); u = med(val, k, 2, cnt[k]); q = med(val, k, 3, cnt[k]); w = med(val, k, 4, cnt[k])
-            printf "%-7s %-18s %-8s %8.2f %8.2f %8.2f %8.2f\n", pj[1], pj[2], p[3], e, u, q, w
-            s1 += e; s2 += u; s3 += q; s4 += w; n++ }
+            printf "%-7s %-18s %-8s", pj[1], pj[2], p[3]
+            for (i = 1; i <= nc; i++) { m = med(val, k, i, cnt[k]); sum[i] += m; printf " %8.2f", m }
+            printf "\n"; n++ }
         kg = pj[1] SUBSEP pj[2]
-        if (n) printf "%-7s %-18s %-8s %8.2f %8.2f %8.2f %8.2f %9.2f %9.2f\n", pj[1], pj[2], "(all)", s1, s2, s3, s4, med(gv, kg, 1, gcnt[kg]), med(gv, kg, 2, gcnt[kg])
+        if (n) { printf "%-7s %-18s %-8s", pj[1], pj[2], "(all)"
+            for (i = 1; i <= nc; i++) printf " %8.2f", sum[i]
+            printf " %9.2f %9.2f\n", med(gv, kg, 1, gcnt[kg]), med(gv, kg, 2, gcnt[kg]) }
     }
 }' "$1"
 }
