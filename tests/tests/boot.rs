@@ -91,11 +91,12 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// The VMM's count of console writes KVM coalesced, and of the batches they came in.
+/// The VMM's count of port writes KVM coalesced (console bytes, PCI configuration addresses),
+/// and of the batches they came in.
 fn coalesced_counts(log: &str) -> (u64, u64) {
     let line = log
         .lines()
-        .find(|l| l.contains("console writes coalesced by KVM"))
+        .find(|l| l.contains("port writes coalesced by KVM"))
         .unwrap_or_else(|| panic!("no coalescing count in:\n{log}"));
     let field = |name: &str| {
         let plain = strip_ansi(line);

@@ -18,7 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, GuestExit};
-use crate::kvm::coalesced::CoalescedPort;
+use crate::kvm::coalesced::CoalescedRing;
 use crate::snapshot::{SnapshotError, VcpuState};
 
 /// Where vCPU threads wait while the machine is paused, and leave their saved state.
@@ -196,7 +196,7 @@ pub struct Vcpu {
     /// Where to pause for a snapshot.
     pub pause: Arc<PauseGate>,
     /// Port writes KVM queued instead of exiting (mapped into this vCPU's `fd`).
-    pub coalesced: Option<Arc<CoalescedPort>>,
+    pub coalesced: Option<Arc<CoalescedRing>>,
 }
 
 /// What one `KVM_RUN` exit means for the loop.

@@ -1,7 +1,6 @@
 //! The 8250/16550 UART at COM1 (vm-superio's model), its interrupt delivered through an irqfd.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
@@ -39,7 +38,7 @@ const THR: u8 = 0;
 /// exit each, so that each raises the interrupt the guest's driver waits for.
 pub struct SerialConsole<W: Write + Send> {
     uart: Serial<IrqTrigger, NoEvents, W>,
-    coalesce: Option<Arc<CoalescedPort>>,
+    coalesce: Option<CoalescedPort>,
     /// Output written to `W` and not flushed yet.
     unflushed: bool,
 }
@@ -69,7 +68,7 @@ impl<W: Write + Send> SerialConsole<W> {
     }
 
     /// Lets KVM coalesce THR writes through `port` whenever the guest polls the transmitter.
-    pub fn coalesce_transmit(&mut self, port: Arc<CoalescedPort>) {
+    pub fn coalesce_transmit(&mut self, port: CoalescedPort) {
         self.coalesce = Some(port);
         self.sync_coalescing();
     }

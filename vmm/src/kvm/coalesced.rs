@@ -1,12 +1,14 @@
-//! Coalesced port writes: KVM queues the guest's writes to one port in a ring page instead of
+//! Coalesced port writes: KVM queues the guest's writes to some ports in a ring page instead of
 //! returning to the VMM for each, and a vCPU thread replays them into the bus, in order, before
 //! it handles any other port access.
 //!
-//! Used for the UART's transmit register while the guest polls it (its transmit interrupt
-//! disabled, as the kernel's console does): one userspace exit per line of console output, or
-//! per 16 bytes, instead of two per byte. Ordering holds because every port exit drains the
-//! ring first, and a guest that writes the port and then reads the UART's status waits for
-//! that read, which drains.
+//! Used for writes that only matter to the next access the guest makes through the VMM:
+//! - the PCI configuration address register (0xcf8): every configuration access is a write
+//!   there, then an access to the data register, which exits and drains first; one exit to
+//!   the VMM per access instead of two;
+//! - the UART's transmit register while the guest polls it (its transmit interrupt disabled,
+//!   as the kernel's console does): the guest reads the UART's status before each byte or
+//!   each 16, which drains.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -30,32 +32,51 @@ const SLOTS: u32 = ((PAGE - HEADER) / ENTRY) as u32;
 const ENTRY_LEN: usize = 8;
 const ENTRY_DATA: usize = 16;
 
-/// One coalesced port and the ring its writes go to.
-pub struct CoalescedPort {
+/// The VM's ring of coalesced writes, and the port ranges that may be coalesced.
+pub struct CoalescedRing {
     vm: Arc<VmFd>,
-    port: u16,
-    /// The VM's ring page (mapped through any vCPU's descriptor, once one exists).
+    /// `(first port, length)` of every range a [`CoalescedPort`] may register: an entry
+    /// outside them is dropped, not dispatched.
+    zones: Vec<(u16, u16)>,
+    /// The ring page (mapped through any vCPU's descriptor, once one exists).
     ring: OnceLock<MmapRegion<()>>,
-    /// Whether the port is registered with KVM now.
-    registered: Mutex<bool>,
     /// One consumer at a time.
     drain: Mutex<()>,
     replayed: AtomicU64,
     batches: AtomicU64,
 }
 
-impl CoalescedPort {
-    /// A coalescing port on `vm`, not yet registered (see [`Self::set_enabled`]); its writes
-    /// are replayed once [`Self::map_ring`] has mapped the ring.
-    pub fn new(vm: Arc<VmFd>, port: u16) -> Arc<Self> {
-        Arc::new(CoalescedPort {
+/// One port range whose writes can be coalesced, on or off.
+pub struct CoalescedPort {
+    ring: Arc<CoalescedRing>,
+    port: u16,
+    len: u16,
+    /// Whether the range is registered with KVM now.
+    registered: Mutex<bool>,
+}
+
+impl CoalescedRing {
+    /// The ring of `vm`, for writes to the `zones` (`(first port, length)`); their writes are
+    /// replayed once [`Self::map_ring`] has mapped the ring.
+    pub fn new(vm: Arc<VmFd>, zones: &[(u16, u16)]) -> Arc<Self> {
+        Arc::new(CoalescedRing {
             vm,
-            port,
+            zones: zones.to_vec(),
             ring: OnceLock::new(),
-            registered: Mutex::new(false),
             drain: Mutex::new(()),
             replayed: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+        })
+    }
+
+    /// The zone starting at `port` (one of those given to [`Self::new`]), not yet coalesced.
+    pub fn port(self: &Arc<Self>, port: u16) -> Option<CoalescedPort> {
+        let &(port, len) = self.zones.iter().find(|(p, _)| *p == port)?;
+        Some(CoalescedPort {
+            ring: self.clone(),
+            port,
+            len,
+            registered: Mutex::new(false),
         })
     }
 
@@ -81,32 +102,6 @@ impl CoalescedPort {
         .map_err(|e| sys(std::io::Error::other(e.to_string())))?;
         let _ = self.ring.set(map);
         Ok(())
-    }
-
-    /// Starts or stops coalescing the port's writes. Writes already queued stay in the ring
-    /// until the next drain, which comes before any other port access is handled.
-    pub fn set_enabled(&self, on: bool) -> Result<(), KvmError> {
-        let mut registered = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-        if *registered == on {
-            return Ok(());
-        }
-        let addr = IoEventAddress::Pio(u64::from(self.port));
-        if on {
-            self.vm
-                .register_coalesced_mmio(addr, 1)
-                .map_err(|e| KvmError::Ioctl("KVM_REGISTER_COALESCED_MMIO", e))?;
-        } else {
-            self.vm
-                .unregister_coalesced_mmio(addr, 1)
-                .map_err(|e| KvmError::Ioctl("KVM_UNREGISTER_COALESCED_MMIO", e))?;
-        }
-        *registered = on;
-        Ok(())
-    }
-
-    /// Whether writes are being coalesced now.
-    pub fn enabled(&self) -> bool {
-        *self.registered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replays the queued writes into `bus` in order, then lets the device that took them
@@ -147,15 +142,17 @@ impl CoalescedPort {
         }
         if n > 0 {
             let _ = page.store(first, 0, Ordering::Release);
-            bus.flush(u64::from(self.port));
+            for &(port, _) in &self.zones {
+                bus.flush(u64::from(port));
+            }
             self.replayed.fetch_add(n as u64, Ordering::Relaxed);
             self.batches.fetch_add(1, Ordering::Relaxed);
         }
         n
     }
 
-    /// Dispatches one entry. Only the registered port is ever queued; anything else is
-    /// dropped, not dispatched to whatever device sits at that address.
+    /// Dispatches one entry. Only the zones are ever queued; anything else is dropped, not
+    /// dispatched to whatever device sits at that address.
     fn replay(&self, bus: &Bus, entry: &[u8; ENTRY]) {
         let field = |at: usize| {
             let mut b = [0u8; 4];
@@ -164,7 +161,10 @@ impl CoalescedPort {
         };
         let addr = u64::from(field(0)) | (u64::from(field(4)) << 32);
         let len = field(ENTRY_LEN) as usize;
-        if addr != u64::from(self.port) || !(1..=8).contains(&len) {
+        let inside = self.zones.iter().any(|&(port, n)| {
+            addr >= u64::from(port) && addr + len as u64 <= u64::from(port) + u64::from(n)
+        });
+        if !inside || !(1..=8).contains(&len) {
             tracing::warn!(addr, len, "unexpected coalesced I/O entry dropped");
             return;
         }
@@ -177,6 +177,33 @@ impl CoalescedPort {
             self.replayed.load(Ordering::Relaxed),
             self.batches.load(Ordering::Relaxed),
         )
+    }
+}
+
+impl CoalescedPort {
+    /// Starts or stops coalescing the range's writes. Writes already queued stay in the ring
+    /// until the next drain, which comes before any other port access is handled.
+    pub fn set_enabled(&self, on: bool) -> Result<(), KvmError> {
+        let mut registered = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+        if *registered == on {
+            return Ok(());
+        }
+        let addr = IoEventAddress::Pio(u64::from(self.port));
+        let vm = &self.ring.vm;
+        if on {
+            vm.register_coalesced_mmio(addr, u32::from(self.len))
+                .map_err(|e| KvmError::Ioctl("KVM_REGISTER_COALESCED_MMIO", e))?;
+        } else {
+            vm.unregister_coalesced_mmio(addr, u32::from(self.len))
+                .map_err(|e| KvmError::Ioctl("KVM_UNREGISTER_COALESCED_MMIO", e))?;
+        }
+        *registered = on;
+        Ok(())
+    }
+
+    /// Whether writes are being coalesced now.
+    pub fn enabled(&self) -> bool {
+        *self.registered.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -214,44 +241,52 @@ mod tests {
         page.write_slice(&d, at + ENTRY_DATA).expect("data");
     }
 
-    /// A port object whose VM is never touched (drain_page does not use it).
-    fn port() -> Option<Arc<CoalescedPort>> {
+    /// A ring object whose VM is never touched (drain_page does not use it).
+    fn ring() -> Option<Arc<CoalescedRing>> {
         let kvm = kvm_ioctls::Kvm::new().ok()?;
         let vm = kvm.create_vm().ok()?;
-        Some(CoalescedPort::new(Arc::new(vm), 0x3f8))
+        Some(CoalescedRing::new(Arc::new(vm), &[(0x3f8, 1), (0xcf8, 4)]))
     }
 
     #[test]
     fn replays_in_order_across_the_wrap_and_drops_strangers() {
         // Needs a VmFd to build the object; machines without /dev/kvm skip.
-        let Some(port) = port() else {
+        let Some(port) = ring() else {
             eprintln!("skipped: no usable /dev/kvm");
             return;
         };
         let sink = Arc::new(StdMutex::new(Sink::default()));
+        let pci = Arc::new(StdMutex::new(Sink::default()));
         let mut bus = Bus::new();
         bus.insert(sink.clone(), 0x3f8, 8).expect("insert");
+        bus.insert(pci.clone(), 0xcf8, 8).expect("insert");
         let map = MmapRegion::<()>::new(PAGE).expect("page");
         let page = map.as_volatile_slice();
-        // Three entries from the last slot around to slot 1, one of them for another port
-        // and one with a bad length.
+        // Entries from the last slot around to slot 4: one for a port outside the zones, one
+        // with a bad length, one that straddles a zone's end.
         let last = SLOTS - 1;
         entry(&page, last, 0x3f8, b"a");
         entry(&page, 0, 0x80, b"x");
-        entry(&page, 1, 0x3f8, b"b");
+        entry(&page, 1, 0xcf8, &[0, 8, 0, 0x80]);
         entry(&page, 2, 0x3f8, &[]);
+        entry(&page, 3, 0xcfa, &[1, 2, 3, 4]);
+        entry(&page, 4, 0x3f8, b"b");
         page.store(last, 0, Ordering::Relaxed).expect("first");
-        page.store(3u32, 4, Ordering::Relaxed).expect("last");
-        assert_eq!(port.drain_page(&page, &bus), 4);
+        page.store(5u32, 4, Ordering::Relaxed).expect("last");
+        assert_eq!(port.drain_page(&page, &bus), 6);
         let s = sink.lock().expect("sink");
         assert_eq!(s.writes, vec![(0, b"a".to_vec()), (0, b"b".to_vec())]);
         assert_eq!(s.flushes, 1);
         drop(s);
-        assert_eq!(page.load::<u32>(0, Ordering::Relaxed).expect("first"), 3);
+        assert_eq!(
+            pci.lock().expect("pci").writes,
+            vec![(0, vec![0, 8, 0, 0x80])]
+        );
+        assert_eq!(page.load::<u32>(0, Ordering::Relaxed).expect("first"), 5);
         // Empty now; indices out of range are refused without a loop.
         assert_eq!(port.drain_page(&page, &bus), 0);
         page.store(SLOTS + 5, 4, Ordering::Relaxed).expect("last");
         assert_eq!(port.drain_page(&page, &bus), 0);
-        assert_eq!(port.counts(), (4, 1));
+        assert_eq!(port.counts(), (6, 1));
     }
 }

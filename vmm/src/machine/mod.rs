@@ -48,7 +48,7 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::ring::RingPort;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, GuestExit, MachineEvent};
-use crate::kvm::coalesced::CoalescedPort;
+use crate::kvm::coalesced::CoalescedRing;
 use crate::kvm::slots::MemorySlots;
 use crate::kvm::{self, KvmError};
 use crate::memory::GuestRam;
@@ -99,8 +99,9 @@ pub struct Machine {
     vm: Arc<VmFd>,
     pci: Arc<Mutex<PciRoot>>,
     serial: Arc<Mutex<Console>>,
-    /// KVM's queue of the UART's transmit writes, when KVM can coalesce port writes.
-    coalesced: Option<Arc<CoalescedPort>>,
+    /// KVM's queue of coalesced port writes (PCI configuration address, the UART's transmit
+    /// register), when KVM can coalesce port writes.
+    coalesced: Option<Arc<CoalescedRing>>,
     pause: Arc<PauseGate>,
     /// Every channel's gate.
     gates: Vec<Arc<ChannelGate>>,
@@ -304,6 +305,14 @@ impl Machine {
         let pci = pci.finish();
         let pci_bus: SharedDevice = pci.clone();
         io_bus.insert(pci_bus, u64::from(PCI_CONFIG_IO), 8)?;
+        // The configuration address register: a write there only selects what the next
+        // access to the data register (which exits, and replays the queue first) reaches.
+        // Registered for the VM's life; without it each access costs two exits.
+        if let Some(address) = coalesced.as_ref().and_then(|c| c.port(PCI_CONFIG_IO)) {
+            if let Err(e) = address.set_enabled(true) {
+                tracing::warn!(error = %e, "PCI configuration address writes not coalesced");
+            }
+        }
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -454,7 +463,7 @@ impl Machine {
         BusDevice::flush(&mut *lock(&self.serial));
         if let Some(c) = &self.coalesced {
             let (writes, batches) = c.counts();
-            tracing::info!(writes, batches, "console writes coalesced by KVM");
+            tracing::info!(writes, batches, "port writes coalesced by KVM");
         }
         exit
     }
@@ -605,8 +614,8 @@ fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Sys("eventfd", e))
 }
 
-/// The port I/O bus, COM1, and the queue KVM coalesces COM1's transmit writes into.
-type PlatformIo = (Bus, Arc<Mutex<Console>>, Option<Arc<CoalescedPort>>);
+/// The port I/O bus, COM1, and the queue KVM coalesces port writes into.
+type PlatformIo = (Bus, Arc<Mutex<Console>>, Option<Arc<CoalescedRing>>);
 
 /// COM1, i8042, pvpanic and the ACPI sleep registers on the port I/O bus; and the queue KVM
 /// coalesces COM1's transmit writes into, if it can.
@@ -651,9 +660,9 @@ fn platform_io_bus(
     let mut uart = SerialConsole::new(serial_irq, BufWriter::new(out));
     let coalesced = vm
         .check_extension(kvm_ioctls::Cap::CoalescedPio)
-        .then(|| CoalescedPort::new(vm.clone(), ports::COM1));
-    if let Some(c) = &coalesced {
-        uart.coalesce_transmit(c.clone());
+        .then(|| CoalescedRing::new(vm.clone(), &[(ports::COM1, 1), (PCI_CONFIG_IO, 4)]));
+    if let Some(com1) = coalesced.as_ref().and_then(|c| c.port(ports::COM1)) {
+        uart.coalesce_transmit(com1);
     }
     let console = Arc::new(Mutex::new(uart));
     let serial: SharedDevice = console.clone();
