@@ -5,6 +5,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::ptr::null_mut;
+use std::sync::Arc;
+
+use vm_memory::GuestRegionMmap;
 
 /// A huge page.
 pub const HUGE: usize = 2 << 20;
@@ -171,5 +174,47 @@ impl Drop for Mapping {
         // SAFETY: the mapping was made by this object and is unmapped once, here; the regions
         // built over it are dropped first (their owners order their fields so).
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A `vm-memory` region built over a [`Mapping`] (which the region does not own), and the
+/// mapping. Guest memory is cloned freely (devices, threads, tests keep clones), so the
+/// mapping is unmapped only if nothing but this object refers to the region any more when it
+/// drops (its owner drops its own reference first); otherwise it stays mapped, for the rest
+/// of the process, rather than be pulled from under a clone.
+pub struct RegionMapping {
+    region: Arc<GuestRegionMmap>,
+    mapping: Option<Mapping>,
+}
+
+impl RegionMapping {
+    /// `region`, built over `mapping`.
+    pub fn new(region: Arc<GuestRegionMmap>, mapping: Mapping) -> Self {
+        RegionMapping {
+            region,
+            mapping: Some(mapping),
+        }
+    }
+
+    /// The mapping.
+    pub fn mapping(&self) -> &Mapping {
+        // Only `drop` takes it.
+        self.mapping.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for RegionMapping {
+    fn drop(&mut self) {
+        let Some(mapping) = self.mapping.take() else {
+            return;
+        };
+        // A count of one is this object's reference alone: nothing else can clone it now.
+        if Arc::strong_count(&self.region) > 1 {
+            tracing::debug!(
+                bytes = mapping.len,
+                "guest memory still referenced: left mapped"
+            );
+            std::mem::forget(mapping);
+        }
     }
 }

@@ -5,6 +5,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -14,7 +15,7 @@ use crate::arch::x86_64::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 pub mod aligned;
 
-use aligned::{Mapping, HUGE};
+use aligned::{Mapping, RegionMapping, HUGE};
 
 /// Errors creating guest memory.
 #[derive(Debug, Error)]
@@ -79,10 +80,10 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
 
 /// Guest RAM and the memfd behind it.
 pub struct GuestRam {
-    // Field order matters for drop: the regions go before the mappings they are built on.
+    // Field order matters for drop: our references to the regions go before the mappings.
     memory: GuestMemoryMmap,
     /// The mappings of RAM mapped from a snapshot, one per range (empty for a memfd).
-    mappings: Vec<Mapping>,
+    mappings: Vec<RegionMapping>,
     memfd: Option<File>,
     /// The snapshot memory file RAM is mapped from (copy-on-write), if it is.
     snapshot: Option<File>,
@@ -134,8 +135,8 @@ impl GuestRam {
         for r in &ranges {
             let mapping = Mapping::file_private(file, r.file_offset, r.len as usize)
                 .map_err(MemoryError::MapSnapshot)?;
-            // SAFETY: `mapping` is a live read-write private mapping of exactly `r.len` bytes,
-            // kept in `self.mappings`, which drops after `self.memory` (field order).
+            // SAFETY: `mapping` is a live read-write private mapping of exactly `r.len` bytes;
+            // the `RegionMapping` below keeps it mapped for as long as the region exists.
             let builder = unsafe {
                 MmapRegionBuilder::new(r.len as usize).with_raw_mmap_pointer(mapping.addr())
             };
@@ -144,13 +145,14 @@ impl GuestRam {
                 .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                 .build()
                 .map_err(|e| MemoryError::MapSnapshot(std::io::Error::other(e)))?;
-            mappings.push(mapping);
-            regions.push(
+            let region = Arc::new(
                 GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
                     .ok_or_else(|| MemoryError::MapSnapshot(std::io::Error::other("region")))?,
             );
+            mappings.push(RegionMapping::new(region.clone(), mapping));
+            regions.push(region);
         }
-        let memory = GuestMemoryMmap::from_regions(regions)
+        let memory = GuestMemoryMmap::from_arc_regions(regions)
             .map_err(|e| MemoryError::MapSnapshot(std::io::Error::other(e)))?;
         Ok(GuestRam {
             memory,
@@ -177,7 +179,11 @@ impl GuestRam {
         let extents = crate::snapshot::memory::data_extents(file, self.size)
             .map_err(MemoryError::Prefault)?;
         let mut done = 0u64;
-        for (r, mapping) in self.ranges.iter().zip(&self.mappings) {
+        for (r, mapping) in self
+            .ranges
+            .iter()
+            .zip(self.mappings.iter().map(|m| m.mapping()))
+        {
             for piece in pieces_with_data(r, &extents) {
                 if stop() {
                     return Ok(done);
