@@ -73,15 +73,18 @@ impl<W: Write + Send> SerialConsole<W> {
         self.sync_coalescing();
     }
 
-    /// Coalesces THR writes exactly while the THR-empty interrupt is off. If KVM refuses, the
-    /// UART goes on without: one exit per byte, as before.
+    /// Coalesces THR writes exactly while the THR-empty interrupt is off. If KVM refuses to
+    /// start, the UART goes on without (one exit per byte); a refusal to stop is tried again
+    /// at the next IER write (meanwhile the interrupt the guest waits for comes at its next
+    /// port access, which replays the queue).
     fn sync_coalescing(&mut self) {
         let Some(port) = &self.coalesce else { return };
         let polled = self.uart.state().interrupt_enable & IER_THRI == 0;
         if let Err(e) = port.set_enabled(polled) {
-            tracing::warn!(error = %e, "console: coalescing transmit writes off");
-            let _ = port.set_enabled(false);
-            self.coalesce = None;
+            tracing::warn!(error = %e, polled, "console: coalescing transmit writes");
+            if polled {
+                self.coalesce = None;
+            }
         }
     }
 

@@ -381,7 +381,8 @@ impl Machine {
         &self,
         stop: impl FnMut() -> bool,
     ) -> Result<u64, crate::memory::MemoryError> {
-        if !self._passthrough.is_empty() {
+        // After `run` the guest has written RAM: putting the snapshot back would undo that.
+        if !self._passthrough.is_empty() || self.vcpus.is_empty() {
             return Ok(0);
         }
         self.ram.prefault(stop)
@@ -459,11 +460,20 @@ impl Machine {
         let exit = self.recv_exit(&threads);
         self.faults.vcpu.set_thread(None);
         stop_vcpus(&self.stop, threads);
-        // What the guest wrote last, if no access after it flushed the UART's output.
+        // What the guest wrote last: writes other vCPUs queued, then the UART's buffer.
+        if let Some(c) = &self.coalesced {
+            c.drain(&self.io_bus);
+        }
         BusDevice::flush(&mut *lock(&self.serial));
         if let Some(c) = &self.coalesced {
-            let (writes, batches) = c.counts();
-            tracing::info!(writes, batches, "port writes coalesced by KVM");
+            let (per_zone, batches) = c.counts();
+            let count = |port| per_zone.iter().find(|(p, _)| *p == port).map_or(0, |z| z.1);
+            tracing::info!(
+                com1 = count(ports::COM1),
+                pci_address = count(PCI_CONFIG_IO),
+                batches,
+                "port writes coalesced by KVM"
+            );
         }
         exit
     }

@@ -110,30 +110,34 @@ impl Mapping {
         Ok(m)
     }
 
-    /// Fills `self` from `file` at `offset` (holes read as zeros), then moves it over
-    /// `dest.addr() + at` in `dest`, replacing what was mapped there in one step: a reader
-    /// of `dest` sees the old pages or the new ones, never a gap. Consumes `self` either way.
-    pub fn fill_and_move_into(
-        self,
+    /// For a private mapping of `file` (as [`Self::file_private`] makes; `self.addr() + at`
+    /// shows the file at `offset`): replaces `len` bytes at `at` with anonymous memory (huge
+    /// pages where the host allows) holding the same bytes, read from the file now. One step
+    /// for a reader of `self`: it sees the old pages or the new ones. If the final move fails
+    /// the piece is mapped from the file again, as before; if even that fails, the process
+    /// aborts rather than leave a hole in guest RAM.
+    pub fn replace_with_anonymous(
+        &self,
         file: &File,
         offset: u64,
-        dest: &Mapping,
         at: usize,
+        len: usize,
     ) -> std::io::Result<()> {
-        if at.checked_add(self.len).is_none_or(|end| end > dest.len) {
-            return Err(std::io::Error::other("piece outside the destination"));
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::other("piece outside the mapping"));
         }
+        let piece = Mapping::anonymous(len)?;
         let mut done = 0usize;
-        while done < self.len {
+        while done < len {
             let off = libc::off_t::try_from(offset + done as u64)
                 .map_err(|_| std::io::Error::other("offset too large"))?;
-            // SAFETY: `self.addr + done .. self.addr + self.len` is inside `self`'s read-write
+            // SAFETY: `piece.addr + done .. piece.addr + len` is inside `piece`'s read-write
             // mapping, which nothing else refers to.
             let n = unsafe {
                 libc::pread(
                     file.as_raw_fd(),
-                    (self.addr + done) as *mut libc::c_void,
-                    self.len - done,
+                    (piece.addr + done) as *mut libc::c_void,
+                    len - done,
                     off,
                 )
             };
@@ -149,23 +153,45 @@ impl Mapping {
                 }
             }
         }
-        // SAFETY: moves `self`'s pages to `dest.addr + at .. + self.len`, a range inside
-        // `dest`'s mapping (checked above); MREMAP_FIXED replaces what was there. On success
-        // `self`'s range is unmapped by the kernel, so it must not be unmapped again.
+        let dest = self.addr + at;
+        // SAFETY: moves `piece`'s pages to `dest .. dest + len`, inside `self`'s mapping
+        // (checked above); MREMAP_FIXED replaces what was there. On success the kernel has
+        // unmapped `piece`'s range, so `piece` must not unmap it again.
         let p = unsafe {
             libc::mremap(
-                self.addr as *mut libc::c_void,
-                self.len,
-                self.len,
+                piece.addr as *mut libc::c_void,
+                len,
+                len,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                dest.addr + at,
+                dest,
             )
         };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        if p != libc::MAP_FAILED {
+            std::mem::forget(piece);
+            return Ok(());
         }
-        std::mem::forget(self);
-        Ok(())
+        let e = std::io::Error::last_os_error();
+        // The kernel may have unmapped the destination before failing: map the file there
+        // again (its pages were never written: the guest has not run).
+        let off =
+            libc::off_t::try_from(offset).map_err(|_| std::io::Error::other("offset too large"))?;
+        // SAFETY: MAP_FIXED over `dest .. dest + len`, inside `self`'s mapping, with the same
+        // file, offset, protection and flags it had.
+        let back = unsafe {
+            libc::mmap(
+                dest as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if back == libc::MAP_FAILED {
+            tracing::error!(error = %e, "guest RAM: a piece is unmapped and cannot be mapped again");
+            std::process::abort();
+        }
+        Err(e)
     }
 }
 
