@@ -40,8 +40,9 @@ kvm_work() {
         vm=${vm##*/}; vm=${vm%.console}
         case $vm in ""|stdout) vm=direct ;; esac
         cs=$(cat /proc/$pid/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
-        # Exits, of them to the VMM's userspace (port I/O, MMIO), halts, nested page faults and
-        # host interrupts; interrupts injected; the VMM threads' switches.
+        # Exits, of them port I/O and MMIO (KVM's io_exits count every port exit, also those
+        # KVM handles itself: ioeventfds, coalesced writes), halts, nested page faults and host
+        # interrupts; interrupts injected; the VMM threads' switches.
         echo "$vm $(cat $d/exits) $(($(cat $d/io_exits) + $(cat $d/mmio_exits))) $(cat $d/halt_exits) $(cat $d/pf_taken) $(cat $d/irq_exits) $(cat $d/irq_injections) $cs"
     done
 }
@@ -69,12 +70,12 @@ work_watch() {
 }
 
 # work_table WORK UNIT: per path, job and VM, the medians over runs of each counter of
-# kvm_work per request (exits; of them to userspace, halts, nested page faults, host
+# kvm_work per request (exits; of them port I/O and MMIO, halts, nested page faults, host
 # interrupts; interrupts injected; VMM thread switches), the sum over the path's VMs, and the
 # client guest's own context switches and interrupts per request.
 work_table() {
     awk -v unit="$2" '
-BEGIN { nc = split("exits to-user halt npf host-irq irqs vmm-cs", hdr, " ") }
+BEGIN { nc = split("exits pio+mmio halt npf host-irq irqs vmm-cs", hdr, " ") }
 $3 == "BEGIN" { v = ""; for (i = 5; i <= NF; i++) v = v " " $i; b[$1, $2, $4] = v; vms[$1, $2, $4] = 1
     if (!(($1, $2) in seenj)) { seenj[$1, $2] = 1; jobs[++nj] = $1 SUBSEP $2 } next }
 $3 == "END"   { if (($1, $2, $4) in b) { split(b[$1, $2, $4], x, " "); v = ""
@@ -93,7 +94,7 @@ function med(arr, k, i, c,    t, a, j, x) {
     return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
 }
 END {
-    printf "\nwork per %s (median of runs; KVM statistics per VM: exits, of them to the VMM\x27s userspace,\n", unit
+    printf "\nwork per %s (median of runs; KVM statistics per VM: exits, of them port I/O and MMIO,\n", unit
     printf "halts, nested page faults, host interrupts; interrupts injected; the VMM threads\x27 context\n"
     printf "switches; the client guest\x27s own switches and interrupts)\n"
     printf "%-7s %-18s %-8s", "path", "job", "vm"

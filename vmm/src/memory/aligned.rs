@@ -68,12 +68,23 @@ impl Mapping {
     /// address.
     pub fn file_private(file: &File, offset: u64, len: usize) -> std::io::Result<Mapping> {
         let m = Mapping::reserve(len)?;
+        m.map_file_at(0, len, file, offset)?;
+        Ok(m)
+    }
+
+    /// Maps `len` bytes of `file` from `offset`, private, read-write, over `at..at + len` of
+    /// this mapping (whatever was there is replaced).
+    fn map_file_at(&self, at: usize, len: usize, file: &File, offset: u64) -> std::io::Result<()> {
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::other("range outside the mapping"));
+        }
         let offset =
             libc::off_t::try_from(offset).map_err(|_| std::io::Error::other("offset too large"))?;
-        // SAFETY: MAP_FIXED over the reservation `m` owns (and nothing else), replacing it.
+        // SAFETY: MAP_FIXED over `at..at + len` of the mapping this object owns (checked
+        // above), and nothing else; the region built over it sees the file's pages there.
         let p = unsafe {
             libc::mmap(
-                m.addr().cast(),
+                (self.addr + at) as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
@@ -84,7 +95,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(m)
+        Ok(())
     }
 
     /// Anonymous read-write memory at a 2 MiB-aligned address, asking for huge pages.
@@ -173,22 +184,8 @@ impl Mapping {
         let e = std::io::Error::last_os_error();
         // The kernel may have unmapped the destination before failing: map the file there
         // again (its pages were never written: the guest has not run).
-        let off =
-            libc::off_t::try_from(offset).map_err(|_| std::io::Error::other("offset too large"))?;
-        // SAFETY: MAP_FIXED over `dest .. dest + len`, inside `self`'s mapping, with the same
-        // file, offset, protection and flags it had.
-        let back = unsafe {
-            libc::mmap(
-                dest as *mut libc::c_void,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if back == libc::MAP_FAILED {
-            tracing::error!(error = %e, "guest RAM: a piece is unmapped and cannot be mapped again");
+        if let Err(again) = self.map_file_at(at, len, file, offset) {
+            tracing::error!(error = %e, again = %again, "guest RAM: a piece is unmapped and cannot be mapped again");
             std::process::abort();
         }
         Err(e)
