@@ -195,7 +195,7 @@ pub struct Vcpu {
     pub inject: Option<Arc<VcpuInjection>>,
     /// Where to pause for a snapshot.
     pub pause: Arc<PauseGate>,
-    /// Port writes KVM queued instead of exiting (mapped into this vCPU's `fd`).
+    /// The VM's ring of port writes KVM queued instead of exiting.
     pub coalesced: Option<Arc<CoalescedRing>>,
 }
 
