@@ -39,8 +39,6 @@ const THR: u8 = 0;
 pub struct SerialConsole<W: Write + Send> {
     uart: Serial<IrqTrigger, NoEvents, W>,
     coalesce: Option<CoalescedPort>,
-    /// Output written to `W` and not flushed yet.
-    unflushed: bool,
 }
 
 /// The UART's registers and receive FIFO as saved in a snapshot (vm-superio's `SerialState`).
@@ -63,7 +61,6 @@ impl<W: Write + Send> SerialConsole<W> {
         SerialConsole {
             uart: Serial::new(IrqTrigger(irq), out),
             coalesce: None,
-            unflushed: false,
         }
     }
 
@@ -88,10 +85,9 @@ impl<W: Write + Send> SerialConsole<W> {
         }
     }
 
+    /// Writes out buffered output (nothing to do, and no system call, when there is none).
     fn flush_output(&mut self) {
-        if std::mem::take(&mut self.unflushed) {
-            let _ = self.uart.writer_mut().flush();
-        }
+        let _ = self.uart.writer_mut().flush();
     }
 
     /// Feeds bytes typed by the user to the guest. Returns how many fit in the FIFO.
@@ -180,14 +176,9 @@ impl<W: Write + Send> BusDevice for SerialConsole<W> {
             tracing::warn!(error = ?e, "serial write failed");
         }
         match off {
-            THR => {
-                self.unflushed = true;
-                // Keep the console current even if the guest dies right after; a coalesced
-                // batch is flushed when it ends.
-                if !coalescing {
-                    self.flush_output();
-                }
-            }
+            // Keep the console current even if the guest dies right after; a coalesced batch
+            // is flushed when it ends.
+            THR if !coalescing => self.flush_output(),
             IER => self.sync_coalescing(),
             _ => {}
         }
