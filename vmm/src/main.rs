@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ddvmm::control::FaultKind;
 use ddvmm::devices::channel::{ChannelInfo, ChannelKind};
 use ddvmm::devices::virtio::net::parse_mac;
 use ddvmm::devices::virtio::ring::{RingKind, RingPort};
@@ -73,12 +74,14 @@ enum CtlOp {
     },
     /// Stop every VM (clients first) and end the daemon.
     Shutdown,
-    /// Inject a fault into a driver VM: panic, hang, kill, triple-fault, corrupt, reset.
+    /// Inject a fault into a driver VM: panic, hang, kill, triple-fault, corrupt, reset,
+    /// bad-index, seccomp.
     Inject {
         /// Driver VM name.
         vm: String,
         /// Fault kind.
-        fault: String,
+        #[arg(value_parser = parse_fault)]
+        fault: FaultKind,
     },
     /// Inject many faults of mixed kinds at random intervals; waits for every recovery.
     Campaign {
@@ -88,8 +91,8 @@ enum CtlOp {
         #[arg(long, default_value_t = 20)]
         faults: u32,
         /// Kinds to use (comma-separated; default: all).
-        #[arg(long, value_delimiter = ',')]
-        kinds: Vec<String>,
+        #[arg(long, value_delimiter = ',', value_parser = parse_fault)]
+        kinds: Vec<FaultKind>,
         /// Shortest pause after a recovery before the next fault.
         #[arg(long, default_value_t = 0)]
         min_interval_ms: u64,
@@ -106,16 +109,27 @@ enum CtlOp {
     Metrics,
 }
 
+fn parse_fault(s: &str) -> Result<FaultKind, String> {
+    FaultKind::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown fault '{s}' (expected one of {})", names.join(", "))
+    })
+}
+
+/// Sends one typed request; prints the reply (JSON, or the metrics text); `Ok(false)` after
+/// printing the daemon's refusal.
 fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
+    use ddvmm::daemon::api::model::{CampaignRequest, FaultRequest, Reply, Request};
     let req = match op {
-        CtlOp::List => serde_json::json!({"op": "list"}),
-        CtlOp::Stats => serde_json::json!({"op": "stats"}),
-        CtlOp::Start { vm } => serde_json::json!({"op": "start", "vm": vm}),
-        CtlOp::Stop { vm } => serde_json::json!({"op": "stop", "vm": vm}),
-        CtlOp::Shutdown => serde_json::json!({"op": "shutdown"}),
-        CtlOp::Inject { vm, fault } => {
-            serde_json::json!({"op": "inject", "vm": vm, "fault": fault})
-        }
+        CtlOp::List => Request::List,
+        CtlOp::Stats => Request::Stats,
+        CtlOp::Start { vm } => Request::Start { vm },
+        CtlOp::Stop { vm } => Request::Stop { vm },
+        CtlOp::Shutdown => Request::Shutdown,
+        CtlOp::Inject { vm, fault } => Request::Inject {
+            vm,
+            fault: FaultRequest { kind: fault },
+        },
         CtlOp::Campaign {
             vm,
             faults,
@@ -123,19 +137,36 @@ fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
             min_interval_ms,
             max_interval_ms,
             seed,
-        } => serde_json::json!({
-            "op": "campaign", "vm": vm, "faults": faults, "kinds": kinds,
-            "min_interval_ms": min_interval_ms, "max_interval_ms": max_interval_ms, "seed": seed,
-        }),
-        CtlOp::Events => serde_json::json!({"op": "events"}),
-        CtlOp::Metrics => serde_json::json!({"op": "metrics"}),
+        } => Request::Campaign {
+            vm,
+            campaign: CampaignRequest {
+                faults,
+                kinds,
+                min_interval_ms,
+                max_interval_ms: Some(max_interval_ms),
+                seed: Some(seed),
+            },
+        },
+        CtlOp::Events => Request::Events,
+        CtlOp::Metrics => Request::Metrics,
     };
-    let reply = ddvmm::daemon::client::call(socket, &req)?;
-    match reply["text"].as_str() {
-        Some(text) if reply["ok"] == true => print!("{text}"),
-        _ => println!("{}", serde_json::to_string_pretty(&reply)?),
+    let reply = match ddvmm::daemon::client::call(socket, &req) {
+        Ok(r) => r,
+        Err(ddvmm::daemon::client::ClientError::Api(e)) => {
+            eprintln!("error: {e}");
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match reply {
+        Reply::Vms(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Reply::Stats(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Reply::Events(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Reply::Campaign(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Reply::Metrics(text) => print!("{text}"),
+        Reply::Done => {}
     }
-    Ok(reply["ok"] == true)
+    Ok(true)
 }
 
 fn daemon(config: &std::path::Path) -> anyhow::Result<()> {

@@ -1,11 +1,21 @@
-//! The API client behind `ddvmm ctl`.
+//! The API client behind `ddvmm ctl`: one HTTP/1.1 exchange on the daemon's Unix socket.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
 use thiserror::Error;
+
+use super::api::model::{ApiError, Op, Reply, Request};
+
+/// Largest reply read (the event list holds up to 20,000 events).
+const MAX_REPLY: usize = 64 << 20;
+/// How long a request other than a campaign may take (`stop` waits for the VM to go, bounded
+/// by the daemon's SIGKILL grace).
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors talking to the daemon.
 #[derive(Debug, Error)]
@@ -19,34 +29,67 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The exchange failed.
+    /// The client's own runtime could not start.
+    #[error("cannot start the client runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The HTTP exchange failed.
     #[error("API exchange failed")]
-    Io(#[source] std::io::Error),
-    /// The reply is not JSON.
-    #[error("daemon sent an invalid reply: {0}")]
-    BadReply(String),
+    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No reply in time.
+    #[error("no reply from the daemon within {0:?}")]
+    Timeout(Duration),
+    /// The daemon refused or failed the request.
+    #[error("{0}")]
+    Api(#[source] ApiError),
 }
 
 /// Sends one request and returns the reply.
-pub fn call(socket: &Path, request: &serde_json::Value) -> Result<serde_json::Value, ClientError> {
-    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
-        path: socket.display().to_string(),
-        source,
-    })?;
-    // `stop` waits for the VM to go (bounded by the daemon's SIGKILL grace); a campaign
-    // waits for every recovery it causes, bounded by the daemon's own timeouts.
-    let timeout = if request["op"] == "campaign" {
-        None
-    } else {
-        Some(Duration::from_secs(60))
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClientError::Runtime)?;
+    rt.block_on(exchange(socket, request))
+}
+
+async fn exchange(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let http = |e: Box<dyn std::error::Error + Send + Sync>| ClientError::Http(e);
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http(e.into()))?;
+    let conn = tokio::spawn(conn);
+    let h = request.to_http();
+    let req = hyper::Request::builder()
+        .method(h.method.as_str())
+        .uri(&h.path)
+        .header(HOST, "localhost")
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(h.body.unwrap_or_default())))
+        .map_err(|e| http(e.into()))?;
+    let exchange = async {
+        let resp = sender.send_request(req).await.map_err(|e| http(e.into()))?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), MAX_REPLY)
+            .collect()
+            .await
+            .map_err(http)?
+            .to_bytes();
+        Ok::<_, ClientError>((status, body))
     };
-    s.set_read_timeout(timeout).map_err(ClientError::Io)?;
-    let mut line = request.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(ClientError::Io)?;
-    let mut reply = String::new();
-    BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(ClientError::Io)?;
-    serde_json::from_str(&reply).map_err(|_| ClientError::BadReply(reply.trim().to_string()))
+    // A campaign waits for every recovery it causes, bounded by the daemon's own timeouts.
+    let (status, body) = if request.op() == Op::Campaign {
+        exchange.await?
+    } else {
+        tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(TIMEOUT))??
+    };
+    conn.abort();
+    Reply::from_http(request.op(), status, &body).map_err(ClientError::Api)
 }

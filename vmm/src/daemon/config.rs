@@ -299,7 +299,7 @@ struct RawClientDisk {
 }
 
 /// Whether a VM is a driver VM or a client VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Owns devices, runs the agent.

@@ -3,10 +3,10 @@
 
 use std::os::unix::process::ExitStatusExt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a driver VM fault was detected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Detection {
     /// Exit status 4: the guest kernel panicked and said so through pvpanic.

@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 use super::config::Role;
 use super::detection::Detection;
@@ -16,7 +17,7 @@ use crate::stats_page;
 pub(super) const MAX_EVENTS: usize = 20_000;
 
 /// One detected fault and what came of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultEvent {
     /// Driver VM.
     pub driver: String,
@@ -45,7 +46,7 @@ pub struct FaultEvent {
     /// Requests failed as poison.
     pub poisoned: u64,
     /// How the new driver VM started: `restore` (from its template) or `boot`.
-    pub restart: &'static str,
+    pub restart: Cow<'static, str>,
     /// The restore was a standby VMM resumed (made ahead of time), not a process started.
     pub standby: bool,
     /// Why it booted where a restore was expected (no template, template refused or renewed,
@@ -53,13 +54,13 @@ pub struct FaultEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
     /// `restarted`, `quarantined`, `restart-failed` or `restore-failed`.
-    pub outcome: &'static str,
+    pub outcome: Cow<'static, str>,
 }
 
 /// Where a recovered round's time went, in order (ms). With the detection (`detect_ms`) and
 /// the agents' start (`boot_ms`, between `start_ms` and `release_ms`) they add up to the
 /// outage, up to the daemon's polling.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct RecoverySteps {
     /// SIGKILL of what was left of the driver VM, until its VMM was reaped.
     pub kill_ms: f64,

@@ -9,7 +9,7 @@
 //!   (a pure type); [`inject`]: fault injection and campaigns; [`fault_log`]: events and
 //!   counters.
 //! - [`metrics`]: the counters in Prometheus text format.
-//! - [`api`]: the line protocol on the Unix socket; [`client`] talks it.
+//! - [`api`]: the HTTP API on the Unix socket (and the metrics port); [`client`] talks it.
 
 pub mod api;
 pub mod cgroup;
@@ -128,14 +128,14 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     ))?;
     let sup = Supervisor::new(&cfg, exe, state_dir.clone())?;
     let shutdown = Arc::new(Notify::new());
-    let api = tokio::spawn(api::serve(listener, sup.clone(), shutdown.clone()));
+    let api = tokio::spawn(api::server::serve(listener, sup.clone(), shutdown.clone()));
     let metrics_http = match cfg.metrics_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await.map_err(io_err(
                 "cannot listen for metrics on",
                 Path::new(&addr.to_string()),
             ))?;
-            Some(tokio::spawn(metrics::serve_http(l, sup.clone())))
+            Some(tokio::spawn(api::server::serve_metrics(l, sup.clone())))
         }
         None => None,
     };

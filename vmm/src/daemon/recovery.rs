@@ -257,10 +257,10 @@ impl Supervisor {
                 steps: None,
                 replayed: 0,
                 poisoned: 0,
-                restart: "boot",
+                restart: "boot".into(),
                 standby: false,
                 fallback: round.after_failed_restore.clone(),
-                outcome: "restarted",
+                outcome: "restarted".into(),
             };
             if round.after_failed_restore.is_none() {
                 *self
@@ -280,7 +280,7 @@ impl Supervisor {
             };
             let Some(backoff) = backoff else {
                 self.quarantine(name).await;
-                event.outcome = "quarantined";
+                event.outcome = "quarantined".into();
                 self.log_event(event);
                 return;
             };
@@ -308,7 +308,7 @@ impl Supervisor {
             let (boot, fallback) = self.restart_boot(name);
             let restoring = boot == Boot::Restore;
             if restoring {
-                event.restart = "restore";
+                event.restart = "restore".into();
             }
             if event.fallback.is_none() {
                 event.fallback = fallback;
@@ -324,7 +324,7 @@ impl Supervisor {
             }
             if let Err(e) = started {
                 tracing::error!(vm = name, error = %e, "restart failed");
-                event.outcome = "restart-failed";
+                event.outcome = "restart-failed".into();
                 self.log_event(event);
                 round = Round::detected(Detection::VmmError, None, false);
                 continue;
@@ -374,7 +374,7 @@ impl Supervisor {
                         .unwrap_or_default();
                     let why = format!("restore failed ({why}), see {name}.log");
                     tracing::error!(vm = name, reason = %why, "restore failed; booting instead");
-                    event.outcome = "restore-failed";
+                    event.outcome = "restore-failed".into();
                     self.log_event(event);
                     let mut next = Round::detected(Detection::VmmError, None, false);
                     next.after_failed_restore = Some(why);

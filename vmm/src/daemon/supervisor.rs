@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ddvmm_translation::ring::HeaderView;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 use vmm_sys_util::eventfd::EventFd;
@@ -90,7 +90,7 @@ pub enum SupervisorError {
 }
 
 /// A VM's lifecycle state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// Not started (or stopped through the API).
@@ -193,7 +193,7 @@ pub(super) struct Vm {
 }
 
 /// What `list` reports per VM.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmInfo {
     /// Name.
     pub name: String,
