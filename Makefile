@@ -1,12 +1,12 @@
-# ddvmm: the commands a newcomer needs. `make demo` boots a Linux guest and shows its console;
-# `make test` runs every test. Both install what they need first.
+# ddvmm: the commands a newcomer needs. `make demo` runs a driver VM serving two clients and
+# recovers it from an injected fault; `make test` runs every test. Both install what they need first.
 
 CARGO ?= cargo
 # Debian packages the build, the images and the tests use.
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
 .PHONY: all deps images agent driver-image build nextest test test-long demo bench bench-io bench-driver \
-	bench-recovery soak-recovery bench-passthrough bench-net bench-confinement fuzz fuzz-smoke lint clean-images
+	bench-recovery soak-recovery bench-fairness bench-passthrough bench-net bench-confinement fuzz fuzz-smoke lint clean-images
 
 all: build
 
@@ -68,7 +68,8 @@ test-long: deps images build driver-image nextest
 	exit $$rc
 
 demo: deps images build driver-image
-	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo \
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 3072 \
+	    --driver-image --program ip=$$(command -v ip) \
 	    --guest-script scripts/demo-guest.sh scripts/demo.sh
 
 # Boot time and VMM memory, ddvmm vs QEMU microvm, same kernel/initramfs/host, one run.
@@ -103,6 +104,15 @@ bench-confinement: deps images build
 bench-driver: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --driver-image --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/driver-blk.sh
+
+# Fairness: a QD1 victim beside a QD64 aggressor on one driver VM (p99 vs alone), two
+# saturating clients of weights 2:1, a 1000-IOPS limit; with and without the agent's
+# weighted scheduler (FAIR_SECS per phase, default 15).
+FAIR_SECS ?= 15
+bench-fairness: deps images build driver-image
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
+	    --timeout 7200 --driver-image --guest-script bench/guest-fairness.sh \
+	    --env FAIR_SECS=$(FAIR_SECS) bench/fairness.sh
 
 # Network path, driver VM vs direct virtio-net on the same TAP and peer: TCP both ways and
 # ping latency (median, p99), one run of NET_ROUNDS alternating rounds.

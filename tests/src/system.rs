@@ -44,6 +44,9 @@ pub struct System<'a> {
     /// `ddtap0` and a veth end on bridge `hbr0`, the veth's other end in network namespace
     /// `peer` at [`PEER_IP`]; `iperf3` and iproute2's `ip` are in the test host.
     pub network: bool,
+    /// With [`Self::network`]: the NIC belongs to a second driver VM, `netdrv` (a driver VM
+    /// per device class), and the clients' NICs are its ports; `storage` owns only the disk.
+    pub net_driver: bool,
 }
 
 /// The host-side peer's address (in network namespace `peer`).
@@ -115,6 +118,11 @@ impl System<'_> {
         } else {
             ""
         };
+        let (storage_taps, net_driver) = if self.network && self.net_driver {
+            ("", "netdrv")
+        } else {
+            (taps, "storage")
+        };
         let mut config = format!(
             r#"
 [[driver]]
@@ -123,11 +131,25 @@ kernel = "$IMAGES/vmlinuz"
 initrd = "$WORK/driver.img"
 memory = "256M"
 {owned}
-{taps}
+{storage_taps}
 cmdline = "{}"
 "#,
             self.driver_cmdline
         );
+        if net_driver != "storage" {
+            config.push_str(&format!(
+                r#"
+[[driver]]
+name = "{net_driver}"
+kernel = "$IMAGES/vmlinuz"
+initrd = "$WORK/driver.img"
+memory = "256M"
+{taps}
+cmdline = "{}"
+"#,
+                self.driver_cmdline
+            ));
+        }
         for (i, (client, script)) in self.clients.iter().enumerate() {
             // Network clients carry the frame counter (`sniff`), to see what reaches them.
             let sniff = self
@@ -159,7 +181,7 @@ size = "{}M"
             ));
             if self.network {
                 config.push_str(&format!(
-                    "[[client.net]]\ndriver = \"storage\"\nmac = \"{}\"\n",
+                    "[[client.net]]\ndriver = \"{net_driver}\"\nmac = \"{}\"\n",
                     client_mac(i)
                 ));
             }
@@ -234,7 +256,9 @@ done
 # The clients' kernel lines: an error among them fails the test (assert_clean_ending).
 for c in {clients}; do echo "=== kernel $c"; tr -d '\r' < $WORK/system.d/$c.console | grep '^\[' | tail -n 400; done
 for c in {clients}; do echo "=== console $c"; tr -d '\r' < $WORK/system.d/$c.console | grep -v '^\[' ; done
-echo "=== driver console"; tr -d '\r' < $WORK/system.d/storage.console | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
+for d in $($CTL list 2>/dev/null | tr -d ' \n' | sed 's/}},{{/}}\n{{/g' | grep '"role":"driver"' | grep -o '"name":"[^"]*"' | cut -d'"' -f4); do
+    echo "=== driver console $d"; tr -d '\r' < $WORK/system.d/$d.console | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
+done
 echo "=== daemon log"; tail -n 200 $WORK/daemon.log
 for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done
 echo "=== vmm kills"; grep -h "killed by signal\|seccomp:" $WORK/system.d/*.log | sort | uniq -c

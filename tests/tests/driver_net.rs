@@ -104,6 +104,7 @@ fn two_clients_reach_the_peer_and_each_other_through_the_driver_vm() {
         extra_config: "",
         passthrough: false,
         network: true,
+        net_driver: false,
     };
     let (host, prelude) = system.host_and_prelude();
     // Every frame leaving the driver VM for the host's bridge and the peer crosses the TAP:

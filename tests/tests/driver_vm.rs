@@ -72,6 +72,7 @@ fn run_system(
         extra_config,
         passthrough: ending.passthrough,
         network: false,
+        net_driver: false,
     };
     let (host, prelude) = system.host_and_prelude();
     let names: Vec<&str> = clients.iter().map(|(c, _)| *c).collect();

@@ -87,6 +87,7 @@ fn a_client_that_dies_is_reported_at_once() {
         extra_config: "",
         passthrough: false,
         network: false,
+        net_driver: false,
     };
     let (host, prelude) = system.host_and_prelude();
     let script = format!("{prelude}\nwait_done alpha\necho AFTER-WAIT\n");

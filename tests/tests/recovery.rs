@@ -35,7 +35,7 @@ restart_window_s = 3600
 const CAMPAIGN_FN: &str = r#"
 campaign() {
     label=$1; shift
-    $CTL campaign storage "$@" > $WORK/c-$label.json 2>&1 &
+    $CTL campaign ${DRV:-storage} "$@" > $WORK/c-$label.json 2>&1 &
     cpid=$!; seen=""; quiet=0
     while kill -0 $cpid 2>/dev/null; do
         sleep 5; quiet=$((quiet + 5))
@@ -143,6 +143,7 @@ fn recovery_system<'a>(
         extra_config: RECOVERY,
         passthrough,
         network: false,
+        net_driver: false,
     }
 }
 
@@ -403,6 +404,7 @@ poison_after = 3
 "#,
         passthrough: false,
         network: false,
+        net_driver: false,
     };
     let (host, prelude) = system.host_and_prelude();
     let host = host.expect_guest_crash();
@@ -650,6 +652,7 @@ progress_timeout_ms = 10000
 "#,
         passthrough: false,
         network: false,
+        net_driver: false,
     };
     let (host, prelude) = system.host_and_prelude();
     let script = format!(
@@ -839,7 +842,18 @@ c0=$(cat /sys/class/net/eth0/carrier_changes)
 echo "STREAMING"
 # Progress in the console (the harness takes a long silence for a hang).
 (while sleep 10; do echo "PROGRESS $(cat /sys/class/net/eth0/statistics/rx_bytes) $(cat /sys/class/net/eth0/statistics/tx_bytes)"; done) &
+# The disk (served by the other driver VM) in use all along: 1 MiB written, read back and
+# compared, every second, until the transfer ends.
+(r=0; e=0; while [ ! -e /tmp/disk-stop ]; do
+    r=$((r + 1)); head -c 1048576 /dev/urandom > /tmp/d.out
+    dd if=/tmp/d.out of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null \
+        && dd if=/dev/vda of=/tmp/d.in bs=1M count=1 iflag=direct 2>/dev/null \
+        && cmp -s /tmp/d.out /tmp/d.in || e=$((e + 1))
+    sleep 1
+done; echo "DISK-LOOP rounds=$r errors=$e") &
+DISK_LOOP=$!
 {transfer}
+touch /tmp/disk-stop; wait $DISK_LOOP
 echo "CARRIER-CHANGES $c0 $(cat /sys/class/net/eth0/carrier_changes)"
 "#,
         net_up = client_net_up(i),
@@ -855,6 +869,7 @@ fn tcp_streams_survive_driver_vm_faults_of_every_kind() {
     ];
     let mut system = recovery_system("recovery-net", &disk, &clients, false);
     system.network = true;
+    system.net_driver = true;
     let (host, prelude) = system.host_and_prelude();
     let host = host.expect_guest_crash().busybox_applets(&["wget"]);
     let kinds = NET_FAULTS;
@@ -878,7 +893,16 @@ $PEER wget -q -O $WORK/up.bin http://{alpha_ip}:8081/cgi-bin/stream &
 UP=$!
 wait_console beta STREAMING
 sleep 10
-campaign net --faults {n} --kinds {kinds} --min-interval-ms 10000 --max-interval-ms 15000
+DRV=netdrv campaign net --faults {n} --kinds {kinds} --min-interval-ms 10000 --max-interval-ms 15000
+# Both driver VMs at once: each recovers on its own, the clients' disks and streams go on.
+n0=$($CTL events | grep -o '"outcome":"restarted"' | wc -l)
+$CTL inject storage kill & I1=$!
+$CTL inject netdrv panic & I2=$!
+wait $I1; echo "INJECT-STORAGE-RC $?"; wait $I2; echo "INJECT-NETDRV-RC $?"
+i=0; until [ $($CTL events | grep -o '"outcome":"restarted"' | wc -l) -ge $((n0 + 2)) ]; do
+    sleep 1; i=$((i + 1)); [ $i -lt 300 ] || {{ echo "DOUBLE-FAULT-NOT-RECOVERED"; break; }}
+done
+echo "=== double fault events"; $CTL events | tr -d ' \n'; echo
 echo "STREAMS-FINISHED-AT-CAMPAIGN-END $(grep -l TRANSFER-RC $WORK/system.d/alpha.console $WORK/system.d/beta.console | wc -l)"
 # Both streams must carry on after the last recovery: 256 KiB more each way, then stop.
 up0=$(wc -c < $WORK/up.bin); down0=$(wc -c < $WORK/sent-down.bin); i=0
@@ -933,10 +957,39 @@ echo "=== metrics"; $CTL metrics
         "a stream ended before the last fault was recovered:\n{log}"
     );
     assert!(!log.contains("STREAMS-STALLED-AFTER-CAMPAIGN"), "{log}");
+    // The two driver VMs faulted at once and both recovered, each from its own template.
+    assert!(log.contains("INJECT-STORAGE-RC 0"), "{log}");
+    assert!(log.contains("INJECT-NETDRV-RC 0"), "{log}");
+    assert!(!log.contains("DOUBLE-FAULT-NOT-RECOVERED"), "{log}");
+    let double: serde_json::Value = serde_json::from_str(
+        section(log, "double fault events")
+            .unwrap_or_default()
+            .trim(),
+    )
+    .expect("double fault events");
+    let double = double["events"].as_array().cloned().unwrap_or_default();
+    for (driver, kind) in [("storage", "kill"), ("netdrv", "panic")] {
+        assert!(
+            double.iter().any(|e| e["driver"] == driver
+                && e["injected"] == kind
+                && e["outcome"] == "restarted"),
+            "{driver}: {double:?}"
+        );
+    }
     for name in ["alpha", "beta"] {
         let c = console(log, name);
         // One TCP connection each, never reset, and the link never went down.
         assert!(c.contains("TRANSFER-RC 0"), "{name}:\n{c}");
+        // The disk on the other driver VM: in use throughout, never an error.
+        let disk = field(c, "DISK-LOOP ");
+        assert!(disk.ends_with(" errors=0"), "{name}'s disk loop: {disk}");
+        let rounds: u32 = disk
+            .trim_start_matches("rounds=")
+            .split(' ')
+            .next()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        assert!(rounds > 10, "{name}'s disk loop: {disk}");
         let changes = field(c, "CARRIER-CHANGES ");
         let (before, after) = changes.split_once(' ').expect("two counts");
         assert_eq!(before, after, "{name}'s link changed state:\n{c}");

@@ -31,6 +31,10 @@ pub const KIND_BLOCK: u32 = 1;
 pub const KIND_NET: u32 = 2;
 /// Bit 0 of [`regs::FLAGS`]: the window is read-only.
 pub const FLAG_READ_ONLY: u32 = 1;
+/// [`regs::WEIGHT`] when the configuration names none (a zero register reads as this too).
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Largest [`regs::WEIGHT`].
+pub const MAX_WEIGHT: u32 = 10_000;
 /// Longest backend path, NUL padding included.
 pub const BACKEND_LEN: usize = 64;
 
@@ -83,6 +87,9 @@ pub mod regs {
     pub const GATE: u64 = MAC + 8;
     /// Fresh random bytes from the host ([`super::ENTROPY_LEN`]), new in every VMM process.
     pub const ENTROPY: u64 = GATE + 8;
+    /// The channel's share of its backend device against the driver VM's other channels on
+    /// it (u32, 1..=[`super::MAX_WEIGHT`]; 0 reads as [`super::DEFAULT_WEIGHT`]).
+    pub const WEIGHT: u64 = ENTROPY + super::ENTROPY_LEN as u64;
     /// End of the defined registers.
-    pub const END: u64 = ENTROPY + super::ENTROPY_LEN as u64;
+    pub const END: u64 = WEIGHT + 4;
 }

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddvmm::control::FaultKind;
-use ddvmm::devices::channel::{ChannelInfo, ChannelKind};
+
+use ddvmm::devices::channel::{ChannelInfo, ChannelKind, DEFAULT_WEIGHT, MAX_WEIGHT};
 use ddvmm::devices::virtio::net::parse_mac;
-use ddvmm::devices::virtio::ring::{RingKind, RingPort};
+use ddvmm::devices::virtio::ring::{RateLimit, RingKind, RingPort};
 use ddvmm::exit::GuestExit;
 use ddvmm::handoff::Adopter;
 use ddvmm::machine::{
@@ -206,13 +207,15 @@ struct RunArgs {
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     nets: Vec<String>,
     /// A channel device (driver VM), with descriptors inherited from the daemon: a block
-    /// window mem=FD,kick=FD,doorbell=FD,backend=/dev/vdX,start=SECTOR,sectors=N[,ro] or a
+    /// window mem=FD,kick=FD,doorbell=FD,backend=/dev/vdX,start=SECTOR,sectors=N[,ro]
+    /// [,weight=W] (its share of the device, 1-10000, default 100) or a
     /// network port mem=FD,kick=FD,doorbell=FD,backend=UPLINK,mac=MAC (repeatable).
     #[arg(long = "channel", value_name = "SPEC")]
     channels: Vec<String>,
     /// A virtio-blk disk served by a driver VM over a ring (client VM), with descriptors
     /// inherited from the daemon: mem=FD,kick=FD,doorbell=FD,sectors=N[,ro][,id=NAME]
-    /// [,generation=G] (repeatable).
+    /// [,generation=G][,iops=N][,bps=BYTES] (repeatable; iops and bps limit requests and
+    /// bytes per second).
     #[arg(long = "ring-disk", value_name = "SPEC")]
     ring_disks: Vec<String>,
     /// A virtio-net NIC served by a driver VM over a ring (client VM), with descriptors
@@ -593,7 +596,7 @@ fn parse_channel(spec: &str, index: u32, adopter: &mut Adopter) -> anyhow::Resul
         "--channel",
         spec,
         &[
-            "mem", "kick", "doorbell", "backend", "start", "sectors", "mac",
+            "mem", "kick", "doorbell", "backend", "start", "sectors", "mac", "weight",
         ],
         &["ro"],
     )?;
@@ -608,10 +611,21 @@ fn parse_channel(spec: &str, index: u32, adopter: &mut Adopter) -> anyhow::Resul
             read_only: o.flag("ro"),
         },
     };
+    let weight = if o.values.contains_key("weight") {
+        let w: u32 = o.num("weight")?;
+        anyhow::ensure!(
+            (1..=MAX_WEIGHT).contains(&w),
+            "--channel {spec}: weight={w} is outside 1..={MAX_WEIGHT}"
+        );
+        w
+    } else {
+        DEFAULT_WEIGHT
+    };
     let info = ChannelInfo {
         index,
         backend: o.str("backend")?.to_string(),
         kind,
+        weight,
     };
     Ok(ChannelConfig {
         info,
@@ -627,10 +641,31 @@ fn parse_ring_disk(
     let o = SpecOptions::parse(
         "--ring-disk",
         spec,
-        &["mem", "kick", "doorbell", "sectors", "id", "generation"],
+        &[
+            "mem",
+            "kick",
+            "doorbell",
+            "sectors",
+            "id",
+            "generation",
+            "iops",
+            "bps",
+        ],
         &["ro"],
     )?;
+    let limit = |key: &str| -> anyhow::Result<Option<u64>> {
+        if !o.values.contains_key(key) {
+            return Ok(None);
+        }
+        let v: u64 = o.num(key)?;
+        anyhow::ensure!(v > 0, "--ring-disk {spec}: {key}=0 (omit it: no limit)");
+        Ok(Some(v))
+    };
     Ok(RingDiskConfig {
+        limit: RateLimit {
+            ops_per_s: limit("iops")?,
+            bytes_per_s: limit("bps")?,
+        },
         generation: if o.values.contains_key("generation") {
             o.num("generation")?
         } else {

@@ -37,6 +37,11 @@
 //! offset = "0M"                     # window start on that device
 //! size = "64M"                      # window size; the client sees a disk of this size
 //! read_only = false
+//! weight = 100                      # optional: its share of the device against the driver VM's
+//!                                   #   other channels on it when they contend (1-10000)
+//! iops = 1000                       # optional limits, enforced by the client's own VMM:
+//! bandwidth = "50M"                 #   requests and bytes per second (token buckets, 100 ms
+//!                                   #   of burst)
 //!
 //! [[client.net]]                    # a NIC: a port on the driver VM's bridge
 //! driver = "storage"                # a [[driver]] name (it must own a NIC)
@@ -84,6 +89,7 @@ use thiserror::Error;
 use super::cgroup::Limits;
 use crate::units::parse_size;
 use crate::vfio::PciAddress;
+use ddvmm_translation::channel::{DEFAULT_WEIGHT, MAX_WEIGHT};
 
 /// Largest `cpus` accepted here (the VMM checks KVM's own limit at start).
 const MAX_CPUS: u32 = 254;
@@ -296,6 +302,9 @@ struct RawClientDisk {
     size: String,
     #[serde(default)]
     read_only: bool,
+    weight: Option<u32>,
+    iops: Option<u64>,
+    bandwidth: Option<String>,
 }
 
 /// Whether a VM is a driver VM or a client VM.
@@ -368,6 +377,12 @@ pub struct ClientDisk {
     pub size: u64,
     /// Refuse writes.
     pub read_only: bool,
+    /// Share of the device against the driver VM's other channels (1..=10000).
+    pub weight: u32,
+    /// Requests per second, if limited.
+    pub iops: Option<u64>,
+    /// Bytes per second, if limited.
+    pub bandwidth: Option<u64>,
 }
 
 /// A validated configuration.
@@ -864,12 +879,39 @@ fn client_disk(
             ));
         }
     }
+    let weight = raw.weight.unwrap_or(DEFAULT_WEIGHT);
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        return Err(invalid(
+            format!("{key}.weight"),
+            format!("{weight} is outside 1..={MAX_WEIGHT}"),
+        ));
+    }
+    if raw.iops == Some(0) {
+        return Err(invalid(
+            format!("{key}.iops"),
+            "must not be zero (omit it: no limit)",
+        ));
+    }
+    let bandwidth = raw
+        .bandwidth
+        .as_deref()
+        .map(|v| size_of("bandwidth", v))
+        .transpose()?;
+    if bandwidth.is_some_and(|b| b < 4096) {
+        return Err(invalid(
+            format!("{key}.bandwidth"),
+            "must be at least 4K per second (omit it: no limit)",
+        ));
+    }
     Ok(ClientDisk {
         driver: raw.driver.clone(),
         device,
         offset,
         size,
         read_only: raw.read_only,
+        weight,
+        iops: raw.iops,
+        bandwidth,
     })
 }
 
@@ -949,6 +991,40 @@ disks = ["pool.img"]
             "console=ttyS0 quiet ddvmm.action=agent"
         );
         assert_eq!(c.socket, dir.path().join("s.sock"));
+    }
+
+    #[test]
+    fn disk_shares_and_limits() {
+        let (dir, base) = setup();
+        let with = |extra: &str| {
+            let d = format!("{}{extra}\n", disk("drv", "0", "32M"));
+            parse(&dir, &format!("{base}{}", client("a", &d)))
+        };
+        let c = with("").expect("defaults");
+        let d = &c.clients[0].client_disks[0];
+        assert_eq!((d.weight, d.iops, d.bandwidth), (100, None, None));
+        let c = with("weight = 300\niops = 1000\nbandwidth = \"50M\"").expect("valid");
+        let d = &c.clients[0].client_disks[0];
+        assert_eq!(
+            (d.weight, d.iops, d.bandwidth),
+            (300, Some(1000), Some(50 << 20))
+        );
+        for (extra, needle) in [
+            (
+                "weight = 0",
+                "client[0].disk[0].weight: 0 is outside 1..=10000",
+            ),
+            ("weight = 10001", "client[0].disk[0].weight"),
+            ("iops = 0", "client[0].disk[0].iops: must not be zero"),
+            (
+                "bandwidth = \"1K\"",
+                "client[0].disk[0].bandwidth: must be at least 4K",
+            ),
+            ("bandwidth = \"fast\"", "client[0].disk[0].bandwidth"),
+        ] {
+            let e = with(extra).expect_err(extra).to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
     }
 
     #[test]

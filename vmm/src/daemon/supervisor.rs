@@ -34,6 +34,7 @@ use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
 use crate::devices::virtio::net::ring_frontend::NET_RING_PARAMS;
 use crate::memory::create_memfd;
 use crate::stats_page;
+use ddvmm_translation::channel::DEFAULT_WEIGHT;
 use ddvmm_translation::ring::RingParams;
 
 /// How long a VM gets to exit after SIGTERM before SIGKILL.
@@ -118,6 +119,12 @@ pub(super) struct Channel {
     read_only: bool,
     /// `Some`: a network port for the client NIC with this MAC (no window).
     mac: Option<[u8; 6]>,
+    /// Block: the share of the device against the driver VM's other channels.
+    weight: u32,
+    /// Block: the client's limit on requests per second.
+    iops: Option<u64>,
+    /// Block: the client's limit on bytes per second.
+    bandwidth: Option<u64>,
     pub(super) memory: File,
     kick: EventFd,
     doorbell: EventFd,
@@ -269,13 +276,21 @@ impl Supervisor {
             // Ring devices in the client's control order: disks, then NICs.
             let disks = c.client_disks.iter().map(|d| {
                 let port = (d.driver.as_str(), d.device.clone(), None);
-                (port, d.offset / 512, d.size / 512, d.read_only, disk_mem)
+                let share = (d.weight, d.iops, d.bandwidth);
+                (
+                    port,
+                    d.offset / 512,
+                    d.size / 512,
+                    d.read_only,
+                    disk_mem,
+                    share,
+                )
             });
             let nets = c.client_nets.iter().map(|n| {
                 let port = (n.driver.as_str(), n.uplink.clone(), Some(n.mac));
-                (port, 0, 0, false, net_mem)
+                (port, 0, 0, false, net_mem, (DEFAULT_WEIGHT, None, None))
             });
-            for (j, ((driver, backend, mac), start_sector, sectors, read_only, size)) in
+            for (j, ((driver, backend, mac), start_sector, sectors, read_only, size, share)) in
                 disks.chain(nets).enumerate()
             {
                 let label = format!("{}-ring{j}", c.name);
@@ -300,6 +315,9 @@ impl Supervisor {
                     sectors,
                     read_only,
                     mac,
+                    weight: share.0,
+                    iops: share.1,
+                    bandwidth: share.2,
                     memory,
                     kick,
                     doorbell,
@@ -628,11 +646,12 @@ impl Supervisor {
             };
             match (vm.cfg.role, c.mac) {
                 (Role::Driver, None) => cmd.arg("--channel").arg(format!(
-                    "{},backend={},start={},sectors={}{ro}",
+                    "{},backend={},start={},sectors={},weight={}{ro}",
                     fd_spec(c),
                     c.backend,
                     c.start_sector,
-                    c.sectors
+                    c.sectors,
+                    c.weight
                 )),
                 (Role::Driver, Some(mac)) => cmd.arg("--channel").arg(format!(
                     "{},backend={},mac={}",
@@ -642,12 +661,20 @@ impl Supervisor {
                 )),
                 (Role::Client, None) => {
                     let generation = generation(c);
+                    let mut limits = String::new();
+                    if let Some(n) = c.iops {
+                        limits.push_str(&format!(",iops={n}"));
+                    }
+                    if let Some(n) = c.bandwidth {
+                        limits.push_str(&format!(",bps={n}"));
+                    }
                     cmd.arg("--ring-disk").arg(format!(
-                        "{},sectors={},generation={generation},id={}-{}{ro}",
+                        "{},sectors={},generation={generation},id={}-{}{ro}{}",
                         fd_spec(c),
                         c.sectors,
                         c.driver,
-                        c.driver_index
+                        c.driver_index,
+                        limits
                     ))
                 }
                 (Role::Client, Some(mac)) => {
@@ -995,6 +1022,9 @@ fn channel_stats(c: &Channel) -> serde_json::Value {
         "start_sector": c.start_sector,
         "sectors": c.sectors,
         "mac": c.mac.as_ref().map(format_mac),
+        "weight": c.weight,
+        "iops_limit": c.iops,
+        "bandwidth_limit": c.bandwidth,
         "generation": h.map(|h| h.generation),
         "agent_ready": h.map(|h| h.agent_serves_current()),
         "heartbeat": h.map(|h| h.heartbeat),

@@ -38,8 +38,8 @@ use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
 
 pub use ddvmm_translation::channel::{
-    regs, BACKEND_LEN, DEVICE, ENTROPY_LEN, FLAG_READ_ONLY, KIND_BLOCK, KIND_NET, MAGIC, REGS_SIZE,
-    VENDOR, VERSION,
+    regs, BACKEND_LEN, DEFAULT_WEIGHT, DEVICE, ENTROPY_LEN, FLAG_READ_ONLY, KIND_BLOCK, KIND_NET,
+    MAGIC, MAX_WEIGHT, REGS_SIZE, VENDOR, VERSION,
 };
 
 /// Called with the channel's index when its agent parks at the gate.
@@ -94,6 +94,8 @@ pub struct ChannelInfo {
     pub backend: String,
     /// What the channel carries.
     pub kind: ChannelKind,
+    /// Its share of the backend against the driver VM's other channels ([`regs::WEIGHT`]).
+    pub weight: u32,
 }
 
 /// A block window or a network port.
@@ -292,6 +294,7 @@ impl ChannelDevice {
         let mut entropy = [0u8; ENTROPY_LEN];
         crate::snapshot::fill_random(&mut entropy);
         put(regs::ENTROPY, &entropy);
+        put(regs::WEIGHT, &info.weight.to_le_bytes());
         Ok(ChannelDevice {
             config,
             regs: r,
@@ -393,6 +396,7 @@ mod tests {
                 sectors: 4096,
                 read_only: false,
             },
+            weight: 250,
         }
     }
 
@@ -412,6 +416,7 @@ mod tests {
         assert_eq!(read(&mut d, regs::SECTORS, 8), 4096u64.to_le_bytes());
         assert_eq!(read(&mut d, regs::MEM_SIZE, 8), (1u64 << 24).to_le_bytes());
         assert_eq!(&read(&mut d, regs::BACKEND, 9)[..], b"/dev/vda\0");
+        assert_eq!(read(&mut d, regs::WEIGHT, 4), 250u32.to_le_bytes());
         // Past the end and across it: zeroes, no panic.
         assert_eq!(read(&mut d, regs::END - 2, 4)[2..], [0, 0]);
         assert_eq!(read(&mut d, u64::MAX, 4), [0, 0, 0, 0]);
@@ -427,6 +432,7 @@ mod tests {
             kind: ChannelKind::Net {
                 mac: [0x52, 0x54, 0, 1, 2, 3],
             },
+            weight: 100,
         };
         let mut d = ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::KIND, 4), KIND_NET.to_le_bytes());
@@ -515,6 +521,7 @@ mod tests {
             index: 0,
             backend: uplink.into(),
             kind: ChannelKind::Net { mac: [2; 6] },
+            weight: 100,
         };
         for bad in ["", "/dev/vda", "a-name-too-long-x", "eth 0"] {
             assert!(

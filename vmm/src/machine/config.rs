@@ -86,6 +86,8 @@ pub struct RingDiskConfig {
     pub id: String,
     /// Ring generation to start at (see `ClientRing::create_at`).
     pub generation: u64,
+    /// Requests and bytes per second the disk may use.
+    pub limit: crate::devices::virtio::ring::RateLimit,
 }
 
 /// A client NIC whose backend is a ring to a driver VM (virtio-net in front).

@@ -241,7 +241,14 @@ impl Machine {
             devices.push((d.path.display().to_string(), Box::new(Block::new(disk))));
         }
         for (i, r) in cfg.ring_disks.iter().enumerate() {
-            let dev = RingBlock::new(r.fds.clone(), r.sectors, r.read_only, &r.id, r.generation)?;
+            let dev = RingBlock::new(
+                r.fds.clone(),
+                r.sectors,
+                r.read_only,
+                &r.id,
+                r.generation,
+                r.limit,
+            )?;
             ring_ports.push(dev.port());
             devices.push((format!("ring disk {i}"), Box::new(dev)));
         }

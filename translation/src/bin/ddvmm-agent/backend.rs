@@ -15,7 +15,8 @@ use ddvmm_translation::ring::{
 };
 
 use ddvmm_translation::channel::{
-    fault, regs, BACKEND_LEN, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, REGS_SIZE, VERSION,
+    fault, regs, BACKEND_LEN, DEFAULT_WEIGHT, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, MAX_WEIGHT,
+    REGS_SIZE, VERSION,
 };
 
 use crate::pci::{BarMapping, ChannelDevice, UioIrq};
@@ -39,6 +40,7 @@ struct Window {
     read_only: bool,
     mem_size: usize,
     index: u32,
+    weight: u32,
 }
 
 fn read_window(r: &BarMapping) -> Result<Window, String> {
@@ -61,6 +63,10 @@ fn read_window(r: &BarMapping) -> Result<Window, String> {
         read_only: r.read32(regs::FLAGS) & FLAG_READ_ONLY != 0,
         mem_size: usize::try_from(r.read64(regs::MEM_SIZE)).map_err(|_| "memory size")?,
         index: r.read32(regs::INDEX),
+        weight: match r.read32(regs::WEIGHT) {
+            0 => DEFAULT_WEIGHT,
+            w => w.min(MAX_WEIGHT),
+        },
     })
 }
 
@@ -132,14 +138,20 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let mut irq = UioIrq::open(&dev.uio, &dev.sysfs).map_err(ctx)?;
     let disk = open_backend(&w).map_err(ctx)?;
     println!(
-        "ddvmm-agent: channel {} at {}: {} sectors {}+{}{}",
+        "ddvmm-agent: channel {} at {}: {} sectors {}+{}{}, weight {}",
         w.index,
         dev.address,
         w.backend,
         w.start,
         w.sectors,
-        if w.read_only { " (read-only)" } else { "" }
+        if w.read_only { " (read-only)" } else { "" },
+        w.weight
     );
+    let share = opts.fair.then(|| Share {
+        fair: crate::fair::for_backend(&w.backend, opts.depth),
+        channel: w.index,
+        weight: w.weight,
+    });
 
     let disk = Arc::new(disk);
     let (job_tx, job_rx) = channel::<(Job, Option<u32>)>();
@@ -148,9 +160,10 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let wake = EventFd::new().map_err(ctx)?;
     for _ in 0..opts.threads {
         let (rx, tx, disk, wake) = (job_rx.clone(), done_tx.clone(), disk.clone(), wake.clone());
+        let share = share.clone();
         std::thread::Builder::new()
             .name("agent-io".into())
-            .spawn(move || io_thread(&rx, &tx, &disk, &wake))
+            .spawn(move || io_thread(&rx, &tx, &disk, &wake, share.as_ref()))
             .map_err(|e| ctx(e.to_string()))?;
     }
 
@@ -638,16 +651,30 @@ fn sysrq(key: u8, why: &str) {
     }
 }
 
+/// A channel's place in its backend device's fair share.
+#[derive(Clone)]
+struct Share {
+    fair: Arc<crate::fair::Fair>,
+    channel: u32,
+    weight: u32,
+}
+
 fn io_thread(
     jobs: &Mutex<Receiver<(Job, Option<u32>)>>,
     done: &Sender<Done>,
     disk: &File,
     wake: &EventFd,
+    share: Option<&Share>,
 ) {
     loop {
         let next = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok((mut job, slot)) = next else { return };
+        let grant = share.map(|s| {
+            let bytes = job.buf.as_ref().map_or(0, |b| b.len as u64);
+            s.fair.begin(s.channel, crate::fair::cost(bytes, s.weight))
+        });
         let (status, len) = run(&mut job, disk);
+        drop(grant);
         let d = Done {
             id: job.id,
             status,

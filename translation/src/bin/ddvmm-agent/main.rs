@@ -18,7 +18,9 @@
 //! Kernel command line: `ddvmm.agent=garbage` publishes a bogus completion before every real
 //! one (a test of the client's validation); `ddvmm.agent.threads=N` sets the pool size;
 //! `ddvmm.agent.poison=SECTOR` panics the kernel on any read or write touching that sector of a
-//! channel's window (a poison request, for the recovery tests).
+//! channel's window (a poison request, for the recovery tests); `ddvmm.agent.depth=N` (default
+//! 2) bounds the requests on a backend device at once while its channels contend, and
+//! `ddvmm.agent.fair=off` serves them first come, first served instead (see `fair`).
 //!
 //! Fault injection: the daemon can ask (through the channel's `FAULT` register, which the VMM
 //! follows with an interrupt; a busy agent also reads it every 20 ms) for a kernel panic, a
@@ -26,6 +28,7 @@
 
 mod backend;
 mod console;
+mod fair;
 mod gate;
 mod net;
 mod pci;
@@ -86,6 +89,10 @@ pub struct Options {
     pub threads: usize,
     /// Panic the kernel on a request touching this sector (window-relative).
     pub poison: Option<u64>,
+    /// Share each backend device among its channels by weight (SFQ), or not.
+    pub fair: bool,
+    /// Requests on a backend device at once while its channels contend.
+    pub depth: usize,
 }
 
 impl Options {
@@ -94,11 +101,19 @@ impl Options {
             garbage: false,
             threads: 8,
             poison: None,
+            fair: true,
+            depth: 2,
         };
         for arg in cmdline.split_whitespace() {
             match arg.split_once('=') {
                 Some(("ddvmm.agent", "garbage")) => o.garbage = true,
                 Some(("ddvmm.agent.poison", n)) => o.poison = n.parse().ok(),
+                Some(("ddvmm.agent.fair", "off")) => o.fair = false,
+                Some(("ddvmm.agent.depth", n)) => {
+                    if let Ok(n) = n.parse::<usize>() {
+                        o.depth = n.clamp(1, 64);
+                    }
+                }
                 Some(("ddvmm.agent.threads", n)) => {
                     if let Ok(n) = n.parse::<usize>() {
                         o.threads = n.clamp(1, 64);
@@ -121,6 +136,11 @@ mod tests {
         assert!(o.garbage);
         assert_eq!(o.threads, 64);
         assert_eq!(o.poison, None);
+        assert!(o.fair);
+        assert_eq!(o.depth, 2);
+        let o = Options::from_cmdline("ddvmm.agent.fair=off ddvmm.agent.depth=0");
+        assert!(!o.fair);
+        assert_eq!(o.depth, 1);
         assert_eq!(
             Options::from_cmdline("ddvmm.agent.poison=4096").poison,
             Some(4096)

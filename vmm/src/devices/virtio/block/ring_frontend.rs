@@ -33,8 +33,8 @@ use super::request::{
 use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RingCommands, RingCounters, RingDevice, RingFrontend, RingKind,
-    RingPort, RingProgress, RingSetupError, RingStats, Setup,
+    Failure, Guest, GuestError, RateLimit, RingCommands, RingCounters, RingDevice, RingFrontend,
+    RingKind, RingPort, RingProgress, RingSetupError, RingStats, Setup,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -247,6 +247,10 @@ impl RingDevice for BlockRing {
         })
     }
 
+    fn payload_bytes(&self, item: &BlockItem) -> u64 {
+        item.request.data_len()
+    }
+
     fn encode<'a>(
         &mut self,
         guest: &Guest,
@@ -356,6 +360,7 @@ impl RingBlock {
         read_only: bool,
         id: &str,
         generation: u64,
+        limit: RateLimit,
     ) -> Result<Self, RingDiskError> {
         if sectors == 0 {
             return Err(RingDiskError::Empty);
@@ -367,6 +372,7 @@ impl RingBlock {
             generation,
             capacity: JOURNAL_CAPACITY,
             stats: stats.ring.clone(),
+            limit,
         };
         let frontend = RingFrontend::spawn("ring-blk", device, setup)?;
         Ok(RingBlock {
@@ -575,6 +581,7 @@ mod tests {
         mock: &MockSplitQueue<GuestMemoryMmap>,
         fds: &ChannelFds,
         sectors: &[u64; 6],
+        limit: RateLimit,
     ) -> (RingBlock, Arc<dyn RingCommands>) {
         let mut descs = Vec::new();
         for (i, sector) in sectors.iter().enumerate() {
@@ -602,7 +609,8 @@ mod tests {
         m.write_slice(&[0xEE; 6], GuestAddress(0x2000))
             .expect("status");
         let q: Queue = mock.create_queue().expect("queue");
-        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
+        let mut dev =
+            RingBlock::new(fds.clone(), SECTORS, false, "t", 1, limit).expect("ring disk");
         let control = dev.control();
         let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let active = ActiveQueue {
@@ -617,12 +625,48 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_limited_disk_delays_requests_and_loses_none() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&m, 64);
+        let fds = fds();
+        // 20 requests per second: a burst of 2, then one per 50 ms.
+        let limit = RateLimit {
+            ops_per_s: Some(20),
+            bytes_per_s: None,
+        };
+        let start = Instant::now();
+        let (dev, _control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48], limit);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let agent = dying_agent(&fds, u64::MAX, 1, stop.clone());
+        while dev.stats().guest_completed.load(Ordering::SeqCst) < 6 {
+            assert!(start.elapsed() < Duration::from_secs(20), "requests lost");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Four requests over the burst, 50 ms apart at least.
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(statuses(&m, 0x2000), [0; 6]);
+        assert!(dev.stats().ring.throttled.load(Ordering::SeqCst) >= 1);
+        stop.store(true, Ordering::SeqCst);
+        assert!(!agent.join().expect("agent"));
+    }
+
+    #[test]
     fn guest_reset_during_an_outage_drops_its_requests_and_renews_the_ring() {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
         let mock = MockSplitQueue::new(&m, 64);
         let fds = fds();
         // The agent dies on the first request: all six stay outstanding.
-        let (mut dev, control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48]);
+        let (mut dev, control) = running_reads(
+            &m,
+            &mock,
+            &fds,
+            &[8, 16, 24, 32, 40, 48],
+            RateLimit::default(),
+        );
         let agent = dying_agent(
             &fds,
             8,
@@ -671,7 +715,7 @@ mod tests {
         // Six 4 KiB reads; the third is the poison.
         let sectors = [8u64, 16, POISON, 24, 32, 40];
         let fds = fds();
-        let (mut dev, control) = running_reads(&m, &mock, &fds, &sectors);
+        let (mut dev, control) = running_reads(&m, &mock, &fds, &sectors, RateLimit::default());
         let used_idx = mock.used_addr().unchecked_add(2);
         let mut generation = 1;
         let mut crashes = 0;
@@ -801,7 +845,8 @@ mod tests {
         let q: Queue = mock.create_queue().expect("queue");
 
         let fds = fds();
-        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
+        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1, RateLimit::default())
+            .expect("ring disk");
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let agent = agent(&fds, stop.clone());
         let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
@@ -860,7 +905,13 @@ mod tests {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
         let mock = MockSplitQueue::new(&m, 64);
         let fds = fds();
-        let (dev, control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48]);
+        let (dev, control) = running_reads(
+            &m,
+            &mock,
+            &fds,
+            &[8, 16, 24, 32, 40, 48],
+            RateLimit::default(),
+        );
         let mut agent = ScriptedAgent::attach(&fds, 1);
         let reqs = agent.take(6);
         // One honest answer, then a producer index a ring ahead.
@@ -921,7 +972,13 @@ mod tests {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
         let mock = MockSplitQueue::new(&m, 64);
         let fds = fds();
-        let (mut dev, _control) = running_reads(&m, &mock, &fds, &[8, 16, 24, 32, 40, 48]);
+        let (mut dev, _control) = running_reads(
+            &m,
+            &mock,
+            &fds,
+            &[8, 16, 24, 32, 40, 48],
+            RateLimit::default(),
+        );
         let mut agent = ScriptedAgent::attach(&fds, 1);
         let reqs = agent.take(6);
         let s = dev.stats();
@@ -979,7 +1036,8 @@ mod tests {
             .expect("status");
         let q: Queue = mock.create_queue().expect("queue");
         let fds = fds();
-        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1).expect("ring disk");
+        let mut dev = RingBlock::new(fds.clone(), SECTORS, false, "t", 1, RateLimit::default())
+            .expect("ring disk");
         let notify = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let failures = Arc::new(Failures::default());
         let active = ActiveQueue {

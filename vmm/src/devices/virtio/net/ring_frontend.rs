@@ -41,8 +41,8 @@ use super::tap::VNET_HDR_LEN;
 use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RingCommands, RingCounters, RingDevice, RingFrontend, RingKind,
-    RingPort, RingProgress, RingSetupError, RingStats, Setup,
+    Failure, Guest, GuestError, RateLimit, RingCommands, RingCounters, RingDevice, RingFrontend,
+    RingKind, RingPort, RingProgress, RingSetupError, RingStats, Setup,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -204,6 +204,10 @@ impl RingDevice for NetRing {
         })
     }
 
+    fn payload_bytes(&self, tx: &Tx) -> u64 {
+        tx.frame.len() as u64
+    }
+
     fn encode<'a>(
         &mut self,
         _guest: &Guest,
@@ -360,6 +364,7 @@ impl RingNet {
             generation,
             capacity: TX_MAX,
             stats: stats.ring.clone(),
+            limit: RateLimit::default(),
         };
         let frontend = RingFrontend::spawn("ring-net", device, setup)?;
         Ok(RingNet {

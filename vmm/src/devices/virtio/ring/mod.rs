@@ -22,6 +22,7 @@
 //! Events are typed ([`worker::Token`]); errors are typed ([`GuestError`], [`CommandError`]).
 
 pub mod control;
+pub mod rate_limit;
 #[doc(hidden)]
 pub mod stepper;
 #[cfg(test)]
@@ -43,6 +44,7 @@ use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use control::{CommandError, RingCommand, RingCommands, RingHandle, RingOutcome};
+pub use rate_limit::RateLimit;
 
 use super::{next_chain, publish_used, ActivateError, ActiveQueue, DeviceFailure};
 use crate::devices::channel::ChannelFds;
@@ -226,6 +228,11 @@ pub trait RingDevice: Send + 'static {
     /// `item` fails without the driver VM's answer.
     fn fail(&mut self, guest: &mut Guest, item: Self::Item, why: Failure);
 
+    /// Payload bytes `item` moves (what a bandwidth limit counts).
+    fn payload_bytes(&self, _item: &Self::Item) -> u64 {
+        0
+    }
+
     /// Requests the device keeps standing on the ring (network receive buffers): the request
     /// (its id set by the core) and how many.
     fn standing(&self) -> Option<(RingRequest, usize)> {
@@ -305,6 +312,8 @@ pub struct RingStats {
     pub quarantine_failed: AtomicU64,
     /// Requests the ring refused (they failed alone).
     pub refused: AtomicU64,
+    /// Times a request waited for the channel's rate limit.
+    pub throttled: AtomicU64,
     /// Journaled requests on the ring awaiting completion (a gauge).
     pub outstanding: AtomicU64,
     /// Journaled requests not yet on the ring (a gauge).
@@ -351,6 +360,7 @@ impl RingStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             ("submitted", g(&self.submitted)),
+            ("throttled", g(&self.throttled)),
             ("completed", g(&self.completed)),
             ("bogus_completions", g(&self.bogus_completions)),
             ("kicks", g(&self.kicks)),
@@ -406,6 +416,8 @@ pub struct Setup<'a> {
     pub capacity: usize,
     /// Where the core's counters go.
     pub stats: Arc<RingStats>,
+    /// Requests and bytes per second the channel may use.
+    pub limit: RateLimit,
 }
 
 /// A running frontend: its worker thread and the handle that commands it.
@@ -492,6 +504,7 @@ fn build<D: RingDevice>(
         generation,
         capacity,
         stats,
+        limit,
     } = setup;
     let (ring, map) = map_client_ring(fds, params, generation)?;
     let wake =
@@ -507,6 +520,7 @@ fn build<D: RingDevice>(
         stats,
         commands: rx,
         wake: wake.try_clone().map_err(RingSetupError::Worker)?,
+        limit,
     })
     .map_err(RingSetupError::Worker)?;
     Ok((worker, RingHandle::new(tx, wake)))

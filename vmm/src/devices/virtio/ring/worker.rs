@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
 use ddvmm_translation::journal::Journal;
 use ddvmm_translation::ring::{ClientRing, RawRegion, RingError};
@@ -18,6 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::control::{Command, Reply, RingCommand, RingOutcome};
+use super::rate_limit::{RateLimit, RateLimiter};
 use super::{raw, CommandError, Failure, Guest, GuestError, RingDevice, RingStats};
 
 /// Rounds per turn before going back to epoll (with a zero timeout if work remains).
@@ -66,6 +68,7 @@ pub(super) struct Parts<D: RingDevice> {
     pub stats: Arc<RingStats>,
     pub commands: mpsc::Receiver<(Command, mpsc::Sender<Reply>)>,
     pub wake: EventFd,
+    pub limit: RateLimit,
 }
 
 pub(super) struct Worker<D: RingDevice> {
@@ -87,6 +90,9 @@ pub(super) struct Worker<D: RingDevice> {
     epoll: Epoll,
     seen_bogus: u64,
     data: Vec<u8>,
+    limiter: Option<RateLimiter>,
+    /// A request waits for the rate limit until then.
+    throttled_until: Option<Instant>,
 }
 
 impl<D: RingDevice> Worker<D> {
@@ -109,6 +115,8 @@ impl<D: RingDevice> Worker<D> {
             epoll,
             seen_bogus: 0,
             data: Vec::new(),
+            limiter: RateLimiter::new(p.limit, Instant::now()),
+            throttled_until: None,
         };
         w.watch(raw(&w.wake), Token::Control, true)?;
         w.watch(raw(&w.doorbell), Token::Doorbell, true)?;
@@ -161,6 +169,19 @@ impl<D: RingDevice> Worker<D> {
                 POLL_MS
             } else {
                 -1
+            };
+            // A throttled request is retried when its tokens are back.
+            let timeout = match self.throttled_until {
+                Some(at) => {
+                    let ms = at.saturating_duration_since(Instant::now()).as_micros();
+                    let ms = i32::try_from(ms.div_ceil(1000)).unwrap_or(POLL_MS);
+                    if timeout < 0 {
+                        ms
+                    } else {
+                        timeout.min(ms)
+                    }
+                }
+                None => timeout,
             };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
@@ -387,6 +408,17 @@ impl<D: RingDevice> Worker<D> {
             let Some((seq, item, _)) = self.journal.next_to_send() else {
                 break;
             };
+            if let Some(limiter) = self.limiter.as_mut() {
+                let now = Instant::now();
+                if let Err(wait) = limiter.take(now, self.device.payload_bytes(item)) {
+                    if self.throttled_until.is_none() {
+                        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.throttled_until = Some(now + wait);
+                    break;
+                }
+                self.throttled_until = None;
+            }
             let Some((mut req, data)) = self.device.encode(g, item, &mut self.data) else {
                 if let Some(item) = self.journal.refuse(seq) {
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);

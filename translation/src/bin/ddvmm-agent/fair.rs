@@ -1,0 +1,342 @@
+//! Weighted fair sharing of one backend device among the block channels on it: start-time
+//! fair queueing with a bounded dispatch depth, SFQ(D) (Jin, Chase and Kaur, SIGMETRICS 2004).
+//!
+//! Every I/O thread asks for a grant before it touches the device. A request's start tag is
+//! the later of the scheduler's virtual time and its channel's previous finish tag; its finish
+//! tag adds its cost divided by the channel's weight (from the channel's `WEIGHT` register,
+//! set by the daemon's configuration). Grants go in start-tag order, at most `depth` at a time
+//! while more than one channel is active, so two saturating channels get the device in the
+//! ratio of their weights, and a channel that sends one request at a time waits for at most
+//! `depth` requests of the others instead of every one they have queued. A channel alone on
+//! its device is not held to `depth` (the scheduler costs nothing when nobody contends); a
+//! channel counts as present for [`ACTIVE_GRACE`] after its last request, so a channel that
+//! sends one request at a time does not find the device filled by the others between two of
+//! its requests. An idle channel banks no credit: its next request starts at the current
+//! virtual time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long a channel counts as contending after its last request finished.
+pub const ACTIVE_GRACE: Duration = Duration::from_millis(100);
+
+/// Virtual-time units of one request of weight 1 (plus its bytes, see [`cost`]).
+const UNIT: u64 = 1 << 20;
+
+/// A request's cost in virtual-time units at `weight`: one unit per request plus one per
+/// 64 KiB, so channels of small requests share by requests and large ones by bytes.
+pub fn cost(bytes: u64, weight: u32) -> u64 {
+    let units = UNIT + bytes.saturating_mul(UNIT) / (64 << 10);
+    units / u64::from(weight.max(1))
+}
+
+#[derive(Default)]
+struct State {
+    /// Start tag of the latest grant.
+    vtime: u64,
+    tickets: u64,
+    /// Waiting requests by (start tag, ticket): their channel and what wakes their thread.
+    waiting: BTreeMap<(u64, u64), (u32, Arc<Condvar>)>,
+    /// Per channel: finish tag of its latest request, and its requests granted and waiting.
+    channels: HashMap<u32, Channel>,
+    in_service: usize,
+}
+
+#[derive(Default)]
+struct Channel {
+    finish: u64,
+    granted: usize,
+    waiting: usize,
+    /// When its last request finished.
+    last_done: Option<Instant>,
+}
+
+impl State {
+    fn active_others(&self, channel: u32, now: Instant) -> bool {
+        self.channels.iter().any(|(c, s)| {
+            *c != channel
+                && (s.granted > 0
+                    || s.waiting > 0
+                    || s.last_done
+                        .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE_GRACE))
+        })
+    }
+
+    fn may_go(&self, key: (u64, u64), channel: u32, depth: usize, now: Instant) -> bool {
+        self.waiting.keys().next() == Some(&key)
+            && (self.in_service < depth || !self.active_others(channel, now))
+    }
+
+    /// Wakes the head of the queue if it may go (and only it: no herd of waiters).
+    fn wake_head(&self, depth: usize, now: Instant) {
+        if let Some((&key, (channel, cv))) = self.waiting.iter().next() {
+            if self.may_go(key, *channel, depth, now) {
+                cv.notify_one();
+            }
+        }
+    }
+
+    /// A request of `cost` arrives on `channel`, its thread waiting on `wake`: its ticket.
+    fn arrive(&mut self, channel: u32, cost: u64, wake: Arc<Condvar>) -> (u64, u64) {
+        let vtime = self.vtime;
+        let ch = self.channels.entry(channel).or_default();
+        let start = ch.finish.max(vtime);
+        ch.finish = start.saturating_add(cost);
+        ch.waiting += 1;
+        self.tickets += 1;
+        let key = (start, self.tickets);
+        self.waiting.insert(key, (channel, wake));
+        key
+    }
+
+    /// The request with ticket `key` gets the device.
+    fn grant(&mut self, key: (u64, u64), channel: u32) {
+        self.waiting.remove(&key);
+        self.vtime = self.vtime.max(key.0);
+        self.in_service += 1;
+        if let Some(ch) = self.channels.get_mut(&channel) {
+            ch.waiting = ch.waiting.saturating_sub(1);
+            ch.granted += 1;
+        }
+    }
+
+    /// A granted request on `channel` is done with the device.
+    fn finish(&mut self, channel: u32, now: Instant) {
+        self.in_service = self.in_service.saturating_sub(1);
+        if let Some(ch) = self.channels.get_mut(&channel) {
+            ch.granted = ch.granted.saturating_sub(1);
+            ch.last_done = Some(now);
+        }
+    }
+}
+
+/// The scheduler of one backend device.
+pub struct Fair {
+    depth: usize,
+    state: Mutex<State>,
+}
+
+/// Holds the device for one request; dropping it lets the next go.
+pub struct Grant<'a> {
+    fair: &'a Fair,
+    channel: u32,
+}
+
+impl Fair {
+    /// A scheduler granting at most `depth` requests at once while channels contend.
+    pub fn new(depth: usize) -> Self {
+        Fair {
+            depth: depth.max(1),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the device's grant for a request of `cost` (see [`cost`]) on `channel`.
+    pub fn begin(&self, channel: u32, cost: u64) -> Grant<'_> {
+        let wake = Arc::new(Condvar::new());
+        let mut s = self.lock();
+        let key = s.arrive(channel, cost, wake.clone());
+        // A waiter held back only by another channel's grace is woken by its expiry.
+        while !s.may_go(key, channel, self.depth, Instant::now()) {
+            s = wake
+                .wait_timeout(s, ACTIVE_GRACE)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.grant(key, channel);
+        // The next in line may be allowed too (a lone channel is not held to the depth).
+        s.wake_head(self.depth, Instant::now());
+        Grant {
+            fair: self,
+            channel,
+        }
+    }
+}
+
+impl Drop for Grant<'_> {
+    fn drop(&mut self) {
+        let mut s = self.fair.lock();
+        let now = Instant::now();
+        s.finish(self.channel, now);
+        s.wake_head(self.fair.depth, now);
+    }
+}
+
+/// The scheduler of backend device `path`, shared by every channel on it.
+pub fn for_backend(path: &str, depth: usize) -> Arc<Fair> {
+    static ALL: OnceLock<Mutex<HashMap<String, Arc<Fair>>>> = OnceLock::new();
+    let mut all = ALL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    all.entry(path.to_string())
+        .or_insert_with(|| Arc::new(Fair::new(depth)))
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head of the queue if it may go at `now`: grants it.
+    fn grant_at(s: &mut State, depth: usize, now: Instant) -> Option<u32> {
+        let (&key, &(channel, _)) = s.waiting.iter().next()?;
+        s.may_go(key, channel, depth, now).then(|| {
+            s.grant(key, channel);
+            channel
+        })
+    }
+
+    /// [`grant_at`] at a fixed instant.
+    fn grant_next(s: &mut State, depth: usize) -> Option<u32> {
+        grant_at(s, depth, *T0)
+    }
+
+    static T0: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+    #[test]
+    fn saturating_channels_share_by_weight() {
+        // Two channels, weights 2:1, each keeping 8 requests queued: every completion is
+        // followed by a new request on the same channel.
+        let mut s = State::default();
+        let weights = [200, 100];
+        for (c, w) in weights.iter().enumerate() {
+            for _ in 0..8 {
+                s.arrive(c as u32, cost(4096, *w), Default::default());
+            }
+        }
+        let mut in_service = std::collections::VecDeque::new();
+        let mut served = [0u32; 2];
+        for _ in 0..3000 {
+            while let Some(c) = grant_next(&mut s, 2) {
+                in_service.push_back(c);
+            }
+            let c = in_service.pop_front().expect("something in service");
+            s.finish(c, *T0);
+            served[c as usize] += 1;
+            s.arrive(c, cost(4096, weights[c as usize]), Default::default());
+        }
+        assert_eq!(served[0] + served[1], 3000);
+        assert!(served[0].abs_diff(2 * served[1]) <= 3, "{served:?}");
+    }
+
+    #[test]
+    fn the_depth_holds_only_while_channels_contend() {
+        let mut s = State::default();
+        for _ in 0..4 {
+            s.arrive(0, cost(4096, 100), Default::default());
+        }
+        // Alone: all four go at depth 1.
+        let alone: Vec<_> = std::iter::from_fn(|| grant_next(&mut s, 1)).collect();
+        assert_eq!(alone, [0, 0, 0, 0]);
+        // Another channel arrives: it waits until the device is below the depth.
+        s.arrive(1, cost(4096, 100), Default::default());
+        assert_eq!(grant_next(&mut s, 1), None);
+        for _ in 0..3 {
+            s.finish(0, *T0);
+        }
+        assert_eq!(
+            grant_next(&mut s, 1),
+            None,
+            "one of channel 0 still in service"
+        );
+        s.finish(0, *T0);
+        assert_eq!(grant_next(&mut s, 1), Some(1));
+        // Channel 1 finishes; for the grace period after, channel 0 is still held to the
+        // depth, then it is alone again.
+        for _ in 0..3 {
+            s.arrive(0, cost(4096, 100), Default::default());
+        }
+        s.finish(1, *T0);
+        assert_eq!(grant_next(&mut s, 1), Some(0));
+        assert_eq!(grant_next(&mut s, 1), None);
+        let later = *T0 + ACTIVE_GRACE;
+        assert_eq!(grant_at(&mut s, 1, later), Some(0));
+        assert_eq!(grant_at(&mut s, 1, later), Some(0));
+    }
+
+    #[test]
+    fn an_occasional_channel_goes_ahead_of_a_backlog() {
+        // Channel 0 keeps 8 queued and `depth` in service; channel 1 sends one request at a
+        // time and is served after at most `depth` of channel 0's, not its whole backlog.
+        let depth = 2;
+        let mut s = State::default();
+        // Channel 1 was here a moment ago.
+        s.arrive(1, cost(4096, 100), Default::default());
+        assert_eq!(grant_next(&mut s, depth), Some(1));
+        s.finish(1, *T0);
+        let mut in_service = std::collections::VecDeque::new();
+        for _ in 0..8 {
+            s.arrive(0, cost(4096, 100), Default::default());
+        }
+        for round in 0..50 {
+            while let Some(c) = grant_next(&mut s, depth) {
+                in_service.push_back(c);
+            }
+            s.arrive(1, cost(4096, 100), Default::default());
+            let mut ahead = 0;
+            loop {
+                while let Some(c) = grant_next(&mut s, depth) {
+                    in_service.push_back(c);
+                }
+                if in_service.contains(&1) {
+                    break;
+                }
+                let c = in_service.pop_front().expect("in service");
+                s.finish(c, *T0);
+                s.arrive(c, cost(4096, 100), Default::default());
+                ahead += 1;
+            }
+            assert!(
+                ahead <= depth,
+                "round {round}: {ahead} completions before channel 1"
+            );
+            // Channel 1's request completes; channel 0 keeps going for a while.
+            in_service.retain(|c| *c != 1);
+            s.finish(1, *T0);
+            for _ in 0..5 {
+                while let Some(c) = grant_next(&mut s, depth) {
+                    in_service.push_back(c);
+                }
+                let c = in_service.pop_front().expect("in service");
+                s.finish(c, *T0);
+                s.arrive(c, cost(4096, 100), Default::default());
+            }
+        }
+    }
+
+    #[test]
+    fn blocking_grants_release_the_next_waiter() {
+        // The threaded wrapper: a second channel's request waits for the first's grant.
+        let fair = Arc::new(Fair::new(1));
+        let first = fair.begin(1, cost(4096, 100));
+        let second = fair.begin(1, cost(4096, 100));
+        let f2 = fair.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _g = f2.begin(2, cost(4096, 100));
+            tx.send(()).expect("send");
+        });
+        drop(first);
+        assert!(
+            rx.try_recv().is_err(),
+            "granted while channel 1 holds the depth"
+        );
+        drop(second);
+        rx.recv().expect("granted after release");
+        waiter.join().expect("waiter");
+    }
+
+    #[test]
+    fn costs_favour_heavier_weights_and_count_bytes() {
+        assert_eq!(cost(0, 1), UNIT);
+        assert_eq!(cost(64 << 10, 1), 2 * UNIT);
+        assert!(cost(4096, 200) < cost(4096, 100));
+        assert!(cost(u64::MAX, 0) > cost(64 << 10, 1));
+    }
+}
