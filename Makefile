@@ -109,10 +109,15 @@ bench-driver: deps images build driver-image
 # saturating clients of weights 2:1, a 1000-IOPS limit; with and without the agent's
 # weighted scheduler (FAIR_SECS per phase, default 15).
 FAIR_SECS ?= 15
+# FAIR_ARMS: fair (depth 2), fair1 (depth 1), fifo; DEVICE_IOPS: the driver VM's disk slowed
+# to this many IOPS (the device, not the emulated CPU, as the bottleneck).
+FAIR_ARMS ?= fair fifo
+DEVICE_IOPS ?=
 bench-fairness: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --timeout 7200 --driver-image --guest-script bench/guest-fairness.sh \
-	    --env FAIR_SECS=$(FAIR_SECS) bench/fairness.sh
+	    --env FAIR_SECS=$(FAIR_SECS) --env "FAIR_ARMS=$(FAIR_ARMS)" --env DEVICE_IOPS=$(DEVICE_IOPS) \
+	    bench/fairness.sh
 
 # Network path, driver VM vs direct virtio-net on the same TAP and peer: TCP both ways and
 # ping latency (median, p99), one run of NET_ROUNDS alternating rounds.

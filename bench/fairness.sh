@@ -12,6 +12,10 @@ K=$IMAGES/vmlinuz
 DISK=/tmp/pool.img
 T=${FAIR_SECS:-15}
 LIMIT=${LIMIT_IOPS:-100}
+# DEVICE_IOPS: the driver VM's disk as a slower device (so that the device, not the emulated
+# CPU, is the bottleneck, as a real disk under a QD64 load is).
+DEVICE_LIMIT=""
+[ -n "$DEVICE_IOPS" ] && DEVICE_LIMIT="disk_limits = { iops = $DEVICE_IOPS }"
 MIB=1048576
 : > results.txt
 
@@ -73,6 +77,7 @@ kernel = "$K"
 initrd = "$WORK/driver.img"
 memory = "256M"
 disks = ["$DISK"]
+$DEVICE_LIMIT
 cmdline = "console=ttyS0 quiet ddvmm.action=agent $2"
 
 [recovery]
@@ -116,7 +121,7 @@ CFG
     wait_done aggressor 2
     cmd heavy 4 weight200 randread 4k 32 $T; cmd aggressor 5 weight100 randread 4k 32 $T
     wait_done heavy 4; wait_done aggressor 5
-    if [ $ARM = fair ]; then cmd limited 6 limited randread 4k 32 $T; wait_done limited 6; fi
+    if [ $ARM = fair ] && [ -z "$DEVICE_IOPS" ]; then cmd limited 6 limited randread 4k 32 $T; wait_done limited 6; fi
     $DDVMM ctl --socket system.sock stats | tr -d ' \n' | grep -o '"throttled":[0-9]*' | sort | uniq -c
     for c in victim aggressor heavy limited; do quit $c; done
     sleep 3
@@ -124,23 +129,30 @@ CFG
     wait $DAEMON
 }
 
-run_arm fair ""
-run_arm fifo "ddvmm.agent.fair=off"
+# Arms: fair (depth 2, the default), fair1 (depth 1), fifo (no scheduler).
+for arm in ${FAIR_ARMS:-fair fifo}; do
+    case $arm in
+        fair) run_arm fair "" ;;
+        fair1) run_arm fair1 "ddvmm.agent.depth=1" ;;
+        fifo) run_arm fifo "ddvmm.agent.fair=off" ;;
+        *) echo "unknown arm $arm"; exit 1 ;;
+    esac
+done
 
 # RESULT <arm> <client> <job> <iops> <p50> <p99>
-awk -v T=$T -v L=$LIMIT '
+awk -v T=$T -v L=$LIMIT -v DEV="${DEVICE_IOPS:+ limited to $DEVICE_IOPS IOPS}" '
 $1 == "RESULT" { iops[$2, $4] = $5; p50[$2, $4] = $6; p99[$2, $4] = $7 }
 END {
-    printf "\nfairness: one driver VM, four clients on one device, 4 KiB randread, one %d s run per phase\n", T
+    printf "\nfairness: one driver VM, four clients on one device%s, 4 KiB randread, one %d s run per phase\n", DEV, T
     printf "%-5s %-28s %10s %10s %10s\n", "arm", "phase", "IOPS", "p50 us", "p99 us"
     n = split("alone contended aggressor weight200 weight100 limited", jobs, " ")
-    split("fair fifo", arms, " ")
-    for (a = 1; a <= 2; a++) for (j = 1; j <= n; j++) {
+    na = split("fair fair1 fifo", arms, " ")
+    for (a = 1; a <= na; a++) for (j = 1; j <= n; j++) {
         k = arms[a] SUBSEP jobs[j]
         if (k in iops) printf "%-5s %-28s %10d %10d %10d\n", arms[a], jobs[j], iops[k], p50[k], p99[k]
     }
     printf "\n%-5s %-44s %8s\n", "arm", "metric", "value"
-    for (a = 1; a <= 2; a++) {
+    for (a = 1; a <= na; a++) {
         r = arms[a]
         if (p99[r, "alone"] > 0) printf "%-5s %-44s %8.2f  (goal <= 2)\n", r, "victim p99 beside aggressor / alone", p99[r, "contended"] / p99[r, "alone"]
         if (p50[r, "alone"] > 0) printf "%-5s %-44s %8.2f\n", r, "victim p50 beside aggressor / alone", p50[r, "contended"] / p50[r, "alone"]

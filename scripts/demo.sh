@@ -70,7 +70,8 @@ follow() {
     while :; do
         for c in alice bob; do
             eval shown=\$shown_$c
-            lines=$(tr -d '\r' < system.d/$c.console 2>/dev/null | grep "^DEMO")
+            [ -f system.d/$c.console ] || continue
+            lines=$(tr -d '\r' < system.d/$c.console | grep "^DEMO")
             n=$(printf '%s\n' "$lines" | grep -c "^DEMO")
             if [ "$n" -gt "$shown" ]; then
                 printf '%s\n' "$lines" | tail -n $((n - shown)) | sed 's/^DEMO/  /'
@@ -103,10 +104,13 @@ echo
 echo "=== what the daemon saw (ddvmm ctl events)"
 $CTL events | tr -d ' \n' | sed 's/},{"driver"/}\n{"driver"/g' | grep -o '{"driver".*' | while read -r e; do
     field() { printf '%s' "$e" | grep -o "\"$1\":[^,}]*" | head -1 | cut -d: -f2 | tr -d '"'; }
-    echo "  fault in driver VM $(field driver): injected $(field injected), detected by $(field detected_by) in $(field detect_ms) ms"
-    echo "  restarted by: $(field restart) (standby: $(field standby)); clients' outage $(field outage_ms) ms; requests replayed: $(field replayed); outcome: $(field outcome)"
+    ms() { field $1 | awk '{ printf "%.0f", $1 }'; }
+    echo "  fault in driver VM $(field driver): injected $(field injected), detected by $(field detected_by) in $(ms detect_ms) ms"
+    how="booted"; [ "$(field restart)" = restore ] && how="restored from its snapshot"
+    [ "$(field standby)" = true ] && how="$how (restored ahead of time, resumed)"
+    echo "  $(field outcome): $how; the clients' outage: $(ms outage_ms) ms; requests replayed: $(field replayed)"
 done
-echo "  driver VM cold boot for comparison: $($CTL events | tr -d ' \n' | grep -o '"cold_boots_ms":\[[^]]*' | cut -d[ -f2) ms"
+echo "  the driver VM's cold boot, for comparison: $($CTL events | tr -d ' \n' | grep -o '"cold_boots_ms":\[[^]]*' | cut -d[ -f2 | awk -F, '{ printf "%.0f", $1 }') ms"
 echo
 echo "=== per-client counters (ddvmm ctl stats)"
 $CTL stats > stats.json

@@ -284,3 +284,23 @@ fn a_standby_needs_a_snapshot_and_a_control_connection() {
     assert_eq!(o.status, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--control-fd"), "{}", o.stderr);
 }
+
+#[test]
+fn bad_disk_options_are_named() {
+    let k = kernel();
+    for (spec, needle) in [
+        (
+            "/tmp/d.img,iops=0",
+            "--disk /tmp/d.img,iops=0: 'iops=0' needs a positive number",
+        ),
+        ("/tmp/d.img,bps=x", "'bps=x' needs a positive number"),
+        (
+            "/tmp/d.img,fast",
+            "unknown option 'fast' (expected ro, rw, iops=N or bps=N)",
+        ),
+        (",ro", "empty path"),
+    ] {
+        let o = ddvmm(&["run", "--kernel", s(&k), "--disk", spec]);
+        assert_error(&o, needle);
+    }
+}

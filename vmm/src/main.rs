@@ -200,8 +200,9 @@ struct RunArgs {
     /// Serial console destination: "stdout" or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
-    /// A virtio-blk disk: PATH or PATH,ro (repeatable).
-    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    /// A virtio-blk disk: PATH[,ro][,iops=N][,bps=N] (repeatable; iops and bps limit
+    /// requests and bytes per second).
+    #[arg(long = "disk", value_name = "PATH[,ro][,iops=N][,bps=N]")]
     disks: Vec<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=52:54:00:xx:xx:xx] (repeatable).
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
@@ -467,21 +468,38 @@ fn wait_as_standby(machine: &Machine, resume_rx: &std::sync::mpsc::Receiver<()>)
 }
 
 /// Parses `PATH` or `PATH,ro`.
+/// Parses `PATH[,ro|,rw][,iops=N][,bps=N]` (options after the path, in any order).
 fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
-    let (path, read_only) = match spec.rsplit_once(',') {
-        Some((path, "ro")) => (path, true),
-        Some((path, "rw")) => (path, false),
-        Some((_, opt)) => {
-            anyhow::bail!("--disk {spec}: unknown option '{opt}' (expected ro or rw)")
+    let mut parts: Vec<&str> = spec.split(',').collect();
+    let (mut read_only, mut limit) = (false, RateLimit::default());
+    while parts.len() > 1 {
+        let opt = parts[parts.len() - 1];
+        let rate = |v: &str| -> anyhow::Result<Option<u64>> {
+            match v.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => anyhow::bail!("--disk {spec}: '{opt}' needs a positive number"),
+            }
+        };
+        match opt.split_once('=') {
+            None if opt == "ro" => read_only = true,
+            None if opt == "rw" => read_only = false,
+            Some(("iops", v)) => limit.ops_per_s = rate(v)?,
+            Some(("bps", v)) => limit.bytes_per_s = rate(v)?,
+            _ if opt.contains('/') || opt.contains('.') => break,
+            _ => anyhow::bail!(
+                "--disk {spec}: unknown option '{opt}' (expected ro, rw, iops=N or bps=N)"
+            ),
         }
-        None => (spec, false),
-    };
+        parts.pop();
+    }
+    let path = parts.join(",");
     if path.is_empty() {
         anyhow::bail!("--disk {spec}: empty path");
     }
     Ok(DiskConfig {
         path: PathBuf::from(path),
         read_only,
+        limit,
     })
 }
 

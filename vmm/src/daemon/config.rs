@@ -13,6 +13,8 @@
 //! cpus = 1                          # optional, default 1
 //! disks = ["/var/lib/ddvmm/pool.img"]  # devices it owns: /dev/vda, /dev/vdb, ... inside
 //! passthrough = ["0000:01:00.0"]    # host PCI functions it owns (VFIO; bound to vfio-pci)
+//! disk_limits = { iops = 200 }      # optional: each emulated disk as a slower device
+//!                                   #   (requests and bytes per second: iops, bandwidth)
 //! taps = ["ddtap0"]                 # host TAPs of its emulated NICs: eth0, eth1, ... inside
 //! cmdline = "..."                   # optional, default "console=ttyS0 quiet ddvmm.action=agent"
 //! console = "storage.log"           # optional, default <state dir>/<name>.console
@@ -275,6 +277,7 @@ struct RawVm {
     limits: Option<RawLimits>,
     #[serde(default)]
     disks: Vec<PathBuf>,
+    disk_limits: Option<RawRates>,
     #[serde(default)]
     passthrough: Vec<String>,
     #[serde(default)]
@@ -283,6 +286,38 @@ struct RawVm {
     disk: Vec<RawClientDisk>,
     #[serde(default)]
     net: Vec<RawClientNet>,
+}
+
+/// Requests and bytes per second.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRates {
+    iops: Option<u64>,
+    bandwidth: Option<String>,
+}
+
+/// Checked limits: requests and bytes per second (`None`: unlimited).
+fn rates(
+    key: &str,
+    iops: Option<u64>,
+    bandwidth: Option<&str>,
+) -> Result<(Option<u64>, Option<u64>), ConfigError> {
+    if iops == Some(0) {
+        return Err(invalid(
+            format!("{key}.iops"),
+            "must not be zero (omit it: no limit)",
+        ));
+    }
+    let bandwidth = bandwidth
+        .map(|v| parse_size(v).map_err(|e| invalid(format!("{key}.bandwidth"), e.to_string())))
+        .transpose()?;
+    if bandwidth.is_some_and(|b| b < 4096) {
+        return Err(invalid(
+            format!("{key}.bandwidth"),
+            "must be at least 4K per second (omit it: no limit)",
+        ));
+    }
+    Ok((iops, bandwidth))
 }
 
 #[derive(Debug, Deserialize)]
@@ -342,6 +377,8 @@ pub struct VmConfig {
     pub limits: Limits,
     /// Driver VMs: backing files of the devices they own, in guest order (/dev/vda, ...).
     pub disks: Vec<PathBuf>,
+    /// Requests and bytes per second each of `disks` may do (a slower device), if limited.
+    pub disk_limits: (Option<u64>, Option<u64>),
     /// Driver VMs: host PCI functions they own through VFIO (an NVMe controller shows up as
     /// /dev/nvme0n1, ...).
     pub passthrough: Vec<PciAddress>,
@@ -640,6 +677,14 @@ fn vm_common(
     for (j, d) in raw.disks.iter().enumerate() {
         disks.push(existing(&format!("disks[{j}]"), d)?);
     }
+    let disk_limits = match &raw.disk_limits {
+        Some(r) => rates(
+            &format!("{key}.disk_limits"),
+            r.iops,
+            r.bandwidth.as_deref(),
+        )?,
+        None => (None, None),
+    };
     let console_limit = match &raw.console_limit {
         Some(m) => {
             parse_size(m).map_err(|e| invalid(format!("{key}.console_limit"), e.to_string()))?
@@ -666,6 +711,7 @@ fn vm_common(
         console_limit,
         limits,
         disks,
+        disk_limits,
         passthrough: Vec::new(),
         taps: Vec::new(),
         client_disks: Vec::new(),
@@ -886,23 +932,7 @@ fn client_disk(
             format!("{weight} is outside 1..={MAX_WEIGHT}"),
         ));
     }
-    if raw.iops == Some(0) {
-        return Err(invalid(
-            format!("{key}.iops"),
-            "must not be zero (omit it: no limit)",
-        ));
-    }
-    let bandwidth = raw
-        .bandwidth
-        .as_deref()
-        .map(|v| size_of("bandwidth", v))
-        .transpose()?;
-    if bandwidth.is_some_and(|b| b < 4096) {
-        return Err(invalid(
-            format!("{key}.bandwidth"),
-            "must be at least 4K per second (omit it: no limit)",
-        ));
-    }
+    let (iops, bandwidth) = rates(key, raw.iops, raw.bandwidth.as_deref())?;
     Ok(ClientDisk {
         driver: raw.driver.clone(),
         device,
@@ -910,7 +940,7 @@ fn client_disk(
         size,
         read_only: raw.read_only,
         weight,
-        iops: raw.iops,
+        iops,
         bandwidth,
     })
 }

@@ -607,8 +607,16 @@ impl Supervisor {
             }
             _ => {}
         }
+        let (iops, bps) = vm.cfg.disk_limits;
         for d in &vm.cfg.disks {
-            cmd.arg("--disk").arg(d);
+            let mut spec = d.clone().into_os_string();
+            if let Some(n) = iops {
+                spec.push(format!(",iops={n}"));
+            }
+            if let Some(n) = bps {
+                spec.push(format!(",bps={n}"));
+            }
+            cmd.arg("--disk").arg(spec);
         }
         for a in &vm.cfg.passthrough {
             cmd.arg("--vfio").arg(a.to_string());

@@ -53,6 +53,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Refuse writes.
     pub read_only: bool,
+    /// Requests and bytes per second the disk may do (a slower device).
+    pub limit: crate::devices::virtio::ring::RateLimit,
 }
 
 /// A virtio-net NIC backed by a TAP device.

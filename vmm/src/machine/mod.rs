@@ -237,7 +237,7 @@ impl Machine {
         let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
         let mut ring_ports = Vec::new();
         for d in &cfg.disks {
-            let disk = open_disk(&d.path, d.read_only)?;
+            let disk = open_disk(&d.path, d.read_only)?.with_limit(d.limit);
             devices.push((d.path.display().to_string(), Box::new(Block::new(disk))));
         }
         for (i, r) in cfg.ring_disks.iter().enumerate() {

@@ -8,6 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use thiserror::Error;
+
+use crate::devices::virtio::ring::rate_limit::{RateLimit, RateLimiter};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -181,6 +183,8 @@ pub struct Disk {
     read_only: bool,
     size: u64,
     id: [u8; ID_BYTES],
+    /// Requests and bytes per second, if limited (the I/O threads wait for their turn).
+    limiter: Option<std::sync::Mutex<RateLimiter>>,
 }
 
 impl Disk {
@@ -194,6 +198,29 @@ impl Disk {
             read_only,
             size,
             id: id_bytes,
+            limiter: None,
+        }
+    }
+
+    /// The same disk, limited to `limit` (a slower device: requests wait, none fail).
+    pub fn with_limit(mut self, limit: RateLimit) -> Self {
+        self.limiter =
+            RateLimiter::new(limit, std::time::Instant::now()).map(std::sync::Mutex::new);
+        self
+    }
+
+    /// Waits until the limit allows a request moving `bytes` (at once if unlimited).
+    pub fn throttle(&self, bytes: u64) {
+        let Some(limiter) = &self.limiter else { return };
+        loop {
+            let taken = limiter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(std::time::Instant::now(), bytes);
+            match taken {
+                Ok(()) => return,
+                Err(wait) => std::thread::sleep(wait),
+            }
         }
     }
 
