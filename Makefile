@@ -106,17 +106,20 @@ bench-driver: deps images build driver-image
 	    --driver-image --guest-script bench/guest-blk.sh --lib bench/lib.sh bench/driver-blk.sh
 
 # Fairness: a QD1 victim beside a QD64 aggressor on one driver VM (p99 vs alone), two
-# saturating clients of weights 2:1, a 1000-IOPS limit; with and without the agent's
-# weighted scheduler (FAIR_SECS per phase, default 15).
+# saturating clients of weights 2:1, a client limited to LIMIT_IOPS (default 100: the emulated
+# driver path does a few hundred IOPS); with and without the agent's weighted scheduler
+# (FAIR_SECS per phase, default 15).
 FAIR_SECS ?= 15
 # FAIR_ARMS: fair (depth 2), fair1 (depth 1), fifo; DEVICE_IOPS: the driver VM's disk slowed
 # to this many IOPS (the device, not the emulated CPU, as the bottleneck).
 FAIR_ARMS ?= fair fifo
 DEVICE_IOPS ?=
+LIMIT_IOPS ?= 100
 bench-fairness: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --timeout 7200 --driver-image --guest-script bench/guest-fairness.sh \
 	    --env FAIR_SECS=$(FAIR_SECS) --env "FAIR_ARMS=$(FAIR_ARMS)" --env DEVICE_IOPS=$(DEVICE_IOPS) \
+	    --env LIMIT_IOPS=$(LIMIT_IOPS) \
 	    bench/fairness.sh
 
 # Network path, driver VM vs direct virtio-net on the same TAP and peer: TCP both ways and

@@ -36,7 +36,7 @@ wait_done() { # CLIENT SEQ
     until grep -q "DONE $2" system.d/$1.console 2>/dev/null; do
         sleep 2; n=$((n + 2))
         [ $((n % 60)) = 0 ] && echo "  waiting for $1 ($2), ${n}s"
-        if grep -q "FAIR-CLIENT $1 quits" system.d/$1.console || [ $n -gt $((10 * T + 600)) ]; then
+        if grep -q "FAIR-CLIENT $1 quits\|FIO-FAILED" system.d/$1.console || [ $n -gt $((10 * T + 600)) ]; then
             echo "client $1 never finished command $2"; tail -20 system.d/$1.console; exit 1
         fi
         kill -0 $DAEMON 2>/dev/null || { echo "daemon died"; tail -20 daemon.log; exit 1; }

@@ -104,7 +104,7 @@ echo
 echo "=== what the daemon saw (ddvmm ctl events)"
 $CTL events | tr -d ' \n' | sed 's/},{"driver"/}\n{"driver"/g' | grep -o '{"driver".*' | while read -r e; do
     field() { printf '%s' "$e" | grep -o "\"$1\":[^,}]*" | head -1 | cut -d: -f2 | tr -d '"'; }
-    ms() { field $1 | awk '{ printf "%.0f", $1 }'; }
+    ms() { field $1 | awk '$1 == "null" || $1 == "" { printf "n/a"; next } { printf "%.0f", $1 }'; }
     echo "  fault in driver VM $(field driver): injected $(field injected), detected by $(field detected_by) in $(ms detect_ms) ms"
     how="booted"; [ "$(field restart)" = restore ] && how="restored from its snapshot"
     [ "$(field standby)" = true ] && how="$how (restored ahead of time, resumed)"
@@ -116,7 +116,7 @@ echo "=== per-client counters (ddvmm ctl stats)"
 $CTL stats > stats.json
 for c in alice bob; do
     s=$(tr -d ' \n' < stats.json | grep -o "\"$c\":{.*")
-    get() { printf '%s' "$s" | grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2; }
+    get() { v=$(printf '%s' "$s" | grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2); echo "${v:-0}"; }
     echo "  $c: disk: $(get guest_completed) requests, $(( $(get written_bytes) >> 20 )) MiB written," \
         "$(( $(get read_bytes) >> 20 )) MiB read, $(get replayed) replayed after the fault, $(get errors) errors;" \
         "network: $(get tx_frames) frames sent, $(get rx_frames) received"

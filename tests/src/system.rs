@@ -260,7 +260,7 @@ for d in $($CTL list 2>/dev/null | tr -d ' \n' | sed 's/}},{{/}}\n{{/g' | grep '
     echo "=== driver console $d"; tr -d '\r' < $WORK/system.d/$d.console | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
 done
 echo "=== daemon log"; tail -n 200 $WORK/daemon.log
-for c in storage {clients}; do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done
+for c in $(ls $WORK/system.d/*.log | sed 's|.*/||; s|\.log$||'); do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done
 echo "=== vmm kills"; grep -h "killed by signal\|seccomp:" $WORK/system.d/*.log | sort | uniq -c
 dmesg | grep -a -i "segfault\|traps:" | tail -n 10
 "#,

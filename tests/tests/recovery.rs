@@ -895,11 +895,11 @@ wait_console beta STREAMING
 sleep 10
 DRV=netdrv campaign net --faults {n} --kinds {kinds} --min-interval-ms 10000 --max-interval-ms 15000
 # Both driver VMs at once: each recovers on its own, the clients' disks and streams go on.
-n0=$($CTL events | grep -o '"outcome":"restarted"' | wc -l)
+n0=$($CTL events | tr -d ' \n' | grep -o '"outcome":"restarted"' | wc -l)
 $CTL inject storage kill & I1=$!
 $CTL inject netdrv panic & I2=$!
 wait $I1; echo "INJECT-STORAGE-RC $?"; wait $I2; echo "INJECT-NETDRV-RC $?"
-i=0; until [ $($CTL events | grep -o '"outcome":"restarted"' | wc -l) -ge $((n0 + 2)) ]; do
+i=0; until [ $($CTL events | tr -d ' \n' | grep -o '"outcome":"restarted"' | wc -l) -ge $((n0 + 2)) ]; do
     sleep 1; i=$((i + 1)); [ $i -lt 300 ] || {{ echo "DOUBLE-FAULT-NOT-RECOVERED"; break; }}
 done
 echo "=== double fault events"; $CTL events | tr -d ' \n'; echo

@@ -139,6 +139,11 @@ impl<T> Journal<T> {
         }
     }
 
+    /// Whether request `seq` was on the ring at a driver VM crash (sending it is a replay).
+    pub fn is_replay(&self, seq: u64) -> bool {
+        self.entries.get(&seq).is_some_and(|e| e.crashes > 0)
+    }
+
     /// The next waiting request that may go on the ring now, as (its key, the request, whether
     /// it is a suspect), or `None` if nothing may: the journal is held, a suspect is alone on
     /// the ring, or the next one is a suspect and something else is still on the ring. Always

@@ -548,6 +548,12 @@ impl SystemConfig {
                     "client NICs are `[[client.net]]` tables served by a driver VM",
                 ));
             }
+            if c.disk_limits.is_some() {
+                return Err(invalid(
+                    format!("{key}.disk_limits"),
+                    "a client disk's limits are `iops` and `bandwidth` in its `[[client.disk]]`",
+                ));
+            }
             let mut vm = vm_common(c, &key, Role::Client, &abs, &mut names)?;
             for (j, d) in c.disk.iter().enumerate() {
                 let key = format!("{key}.disk[{j}]");

@@ -6,8 +6,9 @@
 //! tag adds its cost divided by the channel's weight (from the channel's `WEIGHT` register,
 //! set by the daemon's configuration). Grants go in start-tag order, at most `depth` at a time
 //! while more than one channel is active, so two saturating channels get the device in the
-//! ratio of their weights, and a channel that sends one request at a time waits for at most
-//! `depth` requests of the others instead of every one they have queued. A channel alone on
+//! ratio of their weights, and a channel that sends one request at a time waits for the
+//! others' requests already on the device to drain below `depth` (up to `depth` of them, once
+//! it is known to be present) instead of for every one they have queued. A channel alone on
 //! its device is not held to `depth` (the scheduler costs nothing when nobody contends); a
 //! channel counts as present for [`ACTIVE_GRACE`] after its last request, so a channel that
 //! sends one request at a time does not find the device filled by the others between two of
@@ -107,6 +108,14 @@ impl State {
         if let Some(ch) = self.channels.get_mut(&channel) {
             ch.granted = ch.granted.saturating_sub(1);
             ch.last_done = Some(now);
+        }
+        // The device is idle: virtual time starts again from zero (nobody is owed anything
+        // when nobody waits), so the tags never come near overflowing.
+        if self.in_service == 0 && self.waiting.is_empty() {
+            self.vtime = 0;
+            for ch in self.channels.values_mut() {
+                ch.finish = 0;
+            }
         }
     }
 }

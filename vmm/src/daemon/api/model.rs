@@ -356,9 +356,10 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+// Replies accept fields they do not know (a newer daemon may add some); requests do not.
+
 /// `GET /v1/vms`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VmList {
     /// Every VM, in configuration order.
     pub vms: Vec<VmInfo>,
@@ -366,7 +367,6 @@ pub struct VmList {
 
 /// `GET /v1/events`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EventList {
     /// Every fault (the most recent 20,000).
     pub events: Vec<FaultEvent>,
@@ -376,7 +376,6 @@ pub struct EventList {
 
 /// `PUT /v1/vms/{vm}/campaign`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CampaignReport {
     /// The campaign's faults.
     pub events: Vec<FaultEvent>,
@@ -384,7 +383,6 @@ pub struct CampaignReport {
 
 /// The body of every error reply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     /// What went wrong, with its causes.
     pub error: String,
@@ -408,17 +406,23 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// Status code, content type and body.
+    /// Status code, content type (empty: none) and body.
     pub fn to_http(&self) -> (u16, &'static str, Vec<u8>) {
         const JSON: &str = "application/json";
-        let json = |v: Result<Vec<u8>, serde_json::Error>| (200, JSON, v.unwrap_or_default());
+        let json = |v: Result<Vec<u8>, serde_json::Error>| match v {
+            Ok(body) => (200, JSON, body),
+            Err(e) => {
+                let e = ApiError::new(Status::Internal, format!("cannot render the reply: {e}"));
+                (e.status.code(), JSON, e.body())
+            }
+        };
         match self {
             Reply::Vms(v) => json(serde_json::to_vec(v)),
             Reply::Stats(v) => json(serde_json::to_vec(v)),
             Reply::Events(v) => json(serde_json::to_vec(v)),
             Reply::Campaign(v) => json(serde_json::to_vec(v)),
             Reply::Metrics(t) => (200, METRICS_CONTENT_TYPE, t.clone().into_bytes()),
-            Reply::Done => (204, JSON, Vec::new()),
+            Reply::Done => (204, "", Vec::new()),
         }
     }
 

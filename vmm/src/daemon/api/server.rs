@@ -29,6 +29,10 @@ const MAX_DISCARD: usize = 1 << 20;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Metrics connections served at once; more wait in the listen backlog.
 const MAX_METRICS_CONNECTIONS: usize = 8;
+/// Longest a metrics connection lives (one request; a peer that never reads its reply).
+const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the shutdown reply gets to reach the client before the daemon starts stopping.
+const SHUTDOWN_REPLY_GRACE: Duration = Duration::from_millis(100);
 
 /// A reply on the wire.
 struct Wire {
@@ -50,8 +54,9 @@ impl Wire {
     }
 }
 
-/// Serves one connection with `answer`, bounded in head size and head time.
-async fn connection<I, F, Fut>(io: I, answer: F)
+/// Serves one connection with `answer`, bounded in head size and head time; with
+/// `keep_alive` false, one request only.
+async fn connection<I, F, Fut>(io: I, keep_alive: bool, answer: F)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -65,6 +70,7 @@ where
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(keep_alive)
         .max_buf_size(MAX_HEAD)
         .serve_connection(TokioIo::new(io), svc)
         .await;
@@ -77,8 +83,10 @@ fn response(w: Wire) -> hyper::Response<Full<Bytes>> {
     let mut r = hyper::Response::new(Full::new(Bytes::from(w.body)));
     *r.status_mut() =
         hyper::StatusCode::from_u16(w.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(w.content_type));
+    if !w.content_type.is_empty() {
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(w.content_type));
+    }
     if let Some(allow) = w.allow {
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
@@ -105,7 +113,9 @@ pub async fn serve(listener: UnixListener, sup: Arc<Supervisor>, shutdown: Arc<N
                     tracing::warn!(refusal = %r, "API connection refused");
                 }
                 let (sup, shutdown) = (sup.clone(), shutdown.clone());
-                tokio::spawn(connection(stream, move |req| {
+                // A refused peer gets its 403 and the connection ends.
+                let keep_alive = refusal.is_none();
+                tokio::spawn(connection(stream, keep_alive, move |req| {
                     let (sup, shutdown, refusal) = (sup.clone(), shutdown.clone(), refusal.clone());
                     async move {
                         let path = req.uri().path().to_string();
@@ -146,10 +156,11 @@ fn check_peer(stream: &UnixStream) -> Result<(), String> {
     }
 }
 
-/// Reads the body (bounded), parses the request and carries it out.
+/// Reads the body (bounded), parses the request and carries it out in a task of its own, so
+/// that a client that hangs up does not cut an operation (a stop, a campaign) short.
 async fn answer(
     sup: &Arc<Supervisor>,
-    shutdown: &Notify,
+    shutdown: &Arc<Notify>,
     req: hyper::Request<Incoming>,
 ) -> Result<Reply, ApiError> {
     let (method, path) = (
@@ -161,7 +172,10 @@ async fn answer(
         .map_err(|_| ApiError::bad_request("request body not sent in time"))??;
     let request = Request::from_http(&method, &path, &body)?;
     tracing::debug!(?request, "API request");
-    execute(sup, shutdown, request).await
+    let (sup, shutdown) = (sup.clone(), shutdown.clone());
+    tokio::spawn(async move { execute(&sup, &shutdown, request).await })
+        .await
+        .map_err(|e| ApiError::new(Status::Internal, format!("the request's task failed: {e}")))?
 }
 
 /// Reads a body of up to [`MAX_BODY`] bytes. A longer one is a 413, after reading on (up to
@@ -193,7 +207,7 @@ async fn read_body(mut body: Incoming) -> Result<Vec<u8>, ApiError> {
 /// Carries out a parsed request.
 pub async fn execute(
     sup: &Arc<Supervisor>,
-    shutdown: &Notify,
+    shutdown: &Arc<Notify>,
     request: Request,
 ) -> Result<Reply, ApiError> {
     Ok(match request {
@@ -225,7 +239,12 @@ pub async fn execute(
             Reply::Campaign(CampaignReport { events })
         }
         Request::Shutdown => {
-            shutdown.notify_one();
+            // After the reply is on its way: a daemon without VMs stops at once.
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_REPLY_GRACE).await;
+                shutdown.notify_one();
+            });
             Reply::Done
         }
     })
@@ -246,7 +265,7 @@ pub async fn serve_metrics(listener: TcpListener, sup: Arc<Supervisor>) {
         let sup = sup.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            connection(stream, move |req| {
+            let served = connection(stream, false, move |req| {
                 let sup = sup.clone();
                 async move {
                     let text = |s: &str| s.as_bytes().to_vec();
@@ -261,8 +280,8 @@ pub async fn serve_metrics(listener: TcpListener, sup: Arc<Supervisor>) {
                         },
                     }
                 }
-            })
-            .await;
+            });
+            let _ = tokio::time::timeout(METRICS_TIMEOUT, served).await;
         });
     }
 }

@@ -194,6 +194,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         let q = single_queue(queues)?;
         self.reset();
+        self.disk.set_draining(false);
         let disk = self.disk.clone();
         self.worker = Some(QueueWorker::spawn(
             ThreadKind::BlockQueue,
@@ -308,7 +309,9 @@ fn run_queue(
         }
     })();
 
-    // Stop: let in-flight requests finish and publish them, then end the pool.
+    // Stop: let in-flight requests finish (without waiting for a rate limit) and publish
+    // them, then end the pool.
+    disk.set_draining(true);
     drop(job_tx);
     while in_flight > 0 {
         match done_rx.recv() {

@@ -185,6 +185,9 @@ pub struct Disk {
     id: [u8; ID_BYTES],
     /// Requests and bytes per second, if limited (the I/O threads wait for their turn).
     limiter: Option<std::sync::Mutex<RateLimiter>>,
+    /// The device is stopping: requests still queued go at once (a reset or a stop never
+    /// waits for the limit).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Disk {
@@ -199,6 +202,7 @@ impl Disk {
             size,
             id: id_bytes,
             limiter: None,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -209,19 +213,29 @@ impl Disk {
         self
     }
 
-    /// Waits until the limit allows a request moving `bytes` (at once if unlimited).
+    /// Waits until the limit allows a request moving `bytes` (at once if unlimited or
+    /// draining).
     pub fn throttle(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        /// Longest sleep between looks at the draining flag.
+        const SLICE: std::time::Duration = std::time::Duration::from_millis(20);
         let Some(limiter) = &self.limiter else { return };
-        loop {
+        while !self.draining.load(Ordering::Acquire) {
             let taken = limiter
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take(std::time::Instant::now(), bytes);
             match taken {
                 Ok(()) => return,
-                Err(wait) => std::thread::sleep(wait),
+                Err(wait) => std::thread::sleep(wait.min(SLICE)),
             }
         }
+    }
+
+    /// Marks the device stopping (queued requests skip the limit) or running again.
+    pub fn set_draining(&self, on: bool) {
+        self.draining
+            .store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// Capacity in sectors.

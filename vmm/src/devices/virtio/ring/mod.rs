@@ -312,7 +312,7 @@ pub struct RingStats {
     pub quarantine_failed: AtomicU64,
     /// Requests the ring refused (they failed alone).
     pub refused: AtomicU64,
-    /// Times a request waited for the channel's rate limit.
+    /// Times the worker stopped sending because of the channel's rate limit (one per wait).
     pub throttled: AtomicU64,
     /// Journaled requests on the ring awaiting completion (a gauge).
     pub outstanding: AtomicU64,

@@ -88,29 +88,41 @@ impl RateLimiter {
         })
     }
 
-    /// Takes one request of `bytes` if both buckets allow it now; else how long to wait.
-    pub fn take(&mut self, now: Instant, bytes: u64) -> Result<(), Duration> {
+    /// Whether a request of `bytes` may go now (`Err`: how long until it may); takes nothing.
+    pub fn check(&mut self, now: Instant, bytes: u64) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.last);
         self.last = now.max(self.last);
-        let costs = [
+        let mut wait = Duration::ZERO;
+        for (bucket, cost) in [
             (self.ops.as_mut(), 1.0),
             (self.bytes.as_mut(), bytes as f64),
-        ];
-        let mut wait = Duration::ZERO;
-        let mut buckets = Vec::with_capacity(2);
-        for (bucket, cost) in costs {
+        ] {
             if let Some(b) = bucket {
                 b.refill(elapsed);
                 wait = wait.max(b.wait(cost));
-                buckets.push((b, cost));
             }
         }
-        if !wait.is_zero() {
-            return Err(wait);
+        if wait.is_zero() {
+            Ok(())
+        } else {
+            Err(wait)
         }
-        for (b, cost) in buckets {
-            b.tokens -= cost;
+    }
+
+    /// Charges a request of `bytes` that went (after [`Self::check`] allowed it).
+    pub fn commit(&mut self, bytes: u64) {
+        if let Some(b) = self.ops.as_mut() {
+            b.tokens -= 1.0;
         }
+        if let Some(b) = self.bytes.as_mut() {
+            b.tokens -= bytes as f64;
+        }
+    }
+
+    /// [`Self::check`], then [`Self::commit`] if the request may go.
+    pub fn take(&mut self, now: Instant, bytes: u64) -> Result<(), Duration> {
+        self.check(now, bytes)?;
+        self.commit(bytes);
         Ok(())
     }
 }

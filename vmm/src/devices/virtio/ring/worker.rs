@@ -403,21 +403,23 @@ impl<D: RingDevice> Worker<D> {
     /// Moves waiting requests onto the ring, in order, while it takes them; kicks the driver
     /// VM if it asked.
     fn submit(&mut self) {
+        // Set again below only while a request waits for the limit: a request that can no
+        // longer go (guest reset, quarantine, hold) leaves no stale deadline to spin on.
+        self.throttled_until = None;
         let mut sent = false;
         while let Some(g) = self.guest.as_ref() {
             let Some((seq, item, _)) = self.journal.next_to_send() else {
                 break;
             };
-            if let Some(limiter) = self.limiter.as_mut() {
+            // A replay was charged when it was first sent.
+            let charge = (!self.journal.is_replay(seq)).then(|| self.device.payload_bytes(item));
+            if let (Some(limiter), Some(bytes)) = (self.limiter.as_mut(), charge) {
                 let now = Instant::now();
-                if let Err(wait) = limiter.take(now, self.device.payload_bytes(item)) {
-                    if self.throttled_until.is_none() {
-                        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    }
+                if let Err(wait) = limiter.check(now, bytes) {
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                     self.throttled_until = Some(now + wait);
                     break;
                 }
-                self.throttled_until = None;
             }
             let Some((mut req, data)) = self.device.encode(g, item, &mut self.data) else {
                 if let Some(item) = self.journal.refuse(seq) {
@@ -432,6 +434,9 @@ impl<D: RingDevice> Worker<D> {
                 Ok(_) => {
                     self.journal.sent(seq);
                     self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                    if let (Some(limiter), Some(bytes)) = (self.limiter.as_mut(), charge) {
+                        limiter.commit(bytes);
+                    }
                     sent = true;
                 }
                 // No room, or the ring is corrupt: the request waits (for a completion, or
