@@ -69,7 +69,7 @@ test-long: deps images build driver-image nextest
 
 demo: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 3072 \
-	    --driver-image --program ip=$$(command -v ip) \
+	    --driver-image --program ip=$$(command -v ip) --lib bench/lib.sh \
 	    --guest-script scripts/demo-guest.sh scripts/demo.sh
 
 # Boot time and VMM memory, ddvmm vs QEMU microvm, same kernel/initramfs/host, one run.

@@ -8,19 +8,9 @@
 K=$IMAGES/vmlinuz
 CMD="console=ttyS0 quiet ddvmm.action=run-script"
 MAC=52:54:00:dd:00:01
-IP=/usr/bin/ip
-$IP tuntap add dev ddtap0 mode tap vnet_hdr
-$IP link add hbr0 type bridge
-$IP link set ddtap0 master hbr0
-$IP link add veth0 type veth peer name veth1
-$IP link set veth0 master hbr0
-$IP netns add peer
-$IP link set veth1 netns peer
-$IP -n peer addr add 10.0.0.1/24 dev veth1
-$IP -n peer link set veth1 up
-$IP -n peer link set lo up
-for l in veth0 hbr0 ddtap0; do $IP link set $l up; done
-$IP netns exec peer iperf3 -s -D
+IP=ip
+host_network 10.0.0.1
+$PEER iperf3 -s -D
 : > results.txt
 ROUNDS=${ROUNDS:-2}
 

@@ -113,3 +113,22 @@ END {
     }
 }' "$1"
 }
+
+# host_network PEER_IP: the host side of a driver VM's NIC, for the network benches, the demo
+# and the tests: a persistent TAP `ddtap0` (it outlives each driver VMM process, so a restarted
+# driver VM finds its link where it was) on bridge `hbr0` with one end of a veth pair whose
+# other end is in network namespace `peer` at PEER_IP. Sets $PEER (run a command as the peer).
+host_network() {
+    ip tuntap add dev ddtap0 mode tap vnet_hdr
+    ip link add hbr0 type bridge
+    ip link set ddtap0 master hbr0
+    ip link add veth0 type veth peer name veth1
+    ip link set veth0 master hbr0
+    ip netns add peer
+    ip link set veth1 netns peer
+    ip -n peer addr add $1/24 dev veth1
+    ip -n peer link set veth1 up
+    ip -n peer link set lo up
+    for l in veth0 hbr0 ddtap0; do ip link set $l up; done
+    PEER="ip netns exec peer"
+}

@@ -11,18 +11,9 @@ K=$IMAGES/vmlinuz
 DISK=/tmp/demo-pool.img
 dd if=/dev/zero of=$DISK bs=1M count=64 2>/dev/null
 # The host network: a TAP the driver VM's NIC sits on, bridged with a peer (a web server).
-ip tuntap add dev ddtap0 mode tap vnet_hdr
-ip link add hbr0 type bridge
-ip link set ddtap0 master hbr0
-ip link add veth0 type veth peer name veth1
-ip link set veth0 master hbr0
-ip netns add peer
-ip link set veth1 netns peer
-ip -n peer addr add 10.0.0.1/24 dev veth1
-ip -n peer link set veth1 up
-for l in veth0 hbr0 ddtap0; do ip link set $l up; done
+host_network 10.0.0.1
 mkdir -p /tmp/www && head -c 262144 /dev/urandom > /tmp/www/blob
-ip netns exec peer httpd -p 8080 -h /tmp/www
+$PEER httpd -p 8080 -h /tmp/www
 
 client() { # NAME INDEX
     cat <<CFG

@@ -70,23 +70,9 @@ pub fn client_net_up(i: usize) -> String {
     )
 }
 
-/// The host side of [`System::network`]: a persistent TAP (it outlives each driver VMM
-/// process, so a restarted driver VM finds its link where it was), a bridge, and a peer
-/// behind a veth pair in its own network namespace.
-const HOST_NETWORK: &str = r#"
-ip tuntap add dev ddtap0 mode tap vnet_hdr
-ip link add hbr0 type bridge
-ip link set ddtap0 master hbr0
-ip link add veth0 type veth peer name veth1
-ip link set veth0 master hbr0
-ip netns add peer
-ip link set veth1 netns peer
-ip -n peer addr add PEER_IP/24 dev veth1
-ip -n peer link set veth1 up
-ip -n peer link set lo up
-for l in veth0 hbr0 ddtap0; do ip link set $l up; done
-PEER="ip netns exec peer"
-"#;
+/// The host side of [`System::network`]: `host_network` of `bench/lib.sh` (a persistent TAP
+/// on a bridge with a peer behind a veth pair in network namespace `peer`; sets `$PEER`).
+const HOST_NETWORK: &str = include_str!("../../bench/lib.sh");
 
 impl System<'_> {
     /// The test host with every image, and the script prelude: configuration written, daemon
@@ -123,32 +109,23 @@ impl System<'_> {
         } else {
             (taps, "storage")
         };
-        let mut config = format!(
-            r#"
-[[driver]]
-name = "storage"
-kernel = "$IMAGES/vmlinuz"
-initrd = "$WORK/driver.img"
-memory = "256M"
-{owned}
-{storage_taps}
-cmdline = "{}"
-"#,
-            self.driver_cmdline
-        );
-        if net_driver != "storage" {
-            config.push_str(&format!(
+        let driver = |name: &str, devices: &str| {
+            format!(
                 r#"
 [[driver]]
-name = "{net_driver}"
+name = "{name}"
 kernel = "$IMAGES/vmlinuz"
 initrd = "$WORK/driver.img"
 memory = "256M"
-{taps}
+{devices}
 cmdline = "{}"
 "#,
                 self.driver_cmdline
-            ));
+            )
+        };
+        let mut config = driver("storage", &format!("{owned}\n{storage_taps}"));
+        if net_driver != "storage" {
+            config.push_str(&driver(net_driver, taps));
         }
         for (i, (client, script)) in self.clients.iter().enumerate() {
             // Network clients carry the frame counter (`sniff`), to see what reaches them.
@@ -188,7 +165,7 @@ size = "{}M"
         }
         config.push_str(self.extra_config);
         let network = if self.network {
-            HOST_NETWORK.replace("PEER_IP", PEER_IP)
+            format!("{HOST_NETWORK}\nhost_network {PEER_IP}\n")
         } else {
             String::new()
         };

@@ -963,8 +963,8 @@ echo "=== metrics"; $CTL metrics
     assert!(!log.contains("DOUBLE-FAULT-NOT-RECOVERED"), "{log}");
     let double: serde_json::Value = serde_json::from_str(
         section(log, "double fault events")
-            .unwrap_or_default()
-            .trim(),
+            .and_then(|s| s.lines().next())
+            .unwrap_or_default(),
     )
     .expect("double fault events");
     let double = double["events"].as_array().cloned().unwrap_or_default();
