@@ -686,7 +686,7 @@ $CTL stop alpha
         .and_then(|s| s.lines().next())
         .unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(stats).expect("stats JSON");
-    let ring = &v["stats"]["alpha"]["devices"]["ring_disks"][0];
+    let ring = &v["alpha"]["devices"]["ring_disks"][0];
     assert_eq!(ring["outstanding"], 0, "{stats}");
     assert_eq!(ring["corrupt"], 0, "{stats}");
     // Requests were on the ring at the reset: the driver VM completed them (drained), the
