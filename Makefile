@@ -181,7 +181,7 @@ bench-passthrough: deps images build
 # hostile agent and guest (`fuzz`: nightly toolchain, AddressSanitizer; installs cargo-fuzz).
 # `make test` runs `fuzz-smoke`: every target built on the default (stable) toolchain without a
 # sanitizer and run briefly; a crash fails it.
-FUZZ_TARGETS := virtio_blk_request virtio_net_frames ring_completions journal ring_frontends
+FUZZ_TARGETS := virtio_blk_request virtio_net_frames ring_completions journal ring_frontends api_request
 FUZZ_SECONDS ?= 180
 FUZZ_SMOKE_SECONDS ?= 5
 fuzz:

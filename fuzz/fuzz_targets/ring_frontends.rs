@@ -21,7 +21,7 @@ use ddvmm::devices::pci::msix::Msix;
 use ddvmm::devices::virtio::block::ring_frontend::BlockRing;
 use ddvmm::devices::virtio::net::ring_frontend::NetRing;
 use ddvmm::devices::virtio::ring::stepper::Stepper;
-use ddvmm::devices::virtio::ring::{RingCommand, RingDevice, RingStats, Setup};
+use ddvmm::devices::virtio::ring::{RateLimit, RingCommand, RingDevice, RingStats, Setup};
 use ddvmm::devices::virtio::{ActiveQueue, DeviceFailure, Interrupt};
 use ddvmm::memory::create_memfd;
 use ddvmm_translation::ring::{
@@ -139,6 +139,8 @@ fn run<D: RingDevice>(
         generation: 1,
         capacity,
         stats: stats.clone(),
+        // Unlimited: a limit makes sending depend on the wall clock (unit-tested elsewhere).
+        limit: RateLimit::default(),
     };
     let Ok(mut fe) = Stepper::new(device, setup) else {
         return;
