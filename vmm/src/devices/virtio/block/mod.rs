@@ -396,7 +396,7 @@ fn io_thread(
             rx.recv()
         };
         let Ok(job) = job else { return };
-        disk.throttle(job.request.data_len());
+        disk.throttle(&job.request);
         let completion = execute(&job.request, &mem, &disk);
         if done.send((job.head, completion)).is_err() {
             return;

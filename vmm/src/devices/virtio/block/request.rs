@@ -213,13 +213,13 @@ impl Disk {
         self
     }
 
-    /// Waits until the limit allows a request moving `bytes` (at once if unlimited or
-    /// draining).
-    pub fn throttle(&self, bytes: u64) {
+    /// Waits until the limit allows `request` (at once if unlimited or draining).
+    pub fn throttle(&self, request: &Request) {
         use std::sync::atomic::Ordering;
         /// Longest sleep between looks at the draining flag.
         const SLICE: std::time::Duration = std::time::Duration::from_millis(20);
         let Some(limiter) = &self.limiter else { return };
+        let bytes = request.data_len();
         while !self.draining.load(Ordering::Acquire) {
             let taken = limiter
                 .lock()

@@ -411,8 +411,11 @@ impl<D: RingDevice> Worker<D> {
             let Some((seq, item, _)) = self.journal.next_to_send() else {
                 break;
             };
-            // A replay was charged when it was first sent.
-            let charge = (!self.journal.is_replay(seq)).then(|| self.device.payload_bytes(item));
+            // Only under a limit, and not for a replay (charged when it was first sent).
+            let charge = match &self.limiter {
+                Some(_) if !self.journal.is_replay(seq) => Some(self.device.payload_bytes(item)),
+                _ => None,
+            };
             if let (Some(limiter), Some(bytes)) = (self.limiter.as_mut(), charge) {
                 let now = Instant::now();
                 if let Err(wait) = limiter.check(now, bytes) {
