@@ -474,17 +474,13 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
     let (mut read_only, mut limit) = (false, RateLimit::default());
     while parts.len() > 1 {
         let opt = parts[parts.len() - 1];
-        let rate = |v: &str| -> anyhow::Result<Option<u64>> {
-            match v.parse::<u64>() {
-                Ok(n) if n > 0 => Ok(Some(n)),
-                _ => anyhow::bail!("--disk {spec}: '{opt}' needs a positive number"),
-            }
-        };
-        match opt.split_once('=') {
-            None if opt == "ro" => read_only = true,
-            None if opt == "rw" => read_only = false,
-            Some(("iops", v)) => limit.ops_per_s = rate(v)?,
-            Some(("bps", v)) => limit.bytes_per_s = rate(v)?,
+        let (key, value) = opt.split_once('=').unwrap_or((opt, ""));
+        match opt {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            _ if limit
+                .set_option(key, value)
+                .map_err(|e| anyhow::anyhow!("--disk {spec}: {e}"))? => {}
             _ if opt.contains('/') || opt.contains('.') => break,
             _ => anyhow::bail!(
                 "--disk {spec}: unknown option '{opt}' (expected ro, rw, iops=N or bps=N)"
@@ -671,19 +667,16 @@ fn parse_ring_disk(
         ],
         &["ro"],
     )?;
-    let limit = |key: &str| -> anyhow::Result<Option<u64>> {
-        if !o.values.contains_key(key) {
-            return Ok(None);
+    let mut limit = RateLimit::default();
+    for key in ["iops", "bps"] {
+        if let Some(v) = o.values.get(key) {
+            limit
+                .set_option(key, v)
+                .map_err(|e| anyhow::anyhow!("--ring-disk {spec}: {e}"))?;
         }
-        let v: u64 = o.num(key)?;
-        anyhow::ensure!(v > 0, "--ring-disk {spec}: {key}=0 (omit it: no limit)");
-        Ok(Some(v))
-    };
+    }
     Ok(RingDiskConfig {
-        limit: RateLimit {
-            ops_per_s: limit("iops")?,
-            bytes_per_s: limit("bps")?,
-        },
+        limit,
         generation: if o.values.contains_key("generation") {
             o.num("generation")?
         } else {

@@ -89,6 +89,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::cgroup::Limits;
+use crate::devices::virtio::ring::RateLimit;
 use crate::units::parse_size;
 use crate::vfio::PciAddress;
 use ddvmm_translation::channel::{DEFAULT_WEIGHT, MAX_WEIGHT};
@@ -296,12 +297,8 @@ struct RawRates {
     bandwidth: Option<String>,
 }
 
-/// Checked limits: requests and bytes per second (`None`: unlimited).
-fn rates(
-    key: &str,
-    iops: Option<u64>,
-    bandwidth: Option<&str>,
-) -> Result<(Option<u64>, Option<u64>), ConfigError> {
+/// Checked limits: requests and bytes per second.
+fn rates(key: &str, iops: Option<u64>, bandwidth: Option<&str>) -> Result<RateLimit, ConfigError> {
     if iops == Some(0) {
         return Err(invalid(
             format!("{key}.iops"),
@@ -317,7 +314,10 @@ fn rates(
             "must be at least 4K per second (omit it: no limit)",
         ));
     }
-    Ok((iops, bandwidth))
+    Ok(RateLimit {
+        ops_per_s: iops,
+        bytes_per_s: bandwidth,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,7 +378,7 @@ pub struct VmConfig {
     /// Driver VMs: backing files of the devices they own, in guest order (/dev/vda, ...).
     pub disks: Vec<PathBuf>,
     /// Requests and bytes per second each of `disks` may do (a slower device), if limited.
-    pub disk_limits: (Option<u64>, Option<u64>),
+    pub disk_limits: RateLimit,
     /// Driver VMs: host PCI functions they own through VFIO (an NVMe controller shows up as
     /// /dev/nvme0n1, ...).
     pub passthrough: Vec<PciAddress>,
@@ -416,10 +416,8 @@ pub struct ClientDisk {
     pub read_only: bool,
     /// Share of the device against the driver VM's other channels (1..=10000).
     pub weight: u32,
-    /// Requests per second, if limited.
-    pub iops: Option<u64>,
-    /// Bytes per second, if limited.
-    pub bandwidth: Option<u64>,
+    /// Requests and bytes per second the client may use.
+    pub limit: RateLimit,
 }
 
 /// A validated configuration.
@@ -689,7 +687,7 @@ fn vm_common(
             r.iops,
             r.bandwidth.as_deref(),
         )?,
-        None => (None, None),
+        None => RateLimit::default(),
     };
     let console_limit = match &raw.console_limit {
         Some(m) => {
@@ -938,7 +936,7 @@ fn client_disk(
             format!("{weight} is outside 1..={MAX_WEIGHT}"),
         ));
     }
-    let (iops, bandwidth) = rates(key, raw.iops, raw.bandwidth.as_deref())?;
+    let limit = rates(key, raw.iops, raw.bandwidth.as_deref())?;
     Ok(ClientDisk {
         driver: raw.driver.clone(),
         device,
@@ -946,8 +944,7 @@ fn client_disk(
         size,
         read_only: raw.read_only,
         weight,
-        iops,
-        bandwidth,
+        limit,
     })
 }
 
@@ -1038,13 +1035,14 @@ disks = ["pool.img"]
         };
         let c = with("").expect("defaults");
         let d = &c.clients[0].client_disks[0];
-        assert_eq!((d.weight, d.iops, d.bandwidth), (100, None, None));
+        assert_eq!((d.weight, d.limit), (100, RateLimit::default()));
         let c = with("weight = 300\niops = 1000\nbandwidth = \"50M\"").expect("valid");
         let d = &c.clients[0].client_disks[0];
-        assert_eq!(
-            (d.weight, d.iops, d.bandwidth),
-            (300, Some(1000), Some(50 << 20))
-        );
+        let limit = RateLimit {
+            ops_per_s: Some(1000),
+            bytes_per_s: Some(50 << 20),
+        };
+        assert_eq!((d.weight, d.limit), (300, limit));
         for (extra, needle) in [
             (
                 "weight = 0",

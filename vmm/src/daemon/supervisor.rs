@@ -32,6 +32,7 @@ use super::standby::Standby;
 use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
 use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
 use crate::devices::virtio::net::ring_frontend::NET_RING_PARAMS;
+use crate::devices::virtio::ring::RateLimit;
 use crate::memory::create_memfd;
 use crate::stats_page;
 use ddvmm_translation::channel::DEFAULT_WEIGHT;
@@ -121,10 +122,8 @@ pub(super) struct Channel {
     mac: Option<[u8; 6]>,
     /// Block: the share of the device against the driver VM's other channels.
     weight: u32,
-    /// Block: the client's limit on requests per second.
-    iops: Option<u64>,
-    /// Block: the client's limit on bytes per second.
-    bandwidth: Option<u64>,
+    /// Block: the requests and bytes per second the client may use.
+    limit: RateLimit,
     pub(super) memory: File,
     kick: EventFd,
     doorbell: EventFd,
@@ -276,7 +275,7 @@ impl Supervisor {
             // Ring devices in the client's control order: disks, then NICs.
             let disks = c.client_disks.iter().map(|d| {
                 let port = (d.driver.as_str(), d.device.clone(), None);
-                let share = (d.weight, d.iops, d.bandwidth);
+                let share = (d.weight, d.limit);
                 (
                     port,
                     d.offset / 512,
@@ -288,7 +287,14 @@ impl Supervisor {
             });
             let nets = c.client_nets.iter().map(|n| {
                 let port = (n.driver.as_str(), n.uplink.clone(), Some(n.mac));
-                (port, 0, 0, false, net_mem, (DEFAULT_WEIGHT, None, None))
+                (
+                    port,
+                    0,
+                    0,
+                    false,
+                    net_mem,
+                    (DEFAULT_WEIGHT, RateLimit::default()),
+                )
             });
             for (j, ((driver, backend, mac), start_sector, sectors, read_only, size, share)) in
                 disks.chain(nets).enumerate()
@@ -316,8 +322,7 @@ impl Supervisor {
                     read_only,
                     mac,
                     weight: share.0,
-                    iops: share.1,
-                    bandwidth: share.2,
+                    limit: share.1,
                     memory,
                     kick,
                     doorbell,
@@ -607,15 +612,9 @@ impl Supervisor {
             }
             _ => {}
         }
-        let (iops, bps) = vm.cfg.disk_limits;
         for d in &vm.cfg.disks {
             let mut spec = d.clone().into_os_string();
-            if let Some(n) = iops {
-                spec.push(format!(",iops={n}"));
-            }
-            if let Some(n) = bps {
-                spec.push(format!(",bps={n}"));
-            }
+            spec.push(vm.cfg.disk_limits.options());
             cmd.arg("--disk").arg(spec);
         }
         for a in &vm.cfg.passthrough {
@@ -669,20 +668,13 @@ impl Supervisor {
                 )),
                 (Role::Client, None) => {
                     let generation = generation(c);
-                    let mut limits = String::new();
-                    if let Some(n) = c.iops {
-                        limits.push_str(&format!(",iops={n}"));
-                    }
-                    if let Some(n) = c.bandwidth {
-                        limits.push_str(&format!(",bps={n}"));
-                    }
                     cmd.arg("--ring-disk").arg(format!(
                         "{},sectors={},generation={generation},id={}-{}{ro}{}",
                         fd_spec(c),
                         c.sectors,
                         c.driver,
                         c.driver_index,
-                        limits
+                        c.limit.options()
                     ))
                 }
                 (Role::Client, Some(mac)) => {
@@ -1031,8 +1023,8 @@ fn channel_stats(c: &Channel) -> serde_json::Value {
         "sectors": c.sectors,
         "mac": c.mac.as_ref().map(format_mac),
         "weight": c.weight,
-        "iops_limit": c.iops,
-        "bandwidth_limit": c.bandwidth,
+        "iops_limit": c.limit.ops_per_s,
+        "bandwidth_limit": c.limit.bytes_per_s,
         "generation": h.map(|h| h.generation),
         "agent_ready": h.map(|h| h.agent_serves_current()),
         "heartbeat": h.map(|h| h.heartbeat),

@@ -30,6 +30,34 @@ impl RateLimit {
     pub fn is_limited(&self) -> bool {
         self.ops_per_s.is_some() || self.bytes_per_s.is_some()
     }
+
+    /// The limit as the options of `--disk` and `--ring-disk`: `,iops=N,bps=N` (each only if
+    /// set; empty when unlimited). [`Self::set_option`] reads them back.
+    pub fn options(&self) -> String {
+        let mut s = String::new();
+        if let Some(n) = self.ops_per_s {
+            s.push_str(&format!(",iops={n}"));
+        }
+        if let Some(n) = self.bytes_per_s {
+            s.push_str(&format!(",bps={n}"));
+        }
+        s
+    }
+
+    /// Sets the limit `key` (`iops` or `bps`) from an option's `value`; `Ok(false)` if `key`
+    /// is not a limit.
+    pub fn set_option(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        let slot = match key {
+            "iops" => &mut self.ops_per_s,
+            "bps" => &mut self.bytes_per_s,
+            _ => return Ok(false),
+        };
+        match value.parse::<u64>() {
+            Ok(n) if n > 0 => *slot = Some(n),
+            _ => return Err(format!("'{key}={value}' needs a positive number")),
+        }
+        Ok(true)
+    }
 }
 
 #[derive(Debug)]
@@ -187,6 +215,25 @@ mod tests {
         let (sent, _) = saturate(limit, 64 << 10, Duration::from_secs(10));
         assert!((160..=162).contains(&sent), "{sent}");
         assert!(RateLimiter::new(RateLimit::default(), Instant::now()).is_none());
+    }
+
+    #[test]
+    fn options_round_trip() {
+        let limit = RateLimit {
+            ops_per_s: Some(1000),
+            bytes_per_s: Some(1 << 20),
+        };
+        assert_eq!(limit.options(), ",iops=1000,bps=1048576");
+        assert_eq!(RateLimit::default().options(), "");
+        let mut back = RateLimit::default();
+        for opt in limit.options().split(',').skip(1) {
+            let (k, v) = opt.split_once('=').expect("key=value");
+            assert_eq!(back.set_option(k, v), Ok(true));
+        }
+        assert_eq!(back, limit);
+        assert_eq!(back.set_option("ro", ""), Ok(false));
+        assert!(back.set_option("iops", "0").is_err());
+        assert!(back.set_option("bps", "x").is_err());
     }
 
     #[test]
