@@ -22,6 +22,77 @@ pub fn backing_file(name: &str, mib: u64) -> PathBuf {
     path
 }
 
+/// Each client's window in the recovery and runtime tests.
+pub const SLICE_MIB: u64 = 32;
+/// Each client's control block (the host writes a stop sentinel there): MiB 30 of its window.
+pub const CONTROL_MIB: u64 = 30;
+/// Where each client writes its final pattern: MiB 24 of its window, 2 MiB.
+pub const FINAL_MIB: u64 = 24;
+
+/// A client that loops fio (mixed random read/write, fsync every 16 writes, crc32c verify)
+/// until the host's stop sentinel shows up in its control block, then writes a final random
+/// pattern and prints its checksum.
+pub fn looping_client(tag: &str) -> String {
+    format!(
+        r#"
+yes "{tag}" | head -c 1048576 > /tmp/marker
+dd if=/tmp/marker of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+echo "MARKER-RC $?"
+round=0; fails=0
+while :; do
+    round=$((round + 1))
+    fio --name=mix --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 \
+        --rw=randrw --bs=4k --offset=1M --size=8M --fsync=16 --verify=crc32c \
+        --verify_fatal=1 --randseed=$round --eta=never --output=/tmp/fio.txt
+    rc=$?
+    if [ $rc != 0 ] || ! grep -q "err= 0" /tmp/fio.txt; then
+        fails=$((fails + 1)); echo "FIO-FAILED round $round rc $rc"; cat /tmp/fio.txt
+    fi
+    echo "ROUND $round rc=$rc"
+    dd if=/dev/vda bs=4096 skip={control} count=1 iflag=direct 2>/dev/null | grep -q DDVMM-STOP && break
+done
+head -c 2097152 /dev/urandom > /tmp/final
+dd if=/tmp/final of=/dev/vda bs=64k seek={final} oflag=direct conv=fsync 2>/dev/null
+echo "FINAL-RC $?"
+echo "FINAL-SHA $(sha256sum /tmp/final | cut -d' ' -f1)"
+echo "ROUNDS $round FAILS $fails"
+"#,
+        control = CONTROL_MIB * 256,
+        final = FINAL_MIB * 16,
+    )
+}
+
+/// SHA-256 of `data`, in hex (with the host's `sha256sum`).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(data)
+        .expect("write");
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The field after `key` in a client's console.
+pub fn field<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no '{key}' in console:\n{console}"))
+}
+
 /// A system to run.
 pub struct System<'a> {
     /// Test host name (logs).
@@ -208,7 +279,15 @@ wait_console() {{
 wait_done() {{
     for c in "$@"; do wait_console $c DDVMM-GUEST-SCRIPT-EXIT; done
 }}
-"#
+# Writes the stop sentinel into the control block of clients (by index) of [`looping_client`].
+stop_clients() {{
+    for i in "$@"; do
+        printf 'DDVMM-STOP' | dd of=$DISK0 bs=1 seek=$(( (i * {slice} + {CONTROL_MIB}) * 1048576 )) conv=notrunc 2>/dev/null
+    done
+    sync
+}}
+"#,
+            slice = self.slice_mib,
         );
         (host, prelude)
     }

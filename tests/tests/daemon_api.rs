@@ -153,7 +153,7 @@ fn bad_api_calls_get_errors_and_the_daemon_stays_up() {
             "/v1/vms",
             "",
             405,
-            "POST not allowed on /v1/vms (use GET)",
+            "POST not allowed on /v1/vms (use GET or PUT)",
         ),
         ("GET", "/v1/vms/ghost/stop", "", 405, "use PUT"),
         ("PUT", "/v1/vms/ghost/stop", "", 404, "no VM named 'ghost'"),
@@ -430,7 +430,7 @@ fn check_schema(
 fn the_openapi_document_matches_the_server() {
     use ddvmm::control::FaultKind;
     use ddvmm::daemon::api::model::{
-        CampaignRequest, EventList, FaultRequest, Method, Request, VmList, ROUTES,
+        CampaignRequest, EventList, FaultRequest, Method, RemoveRequest, Request, VmList, ROUTES,
     };
     use ddvmm::daemon::detection::Detection;
     use ddvmm::daemon::fault_log::{FaultEvent, RecoverySteps};
@@ -468,6 +468,30 @@ fn the_openapi_document_matches_the_server() {
                 max_interval_ms: Some(3),
                 seed: Some(9),
             },
+        },
+        Request::Add {
+            vms: serde_json::from_value(serde_json::json!({
+                "driver": [{
+                    "name": "d2", "kernel": "/k", "initrd": "/i", "cmdline": "quiet",
+                    "memory": "256M", "cpus": 1, "console": "/c", "console_limit": "1M",
+                    "limits": {"memory": "1G", "cpus": 1.5, "pids": 64},
+                    "disks": ["/d.img"], "disk_limits": {"iops": 100, "bandwidth": "1M"},
+                    "passthrough": ["0000:01:00.0"], "taps": ["t0"], "disk": [], "net": [],
+                    "spare_channels": 4
+                }],
+                "client": [{
+                    "name": "c2", "kernel": "/k",
+                    "disk": [{"driver": "d2", "device": "/dev/vda", "offset": "0M",
+                              "size": "8M", "read_only": true, "weight": 5, "iops": 10,
+                              "bandwidth": "1M"}],
+                    "net": [{"driver": "d2", "mac": "52:54:00:00:00:01", "uplink": "eth0"}]
+                }]
+            }))
+            .expect("typed NewVms"),
+        },
+        Request::Remove {
+            vm: "d".into(),
+            remove: RemoveRequest { force: true },
         },
     ];
     for r in &ROUTES {
@@ -522,8 +546,21 @@ fn the_openapi_document_matches_the_server() {
     };
     assert!(list["vms"][0]["last_exit"].is_string(), "{list}");
     serde_json::from_value::<VmList>(list).expect("typed VmList");
-    let checks: [(Method, &str, &str, &str); 9] = [
+    let added = format!(
+        r#"{{"client":[{{"name":"c2","kernel":"{}","memory":"64M"}}]}}"#,
+        dir.join("vmlinuz").display()
+    );
+    let checks: [(Method, &str, &str, &str); 13] = [
         (Method::Get, "/v1/vms", "/v1/vms", ""),
+        (Method::Put, "/v1/vms", "/v1/vms", &added),
+        (Method::Put, "/v1/vms", "/v1/vms", &added),
+        (Method::Put, "/v1/vms/{vm}/remove", "/v1/vms/c2/remove", ""),
+        (
+            Method::Put,
+            "/v1/vms/{vm}/remove",
+            "/v1/vms/c2/remove",
+            "{\"force\":true}",
+        ),
         (Method::Get, "/v1/stats", "/v1/stats", ""),
         (Method::Get, "/v1/events", "/v1/events", ""),
         (Method::Get, "/v1/metrics", "/v1/metrics", ""),
@@ -543,8 +580,10 @@ fn the_openapi_document_matches_the_server() {
         ),
         (Method::Put, "/v1/shutdown", "/v1/shutdown", ""),
     ];
+    let mut codes = Vec::new();
     for (method, route, path, body) in checks {
         let (code, reply) = d.call(method.as_str(), path, body);
+        codes.push(code);
         let mut documented = &op(method, route)["responses"][code.to_string()];
         if let Some(r) = documented["$ref"].as_str() {
             let name = r.trim_start_matches("#/components/responses/");
@@ -568,6 +607,9 @@ fn the_openapi_document_matches_the_server() {
             assert_eq!(schema, &schema_of("Error"), "{path}");
         }
     }
+    // Added (its kernel is no kernel: it fails to start), added twice (the configuration's
+    // duplicate name), removed, removed twice.
+    assert_eq!(codes[1..5], [200, 400, 204, 404], "{codes:?}");
     // An event with every field set, as the server renders it, fits the document.
     let event = FaultEvent {
         driver: "storage".into(),

@@ -7,16 +7,11 @@ use std::time::Duration;
 
 use ddvmm_tests::system::{
     assert_clean_ending, assert_clean_ending_allowing, assert_no_faults, backing_file, client_ip,
-    client_net_up, console, metric, metric_sum, metrics_section, section, System, MIB, PEER_IP,
+    client_net_up, console, field, looping_client, metric, metric_sum, metrics_section, section,
+    sha256_hex, System, FINAL_MIB, MIB, PEER_IP, SLICE_MIB,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
-const SLICE_MIB: u64 = 32;
-/// Each client's control block (the host writes a stop sentinel there): MiB 30 of its window.
-const CONTROL_MIB: u64 = 30;
-/// Where each client writes its final pattern: MiB 24 of its window, 2 MiB.
-const FINAL_MIB: u64 = 24;
-
 // A driver VM whose boot freezes (the emulator's nested SVM does that, rarely) is a fault like
 // any other: detected after boot_timeout_ms and restarted.
 const RECOVERY: &str = r#"
@@ -46,46 +41,7 @@ campaign() {
     wait $cpid; echo "CAMPAIGN-RC $label $?"
     echo "EVENTS $label $(tr -d ' \n' < $WORK/c-$label.json)"
 }
-stop_clients() {
-    for i in "$@"; do
-        printf 'DDVMM-STOP' | dd of=$DISK0 bs=1 seek=$(( (i * 32 + 30) * 1048576 )) conv=notrunc 2>/dev/null
-    done
-    sync
-}
 "#;
-
-/// A client that loops fio (mixed random read/write, fsync every 16 writes, crc32c verify)
-/// until the host's stop sentinel shows up in its control block, then writes a final random
-/// pattern and prints its checksum.
-fn looping_client(tag: &str) -> String {
-    format!(
-        r#"
-yes "{tag}" | head -c 1048576 > /tmp/marker
-dd if=/tmp/marker of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
-echo "MARKER-RC $?"
-round=0; fails=0
-while :; do
-    round=$((round + 1))
-    fio --name=mix --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 \
-        --rw=randrw --bs=4k --offset=1M --size=8M --fsync=16 --verify=crc32c \
-        --verify_fatal=1 --randseed=$round --eta=never --output=/tmp/fio.txt
-    rc=$?
-    if [ $rc != 0 ] || ! grep -q "err= 0" /tmp/fio.txt; then
-        fails=$((fails + 1)); echo "FIO-FAILED round $round rc $rc"; cat /tmp/fio.txt
-    fi
-    echo "ROUND $round rc=$rc"
-    dd if=/dev/vda bs=4096 skip={control} count=1 iflag=direct 2>/dev/null | grep -q DDVMM-STOP && break
-done
-head -c 2097152 /dev/urandom > /tmp/final
-dd if=/tmp/final of=/dev/vda bs=64k seek={final} oflag=direct conv=fsync 2>/dev/null
-echo "FINAL-RC $?"
-echo "FINAL-SHA $(sha256sum /tmp/final | cut -d' ' -f1)"
-echo "ROUNDS $round FAILS $fails"
-"#,
-        control = CONTROL_MIB * 256,
-        final = FINAL_MIB * 16,
-    )
-}
 
 /// The mixed campaign after one fault of each kind: (faults, longest interval between them).
 /// `make test` injects three faults back to back (each as soon as the previous recovery
@@ -147,27 +103,6 @@ fn recovery_system<'a>(
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(data)
-        .expect("write");
-    let out = child.wait_with_output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// The events of campaign `label` (its `EVENTS <label>` line, written by `campaign`): the
 /// line itself (for messages) and its parsed list. The campaign must have ended cleanly.
 fn campaign_events<'a>(log: &'a str, label: &str) -> (&'a str, Vec<serde_json::Value>) {
@@ -182,15 +117,6 @@ fn campaign_events<'a>(log: &'a str, label: &str) -> (&'a str, Vec<serde_json::V
     let v: serde_json::Value = serde_json::from_str(line).expect("events JSON");
     let list = v["events"].as_array().cloned().expect("events");
     (line, list)
-}
-
-/// The field after `key` in a client's console.
-fn field<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no '{key}' in console:\n{console}"))
 }
 
 #[test]

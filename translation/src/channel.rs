@@ -11,6 +11,16 @@
 //! process puts fresh random bytes in [`regs::ENTROPY`]; the agent feeds them to the kernel's
 //! RNG and reseeds it when the gate opens, so driver VMs restored from one template do not
 //! share random state.
+//!
+//! **Vacant slots** (version 3): a driver VM can have channel devices that serve nobody yet
+//! ([`KIND_VACANT`]: only `MAGIC`, `VERSION`, `INDEX`, `MEM_SIZE`, `GATE` and `ENTROPY` mean
+//! anything), so that the daemon can add a client at runtime without a new PCI device. A slot's
+//! agent parks at the gate, then waits for its interrupt and reads `KIND` again: the VMM fills
+//! the registers, then interrupts. To take a channel back, the VMM first makes the registers
+//! vacant, then requests [`fault::DETACH`] (with an interrupt); the agent stops serving the
+//! channel, lets go of its backend and memory, writes [`regs::DETACHED`] and waits for the next
+//! assignment. The channel memory and both eventfds stay wired to the slot throughout: the
+//! daemon wipes the memory before it gives the slot to another client.
 
 /// PCI vendor id (Red Hat's, as used for paravirtual devices; the device id is ours).
 pub const VENDOR: u16 = 0x1b36;
@@ -21,9 +31,11 @@ pub const REGS_SIZE: u64 = 0x1000;
 /// Value of [`regs::MAGIC`]: `"DDCH"`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DDCH");
 /// Register layout version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes of [`regs::ENTROPY`].
 pub const ENTROPY_LEN: usize = 32;
+/// [`regs::KIND`] of a vacant slot: no client yet (see the module docs).
+pub const KIND_VACANT: u32 = 0;
 /// [`regs::KIND`] of a block channel.
 pub const KIND_BLOCK: u32 = 1;
 /// [`regs::KIND`] of a network channel: `BACKEND` names the driver VM's uplink interface (the
@@ -52,6 +64,10 @@ pub mod fault {
     pub const RESET: u32 = 4;
     /// Store a completion producer index more than a ring ahead (a broken ring).
     pub const BAD_INDEX: u32 = 5;
+    /// Not a fault: the channel is taken back (its registers already read vacant). Stop
+    /// serving it, release what it used, write [`super::regs::DETACHED`], wait for the next
+    /// assignment.
+    pub const DETACH: u32 = 6;
 }
 
 /// Register offsets in BAR 0.
@@ -90,6 +106,8 @@ pub mod regs {
     /// The channel's share of its backend device against the driver VM's other channels on
     /// it (u32, 1..=[`super::MAX_WEIGHT`]; 0 reads as [`super::DEFAULT_WEIGHT`]).
     pub const WEIGHT: u64 = ENTROPY + super::ENTROPY_LEN as u64;
+    /// Write any value: the agent let go of a channel after a [`super::fault::DETACH`].
+    pub const DETACHED: u64 = WEIGHT + 4;
     /// End of the defined registers.
-    pub const END: u64 = WEIGHT + 4;
+    pub const END: u64 = DETACHED + 4;
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::devices::channel::{ChannelInfo, ChannelSlot, DETACH_TIMEOUT};
 use crate::devices::virtio::ring::{RingCommand, RingCommands};
 use crate::machine::FaultInjector;
 use ddvmm_translation::channel::fault;
@@ -112,6 +113,20 @@ pub enum ControlRequest {
     },
     /// A standby VMM (`ddvmm run --standby`): load the snapshot and start the vCPUs.
     Resume,
+    /// Channel slot `slot` of this driver VM now serves a client: `channel` describes it as
+    /// a `--channel` spec does, without descriptors (the slot's are wired already).
+    Assign {
+        /// Slot index.
+        slot: u32,
+        /// `backend=...,start=...,sectors=...[,ro][,weight=W]` or `backend=...,mac=...`.
+        channel: String,
+    },
+    /// Channel slot `slot` serves nobody any more: its registers read vacant and its agent is
+    /// asked to let go (the reply says whether it confirmed).
+    Vacate {
+        /// Slot index.
+        slot: u32,
+    },
 }
 
 /// The answer to one request.
@@ -192,6 +207,8 @@ impl ControlTargets {
             ControlRequest::Quarantine { disk } => (disk, RingCommand::Quarantine),
             ControlRequest::Inject { fault } => return self.inject(fault),
             ControlRequest::Resume => return self.resume(),
+            ControlRequest::Assign { slot, ref channel } => return self.assign(slot, channel),
+            ControlRequest::Vacate { slot } => return self.vacate(slot),
         };
         let outcome =
             ring(cmd.0).and_then(|r| r.request(cmd.1, RING_TIMEOUT).map_err(|e| e.to_string()));
@@ -205,6 +222,50 @@ impl ControlTargets {
                 suspects: o.suspects,
             },
             Err(e) => ControlReply::error(e),
+        }
+    }
+
+    fn slot(&self, slot: u32) -> Result<&Arc<ChannelSlot>, ControlReply> {
+        self.faults
+            .channels
+            .iter()
+            .find(|c| c.index() == slot)
+            .ok_or_else(|| ControlReply::error(format!("no channel slot {slot}")))
+    }
+
+    fn assign(&self, slot: u32, channel: &str) -> ControlReply {
+        let s = match self.slot(slot) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        match ChannelInfo::parse(slot, channel).and_then(|info| s.assign(&info)) {
+            Ok(()) => {
+                tracing::info!(slot, channel, "channel slot assigned");
+                ControlReply {
+                    ok: true,
+                    ..Default::default()
+                }
+            }
+            Err(e) => ControlReply::error(e.to_string()),
+        }
+    }
+
+    fn vacate(&self, slot: u32) -> ControlReply {
+        let s = match self.slot(slot) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        if s.vacate(DETACH_TIMEOUT) {
+            tracing::info!(slot, "channel slot vacated");
+            ControlReply {
+                ok: true,
+                ..Default::default()
+            }
+        } else {
+            tracing::warn!(slot, "channel slot vacated; the agent did not confirm");
+            ControlReply::error(format!(
+                "slot {slot} is vacant but its agent did not let go within {DETACH_TIMEOUT:?}"
+            ))
         }
     }
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ddvmm::control::FaultKind;
 
-use ddvmm::devices::channel::{ChannelInfo, ChannelKind, DEFAULT_WEIGHT, MAX_WEIGHT};
+use ddvmm::devices::channel::ChannelInfo;
 use ddvmm::devices::virtio::net::parse_mac;
 use ddvmm::devices::virtio::ring::{RateLimit, RingKind, RingPort};
 use ddvmm::exit::GuestExit;
@@ -108,6 +108,21 @@ enum CtlOp {
     Events,
     /// The daemon's counters in the Prometheus text format.
     Metrics,
+    /// Add VMs to the running system and start them: a TOML file of `[[driver]]` and
+    /// `[[client]]` tables as in the configuration file (relative paths are relative to the
+    /// file's directory); checked with the running configuration as a whole.
+    Add {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Stop a VM and remove it; its channel slots go back to their driver VMs.
+    Remove {
+        /// VM name.
+        vm: String,
+        /// Also remove a driver VM that serves clients (their disks and NICs on it fail).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn parse_fault(s: &str) -> Result<FaultKind, String> {
@@ -150,6 +165,13 @@ fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
         },
         CtlOp::Events => Request::Events,
         CtlOp::Metrics => Request::Metrics,
+        CtlOp::Add { file } => Request::Add {
+            vms: new_vms(&file)?,
+        },
+        CtlOp::Remove { vm, force } => Request::Remove {
+            vm,
+            remove: ddvmm::daemon::api::model::RemoveRequest { force },
+        },
     };
     let reply = match ddvmm::daemon::client::call(socket, &req) {
         Ok(r) => r,
@@ -168,6 +190,25 @@ fn ctl(socket: &std::path::Path, op: CtlOp) -> anyhow::Result<bool> {
         Reply::Done => {}
     }
     Ok(true)
+}
+
+/// The VMs of `ctl add`'s file, with paths made absolute from the file's directory.
+fn new_vms(file: &std::path::Path) -> anyhow::Result<ddvmm::daemon::config::NewVms> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut vms: ddvmm::daemon::config::NewVms = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {}",
+            file.display(),
+            e.to_string().trim().replace('\n', " ")
+        )
+    })?;
+    let base = std::fs::canonicalize(file.parent().unwrap_or(std::path::Path::new(".")))
+        .with_context(|| format!("cannot resolve the directory of {}", file.display()))?;
+    for v in vms.driver.iter_mut().chain(vms.client.iter_mut()) {
+        v.resolve_paths(&base);
+    }
+    Ok(vms)
 }
 
 fn daemon(config: &std::path::Path) -> anyhow::Result<()> {
@@ -606,41 +647,17 @@ fn eventfd_from(fd: std::os::fd::OwnedFd) -> vmm_sys_util::eventfd::EventFd {
 }
 
 fn parse_channel(spec: &str, index: u32, adopter: &mut Adopter) -> anyhow::Result<ChannelConfig> {
-    let o = SpecOptions::parse(
-        "--channel",
-        spec,
-        &[
-            "mem", "kick", "doorbell", "backend", "start", "sectors", "mac", "weight",
-        ],
-        &["ro"],
-    )?;
-    let kind = match o.values.get("mac") {
-        Some(mac) => ChannelKind::Net {
-            mac: parse_mac(mac)
-                .ok_or_else(|| anyhow::anyhow!("--channel {spec}: bad mac={mac}"))?,
-        },
-        None => ChannelKind::Block {
-            start_sector: o.num("start")?,
-            sectors: o.num("sectors")?,
-            read_only: o.flag("ro"),
-        },
-    };
-    let weight = if o.values.contains_key("weight") {
-        let w: u32 = o.num("weight")?;
-        anyhow::ensure!(
-            (1..=MAX_WEIGHT).contains(&w),
-            "--channel {spec}: weight={w} is outside 1..={MAX_WEIGHT}"
-        );
-        w
-    } else {
-        DEFAULT_WEIGHT
-    };
-    let info = ChannelInfo {
-        index,
-        backend: o.str("backend")?.to_string(),
-        kind,
-        weight,
-    };
+    // The descriptors here, the description in one parser shared with the control socket's
+    // runtime assignments.
+    let (fds, description): (Vec<&str>, Vec<&str>) = spec.split(',').partition(|p| {
+        ["mem=", "kick=", "doorbell="]
+            .iter()
+            .any(|k| p.starts_with(k))
+    });
+    let fds = fds.join(",");
+    let o = SpecOptions::parse("--channel", &fds, &["mem", "kick", "doorbell"], &[])?;
+    let info = ChannelInfo::parse(index, &description.join(","))
+        .with_context(|| format!("--channel {spec}"))?;
     Ok(ChannelConfig {
         info,
         fds: o.fds(adopter)?,

@@ -115,6 +115,16 @@ impl Cgroups {
         })
     }
 
+    /// Removes VM `name`'s cgroup (its process must have ended).
+    pub fn remove_vm(&self, name: &str) {
+        let dir = self.group.join(name);
+        if let Err(e) = std::fs::remove_dir(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.display(), error = %e, "removing a VM cgroup");
+            }
+        }
+    }
+
     /// Removes every VM cgroup and the group (their processes must have ended).
     pub fn remove(&self) {
         if let Ok(dir) = std::fs::read_dir(&self.group) {

@@ -82,8 +82,9 @@ async fn exchange(socket: &Path, request: &Request) -> Result<Reply, ClientError
             .to_bytes();
         Ok::<_, ClientError>((status, body))
     };
-    // A campaign waits for every recovery it causes, bounded by the daemon's own timeouts.
-    let (status, body) = if request.op() == Op::Campaign {
+    // A campaign waits for every recovery it causes, an add or a removal for VMM processes
+    // and agents: bounded by the daemon's own timeouts.
+    let (status, body) = if matches!(request.op(), Op::Campaign | Op::Add | Op::Remove) {
         exchange.await?
     } else {
         tokio::time::timeout(TIMEOUT, exchange)

@@ -16,6 +16,8 @@
 //! disk_limits = { iops = 200 }      # optional: each emulated disk as a slower device
 //!                                   #   (requests and bytes per second: iops, bandwidth)
 //! taps = ["ddtap0"]                 # host TAPs of its emulated NICs: eth0, eth1, ... inside
+//! spare_channels = 2                # optional: channel slots beyond its configured clients',
+//!                                   #   for clients added at runtime (0-16, default 2)
 //! cmdline = "..."                   # optional, default "console=ttyS0 quiet ddvmm.action=agent"
 //! console = "storage.log"           # optional, default <state dir>/<name>.console
 //! console_limit = "16M"             # optional: the console file stops growing here
@@ -81,11 +83,15 @@
 //! uid and gid, `uid_base` + the VM's index in the file (drivers first).
 //!
 //! Relative paths are relative to the configuration file's directory.
+//!
+//! VMs can be added at runtime (`ddvmm ctl add FILE`, `PUT /v1/vms`): `[[driver]]` and
+//! `[[client]]` tables as above, checked together with the running configuration as one file
+//! ([`SystemConfig::with_added`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::cgroup::Limits;
@@ -136,22 +142,22 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     api: RawApi,
     #[serde(default)]
-    driver: Vec<RawVm>,
+    driver: Vec<VmTable>,
     #[serde(default)]
-    client: Vec<RawVm>,
+    client: Vec<VmTable>,
     #[serde(default)]
     recovery: RecoveryConfig,
     #[serde(default)]
     jail: RawJail,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
     socket: Option<PathBuf>,
@@ -160,16 +166,21 @@ struct RawApi {
     metrics_public: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJail {
     uid_base: Option<u32>,
 }
 
+/// Channel slots a driver VM has beyond its configured clients' by default.
+pub const DEFAULT_SPARE_CHANNELS: u32 = 2;
+/// Most spare channel slots of one driver VM (each is a PCI function).
+const MAX_SPARE_CHANNELS: u32 = 16;
+
 /// Default first uid/gid of the VMM processes.
 pub const DEFAULT_UID_BASE: u32 = 200_000;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     memory: Option<String>,
@@ -264,9 +275,11 @@ impl RecoveryConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// One `[[driver]]` or `[[client]]` table as written (checked only as part of a whole
+/// configuration: [`SystemConfig::with_added`]).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-struct RawVm {
+pub struct VmTable {
     name: String,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
@@ -287,10 +300,44 @@ struct RawVm {
     disk: Vec<RawClientDisk>,
     #[serde(default)]
     net: Vec<RawClientNet>,
+    spare_channels: Option<u32>,
+}
+
+impl VmTable {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.kernel);
+        self.initrd.iter_mut().for_each(abs);
+        self.console.iter_mut().for_each(abs);
+        self.disks.iter_mut().for_each(abs);
+    }
+}
+
+/// VMs to add to a running system: `[[driver]]` and `[[client]]` tables as in the
+/// configuration file (the API takes them as JSON, `ddvmm ctl add` from a TOML file).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NewVms {
+    /// Driver VMs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub driver: Vec<VmTable>,
+    /// Client VMs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client: Vec<VmTable>,
 }
 
 /// Requests and bytes per second.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawRates {
     iops: Option<u64>,
@@ -320,7 +367,7 @@ fn rates(key: &str, iops: Option<u64>, bandwidth: Option<&str>) -> Result<RateLi
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawClientNet {
     driver: String,
@@ -328,7 +375,7 @@ struct RawClientNet {
     uplink: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawClientDisk {
     driver: String,
@@ -388,6 +435,8 @@ pub struct VmConfig {
     pub client_disks: Vec<ClientDisk>,
     /// Client VMs: NICs served by driver VMs.
     pub client_nets: Vec<ClientNet>,
+    /// Driver VMs: channel slots beyond its configured clients', for clients added at runtime.
+    pub spare_channels: u32,
 }
 
 /// A client NIC: a port on a driver VM's bridge.
@@ -435,6 +484,10 @@ pub struct SystemConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The first VMM uid/gid.
     pub uid_base: u32,
+    /// What it was made from, to check runtime changes as a whole.
+    raw: RawConfig,
+    /// Relative paths are relative to this.
+    base: PathBuf,
 }
 
 impl SystemConfig {
@@ -461,6 +514,43 @@ impl SystemConfig {
             path: PathBuf::new(),
             message: e.to_string().trim().replace('\n', " "),
         })?;
+        Self::from_raw(raw, base, default_socket)
+    }
+
+    /// This configuration with `new` added (relative paths taken from this one's directory),
+    /// checked as a whole exactly as a file is: the VMs that would be added, or the first
+    /// error. Keys name the new VM's place in the file order (`client[3].disk[0].driver`).
+    pub fn with_added(&self, new: &NewVms) -> Result<Self, ConfigError> {
+        let mut raw = self.raw.clone();
+        raw.driver.extend(new.driver.iter().cloned());
+        raw.client.extend(new.client.iter().cloned());
+        Self::from_raw(raw, &self.base, self.socket.clone())
+    }
+
+    /// This configuration without VM `name`, and without the client disks and NICs it served
+    /// (`None`: no such VM). Nothing in it needs checking again.
+    pub fn without(&self, name: &str) -> Option<Self> {
+        let mut c = self.clone();
+        let before = c.drivers.len() + c.clients.len();
+        c.drivers.retain(|v| v.name != name);
+        c.clients.retain(|v| v.name != name);
+        if c.drivers.len() + c.clients.len() == before {
+            return None;
+        }
+        for v in &mut c.clients {
+            v.client_disks.retain(|d| d.driver != name);
+            v.client_nets.retain(|n| n.driver != name);
+        }
+        c.raw.driver.retain(|v| v.name != name);
+        c.raw.client.retain(|v| v.name != name);
+        for v in &mut c.raw.client {
+            v.disk.retain(|d| d.driver != name);
+            v.net.retain(|n| n.driver != name);
+        }
+        Some(c)
+    }
+
+    fn from_raw(raw: RawConfig, base: &Path, default_socket: PathBuf) -> Result<Self, ConfigError> {
         let abs = |p: &Path| {
             if p.is_absolute() {
                 p.to_path_buf()
@@ -482,6 +572,13 @@ impl SystemConfig {
                 ));
             }
             let mut vm = vm_common(d, &key, Role::Driver, &abs, &mut names)?;
+            vm.spare_channels = d.spare_channels.unwrap_or(DEFAULT_SPARE_CHANNELS);
+            if vm.spare_channels > MAX_SPARE_CHANNELS {
+                return Err(invalid(
+                    format!("{key}.spare_channels"),
+                    format!("{} is more than {MAX_SPARE_CHANNELS}", vm.spare_channels),
+                ));
+            }
             for (j, t) in d.taps.iter().enumerate() {
                 if !valid_ifname(t) {
                     return Err(invalid(
@@ -546,6 +643,12 @@ impl SystemConfig {
                     "client NICs are `[[client.net]]` tables served by a driver VM",
                 ));
             }
+            if c.spare_channels.is_some() {
+                return Err(invalid(
+                    format!("{key}.spare_channels"),
+                    "only driver VMs have channel slots",
+                ));
+            }
             if c.disk_limits.is_some() {
                 return Err(invalid(
                     format!("{key}.disk_limits"),
@@ -592,12 +695,14 @@ impl SystemConfig {
             ));
         }
         Ok(SystemConfig {
-            socket: raw.api.socket.map_or(default_socket, |p| abs(&p)),
+            socket: raw.api.socket.clone().map_or(default_socket, |p| abs(&p)),
             drivers,
             clients,
-            recovery: raw.recovery,
+            recovery: raw.recovery.clone(),
             metrics_listen,
             uid_base,
+            raw,
+            base: base.to_path_buf(),
         })
     }
 
@@ -613,7 +718,7 @@ impl SystemConfig {
 }
 
 fn vm_common(
-    raw: &RawVm,
+    raw: &VmTable,
     key: &str,
     role: Role,
     abs: &dyn Fn(&Path) -> PathBuf,
@@ -720,6 +825,7 @@ fn vm_common(
         taps: Vec::new(),
         client_disks: Vec::new(),
         client_nets: Vec::new(),
+        spare_channels: 0,
     })
 }
 
@@ -1196,6 +1302,58 @@ disks = ["pool.img"]
             let e = err(&dir, &text);
             assert!(e.contains(want), "{e}\nwanted: {want}");
         }
+    }
+
+    #[test]
+    fn vms_added_and_removed_are_checked_as_a_file_is() {
+        let (dir, base) = setup();
+        let text = format!("{base}{}{}", client("a", ""), disk("drv", "0M", "16M"));
+        let cfg = parse(&dir, &text).expect("config");
+        assert_eq!(cfg.drivers[0].spare_channels, DEFAULT_SPARE_CHANNELS);
+        let new = |toml_text: &str| -> NewVms { toml::from_str(toml_text).expect("tables") };
+        let b = format!("{}{}", client("b", ""), disk("drv", "16M", "16M"));
+        let added = cfg.with_added(&new(&b)).expect("b fits");
+        assert_eq!(added.clients.len(), 2);
+        assert_eq!(added.clients[1].client_disks[0].offset, 16 << 20);
+        // Relative paths are the configuration's.
+        assert_eq!(added.clients[1].kernel, dir.path().join("vmlinuz"));
+        for (tables, expected) in [
+            (
+                format!("{}{}", client("b", ""), disk("drv", "8M", "16M")),
+                "client[1].disk[0]: window overlaps client[0].disk[0] on drv:/dev/vda",
+            ),
+            (
+                format!("{}{}", client("a", ""), disk("drv", "32M", "8M")),
+                "client[1].name: duplicate VM name 'a'",
+            ),
+            (
+                format!("{}{}", client("b", ""), disk("nope", "32M", "8M")),
+                "client[1].disk[0].driver: unknown driver VM 'nope'",
+            ),
+            (
+                client("b", "spare_channels = 1"),
+                "client[1].spare_channels: only driver VMs have channel slots",
+            ),
+        ] {
+            let e = cfg
+                .with_added(&new(&tables))
+                .expect_err(expected)
+                .to_string();
+            assert_eq!(e, expected);
+        }
+        let d2 = "[[driver]]\nname = \"d2\"\nkernel = \"vmlinuz\"\nspare_channels = 17\n";
+        let e = cfg.with_added(&new(d2)).expect_err("too many").to_string();
+        assert_eq!(e, "driver[1].spare_channels: 17 is more than 16");
+        assert!(toml::from_str::<NewVms>("[[vm]]\nname = \"x\"\n").is_err());
+        // Removing the driver VM takes its clients' disks with it; the rest is unchanged.
+        let gone = added.without("drv").expect("known");
+        assert!(gone.drivers.is_empty());
+        assert!(gone.clients.iter().all(|c| c.client_disks.is_empty()));
+        assert!(added.without("nobody").is_none());
+        let b_gone = added.without("b").expect("known");
+        assert_eq!(b_gone.clients.len(), 1);
+        // What was removed can be added again.
+        b_gone.with_added(&new(&b)).expect("b again");
     }
 
     fn err(dir: &tempfile::TempDir, text: &str) -> String {

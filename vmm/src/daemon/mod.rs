@@ -3,7 +3,8 @@
 //! first, then driver VMs.
 //!
 //! - [`config`]: the TOML configuration and its validation.
-//! - [`supervisor`]: channels, VMM processes, their states.
+//! - [`supervisor`]: VMM processes, their states; [`channels`]: channels and the driver VMs'
+//!   channel slots; [`manage`]: adding and removing VMs at runtime.
 //! - [`recovery`]: driver VM fault watching, restart (restore of a template or boot) and replay.
 //! - [`detection`]: how a fault was detected; [`policy`]: backoff, restart caps, quarantine
 //!   (a pure type); [`inject`]: fault injection and campaigns; [`fault_log`]: events and
@@ -13,11 +14,13 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod channels;
 pub mod client;
 pub mod config;
 pub mod detection;
 pub mod fault_log;
 pub mod inject;
+pub mod manage;
 pub mod metrics;
 pub mod policy;
 pub mod recovery;

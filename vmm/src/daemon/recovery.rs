@@ -42,7 +42,7 @@ use super::config::Role;
 use super::detection::Detection;
 use super::fault_log::{FaultEvent, RecoverySteps, MAX_EVENTS};
 use super::policy::PolicyLimits;
-use super::supervisor::{ring_header, Boot, Supervisor, SupervisorError, VmState};
+use super::supervisor::{Boot, Supervisor, SupervisorError, VmState};
 use crate::control::{ControlRequest, FaultKind};
 use crate::stats_page::{self, RingProgress, WatchedPage};
 
@@ -144,9 +144,14 @@ impl Supervisor {
     /// Starts the watcher of every driver VM.
     pub fn spawn_watchers(self: &Arc<Self>) {
         for name in self.names(Role::Driver) {
-            let me = self.clone();
-            tokio::spawn(async move { me.watch(name).await });
+            self.spawn_watcher(name);
         }
+    }
+
+    /// Watches driver VM `name` until it is removed.
+    pub(super) fn spawn_watcher(self: &Arc<Self>, name: String) {
+        let me = self.clone();
+        tokio::spawn(async move { me.watch(name).await });
     }
 
     /// Entry point for every detection: starts a recovery unless one is under way or the
@@ -620,7 +625,7 @@ impl Supervisor {
                     .is_some_and(|v| v.state == VmState::Running)
             })
             .map(|(index, c)| {
-                let header = ring_header(c).unwrap_or_default();
+                let header = c.slot.ring_header().unwrap_or_default();
                 ChannelView {
                     index,
                     client: c.client.clone(),

@@ -12,19 +12,19 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ddvmm_translation::ring::HeaderView;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::cgroup::{self, Cgroups};
+pub use super::channels::format_mac;
+use super::channels::{seal_size, Channel, Port, Slot, Spare};
 use super::config::{RecoveryConfig, Role, SystemConfig, VmConfig};
 use super::detection::Detection;
 use super::fault_log::FaultBook;
@@ -32,10 +32,8 @@ use super::standby::Standby;
 use crate::control::{ControlClient, ControlError, ControlReply, ControlRequest, FaultKind};
 use crate::devices::virtio::block::ring_frontend::RING_PARAMS;
 use crate::devices::virtio::net::ring_frontend::NET_RING_PARAMS;
-use crate::devices::virtio::ring::RateLimit;
 use crate::memory::create_memfd;
 use crate::stats_page;
-use ddvmm_translation::channel::DEFAULT_WEIGHT;
 use ddvmm_translation::ring::RingParams;
 
 /// How long a VM gets to exit after SIGTERM before SIGKILL.
@@ -80,6 +78,15 @@ pub enum SupervisorError {
     /// A wait ran out.
     #[error("{0}")]
     Timeout(String),
+    /// The VMs to add do not fit the running system's configuration.
+    #[error(transparent)]
+    Config(#[from] super::config::ConfigError),
+    /// A client to add needs a channel slot its driver VM does not have free.
+    #[error("driver VM '{0}' has no free channel slot (give it more with spare_channels)")]
+    NoSlot(String),
+    /// A driver VM to remove still serves clients.
+    #[error("driver VM '{0}' still serves {1} (remove them first, or force)")]
+    InUse(String, String),
     /// The VMM process could not be started.
     #[error("cannot start VM '{name}'")]
     Spawn {
@@ -103,32 +110,6 @@ pub enum VmState {
     Exited,
     /// A driver VM given up after too many restarts (its clients' I/O fails).
     Quarantined,
-}
-
-/// One channel: a client disk served by a driver VM.
-pub(super) struct Channel {
-    pub(super) driver: String,
-    pub(super) client: String,
-    /// Index among the driver VM's channels (its channel device order).
-    driver_index: usize,
-    /// Index among the client's ring disks.
-    pub(super) client_index: usize,
-    /// Block: the device in the driver VM. Net: the driver VM's uplink interface.
-    backend: String,
-    start_sector: u64,
-    sectors: u64,
-    read_only: bool,
-    /// `Some`: a network port for the client NIC with this MAC (no window).
-    mac: Option<[u8; 6]>,
-    /// Block: the share of the device against the driver VM's other channels.
-    weight: u32,
-    /// Block: the requests and bytes per second the client may use.
-    limit: RateLimit,
-    pub(super) memory: File,
-    kick: EventFd,
-    doorbell: EventFd,
-    /// Client starts so far: the ring generation's high half (see `ClientRing::create_at`).
-    client_starts: u64,
 }
 
 /// A driver VM's clean template: a snapshot made at a boot once its agents were ready and
@@ -196,6 +177,15 @@ pub(super) struct Vm {
     /// The template (when it was made) and process start the last standby was spawned for:
     /// one attempt per pair.
     pub(super) standby_for: Option<(Instant, u64)>,
+    /// Being removed: it must not start again.
+    pub(super) removing: bool,
+}
+
+impl Vm {
+    /// Its jail's root directory.
+    pub(super) fn jail_root(&self) -> &Path {
+        &self.jail_root
+    }
 }
 
 /// What `list` reports per VM.
@@ -233,7 +223,15 @@ pub struct Supervisor {
 pub(super) struct Inner {
     pub(super) vms: BTreeMap<String, Vm>,
     pub(super) channels: Vec<Channel>,
-    order: Vec<String>,
+    /// Slots that serve nobody.
+    pub(super) spare: Vec<Spare>,
+    pub(super) order: Vec<String>,
+    /// The configuration the VMs were made from, with runtime changes.
+    pub(super) config: SystemConfig,
+    /// VMs made so far (each VMM gets uid `uid_base` + this at its making).
+    made: usize,
+    /// Bytes of channel memory per slot.
+    slot_size: u64,
 }
 
 fn io_ctx(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
@@ -249,10 +247,9 @@ impl Supervisor {
         exe: PathBuf,
         state_dir: PathBuf,
     ) -> Result<Arc<Self>, SupervisorError> {
-        let any_vm = cfg.vms().next().is_some();
-        let cgroups = match any_vm.then(Cgroups::setup).transpose() {
-            Ok(None) => None,
-            Ok(Some(c)) => {
+        // Also with no VM yet: VMs can be added at runtime.
+        let cgroups = match Cgroups::setup() {
+            Ok(c) => {
                 tracing::info!(group = %c.group().display(), "VM cgroups");
                 Some(c)
             }
@@ -268,147 +265,153 @@ impl Supervisor {
                 .total as u64;
             Ok(total.next_power_of_two())
         };
-        let (disk_mem, net_mem) = (mem_size(RING_PARAMS)?, mem_size(NET_RING_PARAMS)?);
-        let mut channels = Vec::new();
-        let mut per_driver: BTreeMap<&str, usize> = BTreeMap::new();
-        for c in &cfg.clients {
-            // Ring devices in the client's control order: disks, then NICs.
-            let disks = c.client_disks.iter().map(|d| {
-                let port = (d.driver.as_str(), d.device.clone(), None);
-                let share = (d.weight, d.limit);
-                (
-                    port,
-                    d.offset / 512,
-                    d.size / 512,
-                    d.read_only,
-                    disk_mem,
-                    share,
-                )
-            });
-            let nets = c.client_nets.iter().map(|n| {
-                let port = (n.driver.as_str(), n.uplink.clone(), Some(n.mac));
-                (
-                    port,
-                    0,
-                    0,
-                    false,
-                    net_mem,
-                    (DEFAULT_WEIGHT, RateLimit::default()),
-                )
-            });
-            for (j, ((driver, backend, mac), start_sector, sectors, read_only, size, share)) in
-                disks.chain(nets).enumerate()
-            {
-                let label = format!("{}-ring{j}", c.name);
-                let cname = CString::new(format!("ddvmm-chan-{label}")).unwrap_or_default();
-                let memory = create_memfd(&cname)
-                    .map_err(|e| io_ctx(format!("{label} memfd"))(std::io::Error::other(e)))?;
-                memory
-                    .set_len(size)
-                    .map_err(io_ctx(format!("{label} size")))?;
-                seal_size(&memory).map_err(io_ctx(format!("{label} seals")))?;
-                let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
-                let kick = efd().map_err(io_ctx(format!("{label} eventfd")))?;
-                let doorbell = efd().map_err(io_ctx(format!("{label} eventfd")))?;
-                let idx = per_driver.entry(driver).or_default();
-                channels.push(Channel {
-                    driver: driver.to_string(),
-                    client: c.name.clone(),
-                    driver_index: *idx,
-                    client_index: j,
-                    backend,
-                    start_sector,
-                    sectors,
-                    read_only,
-                    mac,
-                    weight: share.0,
-                    limit: share.1,
-                    memory,
-                    kick,
-                    doorbell,
-                    client_starts: 0,
-                });
-                *idx += 1;
-            }
-        }
-        let mut vms = BTreeMap::new();
-        let mut order = Vec::new();
-        for (index, v) in cfg.vms().enumerate() {
-            let stats = create_memfd(c"ddvmm-stats")
-                .map_err(|e| io_ctx("stats page")(std::io::Error::other(e)))?;
-            stats
-                .set_len(stats_page::PAGE_SIZE)
-                .map_err(io_ctx("stats page"))?;
-            seal_size(&stats).map_err(io_ctx("stats page seals"))?;
-            let jail_root = state_dir.join("jail").join(&v.name);
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&jail_root)
-                .map_err(|source| SupervisorError::Spawn {
-                    name: v.name.clone(),
-                    source,
-                })?;
-            let cgroup = match &cgroups {
-                Some(c) => Some(
-                    c.vm(&v.name, &v.limits)
-                        .map_err(|e| SupervisorError::Spawn {
-                            name: v.name.clone(),
-                            source: std::io::Error::other(e),
-                        })?,
-                ),
-                None => None,
-            };
-            order.push(v.name.clone());
-            let has_channels = channels.iter().any(|c| c.driver == v.name);
-            let template = (v.role == Role::Driver
-                && has_channels
-                && v.passthrough.is_empty()
-                && cfg.recovery.restore_from_template)
-                .then(|| Template {
-                    dir: state_dir.join("templates").join(&v.name),
-                    restores: 0,
-                    made: None,
-                });
-            vms.insert(
-                v.name.clone(),
-                Vm {
-                    template,
-                    ids: cfg.vm_ids(index),
-                    jail_root,
-                    cgroup,
-                    cfg: v.clone(),
-                    state: VmState::Stopped,
-                    pid: None,
-                    starts: 0,
-                    last_exit: None,
-                    last_detection: None,
-                    since: SystemTime::now(),
-                    started_at: Instant::now(),
-                    stats,
-                    exited: None,
-                    signals: None,
-                    control: None,
-                    recovering: false,
-                    started_by_recovery: false,
-                    injected: None,
-                    standby: None,
-                    standby_for: None,
-                },
-            );
-        }
-        Ok(Arc::new(Supervisor {
+        // One size for every slot: any slot can serve a disk or a NIC.
+        let slot_size = mem_size(RING_PARAMS)?.max(mem_size(NET_RING_PARAMS)?);
+        let sup = Arc::new(Supervisor {
             exe,
             state_dir,
             cgroups,
             inner: Mutex::new(Inner {
-                vms,
-                channels,
-                order,
+                vms: BTreeMap::new(),
+                channels: Vec::new(),
+                spare: Vec::new(),
+                order: Vec::new(),
+                config: cfg.clone(),
+                made: 0,
+                slot_size,
             }),
             recovery: cfg.recovery.clone(),
             book: Mutex::new(FaultBook::default()),
-        }))
+        });
+        {
+            let mut g = sup.lock();
+            for v in cfg.vms() {
+                sup.provision(&mut g, v, cfg)?;
+            }
+        }
+        Ok(sup)
+    }
+
+    /// Makes what VM `v` of configuration `cfg` needs, and records it (stopped): a driver VM's
+    /// slots (one per client port `cfg` gives it, plus its spares), a client's channels (on
+    /// its driver VMs' free slots, lowest first: all or none), a stats page, a jail directory
+    /// and a cgroup.
+    pub(super) fn provision(
+        &self,
+        inner: &mut Inner,
+        v: &VmConfig,
+        cfg: &SystemConfig,
+    ) -> Result<(), SupervisorError> {
+        let ports = Port::of_client(v);
+        for (driver, _) in &ports {
+            let needed = ports.iter().filter(|(d, _)| d == driver).count();
+            let free = inner.spare.iter().filter(|s| s.driver == *driver).count();
+            if free < needed {
+                return Err(SupervisorError::NoSlot(driver.clone()));
+            }
+        }
+        let stats = create_memfd(c"ddvmm-stats")
+            .map_err(|e| io_ctx("stats page")(std::io::Error::other(e)))?;
+        stats
+            .set_len(stats_page::PAGE_SIZE)
+            .map_err(io_ctx("stats page"))?;
+        seal_size(&stats).map_err(io_ctx("stats page seals"))?;
+        let jail_root = self.state_dir.join("jail").join(&v.name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&jail_root)
+            .map_err(|source| SupervisorError::Spawn {
+                name: v.name.clone(),
+                source,
+            })?;
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.vm(&v.name, &v.limits)
+                    .map_err(|e| SupervisorError::Spawn {
+                        name: v.name.clone(),
+                        source: std::io::Error::other(e),
+                    })?,
+            ),
+            None => None,
+        };
+        if v.role == Role::Driver {
+            let served = cfg
+                .clients
+                .iter()
+                .flat_map(Port::of_client)
+                .filter(|(d, _)| *d == v.name)
+                .count();
+            let count = served + v.spare_channels as usize;
+            for index in 0..count {
+                let slot = Slot::new(&v.name, index, inner.slot_size)
+                    .map_err(io_ctx(format!("{}-{index}", v.name)))?;
+                inner.spare.push(Spare {
+                    driver: v.name.clone(),
+                    slot,
+                });
+            }
+        }
+        for (client_index, (driver, port)) in ports.into_iter().enumerate() {
+            let at = inner
+                .spare
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.driver == driver)
+                .min_by_key(|(_, s)| s.slot.index)
+                .map(|(i, _)| i)
+                .ok_or_else(|| SupervisorError::NoSlot(driver.clone()))?;
+            let Spare { driver, slot } = inner.spare.swap_remove(at);
+            inner.channels.push(Channel {
+                driver,
+                client: v.name.clone(),
+                client_index,
+                slot,
+                port,
+            });
+        }
+        let has_slots = inner.spare.iter().any(|s| s.driver == v.name)
+            || inner.channels.iter().any(|c| c.driver == v.name);
+        let template = (v.role == Role::Driver
+            && has_slots
+            && v.passthrough.is_empty()
+            && self.recovery.restore_from_template)
+            .then(|| Template {
+                dir: self.state_dir.join("templates").join(&v.name),
+                restores: 0,
+                made: None,
+            });
+        let ids = cfg.uid_base + inner.made as u32;
+        inner.made += 1;
+        inner.order.push(v.name.clone());
+        inner.vms.insert(
+            v.name.clone(),
+            Vm {
+                template,
+                ids,
+                jail_root,
+                cgroup,
+                cfg: v.clone(),
+                state: VmState::Stopped,
+                pid: None,
+                starts: 0,
+                last_exit: None,
+                last_detection: None,
+                since: SystemTime::now(),
+                started_at: Instant::now(),
+                stats,
+                exited: None,
+                signals: None,
+                control: None,
+                recovering: false,
+                started_by_recovery: false,
+                injected: None,
+                standby: None,
+                standby_for: None,
+                removing: false,
+            },
+        );
+        Ok(())
     }
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -455,7 +458,7 @@ impl Supervisor {
                 .channels
                 .iter()
                 .filter(|c| c.client == *name || c.driver == *name)
-                .map(channel_stats)
+                .map(Channel::stats)
                 .collect();
             out.insert(
                 name.clone(),
@@ -540,6 +543,9 @@ impl Supervisor {
             Some(vm) if vm.state == VmState::Running => {
                 return Err(SupervisorError::AlreadyRunning(name.to_string()))
             }
+            Some(vm) if vm.removing => {
+                return Err(SupervisorError::Busy(name.to_string(), "being removed"))
+            }
             Some(_) => {}
         }
         let spawned = self.spawn_vmm(inner, name, &boot, false)?;
@@ -623,69 +629,40 @@ impl Supervisor {
         for t in &vm.cfg.taps {
             cmd.arg("--net").arg(format!("tap={t}"));
         }
-        let fd_spec = |c: &Channel| {
-            format!(
-                "mem={},kick={},doorbell={}",
-                c.memory.as_raw_fd(),
-                c.kick.as_raw_fd(),
-                c.doorbell.as_raw_fd()
-            )
-        };
-        // Creation order: a driver's channels by index, a client's disks in configuration order.
-        let mine: Vec<&mut Channel> = inner
-            .channels
-            .iter_mut()
-            .filter(|c| match vm.cfg.role {
-                Role::Driver => c.driver == name,
-                Role::Client => c.client == name,
-            })
-            .collect();
-        for c in mine {
-            fds.extend([
-                c.memory.as_raw_fd(),
-                c.kick.as_raw_fd(),
-                c.doorbell.as_raw_fd(),
-            ]);
-            let ro = if c.read_only { ",ro" } else { "" };
-            let generation = |c: &mut Channel| {
-                c.client_starts += 1;
-                (c.client_starts << 32) | 1
-            };
-            match (vm.cfg.role, c.mac) {
-                (Role::Driver, None) => cmd.arg("--channel").arg(format!(
-                    "{},backend={},start={},sectors={},weight={}{ro}",
-                    fd_spec(c),
-                    c.backend,
-                    c.start_sector,
-                    c.sectors,
-                    c.weight
-                )),
-                (Role::Driver, Some(mac)) => cmd.arg("--channel").arg(format!(
-                    "{},backend={},mac={}",
-                    fd_spec(c),
-                    c.backend,
-                    format_mac(&mac)
-                )),
-                (Role::Client, None) => {
-                    let generation = generation(c);
-                    cmd.arg("--ring-disk").arg(format!(
-                        "{},sectors={},generation={generation},id={}-{}{ro}{}",
-                        fd_spec(c),
-                        c.sectors,
-                        c.driver,
-                        c.driver_index,
-                        c.limit.options()
-                    ))
+        match vm.cfg.role {
+            // Every slot, by index: the device layout never changes (snapshots rely on it).
+            Role::Driver => {
+                let mut slots: Vec<(usize, String)> = Vec::new();
+                for c in inner.channels.iter().filter(|c| c.driver == name) {
+                    fds.extend(c.slot.fds());
+                    let spec = format!("{},{}", c.slot.fd_spec(), c.port.device_spec());
+                    slots.push((c.slot.index, spec));
                 }
-                (Role::Client, Some(mac)) => {
-                    let generation = generation(c);
-                    cmd.arg("--ring-net").arg(format!(
-                        "{},mac={},generation={generation}",
-                        fd_spec(c),
-                        format_mac(&mac)
-                    ))
+                for s in inner.spare.iter().filter(|s| s.driver == name) {
+                    fds.extend(s.slot.fds());
+                    slots.push((s.slot.index, format!("{},vacant", s.slot.fd_spec())));
                 }
-            };
+                slots.sort();
+                for (_, spec) in slots {
+                    cmd.arg("--channel").arg(spec);
+                }
+            }
+            // Ring disks, then ring NICs, each in configuration order; the process's ring
+            // device indices are what control requests name.
+            Role::Client => {
+                let mut mine: Vec<&mut Channel> = inner
+                    .channels
+                    .iter_mut()
+                    .filter(|c| c.client == name)
+                    .collect();
+                mine.sort_by_key(|c| (c.port.mac.is_some(), c.client_index));
+                for (index, c) in mine.into_iter().enumerate() {
+                    c.client_index = index;
+                    fds.extend(c.slot.fds());
+                    let (arg, spec) = c.client_arg();
+                    cmd.arg(arg).arg(spec);
+                }
+            }
         }
         let log_path = self.state_dir.join(format!("{name}.log"));
         let log = open_log(&log_path).map_err(|source| SupervisorError::Spawn {
@@ -898,6 +875,11 @@ impl Supervisor {
         &self.state_dir
     }
 
+    /// The VMs' cgroups, if the host gives the daemon any.
+    pub(super) fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
+    }
+
     /// Removes the VMs' cgroups (after every VM has stopped).
     pub fn remove_cgroups(&self) {
         if let Some(c) = &self.cgroups {
@@ -969,30 +951,6 @@ fn open_log(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Seals memfd `f` against shrinking and growing: a process it is handed to (a VMM that maps
-/// it) can never be made to fault on a truncated mapping.
-fn seal_size(f: &File) -> std::io::Result<()> {
-    // SAFETY: F_ADD_SEALS only changes the seals of the memfd we own.
-    let rc = unsafe {
-        libc::fcntl(
-            f.as_raw_fd(),
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// One read of a channel's ring header, through the ring crate's view of it.
-pub(super) fn ring_header(c: &Channel) -> Option<HeaderView> {
-    let mut b = [0u8; HeaderView::LEN];
-    c.memory.read_exact_at(&mut b, 0).ok()?;
-    HeaderView::parse(&b)
-}
-
 fn describe_exit(s: std::process::ExitStatus) -> String {
     match (s.code(), s.signal()) {
         (Some(0), _) => "exit 0 (guest powered off)".into(),
@@ -1003,32 +961,4 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
         (None, Some(sig)) => format!("killed by signal {sig}"),
         (None, None) => "ended".into(),
     }
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn channel_stats(c: &Channel) -> serde_json::Value {
-    let h = ring_header(c);
-    serde_json::json!({
-        "driver": c.driver,
-        "client": c.client,
-        "backend": c.backend,
-        "start_sector": c.start_sector,
-        "sectors": c.sectors,
-        "mac": c.mac.as_ref().map(format_mac),
-        "weight": c.weight,
-        "iops_limit": c.limit.ops_per_s,
-        "bandwidth_limit": c.limit.bytes_per_s,
-        "generation": h.map(|h| h.generation),
-        "agent_ready": h.map(|h| h.agent_serves_current()),
-        "heartbeat": h.map(|h| h.heartbeat),
-        "requests": h.map(|h| h.req_prod),
-        "completions": h.map(|h| h.cmp_prod),
-    })
 }

@@ -19,6 +19,11 @@
 //!   enabled: the line is exclusive to this device, and the ring's notification suppression
 //!   (the agent arms its event index only before it sleeps) keeps interrupts rare.
 //!
+//! **Slots.** The device is a slot: the daemon can leave it vacant at boot
+//! ([`ChannelKind::Vacant`]) and fill or empty it while the guest runs ([`ChannelSlot`]), so
+//! clients come and go without a new PCI function. The memory and both eventfds stay wired
+//! across assignments (the daemon owns them and wipes the memory between clients).
+//!
 //! This process is not on the data path: after setup the guest's loads and stores go to shared
 //! memory and both notifications are eventfds handled inside KVM. It does see the two
 //! configuration-space accesses per delivered interrupt (the handler's status read, the
@@ -26,7 +31,8 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{FileOffset, MmapRegion};
@@ -38,8 +44,8 @@ use crate::devices::pci::config::{self, MemoryBar, PciConfig, PciIdentity};
 use crate::devices::pci::PciDevice;
 
 pub use ddvmm_translation::channel::{
-    regs, BACKEND_LEN, DEFAULT_WEIGHT, DEVICE, ENTROPY_LEN, FLAG_READ_ONLY, KIND_BLOCK, KIND_NET,
-    MAGIC, MAX_WEIGHT, REGS_SIZE, VENDOR, VERSION,
+    fault, regs, BACKEND_LEN, DEFAULT_WEIGHT, DEVICE, ENTROPY_LEN, FLAG_READ_ONLY, KIND_BLOCK,
+    KIND_NET, KIND_VACANT, MAGIC, MAX_WEIGHT, REGS_SIZE, VENDOR, VERSION,
 };
 
 /// Called with the channel's index when its agent parks at the gate.
@@ -115,6 +121,280 @@ pub enum ChannelKind {
         /// The client's MAC address: the only source address its frames may carry.
         mac: [u8; 6],
     },
+    /// No client yet: a slot the daemon can fill at runtime.
+    Vacant,
+}
+
+impl ChannelInfo {
+    /// Parses the description part of a `--channel` spec (or of a control request's
+    /// assignment): `backend=/dev/vdX,start=SECTOR,sectors=N[,ro][,weight=W]`,
+    /// `backend=UPLINK,mac=MAC[,weight=W]` or `vacant`. Checks it as [`ChannelDevice`] would.
+    pub fn parse(index: u32, spec: &str) -> Result<Self, ChannelError> {
+        let bad = |why: String| ChannelError::BadSpec(spec.to_string(), why);
+        let mut values = std::collections::BTreeMap::new();
+        let mut flags = Vec::new();
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some((k, v)) if ["backend", "start", "sectors", "mac", "weight"].contains(&k) => {
+                    if values.insert(k, v).is_some() {
+                        return Err(bad(format!("'{k}' given twice")));
+                    }
+                }
+                None if ["ro", "vacant"].contains(&part) => flags.push(part),
+                _ => return Err(bad(format!("unknown option '{part}'"))),
+            }
+        }
+        let get = |k: &str| {
+            values
+                .get(k)
+                .copied()
+                .ok_or_else(|| bad(format!("missing {k}=")))
+        };
+        let num = |k: &str| -> Result<u64, ChannelError> {
+            let v = get(k)?;
+            v.parse()
+                .map_err(|_| bad(format!("{k}={v} is not a number")))
+        };
+        let weight = match values.get("weight") {
+            None => DEFAULT_WEIGHT,
+            Some(w) => w
+                .parse()
+                .ok()
+                .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                .ok_or_else(|| bad(format!("weight={w} is outside 1..={MAX_WEIGHT}")))?,
+        };
+        let info = if flags.contains(&"vacant") {
+            if !values.is_empty() || flags.len() > 1 {
+                return Err(bad("a vacant slot takes no other option".into()));
+            }
+            ChannelInfo {
+                index,
+                backend: String::new(),
+                kind: ChannelKind::Vacant,
+                weight,
+            }
+        } else {
+            let kind = match values.get("mac") {
+                Some(mac) => ChannelKind::Net {
+                    mac: crate::devices::virtio::net::parse_mac(mac)
+                        .ok_or_else(|| bad(format!("bad mac={mac}")))?,
+                },
+                None => ChannelKind::Block {
+                    start_sector: num("start")?,
+                    sectors: num("sectors")?,
+                    read_only: flags.contains(&"ro"),
+                },
+            };
+            ChannelInfo {
+                index,
+                backend: get("backend")?.to_string(),
+                kind,
+                weight,
+            }
+        };
+        info.check()?;
+        Ok(info)
+    }
+
+    /// Checks what the agent will be told: an absolute device path or an interface name, a
+    /// window that neither is empty nor overflows.
+    fn check(&self) -> Result<(), ChannelError> {
+        match self.kind {
+            ChannelKind::Block {
+                start_sector,
+                sectors,
+                ..
+            } => {
+                if !self.backend.starts_with('/') || self.backend.len() >= BACKEND_LEN {
+                    return Err(ChannelError::BadBackend(self.backend.clone()));
+                }
+                if sectors == 0 || start_sector.checked_add(sectors).is_none() {
+                    return Err(ChannelError::BadWindow {
+                        start: start_sector,
+                        sectors,
+                    });
+                }
+            }
+            ChannelKind::Net { .. } => {
+                let ok = (1..libc::IFNAMSIZ).contains(&self.backend.len())
+                    && self
+                        .backend
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+                if !ok {
+                    return Err(ChannelError::BadUplink(self.backend.clone()));
+                }
+            }
+            ChannelKind::Vacant => {}
+        }
+        Ok(())
+    }
+
+    /// The registers that describe this channel in a slot of `mem_size` bytes (all but the
+    /// gate, the fault request and the entropy).
+    fn registers(&self, mem_size: u64) -> Registers {
+        let mut r = [0u8; regs::END as usize];
+        let mut put = |at: u64, bytes: &[u8]| {
+            r[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        };
+        put(regs::MAGIC, &MAGIC.to_le_bytes());
+        put(regs::VERSION, &VERSION.to_le_bytes());
+        put(regs::INDEX, &self.index.to_le_bytes());
+        put(regs::MEM_SIZE, &mem_size.to_le_bytes());
+        let kind = match self.kind {
+            ChannelKind::Block {
+                start_sector,
+                sectors,
+                read_only,
+            } => {
+                put(regs::START, &start_sector.to_le_bytes());
+                put(regs::SECTORS, &sectors.to_le_bytes());
+                let flags = if read_only { FLAG_READ_ONLY } else { 0 };
+                put(regs::FLAGS, &flags.to_le_bytes());
+                KIND_BLOCK
+            }
+            ChannelKind::Net { mac } => {
+                put(regs::MAC, &mac);
+                KIND_NET
+            }
+            ChannelKind::Vacant => return r,
+        };
+        put(regs::KIND, &kind.to_le_bytes());
+        put(regs::BACKEND, self.backend.as_bytes());
+        put(regs::WEIGHT, &self.weight.to_le_bytes());
+        r
+    }
+}
+
+/// A channel device's register block.
+type Registers = [u8; regs::END as usize];
+
+/// How long [`ChannelSlot::vacate`] waits for the agent to let go.
+pub const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The part of a channel device that changes while the guest runs, shared by the device and
+/// the VMM's control thread: what the slot serves, the fault request, the agent's interrupt.
+pub struct ChannelSlot {
+    index: u32,
+    mem_size: u64,
+    regs: Mutex<Registers>,
+    /// Pending fault request ([`regs::FAULT`]).
+    fault: AtomicU32,
+    /// Times the agent wrote [`regs::DETACHED`].
+    detached: AtomicU32,
+    /// The channel's interrupt into this VM (the client's kick).
+    kick: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for ChannelSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSlot")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelSlot {
+    fn new(info: &ChannelInfo, mem_size: u64, kick: Arc<EventFd>) -> Result<Self, ChannelError> {
+        info.check()?;
+        if !mem_size.is_power_of_two() || mem_size < 0x1000 {
+            return Err(ChannelError::BadMemorySize(mem_size));
+        }
+        let mut r = info.registers(mem_size);
+        crate::snapshot::fill_random(
+            &mut r[regs::ENTROPY as usize..regs::ENTROPY as usize + ENTROPY_LEN],
+        );
+        Ok(ChannelSlot {
+            index: info.index,
+            mem_size,
+            regs: Mutex::new(r),
+            fault: AtomicU32::new(fault::NONE),
+            detached: AtomicU32::new(0),
+            kick,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registers> {
+        self.regs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, info: &ChannelInfo) {
+        let new = info.registers(self.mem_size);
+        let mut r = self.lock();
+        let entropy = regs::ENTROPY as usize..regs::ENTROPY as usize + ENTROPY_LEN;
+        let kept: [u8; ENTROPY_LEN] = r[entropy.clone()].try_into().unwrap_or_default();
+        *r = new;
+        r[entropy].copy_from_slice(&kept);
+    }
+
+    /// Which slot this is.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Whether the slot serves nobody.
+    pub fn is_vacant(&self) -> bool {
+        let r = self.lock();
+        r[regs::KIND as usize..regs::KIND as usize + 4] == KIND_VACANT.to_le_bytes()
+    }
+
+    /// Gives the slot to a client: the registers now describe `info` (its index must be this
+    /// slot's), and the agent is interrupted to read them.
+    pub fn assign(&self, info: &ChannelInfo) -> Result<(), ChannelError> {
+        info.check()?;
+        if info.index != self.index || info.kind == ChannelKind::Vacant {
+            return Err(ChannelError::BadSpec(
+                format!("slot {}", info.index),
+                format!("cannot be assigned to slot {}", self.index),
+            ));
+        }
+        // A take-back the agent never saw is moot now.
+        let _ = self.fault.compare_exchange(
+            fault::DETACH,
+            fault::NONE,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.set(info);
+        self.interrupt();
+        Ok(())
+    }
+
+    /// Takes the slot back: the registers read vacant, then the agent is asked to let go
+    /// ([`fault::DETACH`]). Waits up to `timeout` for it to confirm; false if it did not (a
+    /// hung agent: the memory is wiped anyway, and the driver VM is trusted with its device's
+    /// data only, never with another client's).
+    pub fn vacate(&self, timeout: Duration) -> bool {
+        let before = self.detached.load(Ordering::Acquire);
+        self.set(&ChannelInfo {
+            index: self.index,
+            backend: String::new(),
+            kind: ChannelKind::Vacant,
+            weight: DEFAULT_WEIGHT,
+        });
+        self.request_fault(fault::DETACH);
+        let deadline = Instant::now() + timeout;
+        while self.detached.load(Ordering::Acquire) == before {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Asks the agent to fail with `code` (or to detach) and interrupts it, so that a sleeping
+    /// agent reads the request at once (a busy one reads it within its fault poll).
+    pub fn request_fault(&self, code: u32) {
+        self.fault.store(code, Ordering::Release);
+        self.interrupt();
+    }
+
+    fn interrupt(&self) {
+        if let Err(e) = self.kick.write(1) {
+            tracing::warn!(channel = self.index, error = %e, "interrupting the agent");
+        }
+    }
 }
 
 /// Errors describing a channel.
@@ -134,6 +414,9 @@ pub enum ChannelError {
         /// Sector count.
         sectors: u64,
     },
+    /// A channel description does not parse.
+    #[error("channel '{0}': {1}")]
+    BadSpec(String, String),
     /// The channel memory size is not a power of two of at least 4 KiB.
     #[error("channel memory of {0} bytes is not a power of two of at least 4 KiB")]
     BadMemorySize(u64),
@@ -196,52 +479,22 @@ pub fn wire(
 /// ([`wire`]); this object serves configuration space and the register BAR.
 pub struct ChannelDevice {
     config: PciConfig,
-    regs: [u8; regs::END as usize],
-    /// Pending fault request ([`regs::FAULT`]), set by the VMM's control thread.
-    fault: Arc<AtomicU32>,
+    slot: Arc<ChannelSlot>,
     gate: Arc<ChannelGate>,
 }
 
 impl ChannelDevice {
     /// A channel with registers at `regs_addr` (32-bit BAR 0) and `mem_size` bytes of channel
-    /// memory at `mem_addr` (64-bit BAR 2).
+    /// memory at `mem_addr` (64-bit BAR 2); `kick` interrupts its agent.
     pub fn new(
         info: &ChannelInfo,
         regs_addr: u64,
         mem_addr: u64,
         mem_size: u64,
         gate: Arc<ChannelGate>,
+        kick: Arc<EventFd>,
     ) -> Result<Self, ChannelError> {
-        match info.kind {
-            ChannelKind::Block {
-                start_sector,
-                sectors,
-                ..
-            } => {
-                if !info.backend.starts_with('/') || info.backend.len() >= BACKEND_LEN {
-                    return Err(ChannelError::BadBackend(info.backend.clone()));
-                }
-                if sectors == 0 || start_sector.checked_add(sectors).is_none() {
-                    return Err(ChannelError::BadWindow {
-                        start: start_sector,
-                        sectors,
-                    });
-                }
-            }
-            ChannelKind::Net { .. } => {
-                let ok = (1..libc::IFNAMSIZ).contains(&info.backend.len())
-                    && info
-                        .backend
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
-                if !ok {
-                    return Err(ChannelError::BadUplink(info.backend.clone()));
-                }
-            }
-        }
-        if !mem_size.is_power_of_two() || mem_size < 0x1000 {
-            return Err(ChannelError::BadMemorySize(mem_size));
-        }
+        let slot = Arc::new(ChannelSlot::new(info, mem_size, kick)?);
         let mut config = PciConfig::new(&PciIdentity {
             vendor: VENDOR,
             device: DEVICE,
@@ -265,48 +518,12 @@ impl ChannelDevice {
             prefetchable: true,
         })?;
         config.set_interrupt_pin(1);
-        let mut r = [0u8; regs::END as usize];
-        let mut put = |at: u64, bytes: &[u8]| {
-            r[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
-        };
-        put(regs::MAGIC, &MAGIC.to_le_bytes());
-        put(regs::VERSION, &VERSION.to_le_bytes());
-        put(regs::INDEX, &info.index.to_le_bytes());
-        match info.kind {
-            ChannelKind::Block {
-                start_sector,
-                sectors,
-                read_only,
-            } => {
-                put(regs::KIND, &KIND_BLOCK.to_le_bytes());
-                put(regs::START, &start_sector.to_le_bytes());
-                put(regs::SECTORS, &sectors.to_le_bytes());
-                let flags = if read_only { FLAG_READ_ONLY } else { 0 };
-                put(regs::FLAGS, &flags.to_le_bytes());
-            }
-            ChannelKind::Net { mac } => {
-                put(regs::KIND, &KIND_NET.to_le_bytes());
-                put(regs::MAC, &mac);
-            }
-        }
-        put(regs::MEM_SIZE, &mem_size.to_le_bytes());
-        put(regs::BACKEND, info.backend.as_bytes());
-        let mut entropy = [0u8; ENTROPY_LEN];
-        crate::snapshot::fill_random(&mut entropy);
-        put(regs::ENTROPY, &entropy);
-        put(regs::WEIGHT, &info.weight.to_le_bytes());
-        Ok(ChannelDevice {
-            config,
-            regs: r,
-            fault: Arc::new(AtomicU32::new(0)),
-            gate,
-        })
+        Ok(ChannelDevice { config, slot, gate })
     }
 
-    /// The fault request register: store a [`ddvmm_translation::channel::fault`] code; the
-    /// agent's next read of [`regs::FAULT`] takes (and clears) it.
-    pub fn fault_request(&self) -> Arc<AtomicU32> {
-        self.fault.clone()
+    /// The slot: what the daemon changes while the guest runs (assignment, fault requests).
+    pub fn slot(&self) -> Arc<ChannelSlot> {
+        self.slot.clone()
     }
 }
 
@@ -336,7 +553,8 @@ impl PciDevice for ChannelDevice {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         if bar == 0 && offset == regs::FAULT && data.len() == 4 {
-            data.copy_from_slice(&self.fault.swap(0, Ordering::AcqRel).to_le_bytes());
+            let code = self.slot.fault.swap(fault::NONE, Ordering::AcqRel);
+            data.copy_from_slice(&code.to_le_bytes());
             return;
         }
         if bar == 0 && offset == regs::GATE && data.len() == 4 {
@@ -347,9 +565,10 @@ impl PciDevice for ChannelDevice {
             data.copy_from_slice(&open.to_le_bytes());
             return;
         }
+        let r = self.slot.lock();
         for (i, b) in data.iter_mut().enumerate() {
             *b = match (bar, offset.checked_add(i as u64)) {
-                (0, Some(at)) if at < regs::END => self.regs[at as usize],
+                (0, Some(at)) if at < regs::END => r[at as usize],
                 (0, _) => 0,
                 _ => 0xff,
             };
@@ -362,6 +581,11 @@ impl PciDevice for ChannelDevice {
                 tracing::info!(channel = self.gate.index, "agent parked at the gate");
                 (self.gate.notify)(self.gate.index);
             }
+            return;
+        }
+        if bar == 0 && offset == regs::DETACHED {
+            tracing::info!(channel = self.slot.index, "agent let go of the channel");
+            self.slot.detached.fetch_add(1, Ordering::AcqRel);
             return;
         }
         // A doorbell write only lands here if the ioeventfd did not match (an odd width);
@@ -408,8 +632,7 @@ mod tests {
 
     #[test]
     fn registers_describe_the_channel() {
-        let mut d =
-            ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
+        let mut d = dev(&info(), 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::MAGIC, 4), b"DDCH");
         assert_eq!(read(&mut d, regs::INDEX, 4), 3u32.to_le_bytes());
         assert_eq!(read(&mut d, regs::START, 8), 2048u64.to_le_bytes());
@@ -434,11 +657,92 @@ mod tests {
             },
             weight: 100,
         };
-        let mut d = ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
+        let mut d = dev(&i, 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::KIND, 4), KIND_NET.to_le_bytes());
         assert_eq!(&read(&mut d, regs::BACKEND, 5)[..], b"eth0\0");
         assert_eq!(read(&mut d, regs::MAC, 8), [0x52, 0x54, 0, 1, 2, 3, 0, 0]);
         assert_eq!(read(&mut d, regs::SECTORS, 8), [0; 8]);
+    }
+
+    fn dev(
+        info: &ChannelInfo,
+        size: u64,
+        gate: Arc<ChannelGate>,
+    ) -> Result<ChannelDevice, ChannelError> {
+        let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        ChannelDevice::new(info, 0xc000_0000, 0xc100_0000, size, gate, kick)
+    }
+
+    #[test]
+    fn specs_parse_as_the_device_checks_them() {
+        let i = ChannelInfo::parse(3, "backend=/dev/vda,start=2048,sectors=4096,weight=250")
+            .expect("block");
+        assert_eq!(i, info());
+        let n = ChannelInfo::parse(1, "backend=eth0,mac=52:54:00:01:02:03").expect("net");
+        assert_eq!(
+            n.kind,
+            ChannelKind::Net {
+                mac: [0x52, 0x54, 0, 1, 2, 3]
+            }
+        );
+        assert_eq!(
+            ChannelInfo::parse(2, "vacant").expect("vacant").kind,
+            ChannelKind::Vacant
+        );
+        for bad in [
+            "backend=vda,start=0,sectors=1",
+            "backend=/dev/vda,start=0,sectors=0",
+            "backend=/dev/vda,start=0",
+            "backend=/dev/vda,start=0,sectors=1,start=2",
+            "backend=/dev/vda,start=x,sectors=1",
+            "backend=/dev/vda,start=0,sectors=1,weight=0",
+            "backend=/dev/vda,start=0,sectors=1,mem=3",
+            "backend=eth0,mac=zz",
+            "vacant,ro",
+            "vacant,backend=/dev/vda",
+        ] {
+            assert!(ChannelInfo::parse(0, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_slot_is_filled_and_emptied_at_runtime() {
+        let vacant = ChannelInfo::parse(3, "vacant").expect("vacant");
+        let mut d = dev(&vacant, 1 << 24, gate()).expect("dev");
+        let slot = d.slot();
+        assert!(slot.is_vacant());
+        assert_eq!(read(&mut d, regs::KIND, 4), KIND_VACANT.to_le_bytes());
+        assert_eq!(read(&mut d, regs::MEM_SIZE, 8), (1u64 << 24).to_le_bytes());
+        let entropy = read(&mut d, regs::ENTROPY, ENTROPY_LEN);
+        let mut other = info();
+        other.index = 4;
+        assert!(slot.assign(&other).is_err(), "another slot's channel");
+        slot.assign(&info()).expect("assign");
+        assert!(!slot.is_vacant());
+        assert_eq!(read(&mut d, regs::SECTORS, 8), 4096u64.to_le_bytes());
+        assert_eq!(
+            read(&mut d, regs::ENTROPY, ENTROPY_LEN),
+            entropy,
+            "entropy kept"
+        );
+        // No agent: the take-back is not confirmed, the registers read vacant anyway and the
+        // request waits for the agent.
+        assert!(!slot.vacate(Duration::from_millis(20)));
+        assert_eq!(read(&mut d, regs::KIND, 4), KIND_VACANT.to_le_bytes());
+        assert_eq!(read(&mut d, regs::SECTORS, 8), [0; 8]);
+        // An agent that lets go confirms it.
+        assert_eq!(read(&mut d, regs::FAULT, 4), fault::DETACH.to_le_bytes());
+        let s2 = slot.clone();
+        let t = std::thread::spawn(move || s2.vacate(Duration::from_secs(30)));
+        while read(&mut d, regs::FAULT, 4) != fault::DETACH.to_le_bytes() {
+            std::thread::yield_now();
+        }
+        d.bar_write(0, regs::DETACHED, &[1, 0, 0, 0]);
+        assert!(t.join().expect("join"));
+        // A new assignment clears a take-back the agent never read.
+        slot.request_fault(fault::DETACH);
+        slot.assign(&info()).expect("assign");
+        assert_eq!(read(&mut d, regs::FAULT, 4), [0; 4]);
     }
 
     fn gate() -> Arc<ChannelGate> {
@@ -456,8 +760,7 @@ mod tests {
                 p.fetch_add(i, Ordering::SeqCst);
             }),
         );
-        let mut d = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate.clone())
-            .expect("dev");
+        let mut d = dev(&info(), 1 << 24, gate.clone()).expect("dev");
         assert_eq!(read(&mut d, regs::GATE, 4), [0; 4]);
         d.bar_write(0, regs::GATE, &[1, 0, 0, 0]);
         d.bar_write(0, regs::GATE, &[1, 0, 0, 0]);
@@ -470,8 +773,7 @@ mod tests {
         gate.open();
         assert_eq!(read(&mut d, regs::GATE, 4), 1u32.to_le_bytes());
         let e1 = read(&mut d, regs::ENTROPY, ENTROPY_LEN);
-        let d2 = ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate).expect("dev");
-        let mut d2 = d2;
+        let mut d2 = dev(&info(), 1 << 24, gate).expect("dev");
         assert_ne!(
             e1,
             read(&mut d2, regs::ENTROPY, ENTROPY_LEN),
@@ -481,19 +783,16 @@ mod tests {
 
     #[test]
     fn fault_register_is_taken_by_one_read() {
-        let mut d =
-            ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
+        let mut d = dev(&info(), 1 << 24, gate()).expect("dev");
         assert_eq!(read(&mut d, regs::FAULT, 4), [0; 4]);
-        d.fault_request()
-            .store(ddvmm_translation::channel::fault::PANIC, Ordering::SeqCst);
+        d.slot().request_fault(fault::PANIC);
         assert_eq!(read(&mut d, regs::FAULT, 4), 1u32.to_le_bytes());
         assert_eq!(read(&mut d, regs::FAULT, 4), [0; 4]);
     }
 
     #[test]
     fn interrupt_status_follows_intx_disable() {
-        let mut d =
-            ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).expect("dev");
+        let mut d = dev(&info(), 1 << 24, gate()).expect("dev");
         let mut b = [0u8; 4];
         d.config_read(config::COMMAND, &mut b);
         assert_ne!(b[2] & STATUS_INTERRUPT, 0);
@@ -509,14 +808,14 @@ mod tests {
     fn rejects_bad_descriptions() {
         let mut i = info();
         i.backend = "vda".into();
-        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).is_err());
+        assert!(dev(&i, 1 << 24, gate()).is_err());
         let mut i = info();
         i.kind = ChannelKind::Block {
             start_sector: 0,
             sectors: 0,
             read_only: false,
         };
-        assert!(ChannelDevice::new(&i, 0xc000_0000, 0xc100_0000, 1 << 24, gate()).is_err());
+        assert!(dev(&i, 1 << 24, gate()).is_err());
         let net = |uplink: &str| ChannelInfo {
             index: 0,
             backend: uplink.into(),
@@ -524,12 +823,9 @@ mod tests {
             weight: 100,
         };
         for bad in ["", "/dev/vda", "a-name-too-long-x", "eth 0"] {
-            assert!(
-                ChannelDevice::new(&net(bad), 0xc000_0000, 0xc100_0000, 1 << 24, gate()).is_err(),
-                "{bad}"
-            );
+            assert!(dev(&net(bad), 1 << 24, gate()).is_err(), "{bad}");
         }
-        assert!(ChannelDevice::new(&info(), 0xc000_0000, 0xc100_0000, 3 << 20, gate()).is_err());
+        assert!(dev(&info(), 3 << 20, gate()).is_err());
     }
 }
 

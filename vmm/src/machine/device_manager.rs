@@ -3,7 +3,6 @@
 //! them on the MMIO bus. Memory slots belong to [`MemorySlots`]; each device wires its own
 //! eventfds.
 
-use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -12,7 +11,7 @@ use super::{ChannelConfig, MachineError};
 use crate::arch::x86_64::acpi;
 use crate::arch::x86_64::layout::{PCI_MMIO_END, PCI_MMIO_START};
 use crate::devices::bus::Bus;
-use crate::devices::channel::{self, ChannelDevice, ChannelGate, ChannelWiring};
+use crate::devices::channel::{self, ChannelDevice, ChannelGate, ChannelSlot, ChannelWiring};
 use crate::devices::pci::msix::IrqRouter;
 use crate::devices::pci::root::PciRoot;
 use crate::devices::pci::{BarRegion, HostBridge, SharedPciDevice};
@@ -129,7 +128,7 @@ impl PciBuilder {
         c: &ChannelConfig,
         gate: Arc<ChannelGate>,
         mmio_bus: &mut Bus,
-    ) -> Result<(ChannelWiring, Arc<AtomicU32>), MachineError> {
+    ) -> Result<(ChannelWiring, Arc<ChannelSlot>), MachineError> {
         let label = format!("channel {}", c.info.index);
         let size = c
             .fds
@@ -137,14 +136,11 @@ impl PciBuilder {
             .map_err(|e| MachineError::Sys("sizing channel memory", e))?;
         let regs_addr = self.alloc_bar(channel::REGS_SIZE, &label)?;
         let mem_addr = self.alloc_bar(size.max(0x1000).next_power_of_two(), &label)?;
-        let dev = ChannelDevice::new(&c.info, regs_addr, mem_addr, size, gate)?;
-        let fault = dev.fault_request();
+        let dev = ChannelDevice::new(&c.info, regs_addr, mem_addr, size, gate, c.fds.kick.clone())?;
+        let handle = dev.slot();
         let dev: SharedPciDevice = Arc::new(Mutex::new(dev));
-        let kind = match c.info.kind {
-            channel::ChannelKind::Block { .. } => "block",
-            channel::ChannelKind::Net { .. } => "net",
-        };
-        let slot = self.add(dev.clone(), &format!("{label} {kind} {size:#x}"))?;
+        // Not the kind: a slot keeps its place in a snapshot whatever it serves.
+        let slot = self.add(dev.clone(), &format!("{label} {size:#x}"))?;
         mmio_bus.insert(
             Arc::new(Mutex::new(BarRegion::new(dev, 0))),
             regs_addr,
@@ -159,9 +155,10 @@ impl PciBuilder {
             regs = format_args!("{regs_addr:#x}"),
             mem = format_args!("{mem_addr:#x}+{size:#x}"),
             backend = %c.info.backend,
+            kind = ?c.info.kind,
             "channel device"
         );
-        Ok((wiring, fault))
+        Ok((wiring, handle))
     }
 
     pub(super) fn finish(self) -> Arc<Mutex<PciRoot>> {

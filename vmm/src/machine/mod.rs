@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,7 +32,7 @@ use crate::arch::x86_64::{acpi, cpuid, loader, msrs, regs, reset_vector};
 use crate::devices::acpi_pm::AcpiSleep;
 use crate::devices::bus::{Bus, BusDevice, SharedDevice};
 pub use crate::devices::channel::ChannelFds;
-use crate::devices::channel::{ChannelGate, ChannelWiring};
+use crate::devices::channel::{ChannelGate, ChannelSlot, ChannelWiring};
 use crate::devices::i8042::I8042;
 use crate::devices::pci::msix::IrqRouter;
 use crate::devices::pci::root::PciRoot;
@@ -135,17 +135,8 @@ pub struct Machine {
 pub struct FaultInjector {
     /// The boot vCPU.
     pub vcpu: Arc<VcpuInjection>,
-    /// Each channel device's fault request register and the agent's interrupt.
-    pub channels: Vec<ChannelFault>,
-}
-
-/// Where a fault request for one channel's agent goes.
-#[derive(Debug)]
-pub struct ChannelFault {
-    /// The channel device's fault request register.
-    pub request: Arc<AtomicU32>,
-    /// The channel's interrupt into this VM (the client's kick).
-    pub kick: Arc<EventFd>,
+    /// Each channel device's slot (fault requests, runtime assignment).
+    pub channels: Vec<Arc<ChannelSlot>>,
 }
 
 impl FaultInjector {
@@ -155,10 +146,7 @@ impl FaultInjector {
     /// has no channel.
     pub fn request_agent_fault(&self, code: u32) -> bool {
         for c in &self.channels {
-            c.request.store(code, Ordering::Release);
-            if let Err(e) = c.kick.write(1) {
-                tracing::warn!(error = %e, "fault injection: interrupting the agent");
-            }
+            c.request_fault(code);
         }
         !self.channels.is_empty()
     }
@@ -292,12 +280,9 @@ impl Machine {
                 Arc::new(move |i| parked.event(MachineEvent::Parked(i))),
             );
             gates.push(gate.clone());
-            let (wiring, fault) = pci.add_channel(&vm, &mut slots, c, gate, &mut mmio_bus)?;
+            let (wiring, slot) = pci.add_channel(&vm, &mut slots, c, gate, &mut mmio_bus)?;
             channels.push(wiring);
-            faults.channels.push(ChannelFault {
-                request: fault,
-                kick: c.fds.kick.clone(),
-            });
+            faults.channels.push(slot);
         }
         let mut passthrough = Vec::new();
         for f in functions {

@@ -1,4 +1,9 @@
 //! Serving one block channel: ring in, `O_DIRECT` I/O on the backend device, ring out.
+//!
+//! [`serve`] opens the backend device and starts the I/O threads, passes the slot's gate (if
+//! the slot has not yet), then serves one ring generation after another until the channel is
+//! let go (see `slot`): then it waits for its in-flight requests, ends the I/O threads, leaves
+//! the backend's fair share and closes the device before it returns.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::VecDeque;
@@ -7,19 +12,17 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ddvmm_translation::channel::regs;
 use ddvmm_translation::ring::{
-    features, flags, AgentRing, Completion, Opcode, RawCompletion, RawRegion, RequestEntry,
-    RingError, Status, SECTOR_SIZE,
+    features, flags, AgentRing, Completion, Opcode, RawRegion, RequestEntry, RingError, Status,
+    SECTOR_SIZE,
 };
 
-use ddvmm_translation::channel::{
-    fault, regs, BACKEND_LEN, DEFAULT_WEIGHT, FLAG_READ_ONLY, KIND_BLOCK, MAGIC, MAX_WEIGHT,
-    REGS_SIZE, VERSION,
-};
-
-use crate::pci::{BarMapping, ChannelDevice, UioIrq};
+use crate::fault::{publish_garbage, sysrq, Injected};
+use crate::slot::{Assignment, Slot, Stop};
 use crate::Options;
 
 /// What this agent implements.
@@ -32,43 +35,8 @@ pub(crate) const FAULT_POLL: Duration = Duration::from_millis(20);
 /// Device id string returned for get-id.
 const AGENT_ID: &[u8] = b"ddvmm-agent";
 
-/// The window of the backend device this channel may touch, from BAR 0.
-struct Window {
-    backend: String,
-    start: u64,
-    sectors: u64,
-    read_only: bool,
-    mem_size: usize,
-    index: u32,
-    weight: u32,
-}
-
-fn read_window(r: &BarMapping) -> Result<Window, String> {
-    if r.read32(regs::MAGIC) != MAGIC || r.read32(regs::VERSION) != VERSION {
-        return Err("not a ddvmm channel of register version 1".into());
-    }
-    if r.read32(regs::KIND) != KIND_BLOCK {
-        return Err(format!("unsupported channel kind {}", r.read32(regs::KIND)));
-    }
-    let mut name = Vec::new();
-    for i in (0..BACKEND_LEN as u64).step_by(4) {
-        name.extend_from_slice(&r.read32(regs::BACKEND + i).to_le_bytes());
-    }
-    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-    let backend = String::from_utf8_lossy(&name[..end]).into_owned();
-    Ok(Window {
-        backend,
-        start: r.read64(regs::START),
-        sectors: r.read64(regs::SECTORS),
-        read_only: r.read32(regs::FLAGS) & FLAG_READ_ONLY != 0,
-        mem_size: usize::try_from(r.read64(regs::MEM_SIZE)).map_err(|_| "memory size")?,
-        index: r.read32(regs::INDEX),
-        weight: match r.read32(regs::WEIGHT) {
-            0 => DEFAULT_WEIGHT,
-            w => w.min(MAX_WEIGHT),
-        },
-    })
-}
+/// The window of the backend device this channel may touch: its assignment, from BAR 0.
+type Window = Assignment;
 
 /// A page-aligned buffer for `O_DIRECT`.
 struct AlignedBuf {
@@ -128,19 +96,16 @@ struct Done {
     buf: Option<AlignedBuf>,
 }
 
-/// Serves the channel until an unrecoverable error.
-pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
-    let ctx = |e: String| format!("{}: {e}", dev.address);
-    let regs_map =
-        BarMapping::map(&dev.sysfs.join("resource0"), REGS_SIZE as usize).map_err(ctx)?;
-    let w = read_window(&regs_map).map_err(ctx)?;
-    let mem = BarMapping::map(&dev.sysfs.join("resource2"), w.mem_size).map_err(ctx)?;
-    let mut irq = UioIrq::open(&dev.uio, &dev.sysfs).map_err(ctx)?;
-    let disk = open_backend(&w).map_err(ctx)?;
+/// Serves the block channel assigned to `slot` until it is let go (`Ok`) or an unrecoverable
+/// error.
+pub fn serve(slot: &mut Slot, opts: &Options) -> Result<(), String> {
+    let w = slot.assignment.clone();
+    let mem = slot.map_memory()?;
+    let disk = open_backend(&w)?;
     println!(
         "ddvmm-agent: channel {} at {}: {} sectors {}+{}{}, weight {}",
         w.index,
-        dev.address,
+        slot.address,
         w.backend,
         w.start,
         w.sectors,
@@ -157,20 +122,27 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let (job_tx, job_rx) = channel::<(Job, Option<u32>)>();
     let job_rx = Arc::new(Mutex::new(job_rx));
     let (done_tx, done_rx) = channel::<Done>();
-    let wake = EventFd::new().map_err(ctx)?;
+    let wake = EventFd::new()?;
+    let mut pool = Vec::with_capacity(opts.threads);
     for _ in 0..opts.threads {
         let (rx, tx, disk, wake) = (job_rx.clone(), done_tx.clone(), disk.clone(), wake.clone());
         let share = share.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("agent-io".into())
-            .spawn(move || io_thread(&rx, &tx, &disk, &wake, share.as_ref()))
-            .map_err(|e| ctx(e.to_string()))?;
+            .spawn(move || io_thread(&rx, &tx, &disk, &wake, share.as_ref()));
+        match spawned {
+            Ok(t) => pool.push(t),
+            Err(e) => {
+                drop(job_tx);
+                end_pool(pool);
+                return Err(e.to_string());
+            }
+        }
     }
 
-    crate::gate::pass(&regs_map, w.index);
-    loop {
-        let ring = attach(&mem, SUPPORTED).map_err(ctx)?;
-        ring.set_ready().map_err(|e| ctx(e.to_string()))?;
+    slot.pass_gate();
+    while let Some(ring) = slot.attach(&mem, SUPPORTED)? {
+        ring.set_ready().map_err(|e| e.to_string())?;
         crate::console::say(format!(
             "ddvmm-agent: channel {} ready, generation {}",
             w.index,
@@ -188,16 +160,39 @@ pub fn serve(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             garbage_for: None,
             published: false,
             wakeups: Wakeups::new(),
-            doorbell: &regs_map,
+            slot: &mut *slot,
         };
-        server.run(&mut irq, &done_rx, &wake);
-        // A new generation: wait for our in-flight jobs to drain (their results belong to the
-        // old one), then attach again.
+        let stop = server.run(&done_rx, &wake);
+        // Wait for our in-flight jobs to drain (their results belong to this generation and
+        // this client), then attach again or let go.
         while server.in_flight > 0 {
             if done_rx.recv().is_err() {
                 break;
             }
             server.in_flight -= 1;
+        }
+        if stop == Stop::Detach {
+            break;
+        }
+    }
+    // Let go (the ring is gone with the server): the I/O threads end once the job queue is
+    // closed; the channel leaves the device's fair share; the device's last descriptor is
+    // closed and the memory unmapped.
+    drop(job_tx);
+    end_pool(pool);
+    if let Some(s) = share {
+        s.fair.release(s.channel);
+    }
+    drop(disk);
+    drop(mem);
+    Ok(())
+}
+
+/// Waits for the I/O threads to end (their job queue closed).
+fn end_pool(pool: Vec<JoinHandle<()>>) {
+    for t in pool {
+        if t.join().is_err() {
+            eprintln!("ddvmm-agent: an I/O thread panicked");
         }
     }
 }
@@ -246,39 +241,6 @@ fn open_backend(w: &Window) -> Result<File, String> {
     Ok(file)
 }
 
-/// The channel kind BAR 0 announces ([`KIND_BLOCK`], `KIND_NET`), after checking the
-/// register layout's magic and version.
-pub fn channel_kind(dev: &ChannelDevice) -> Result<u32, String> {
-    let r = BarMapping::map(&dev.sysfs.join("resource0"), REGS_SIZE as usize)?;
-    if r.read32(regs::MAGIC) != MAGIC || r.read32(regs::VERSION) != VERSION {
-        return Err("not a ddvmm channel of register version 1".into());
-    }
-    Ok(r.read32(regs::KIND))
-}
-
-/// Attaches to the ring in `mem`, waiting for the client to create it.
-pub(crate) fn attach(mem: &BarMapping, supported: u64) -> Result<AgentRing<RawRegion>, String> {
-    let mut last = String::new();
-    loop {
-        // SAFETY: `mem` maps `mem.len()` bytes read-write and outlives the ring (the caller
-        // drops the ring before the mapping). This process accesses the mapping only through
-        // the ring's atomics.
-        let region =
-            unsafe { RawRegion::new(mem.as_ptr(), mem.len()) }.map_err(|e| e.to_string())?;
-        match AgentRing::attach(region, supported) {
-            Ok(r) => return Ok(r),
-            Err(e) => {
-                let msg = e.to_string();
-                if msg != last {
-                    println!("ddvmm-agent: waiting for the client's ring ({msg})");
-                    last = msg;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-}
-
 /// Why the ring thread woke up, reported every minute (on a wakeup) in the console.
 struct Wakeups {
     irq: u64,
@@ -321,12 +283,13 @@ struct Server<'a> {
     /// Fault injection broke the ring: nothing more is published on it.
     broken: bool,
     wakeups: Wakeups,
-    doorbell: &'a BarMapping,
+    /// The channel's registers and interrupt.
+    slot: &'a mut Slot,
 }
 
 impl Server<'_> {
-    /// Serves until the client starts a new generation.
-    fn run(&mut self, irq: &mut UioIrq, done: &Receiver<Done>, wake: &EventFd) {
+    /// Serves until the client starts a new generation or the channel is taken back.
+    fn run(&mut self, done: &Receiver<Done>, wake: &EventFd) -> Stop {
         let mut beat = Instant::now();
         let mut fault_check = Instant::now();
         // Jobs (and their buffers) in flight, and answers waiting for room, are bounded by a
@@ -349,7 +312,7 @@ impl Server<'_> {
                         // A corrupt producer index: a client that re-created the ring (new
                         // generation: attach again) or a broken one (wait for it).
                         if !self.ring.is_current() {
-                            return;
+                            return Stop::Generation;
                         }
                         eprintln!("ddvmm-agent: request ring: {e}");
                         std::thread::sleep(Duration::from_millis(100));
@@ -366,24 +329,31 @@ impl Server<'_> {
             self.publish_pending();
             // Completions published this round (also those answered without I/O).
             if std::mem::take(&mut self.published) && self.ring.needs_notify_client() {
-                self.doorbell.write32(regs::DOORBELL, 1);
+                self.slot.regs.write32(regs::DOORBELL, 1);
             }
+            // Not on every interrupt (a register read is an exit to the VMM): a request the VMM
+            // follows with an interrupt finds an agent that slept, so the poll is due.
             if fault_check.elapsed() >= FAULT_POLL {
-                self.take_fault();
+                // `take_fault` has rung the doorbell for anything it published.
+                match self.slot.take_fault(&mut self.ring) {
+                    Injected::Detach => return Stop::Detach,
+                    Injected::BrokenRing => self.broken = true,
+                    Injected::Nothing | Injected::Garbage => {}
+                }
                 fault_check = Instant::now();
             }
             if beat.elapsed() >= HEARTBEAT {
                 let _ = self.ring.heartbeat();
                 beat = Instant::now();
                 if !self.ring.is_current() {
-                    return;
+                    return Stop::Generation;
                 }
             }
             if progress || completed {
                 continue;
             }
             // Sleep: unmask the interrupt, arm the event index, re-check, then wait.
-            if let Err(e) = irq.enable() {
+            if let Err(e) = self.slot.irq.enable() {
                 self.wakeups.enable_errors += 1;
                 self.wakeups.last_error = e;
                 std::thread::sleep(Duration::from_millis(1));
@@ -398,7 +368,7 @@ impl Server<'_> {
             } else {
                 5
             };
-            let woken = irq.wait(Some(wake.fd()), wait);
+            let woken = self.slot.irq.wait(Some(wake.fd()), wait);
             let w = &mut self.wakeups;
             w.irq += u64::from(woken.irq);
             w.irq_error += u64::from(woken.irq_error);
@@ -431,14 +401,6 @@ impl Server<'_> {
                 );
                 w.last_report = Instant::now();
             }
-        }
-    }
-
-    /// Fault injection requested by the daemon.
-    fn take_fault(&mut self) {
-        // `take_fault` has rung the doorbell for anything it published.
-        if take_fault(self.doorbell, &mut self.ring) == Injected::BrokenRing {
-            self.broken = true;
         }
     }
 
@@ -556,98 +518,6 @@ impl Server<'_> {
         }
         let len = if status == Status::Ok { d.len } else { 0 };
         self.answer(d.id, status, len);
-    }
-}
-
-/// What an injected fault left behind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Injected {
-    /// Nothing visible (no request, or the kernel is going down).
-    Nothing,
-    /// Garbage completions published.
-    Garbage,
-    /// The ring is broken: publish nothing more on it (a later completion would store a sane
-    /// index again and hide the fault).
-    BrokenRing,
-}
-
-/// Fault injection: acts on a request from the daemon (BAR 0 `FAULT`, cleared by reading).
-pub(crate) fn take_fault(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>) -> Injected {
-    let injected = take_fault_code(regs_map, ring);
-    if injected != Injected::Nothing {
-        regs_map.write32(regs::DOORBELL, 1);
-    }
-    injected
-}
-
-fn take_fault_code(regs_map: &BarMapping, ring: &mut AgentRing<RawRegion>) -> Injected {
-    match regs_map.read32(regs::FAULT) {
-        fault::NONE => Injected::Nothing,
-        fault::PANIC => {
-            sysrq(b'c', "panic");
-            Injected::Nothing
-        }
-        fault::RESET => {
-            sysrq(b'b', "reset");
-            Injected::Nothing
-        }
-        fault::HANG => {
-            println!("ddvmm-agent: fault injection: hang (no more service, no heartbeat)");
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
-            }
-        }
-        fault::CORRUPT => {
-            println!("ddvmm-agent: fault injection: garbage completions");
-            for id in 0..16u64 {
-                publish_garbage(ring, id.wrapping_mul(0x9E37_79B9), 4096);
-            }
-            Injected::Garbage
-        }
-        fault::BAD_INDEX => {
-            println!("ddvmm-agent: fault injection: completion producer index a ring ahead");
-            if let Err(e) = ring.corrupt_completion_index() {
-                eprintln!("ddvmm-agent: bad-index: {e}");
-            }
-            Injected::BrokenRing
-        }
-        other => {
-            eprintln!("ddvmm-agent: unknown fault request {other}");
-            Injected::Nothing
-        }
-    }
-}
-
-/// Test mode: one bogus completion the client must reject (rotating through the kinds).
-fn publish_garbage(ring: &mut AgentRing<RawRegion>, id: u64, len: u32) {
-    let kind = id % 4;
-    let raw = RawCompletion {
-        id: match kind {
-            0 => u64::MAX - id,
-            _ => id,
-        },
-        generation: match kind {
-            3 => ring.generation().wrapping_add(7),
-            _ => ring.generation(),
-        },
-        status: if kind == 1 { 0xdead } else { 0 },
-        len: if kind == 2 {
-            len.saturating_add(4096) | 1
-        } else {
-            len
-        },
-    };
-    let _ = ring.publish_unchecked(raw);
-}
-
-/// Makes the kernel act at once through `/proc/sysrq-trigger` (`c` panic, `b` reboot).
-fn sysrq(key: u8, why: &str) {
-    println!(
-        "ddvmm-agent: fault injection: {why} (sysrq {})",
-        key as char
-    );
-    if let Err(e) = std::fs::write("/proc/sysrq-trigger", [key]) {
-        eprintln!("ddvmm-agent: sysrq-trigger: {e}");
     }
 }
 

@@ -13,7 +13,8 @@
 //! channel counts as present for [`ACTIVE_GRACE`] after its last request, so a channel that
 //! sends one request at a time does not find the device filled by the others between two of
 //! its requests. An idle channel banks no credit: its next request starts at the current
-//! virtual time.
+//! virtual time. A channel that is let go leaves at once ([`Fair::release`]): it stops counting
+//! as present, and a later channel of the same index starts afresh.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -102,6 +103,18 @@ impl State {
         }
     }
 
+    /// Forgets `channel` if it has nothing granted or waiting; whether it did.
+    fn forget(&mut self, channel: u32) -> bool {
+        let idle = self
+            .channels
+            .get(&channel)
+            .is_some_and(|c| c.granted == 0 && c.waiting == 0);
+        if idle {
+            self.channels.remove(&channel);
+        }
+        idle
+    }
+
     /// A granted request on `channel` is done with the device.
     fn finish(&mut self, channel: u32, now: Instant) {
         self.in_service = self.in_service.saturating_sub(1);
@@ -163,6 +176,15 @@ impl Fair {
         Grant {
             fair: self,
             channel,
+        }
+    }
+
+    /// `channel` is gone, all its requests done: it no longer counts as present.
+    pub fn release(&self, channel: u32) {
+        let mut s = self.lock();
+        if s.forget(channel) {
+            // A waiter held back only by its grace may go now.
+            s.wake_head(self.depth, Instant::now());
         }
     }
 }
@@ -317,6 +339,24 @@ mod tests {
                 s.arrive(c, cost(4096, 100), Default::default());
             }
         }
+    }
+
+    #[test]
+    fn a_released_channel_stops_counting_at_once() {
+        let mut s = State::default();
+        s.arrive(1, cost(4096, 100), Default::default());
+        assert_eq!(grant_next(&mut s, 1), Some(1));
+        s.arrive(0, cost(4096, 100), Default::default());
+        s.arrive(0, cost(4096, 100), Default::default());
+        // Busy: not forgotten.
+        assert!(!s.forget(1));
+        s.finish(1, *T0);
+        assert_eq!(grant_next(&mut s, 1), Some(0));
+        // Within channel 1's grace, channel 0 is held to the depth; once 1 is let go, not.
+        assert_eq!(grant_next(&mut s, 1), None);
+        assert!(s.forget(1));
+        assert_eq!(grant_next(&mut s, 1), Some(0));
+        assert!(!s.channels.contains_key(&1));
     }
 
     #[test]

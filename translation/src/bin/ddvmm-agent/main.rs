@@ -2,9 +2,12 @@
 //!
 //! 1. Binds every ddvmm channel device (PCI `1b36:11dd`) to the stock `uio_pci_generic`
 //!    driver (through its sysfs `new_id`), which gives userspace the device's INTx interrupt.
-//! 2. Per channel: maps BAR 0 (registers: doorbell, backend device, sector window) and BAR 2
-//!    (the ring memory) through sysfs `resource0`/`resource2`, opens the backend block device
-//!    with `O_DIRECT`, attaches to the ring and announces readiness.
+//! 2. Per channel device, a thread for the agent's life (`slot`): maps BAR 0 (registers:
+//!    doorbell, backend device, sector window) through sysfs `resource0` and opens the
+//!    interrupt. A channel assigned at boot: maps BAR 2 (the ring memory) through `resource2`,
+//!    opens the backend block device with `O_DIRECT`, passes the gate, attaches to the ring and
+//!    announces readiness. A vacant slot passes the gate, then waits for the VMM to assign it
+//!    a channel, and serves that one the same way.
 //! 3. Serves requests with a pool of I/O threads (many in flight); data is copied between the
 //!    ring's slots and page-aligned buffers (`O_DIRECT` cannot target a BAR mapping). Flush
 //!    and FUA writes are `fdatasync` on the backend. Every request is bounds-checked against
@@ -15,6 +18,10 @@
 //! Network channels (kind 2) are served by `net`: a TAP per client on the driver VM's own
 //! Linux bridge with the NIC it owns.
 //!
+//! The VMM can take a channel back (`DETACH`, see `slot`): the agent stops serving it, closes
+//! its backend device or TAP, ends its I/O threads, unmaps its memory, confirms through the
+//! `DETACHED` register and waits, vacant, for the slot's next channel.
+//!
 //! Kernel command line: `ddvmm.agent=garbage` publishes a bogus completion before every real
 //! one (a test of the client's validation); `ddvmm.agent.threads=N` sets the pool size;
 //! `ddvmm.agent.poison=SECTOR` panics the kernel on any read or write touching that sector of a
@@ -24,14 +31,16 @@
 //!
 //! Fault injection: the daemon can ask (through the channel's `FAULT` register, which the VMM
 //! follows with an interrupt; a busy agent also reads it every 20 ms) for a kernel panic, a
-//! reboot, a hang or garbage completions.
+//! reboot, a hang or garbage completions (`fault`).
 
 mod backend;
 mod console;
 mod fair;
+mod fault;
 mod gate;
 mod net;
 mod pci;
+mod slot;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -53,12 +62,10 @@ fn main() -> ExitCode {
     for dev in devices {
         let opts = opts.clone();
         let name = format!("channel-{}", dev.address);
-        match std::thread::Builder::new().name(name).spawn(move || {
-            match backend::channel_kind(&dev)? {
-                ddvmm_translation::channel::KIND_NET => net::serve(&dev),
-                _ => backend::serve(&dev, &opts),
-            }
-        }) {
+        match std::thread::Builder::new()
+            .name(name)
+            .spawn(move || slot::run(&dev, &opts))
+        {
             Ok(t) => threads.push(t),
             Err(e) => {
                 eprintln!("ddvmm-agent: cannot start a channel thread: {e}");

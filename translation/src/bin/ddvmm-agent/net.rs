@@ -8,6 +8,9 @@
 //! depth: the client VMM already drops spoofed frames); frames the bridge forwards to the TAP
 //! fill the receive buffers the client posted (`net-rx`). The TAP carries no receive
 //! offloads, so the kernel hands over finished frames of at most the MTU.
+//!
+//! When the channel is let go (see `slot`), the TAP's descriptor is closed, which removes the
+//! (non-persistent) TAP and its bridge port; the bridge and the uplink stay for other channels.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -17,11 +20,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ddvmm_translation::channel::{regs, BACKEND_LEN};
+use ddvmm_translation::channel::regs;
 use ddvmm_translation::ring::{features, AgentRing, Completion, Opcode, RawRegion, Status};
 
-use crate::backend::{attach, take_fault, Injected, FAULT_POLL, HEARTBEAT};
-use crate::pci::{BarMapping, ChannelDevice, UioIrq};
+use crate::backend::{FAULT_POLL, HEARTBEAT};
+use crate::fault::Injected;
+use crate::slot::{Assignment, Slot, Stop};
 
 /// The bridge every client port and the uplink join.
 pub const BRIDGE: &str = "ddbr0";
@@ -203,28 +207,8 @@ fn open_port(name: &str) -> Result<File, String> {
     Ok(tun)
 }
 
-/// What BAR 0 says about a network channel.
-struct Port {
-    uplink: String,
-    mac: [u8; 6],
-    mem_size: usize,
-    index: u32,
-}
-
-fn read_port(r: &BarMapping) -> Result<Port, String> {
-    let mut name = Vec::new();
-    for i in (0..BACKEND_LEN as u64).step_by(4) {
-        name.extend_from_slice(&r.read32(regs::BACKEND + i).to_le_bytes());
-    }
-    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-    let mac = r.read64(regs::MAC).to_le_bytes();
-    Ok(Port {
-        uplink: String::from_utf8_lossy(&name[..end]).into_owned(),
-        mac: [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]],
-        mem_size: usize::try_from(r.read64(regs::MEM_SIZE)).map_err(|_| "memory size")?,
-        index: r.read32(regs::INDEX),
-    })
-}
+/// A network channel's assignment: `backend` names the uplink, `mac` the client's address.
+type Port = Assignment;
 
 /// Per-port counters, reported in the console once a minute.
 #[derive(Default)]
@@ -237,25 +221,19 @@ struct Counters {
     filtered: u64,
 }
 
-/// Serves the network channel until an unrecoverable error.
-pub fn serve(dev: &ChannelDevice) -> Result<(), String> {
-    let ctx = |e: String| format!("{}: {e}", dev.address);
-    let regs_map = BarMapping::map(
-        &dev.sysfs.join("resource0"),
-        ddvmm_translation::channel::REGS_SIZE as usize,
-    )
-    .map_err(ctx)?;
-    let port = read_port(&regs_map).map_err(ctx)?;
-    let mem = BarMapping::map(&dev.sysfs.join("resource2"), port.mem_size).map_err(ctx)?;
-    let mut irq = UioIrq::open(&dev.uio, &dev.sysfs).map_err(ctx)?;
-    ensure_bridge(&port.uplink).map_err(ctx)?;
+/// Serves the network channel assigned to `slot` until it is let go (`Ok`) or an
+/// unrecoverable error.
+pub fn serve(slot: &mut Slot) -> Result<(), String> {
+    let port = slot.assignment.clone();
+    let mem = slot.map_memory()?;
+    ensure_bridge(&port.backend)?;
     let tap_name = format!("ddtap{}", port.index);
-    let mut tap = open_port(&tap_name).map_err(ctx)?;
+    let mut tap = open_port(&tap_name)?;
     println!(
         "ddvmm-agent: channel {} at {}: port {tap_name} on {BRIDGE} (uplink {}), mac {}",
         port.index,
-        dev.address,
-        port.uplink,
+        slot.address,
+        port.backend,
         port.mac
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -264,38 +242,34 @@ pub fn serve(dev: &ChannelDevice) -> Result<(), String> {
     );
     let mut counters = Counters::default();
     let mut buf = vec![0u8; MAX_FRAME];
-    crate::gate::pass(&regs_map, port.index);
-    loop {
-        let mut ring = attach(&mem, features::NET).map_err(ctx)?;
-        ring.set_ready().map_err(|e| ctx(e.to_string()))?;
+    slot.pass_gate();
+    while let Some(mut ring) = slot.attach(&mem, features::NET)? {
+        ring.set_ready().map_err(|e| e.to_string())?;
         crate::console::say(format!(
             "ddvmm-agent: channel {} ready, generation {}",
             port.index,
             ring.generation()
         ));
-        serve_generation(
-            &mut ring,
-            &port,
-            &mut tap,
-            &mut irq,
-            &regs_map,
-            &mut buf,
-            &mut counters,
-        );
+        let stop = serve_generation(&mut ring, &port, &mut tap, slot, &mut buf, &mut counters);
+        if stop == Stop::Detach {
+            break;
+        }
     }
+    // Let go: closing the TAP's only descriptor removes it; then the memory is unmapped.
+    drop(tap);
+    drop(mem);
+    Ok(())
 }
 
-/// Serves one ring generation (returns when the client starts another).
-#[allow(clippy::too_many_arguments)]
+/// Serves one ring generation, until the client starts another or the channel is taken back.
 fn serve_generation(
     ring: &mut AgentRing<RawRegion>,
     port: &Port,
     tap: &mut File,
-    irq: &mut UioIrq,
-    regs_map: &BarMapping,
+    slot: &mut Slot,
     buf: &mut [u8],
     counters: &mut Counters,
-) {
+) -> Stop {
     // Receive buffers the client lent us: (request id, slot, capacity).
     let mut posted: VecDeque<(u64, u32, usize)> = VecDeque::new();
     let mut beat = Instant::now();
@@ -315,7 +289,7 @@ fn serve_generation(
                 Ok(r) => r,
                 Err(e) => {
                     if !ring.is_current() {
-                        return;
+                        return Stop::Generation;
                     }
                     eprintln!("ddvmm-agent: request ring: {e}");
                     std::thread::sleep(Duration::from_millis(100));
@@ -367,25 +341,22 @@ fn serve_generation(
             published |= complete(ring, id, status, n as u32);
         }
         if published && ring.needs_notify_client() {
-            regs_map.write32(regs::DOORBELL, 1);
+            slot.regs.write32(regs::DOORBELL, 1);
         }
+        // Not on every interrupt (a register read is an exit to the VMM), as in `backend`.
         if fault_check.elapsed() >= FAULT_POLL {
             fault_check = Instant::now();
-            if take_fault(regs_map, ring) == Injected::BrokenRing {
-                // Nothing more is published on a broken ring (a completion would store a sane
-                // index again): heartbeat only, until the client starts a new generation.
-                while ring.is_current() {
-                    std::thread::sleep(HEARTBEAT);
-                    let _ = ring.heartbeat();
-                }
-                return;
+            match slot.take_fault(ring) {
+                Injected::Detach => return Stop::Detach,
+                Injected::BrokenRing => return heartbeat_only(ring, slot),
+                Injected::Nothing | Injected::Garbage => {}
             }
         }
         if beat.elapsed() >= HEARTBEAT {
             let _ = ring.heartbeat();
             beat = Instant::now();
             if !ring.is_current() {
-                return;
+                return Stop::Generation;
             }
         }
         if report.elapsed() >= Duration::from_secs(60) {
@@ -401,15 +372,33 @@ fn serve_generation(
         }
         // Sleep: unmask the interrupt, arm the event index, re-check, then wait for the
         // client's kick or (while buffers are posted) a frame on the TAP.
-        if irq.enable().is_err() {
+        if slot.irq.enable().is_err() {
             std::thread::sleep(Duration::from_millis(1));
         }
         if ring.enable_notify() {
             continue;
         }
         let tap_fd = (!posted.is_empty()).then(|| tap.as_raw_fd());
-        irq.wait(tap_fd, HEARTBEAT.as_millis() as i32);
+        slot.irq.wait(tap_fd, HEARTBEAT.as_millis() as i32);
     }
+}
+
+/// A broken ring: nothing more is published on it (a completion would store a sane index
+/// again), only the heartbeat, until the client starts a new generation or the channel is
+/// taken back.
+fn heartbeat_only(ring: &mut AgentRing<RawRegion>, slot: &mut Slot) -> Stop {
+    let mut beat = Instant::now();
+    while ring.is_current() {
+        std::thread::sleep(FAULT_POLL);
+        if slot.take_fault(ring) == Injected::Detach {
+            return Stop::Detach;
+        }
+        if beat.elapsed() >= HEARTBEAT {
+            let _ = ring.heartbeat();
+            beat = Instant::now();
+        }
+    }
+    Stop::Generation
 }
 
 /// Hands one client frame to the bridge: checked length and source MAC, then the TAP.

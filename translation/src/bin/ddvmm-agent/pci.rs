@@ -167,11 +167,6 @@ impl BarMapping {
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(offset).cast::<u32>()) }
     }
 
-    /// Volatile 64-bit register read as two 32-bit reads (low first).
-    pub fn read64(&self, offset: u64) -> u64 {
-        u64::from(self.read32(offset)) | (u64::from(self.read32(offset + 4)) << 32)
-    }
-
     /// Volatile 32-bit register write.
     pub fn write32(&self, offset: u64, value: u32) {
         let offset = offset as usize;

@@ -12,6 +12,8 @@
 //! | `PUT /v1/vms/{vm}/stop`        |                                        | 204 once the VM is gone |
 //! | `PUT /v1/vms/{vm}/fault`       | `{"kind":"panic"}`                     | 204 once injected |
 //! | `PUT /v1/vms/{vm}/campaign`    | `{"faults":N,"kinds":[..],"min_interval_ms":A,"max_interval_ms":B,"seed":S}` | 200 `{"events":[..]}` when all N faults are recovered |
+//! | `PUT /v1/vms`                  | `{"client":[{..}],"driver":[{..}]}`: the configuration file's tables | 200 `{"vms":[..]}`: the VMs added and started |
+//! | `PUT /v1/vms/{vm}/remove`      | optional `{"force":true}`              | 204 once the VM is stopped and removed |
 //! | `PUT /v1/shutdown`             |                                        | 204, then the daemon stops every VM |
 //!
 //! Errors: a 4xx/5xx status with `{"error":"..."}` (400 malformed, 403 another user, 404 no

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::control::FaultKind;
+use crate::daemon::config::NewVms;
 use crate::daemon::fault_log::FaultEvent;
 use crate::daemon::supervisor::{SupervisorError, VmInfo};
 
@@ -69,6 +70,10 @@ pub enum Op {
     Events,
     /// Counters in the Prometheus text format.
     Metrics,
+    /// Add VMs (and start them).
+    Add,
+    /// Stop and remove a VM.
+    Remove,
 }
 
 /// One route: a method and a path pattern, where the segment `{vm}` is a VM's name.
@@ -87,8 +92,9 @@ const fn route(method: Method, path: &'static str, op: Op) -> Route {
 }
 
 /// Every route the server answers (and the OpenAPI document describes).
-pub const ROUTES: [Route; 9] = [
+pub const ROUTES: [Route; 11] = [
     route(Method::Get, "/v1/vms", Op::List),
+    route(Method::Put, "/v1/vms", Op::Add),
     route(Method::Get, "/v1/stats", Op::Stats),
     route(Method::Get, "/v1/events", Op::Events),
     route(Method::Get, "/v1/metrics", Op::Metrics),
@@ -96,6 +102,7 @@ pub const ROUTES: [Route; 9] = [
     route(Method::Put, "/v1/vms/{vm}/stop", Op::Stop),
     route(Method::Put, "/v1/vms/{vm}/fault", Op::Inject),
     route(Method::Put, "/v1/vms/{vm}/campaign", Op::Campaign),
+    route(Method::Put, "/v1/vms/{vm}/remove", Op::Remove),
     route(Method::Put, "/v1/shutdown", Op::Shutdown),
 ];
 
@@ -148,8 +155,17 @@ impl CampaignRequest {
     }
 }
 
+/// Body of `PUT /v1/vms/{vm}/remove` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRequest {
+    /// Also remove a driver VM that serves clients (their disks and NICs on it fail).
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// A request, whatever its route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// `GET /v1/vms`.
     List,
@@ -185,6 +201,18 @@ pub enum Request {
     },
     /// `PUT /v1/shutdown`.
     Shutdown,
+    /// `PUT /v1/vms`: `[[driver]]`/`[[client]]` tables as in the configuration file.
+    Add {
+        /// Body.
+        vms: NewVms,
+    },
+    /// `PUT /v1/vms/{vm}/remove`.
+    Remove {
+        /// VM.
+        vm: String,
+        /// Body.
+        remove: RemoveRequest,
+    },
 }
 
 /// A request as it goes on the wire.
@@ -211,6 +239,8 @@ impl Request {
             Request::Inject { .. } => Op::Inject,
             Request::Campaign { .. } => Op::Campaign,
             Request::Shutdown => Op::Shutdown,
+            Request::Add { .. } => Op::Add,
+            Request::Remove { .. } => Op::Remove,
         }
     }
 
@@ -223,7 +253,8 @@ impl Request {
             Request::Start { vm }
             | Request::Stop { vm }
             | Request::Inject { vm, .. }
-            | Request::Campaign { vm, .. } => Some(vm.as_str()),
+            | Request::Campaign { vm, .. }
+            | Request::Remove { vm, .. } => Some(vm.as_str()),
             _ => None,
         };
         let path = match vm {
@@ -234,6 +265,8 @@ impl Request {
         let body = match self {
             Request::Inject { fault, .. } => serde_json::to_vec(fault).ok(),
             Request::Campaign { campaign, .. } => serde_json::to_vec(campaign).ok(),
+            Request::Add { vms } => serde_json::to_vec(vms).ok(),
+            Request::Remove { remove, .. } => serde_json::to_vec(remove).ok(),
             _ => None,
         };
         HttpRequest {
@@ -255,11 +288,18 @@ impl Request {
                     Status::MethodNotAllowed,
                     format!(
                         "{method} not allowed on {path} (use {})",
-                        route[0].method.as_str()
+                        route
+                            .iter()
+                            .map(|r| r.method.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" or ")
                     ),
                 )
             })?;
-        let takes_body = matches!(matching.op, Op::Inject | Op::Campaign);
+        let takes_body = matches!(
+            matching.op,
+            Op::Inject | Op::Campaign | Op::Add | Op::Remove
+        );
         if !takes_body && !body.is_empty() {
             return Err(ApiError::bad_request(format!(
                 "{method} {path} takes no body"
@@ -283,6 +323,17 @@ impl Request {
                 campaign.interval()?;
                 Request::Campaign { vm: vm(), campaign }
             }
+            Op::Add => Request::Add {
+                vms: json_body(body)?,
+            },
+            Op::Remove => Request::Remove {
+                vm: vm(),
+                remove: if body.is_empty() {
+                    RemoveRequest::default()
+                } else {
+                    json_body(body)?
+                },
+            },
         })
     }
 }
@@ -319,9 +370,15 @@ fn match_route(path: &str) -> Option<(Vec<&'static Route>, Option<String>)> {
     (!hits.is_empty()).then_some((hits, vm))
 }
 
-/// The method `path` takes, if it is a route.
-pub fn allowed_method(path: &str) -> Option<Method> {
-    match_route(path).map(|(routes, _)| routes[0].method)
+/// The methods `path` takes (`GET, PUT`), if it is a route.
+pub fn allowed_methods(path: &str) -> Option<String> {
+    match_route(path).map(|(routes, _)| {
+        routes
+            .iter()
+            .map(|r| r.method.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).
@@ -445,8 +502,9 @@ impl Reply {
             Op::Stats => Reply::Stats(serde_json::from_slice(body).map_err(bad)?),
             Op::Events => Reply::Events(serde_json::from_slice(body).map_err(bad)?),
             Op::Campaign => Reply::Campaign(serde_json::from_slice(body).map_err(bad)?),
+            Op::Add => Reply::Vms(serde_json::from_slice(body).map_err(bad)?),
             Op::Metrics => Reply::Metrics(String::from_utf8_lossy(body).into_owned()),
-            Op::Start | Op::Stop | Op::Inject | Op::Shutdown => Reply::Done,
+            Op::Start | Op::Stop | Op::Inject | Op::Shutdown | Op::Remove => Reply::Done,
         })
     }
 }
@@ -541,7 +599,8 @@ impl From<SupervisorError> for ApiError {
             SupervisorError::AlreadyRunning(_)
             | SupervisorError::NotRunning(_)
             | SupervisorError::Busy(..) => Status::Conflict,
-            SupervisorError::NotDriver(_) => Status::BadRequest,
+            SupervisorError::NotDriver(_) | SupervisorError::Config(_) => Status::BadRequest,
+            SupervisorError::NoSlot(_) | SupervisorError::InUse(..) => Status::Conflict,
             SupervisorError::Timeout(_) => Status::Timeout,
             SupervisorError::Channel { .. }
             | SupervisorError::Control { .. }
@@ -594,6 +653,18 @@ mod tests {
                     seed: Some(7),
                 },
             },
+            Request::Add {
+                vms: serde_json::from_str(
+                    r#"{"client": [{"name": "c3", "kernel": "/k", "memory": "128M",
+                        "disk": [{"driver": "storage", "size": "8M", "weight": 200}],
+                        "net": [{"driver": "storage", "mac": "52:54:00:00:00:03"}]}]}"#,
+                )
+                .expect("new VMs"),
+            },
+            Request::Remove {
+                vm: "c3".into(),
+                remove: RemoveRequest { force: true },
+            },
         ]
     }
 
@@ -604,6 +675,26 @@ mod tests {
             let body = h.body.clone().unwrap_or_default();
             let back = Request::from_http(h.method.as_str(), &h.path, &body);
             assert_eq!(back.ok().as_ref(), Some(&r), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn a_removal_body_is_optional_and_an_addition_is_checked() {
+        assert_eq!(
+            Request::from_http("PUT", "/v1/vms/c3/remove", b"").ok(),
+            Some(Request::Remove {
+                vm: "c3".into(),
+                remove: RemoveRequest { force: false }
+            })
+        );
+        for bad in [
+            &b""[..],
+            b"{}x",
+            br#"{"client": [{"name": "c"}]}"#,
+            br#"{"vm": []}"#,
+        ] {
+            let e = Request::from_http("PUT", "/v1/vms", bad).expect_err("bad body");
+            assert_eq!(e.status, Status::BadRequest);
         }
     }
 
@@ -620,7 +711,13 @@ mod tests {
         let cases: [(&str, &str, &[u8], Status, &str); 11] = [
             ("GET", "/v2/vms", b"", Status::NotFound, "no route /v2/vms"),
             ("GET", "/v1/vms//start", b"", Status::NotFound, "no route"),
-            ("POST", "/v1/vms", b"", Status::MethodNotAllowed, "use GET"),
+            (
+                "POST",
+                "/v1/vms",
+                b"",
+                Status::MethodNotAllowed,
+                "use GET or PUT",
+            ),
             (
                 "GET",
                 "/v1/shutdown",

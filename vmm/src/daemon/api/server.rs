@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Notify;
 
 use super::model::{
-    allowed_method, ApiError, CampaignReport, EventList, Reply, Request, Status, VmList,
+    allowed_methods, ApiError, CampaignReport, EventList, Reply, Request, Status, VmList,
     DEFAULT_SEED, MAX_BODY, METRICS_CONTENT_TYPE,
 };
 use crate::daemon::supervisor::Supervisor;
@@ -40,7 +40,7 @@ struct Wire {
     content_type: &'static str,
     body: Vec<u8>,
     /// The `Allow` header of a 405.
-    allow: Option<&'static str>,
+    allow: Option<String>,
 }
 
 impl Wire {
@@ -88,8 +88,10 @@ fn response(w: Wire) -> hyper::Response<Full<Bytes>> {
             .insert(CONTENT_TYPE, HeaderValue::from_static(w.content_type));
     }
     if let Some(allow) = w.allow {
-        r.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static(allow));
+        r.headers_mut().insert(
+            ALLOW,
+            HeaderValue::from_str(&allow).unwrap_or(HeaderValue::from_static("GET")),
+        );
     }
     r
 }
@@ -97,7 +99,7 @@ fn response(w: Wire) -> hyper::Response<Full<Bytes>> {
 fn error_wire(e: &ApiError, path: &str) -> Wire {
     Wire {
         allow: (e.status == Status::MethodNotAllowed)
-            .then(|| allowed_method(path).map(|m| m.as_str()))
+            .then(|| allowed_methods(path))
             .flatten(),
         ..Wire::new((e.status.code(), "application/json", e.body()))
     }
@@ -238,6 +240,19 @@ pub async fn execute(
                 .await?;
             Reply::Campaign(CampaignReport { events })
         }
+        Request::Add { vms } => {
+            let names = sup.add(&vms).await?;
+            let vms = sup
+                .list()
+                .into_iter()
+                .filter(|v| names.contains(&v.name))
+                .collect();
+            Reply::Vms(VmList { vms })
+        }
+        Request::Remove { vm, remove } => {
+            sup.remove(&vm, remove.force).await?;
+            Reply::Done
+        }
         Request::Shutdown => {
             // After the reply is on its way: a daemon without VMs stops at once.
             let shutdown = shutdown.clone();
@@ -275,7 +290,7 @@ pub async fn serve_metrics(listener: TcpListener, sup: Arc<Supervisor>) {
                         }
                         ("GET", _) => Wire::new((404, METRICS_CONTENT_TYPE, text("not found\n"))),
                         _ => Wire {
-                            allow: Some("GET"),
+                            allow: Some("GET".into()),
                             ..Wire::new((405, METRICS_CONTENT_TYPE, text("method not allowed\n")))
                         },
                     }

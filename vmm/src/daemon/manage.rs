@@ -1,0 +1,242 @@
+//! Adding and removing VMs while the daemon runs.
+//!
+//! **Adding**: the new `[[driver]]` and `[[client]]` tables are checked together with the
+//! running configuration, exactly as a configuration file is (names, files, windows that
+//! overlap, unknown driver VMs, MACs given twice, ...). A new client's disks and NICs take free
+//! slots of their driver VMs ([`super::channels`]; all or none); a running driver VM is told
+//! through its VMM's control socket, and its agent starts serving the slot. Then the new VMs
+//! start, driver VMs first.
+//!
+//! **Removing**: the VM is stopped. A client's slots are taken back from their driver VMs (the
+//! agent lets go of each), wiped, and kept as spares; those driver VMs' templates are renewed
+//! at their next restart (a template knows the clients of its time) and their standbys go. A
+//! driver VM that serves clients is removed only when forced: the clients' disks and NICs on it
+//! then fail, as for a quarantined driver VM, and their channels go.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::channels::Spare;
+use super::config::{NewVms, Role};
+use super::supervisor::{Inner, Supervisor, SupervisorError};
+use crate::control::{ControlReply, ControlRequest};
+
+/// How long a driver VM's VMM may take to assign a slot, or to take one back (its agent has
+/// [`crate::devices::channel::DETACH_TIMEOUT`] to let go).
+const SLOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Supervisor {
+    /// Adds the VMs of `new` and starts them; returns their names.
+    pub async fn add(self: &Arc<Self>, new: &NewVms) -> Result<Vec<String>, SupervisorError> {
+        let names: Vec<String> = new
+            .driver
+            .iter()
+            .chain(&new.client)
+            .map(|v| v.name().to_string())
+            .collect();
+        if names.is_empty() {
+            return Err(SupervisorError::Config(
+                super::config::ConfigError::Invalid {
+                    key: "driver, client".into(),
+                    message: "no VM to add".into(),
+                },
+            ));
+        }
+        // Slots to assign in running driver VMs: (driver, slot, description).
+        let assigns = {
+            let mut g = self.lock();
+            let cfg = g.config.with_added(new)?;
+            let added: Vec<_> = cfg.vms().filter(|v| names.contains(&v.name)).collect();
+            for v in &added {
+                for (driver, _) in super::channels::Port::of_client(v) {
+                    if g.vms.get(&driver).is_some_and(|d| d.recovering) {
+                        return Err(SupervisorError::Busy(driver, "being recovered"));
+                    }
+                }
+            }
+            for (i, v) in added.iter().enumerate() {
+                if let Err(e) = self.provision(&mut g, v, &cfg) {
+                    for done in &added[..i] {
+                        self.unprovision(&mut g, &done.name);
+                    }
+                    return Err(e);
+                }
+            }
+            g.config = cfg;
+            g.channels
+                .iter()
+                .filter(|c| names.contains(&c.client) && !names.contains(&c.driver))
+                .map(|c| {
+                    let slot = c.slot.index as u32;
+                    (c.driver.clone(), slot, c.port.device_spec())
+                })
+                .collect::<Vec<_>>()
+        };
+        for (driver, slot, channel) in assigns {
+            // A standby restored before this client existed would resume without it.
+            self.dismiss_standby(&driver);
+            let req = ControlRequest::Assign { slot, channel };
+            if let Err(e) = self.slot_request(&driver, &req).await {
+                for name in names.iter().rev() {
+                    if let Err(e) = self.remove(name, true).await {
+                        tracing::warn!(vm = %name, error = %e, "undoing an add");
+                    }
+                }
+                return Err(e);
+            }
+            tracing::info!(vm = %driver, slot, "channel slot assigned");
+        }
+        for role in [Role::Driver, Role::Client] {
+            for name in &names {
+                if self
+                    .lock()
+                    .vms
+                    .get(name)
+                    .is_some_and(|v| v.cfg.role == role)
+                {
+                    self.start(name)?;
+                    if role == Role::Driver {
+                        self.spawn_watcher(name.clone());
+                    }
+                }
+            }
+        }
+        tracing::info!(vms = ?names, "VMs added");
+        Ok(names)
+    }
+
+    /// Stops and removes VM `name`. A driver VM that serves clients only if `force`.
+    pub async fn remove(self: &Arc<Self>, name: &str, force: bool) -> Result<(), SupervisorError> {
+        let served = {
+            let mut g = self.lock();
+            let vm = g
+                .vms
+                .get(name)
+                .ok_or_else(|| SupervisorError::UnknownVm(name.to_string()))?;
+            if vm.recovering {
+                return Err(SupervisorError::Busy(name.to_string(), "being recovered"));
+            }
+            let served: Vec<(String, usize)> = g
+                .channels
+                .iter()
+                .filter(|c| c.driver == name)
+                .map(|c| (c.client.clone(), c.client_index))
+                .collect();
+            if !served.is_empty() && !force {
+                let mut clients: Vec<&str> = served.iter().map(|(c, _)| c.as_str()).collect();
+                clients.dedup();
+                return Err(SupervisorError::InUse(name.to_string(), clients.join(", ")));
+            }
+            if let Some(vm) = g.vms.get_mut(name) {
+                vm.removing = true;
+            }
+            served
+        };
+        self.dismiss_standby(name);
+        match self.stop(name).await {
+            Ok(()) | Err(SupervisorError::NotRunning(_)) => {}
+            Err(e) => {
+                if let Some(vm) = self.lock().vms.get_mut(name) {
+                    vm.removing = false;
+                }
+                return Err(e);
+            }
+        }
+        for (client, disk) in served {
+            let req = ControlRequest::Quarantine { disk };
+            match self.control(&client, &req, SLOT_TIMEOUT).await {
+                Ok(_) | Err(SupervisorError::NotRunning(_)) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %client, disk, error = %e, "failing a channel of a removed driver VM")
+                }
+            }
+        }
+        let taken: Vec<(String, u32)> = self
+            .lock()
+            .channels
+            .iter()
+            .filter(|c| c.client == name)
+            .map(|c| (c.driver.clone(), c.slot.index as u32))
+            .collect();
+        for (driver, slot) in &taken {
+            let req = ControlRequest::Vacate { slot: *slot };
+            if let Err(e) = self.slot_request(driver, &req).await {
+                // Its memory is wiped all the same; the driver VM is trusted with its device's
+                // data, never with another client's.
+                tracing::warn!(vm = %driver, slot, error = %e, "taking a channel slot back");
+            }
+        }
+        let renewed = {
+            let mut g = self.lock();
+            let renewed = self.unprovision(&mut g, name);
+            if let Some(cfg) = g.config.without(name) {
+                g.config = cfg;
+            }
+            renewed
+        };
+        for driver in renewed {
+            self.dismiss_standby(&driver);
+        }
+        tracing::info!(vm = name, "VM removed");
+        Ok(())
+    }
+
+    /// Sends a slot request to driver VM `driver`'s VMM; a driver VM that does not run gets
+    /// its slots at its next start.
+    async fn slot_request(
+        &self,
+        driver: &str,
+        req: &ControlRequest,
+    ) -> Result<(), SupervisorError> {
+        match self.control(driver, req, SLOT_TIMEOUT).await {
+            Ok(ControlReply { ok: true, .. }) | Err(SupervisorError::NotRunning(_)) => Ok(()),
+            Ok(r) => Err(SupervisorError::Control {
+                name: driver.to_string(),
+                source: crate::control::ControlError::Refused(r.error.unwrap_or_default()),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets VM `name` (its process has ended): a client's slots go back to their driver VMs,
+    /// wiped (the driver VMs named in the result must not restart from their templates); a
+    /// driver VM's slots and channels go; then its stats page, jail directory and cgroup.
+    pub(super) fn unprovision(&self, inner: &mut Inner, name: &str) -> Vec<String> {
+        let mut renewed = Vec::new();
+        for c in std::mem::take(&mut inner.channels) {
+            if c.client == name {
+                if let Err(e) = c.slot.wipe() {
+                    tracing::warn!(vm = %c.driver, slot = c.slot.index, error = %e, "wiping a channel slot");
+                }
+                if !renewed.contains(&c.driver) {
+                    renewed.push(c.driver.clone());
+                }
+                inner.spare.push(Spare {
+                    driver: c.driver,
+                    slot: c.slot,
+                });
+            } else if c.driver != name {
+                inner.channels.push(c);
+            }
+        }
+        inner.spare.retain(|s| s.driver != name);
+        for d in &renewed {
+            if let Some(vm) = inner.vms.get_mut(d) {
+                if let Some(t) = vm.template.as_mut() {
+                    t.made = None;
+                }
+                vm.standby_for = None;
+            }
+        }
+        inner.order.retain(|n| n != name);
+        if let Some(vm) = inner.vms.remove(name) {
+            if let Err(e) = std::fs::remove_dir_all(vm.jail_root()) {
+                tracing::warn!(vm = name, error = %e, "removing the jail directory");
+            }
+        }
+        if let Some(c) = self.cgroups() {
+            c.remove_vm(name);
+        }
+        renewed
+    }
+}
