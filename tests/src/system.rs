@@ -93,6 +93,40 @@ pub fn field<'a>(console: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no '{key}' in console:\n{console}"))
 }
 
+// A driver VM whose boot freezes (the emulator's nested SVM does that, rarely) is a fault like
+// any other: detected after boot_timeout_ms and restarted.
+pub const RECOVERY: &str = r#"
+[recovery]
+boot_timeout_ms = 90000
+heartbeat_timeout_ms = 8000
+progress_timeout_ms = 60000
+backoff_initial_ms = 100
+backoff_max_ms = 2000
+max_restarts = 1000
+restart_window_s = 3600
+"#;
+
+/// The recovery test system: one driver VM serving `clients`, recovery configured for the
+/// emulator ([`RECOVERY`]).
+pub fn recovery_system<'a>(
+    name: &'a str,
+    disk: &'a std::path::Path,
+    clients: &'a [(&'a str, String)],
+    passthrough: bool,
+) -> System<'a> {
+    System {
+        name,
+        disk,
+        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
+        clients,
+        slice_mib: SLICE_MIB,
+        extra_config: RECOVERY,
+        passthrough,
+        network: false,
+        net_driver: false,
+    }
+}
+
 /// A system to run.
 pub struct System<'a> {
     /// Test host name (logs).

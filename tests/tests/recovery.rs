@@ -7,23 +7,11 @@ use std::time::Duration;
 
 use ddvmm_tests::system::{
     assert_clean_ending, assert_clean_ending_allowing, assert_no_faults, backing_file, client_ip,
-    client_net_up, console, field, looping_client, metric, metric_sum, metrics_section, section,
-    sha256_hex, System, FINAL_MIB, MIB, PEER_IP, SLICE_MIB,
+    client_net_up, console, field, looping_client, metric, metric_sum, metrics_section,
+    recovery_system, section, sha256_hex, System, FINAL_MIB, MIB, PEER_IP, SLICE_MIB,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
-// A driver VM whose boot freezes (the emulator's nested SVM does that, rarely) is a fault like
-// any other: detected after boot_timeout_ms and restarted.
-const RECOVERY: &str = r#"
-[recovery]
-boot_timeout_ms = 90000
-heartbeat_timeout_ms = 8000
-progress_timeout_ms = 60000
-backoff_initial_ms = 100
-backoff_max_ms = 2000
-max_restarts = 1000
-restart_window_s = 3600
-"#;
 
 /// Shell: run a campaign in the background, printing the event count as it grows (so the run
 /// is never silent), then `CAMPAIGN-RC <label> <rc>` and the campaign's events on one line.
@@ -81,27 +69,6 @@ ring_ticks() {
     echo $t
 }
 "#;
-
-/// The recovery test system: one driver VM serving `clients`, recovery configured for the
-/// emulator ([`RECOVERY`]).
-fn recovery_system<'a>(
-    name: &'a str,
-    disk: &'a std::path::Path,
-    clients: &'a [(&'a str, String)],
-    passthrough: bool,
-) -> System<'a> {
-    System {
-        name,
-        disk,
-        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
-        clients,
-        slice_mib: SLICE_MIB,
-        extra_config: RECOVERY,
-        passthrough,
-        network: false,
-        net_driver: false,
-    }
-}
 
 /// The events of campaign `label` (its `EVENTS <label>` line, written by `campaign`): the
 /// line itself (for messages) and its parsed list. The campaign must have ended cleanly.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ddvmm_tests::client_initrd_with_script;
 use ddvmm_tests::system::{
-    assert_clean_ending, backing_file, console, field, looping_client, section, sha256_hex, System,
-    FINAL_MIB, MIB, SLICE_MIB,
+    assert_clean_ending, backing_file, console, field, looping_client, recovery_system, section,
+    sha256_hex, CONTROL_MIB, FINAL_MIB, MIB, SLICE_MIB,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
@@ -35,6 +35,35 @@ echo "GAMMA-SIZE $(cat /sys/block/vda/size)"
         len = 4 * MIB,
         seek = GAMMA_MIB * 16,
         count = 4 * 16,
+    )
+}
+
+/// `delta`: rounds of a fresh random MiB written (direct, fsync) at a rotating place of MiB
+/// 1-8 of its disk, read back and compared, until the host's stop sentinel shows up in its
+/// control block (as [`looping_client`]'s); then a final pattern and its checksum.
+fn delta_script() -> String {
+    format!(
+        r#"
+round=0; fails=0
+while :; do
+    round=$((round + 1))
+    at=$(( (round % 8 + 1) * 16 ))
+    head -c 1048576 /dev/urandom > /tmp/w
+    dd if=/tmp/w of=/dev/vda bs=64k seek=$at oflag=direct conv=fsync 2>/dev/null || fails=$((fails + 1))
+    dd if=/dev/vda of=/tmp/r bs=64k skip=$at count=16 iflag=direct 2>/dev/null || fails=$((fails + 1))
+    cmp -s /tmp/w /tmp/r || {{ fails=$((fails + 1)); echo "MISMATCH round $round"; }}
+    echo "ROUND $round fails=$fails"
+    dd if=/dev/vda bs=4096 skip={control} count=1 iflag=direct 2>/dev/null | grep -q DDVMM-STOP && break
+    sleep 1
+done
+head -c 2097152 /dev/urandom > /tmp/final
+dd if=/tmp/final of=/dev/vda bs=64k seek={final} oflag=direct conv=fsync 2>/dev/null
+echo "FINAL-RC $?"
+echo "FINAL-SHA $(sha256sum /tmp/final | cut -d' ' -f1)"
+echo "ROUNDS $round FAILS $fails"
+"#,
+        control = CONTROL_MIB * 256,
+        final = FINAL_MIB * 16,
     )
 }
 
@@ -65,22 +94,7 @@ fn clients_are_added_and_removed_at_runtime_while_others_verify() {
         ("alpha", looping_client("client-alpha")),
         ("beta", looping_client("client-beta")),
     ];
-    let system = System {
-        name: "runtime-add-remove",
-        disk: &disk,
-        driver_cmdline: "console=ttyS0 quiet ddvmm.action=agent",
-        clients: &clients,
-        slice_mib: SLICE_MIB,
-        extra_config: r#"
-[recovery]
-boot_timeout_ms = 90000
-heartbeat_timeout_ms = 8000
-progress_timeout_ms = 60000
-"#,
-        passthrough: false,
-        network: false,
-        net_driver: false,
-    };
+    let system = recovery_system("runtime-add-remove", &disk, &clients, false);
     let (host, prelude) = system.host_and_prelude();
     let host = host
         .file(
@@ -90,7 +104,7 @@ progress_timeout_ms = 60000
         )
         .file(
             "delta.img",
-            client_initrd_with_script(&looping_client("client-delta")).expect("delta image"),
+            client_initrd_with_script(&delta_script()).expect("delta image"),
             0o644,
         );
     let (gamma, delta) = (client_table("gamma", 2), client_table("delta", 2));
@@ -133,7 +147,11 @@ wait_done gamma
 echo "=== gamma stats"; $CTL stats | tr -d ' \n'; echo
 GAMMA_PIDS=$(procs_of gamma)
 $CTL remove gamma 2>&1; echo "REMOVE-RC $?"
+# Gamma had the first spare slot (alpha and beta have 0 and 1).
+wait_console storage "channel 2 detached"
 grep -a "detached\|vacant" $WORK/system.d/storage.console | tr -d '\r' | tail -n 4 | sed 's/^/AGENT /'
+echo "LET-GO $(grep -c 'agent let go of the channel' $WORK/system.d/storage.log)"
+grep "taking a channel slot back" $WORK/daemon.log | sed 's/^/UNCONFIRMED /'
 sleep 1
 echo "AFTER daemon=$(fds $DAEMON) driver=$(fds $DRIVER_VMM)"
 fd_list $DAEMON > $WORK/fds-after.txt
@@ -248,6 +266,12 @@ $CTL remove delta; echo "REMOVE-DELTA-RC $?"
             .any(|l| l.starts_with("AGENT ") && l.contains("detached")),
         "the agent let go of gamma's slot:\n{log}"
     );
+    assert_eq!(
+        field(log, "LET-GO "),
+        "1",
+        "the VMM saw the agent let go:\n{log}"
+    );
+    assert!(!log.contains("UNCONFIRMED"), "{log}");
 
     // Delta on the same slot, through a driver VM fault (its template was renewed: the
     // restart boots), and every client's verification clean.

@@ -85,6 +85,10 @@ impl Supervisor {
                 return Err(e);
             }
             tracing::info!(vm = %driver, slot, "channel slot assigned");
+            // Its watcher restores a new standby (this template, this client's slot assigned).
+            if let Some(vm) = self.lock().vms.get_mut(&driver) {
+                vm.standby_for = None;
+            }
         }
         for role in [Role::Driver, Role::Client] {
             for name in &names {
@@ -230,6 +234,13 @@ impl Supervisor {
         }
         inner.order.retain(|n| n != name);
         if let Some(vm) = inner.vms.remove(name) {
+            if let Some(t) = &vm.template {
+                if let Err(e) = std::fs::remove_dir_all(&t.dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(vm = name, error = %e, "removing the template");
+                    }
+                }
+            }
             if let Err(e) = std::fs::remove_dir_all(vm.jail_root()) {
                 tracing::warn!(vm = name, error = %e, "removing the jail directory");
             }
@@ -238,5 +249,123 @@ impl Supervisor {
             c.remove_vm(name);
         }
         renewed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::config::SystemConfig;
+
+    #[test]
+    fn slots_are_taken_lowest_first_all_or_none_and_come_back_wiped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("vmlinuz"), b"k").expect("kernel");
+        let pool = std::fs::File::create(dir.path().join("pool.img")).expect("pool");
+        pool.set_len(64 << 20).expect("size");
+        let text = r#"
+[[driver]]
+name = "drv"
+kernel = "vmlinuz"
+disks = ["pool.img"]
+spare_channels = 1
+[[client]]
+name = "a"
+kernel = "vmlinuz"
+[[client.disk]]
+driver = "drv"
+size = "8M"
+"#;
+        let cfg = SystemConfig::parse(text, dir.path(), dir.path().join("s.sock")).expect("cfg");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("state");
+        let sup = Supervisor::new(&cfg, "/bin/false".into(), state).expect("supervisor");
+        let slots = |sup: &Supervisor| {
+            let g = sup.lock();
+            let mut taken: Vec<(String, usize)> = g
+                .channels
+                .iter()
+                .map(|c| (c.client.clone(), c.slot.index))
+                .collect();
+            taken.sort();
+            let mut spare: Vec<usize> = g.spare.iter().map(|s| s.slot.index).collect();
+            spare.sort();
+            (taken, spare)
+        };
+        assert_eq!(slots(&sup), (vec![("a".into(), 0)], vec![1]));
+        let client = |name: &str, offsets: &[&str]| -> NewVms {
+            let disks: String = offsets
+                .iter()
+                .map(|o| {
+                    format!("[[client.disk]]\ndriver = \"drv\"\noffset = \"{o}\"\nsize = \"4M\"\n")
+                })
+                .collect();
+            toml::from_str(&format!(
+                "[[client]]\nname = \"{name}\"\nkernel = \"vmlinuz\"\n{disks}"
+            ))
+            .expect("tables")
+        };
+        let add = |new: &NewVms| -> Result<(), SupervisorError> {
+            let mut g = sup.lock();
+            let cfg = g.config.with_added(new)?;
+            let v = cfg.clients.last().cloned().expect("client");
+            sup.provision(&mut g, &v, &cfg)?;
+            g.config = cfg;
+            Ok(())
+        };
+        // Two disks, one free slot: nothing taken.
+        let e = add(&client("b", &["40M", "48M"])).expect_err("one slot for two disks");
+        assert!(
+            matches!(e, SupervisorError::NoSlot(ref d) if d == "drv"),
+            "{e}"
+        );
+        assert_eq!(slots(&sup), (vec![("a".into(), 0)], vec![1]));
+        assert!(!sup.lock().vms.contains_key("b"));
+        add(&client("b", &["48M"])).expect("b");
+        assert_eq!(
+            slots(&sup),
+            (vec![("a".into(), 0), ("b".into(), 1)], vec![])
+        );
+        let e = add(&client("c", &["56M"])).expect_err("no slot left");
+        assert_eq!(
+            e.to_string(),
+            "driver VM 'drv' has no free channel slot (give it more with spare_channels)"
+        );
+        // b goes: its slot comes back wiped, with its generations; the driver VM must not
+        // restart from a template that knew b.
+        {
+            let g = sup.lock();
+            let c = g.channels.iter().find(|c| c.client == "b").expect("b");
+            std::os::unix::fs::FileExt::write_all_at(&c.slot.memory, b"secret", 4096)
+                .expect("write");
+        }
+        let renewed = {
+            let mut g = sup.lock();
+            if let Some(t) = g.vms.get_mut("drv").and_then(|v| v.template.as_mut()) {
+                t.made = Some(std::time::Instant::now());
+            }
+            sup.unprovision(&mut g, "b")
+        };
+        assert_eq!(renewed, vec!["drv".to_string()]);
+        assert_eq!(slots(&sup), (vec![("a".into(), 0)], vec![1]));
+        {
+            let g = sup.lock();
+            assert!(!g.vms.contains_key("b") && !g.order.contains(&"b".to_string()));
+            let t = g.vms.get("drv").and_then(|v| v.template.as_ref());
+            assert!(t.is_none_or(|t| t.made.is_none()), "template renewed");
+            let mut b = [0xffu8; 6];
+            let s = &g.spare[0].slot;
+            std::os::unix::fs::FileExt::read_exact_at(&s.memory, &mut b, 4096).expect("read");
+            assert_eq!(b, [0; 6], "wiped");
+        }
+        add(&client("c", &["56M"])).expect("c takes b's slot");
+        assert_eq!(
+            slots(&sup),
+            (vec![("a".into(), 0), ("c".into(), 1)], vec![])
+        );
+        // The driver VM goes: its slots with it.
+        let _ = sup.unprovision(&mut sup.lock(), "drv");
+        assert_eq!(slots(&sup), (vec![], vec![]));
+        sup.remove_cgroups();
     }
 }

@@ -674,10 +674,14 @@ impl Supervisor {
             let views = self.channel_views(&driver);
             // The first look with every agent of this start ready: a cold boot, unless a
             // recovery started it (recoveries time their own boots).
-            if boot_recorded != starts && !views.is_empty() && views.iter().all(|v| v.ready) {
-                boot_recorded = starts;
-                // Serving from a usable template: restore it ahead of the next restart.
+            let all_ready = !views.is_empty() && views.iter().all(|v| v.ready);
+            if all_ready {
+                // Serving from a usable template: restore it ahead of the next restart (once
+                // per template and start; again after a client added at runtime dismissed it).
                 self.ensure_standby(&driver);
+            }
+            if boot_recorded != starts && all_ready {
+                boot_recorded = starts;
                 if cold {
                     let mut b = self.book();
                     if b.cold_boots_ms.len() >= MAX_EVENTS {
