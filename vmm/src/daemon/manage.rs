@@ -5,7 +5,10 @@
 //! overlap, unknown driver VMs, MACs given twice, ...). A new client's disks and NICs take free
 //! slots of their driver VMs ([`super::channels`]; all or none); a running driver VM is told
 //! through its VMM's control socket, and its agent starts serving the slot. Then the new VMs
-//! start, driver VMs first.
+//! start, driver VMs first, and the add completes once every slot a running driver VM took is
+//! served: an agent that cannot serve one (its device missing in the driver VM, say) undoes the
+//! whole add, so a bad client never reaches the driver VM's fault detection and its other
+//! clients.
 //!
 //! **Removing**: the VM is stopped. A client's slots are taken back from their driver VMs (the
 //! agent lets go of each), wiped, and kept as spares; those driver VMs' templates are renewed
@@ -18,12 +21,15 @@ use std::time::Duration;
 
 use super::channels::Spare;
 use super::config::{NewVms, Role};
-use super::supervisor::{Inner, Supervisor, SupervisorError};
+use super::supervisor::{Inner, Supervisor, SupervisorError, VmState};
 use crate::control::{ControlReply, ControlRequest};
 
 /// How long a driver VM's VMM may take to assign a slot, or to take one back (its agent has
 /// [`crate::devices::channel::DETACH_TIMEOUT`] to let go).
 const SLOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a running driver VM's agent may take to serve a slot assigned to it, once the new
+/// client's VMM has created the ring (at its start, before its guest boots).
+const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Supervisor {
     /// Adds the VMs of `new` and starts them; returns their names.
@@ -72,17 +78,16 @@ impl Supervisor {
                 })
                 .collect::<Vec<_>>()
         };
+        // Slots a running driver VM took: they must be served before the add completes.
+        let mut live = Vec::new();
         for (driver, slot, channel) in assigns {
             // A standby restored before this client existed would resume without it.
             self.dismiss_standby(&driver);
             let req = ControlRequest::Assign { slot, channel };
-            if let Err(e) = self.slot_request(&driver, &req).await {
-                for name in names.iter().rev() {
-                    if let Err(e) = self.remove(name, true).await {
-                        tracing::warn!(vm = %name, error = %e, "undoing an add");
-                    }
-                }
-                return Err(e);
+            match self.slot_request(&driver, &req).await {
+                Ok(true) => live.push((driver.clone(), slot)),
+                Ok(false) => {}
+                Err(e) => return Err(self.undo_add(&names, e).await),
             }
             tracing::info!(vm = %driver, slot, "channel slot assigned");
             // Its watcher restores a new standby (this template, this client's slot assigned).
@@ -92,21 +97,80 @@ impl Supervisor {
         }
         for role in [Role::Driver, Role::Client] {
             for name in &names {
-                if self
+                let has_role = self
                     .lock()
                     .vms
                     .get(name)
-                    .is_some_and(|v| v.cfg.role == role)
-                {
-                    self.start(name)?;
-                    if role == Role::Driver {
-                        self.spawn_watcher(name.clone());
-                    }
+                    .is_some_and(|v| v.cfg.role == role);
+                if !has_role {
+                    continue;
                 }
+                if role == Role::Driver {
+                    self.spawn_watcher(name.clone());
+                }
+                if let Err(e) = self.start(name) {
+                    return Err(self.undo_add(&names, e).await);
+                }
+            }
+        }
+        for (driver, slot) in live {
+            if !self.wait_served(&driver, slot).await {
+                let e = SupervisorError::Timeout(format!(
+                    "driver VM '{driver}' did not serve channel slot {slot} within {} s (see its \
+                     console); nothing was added",
+                    SERVE_TIMEOUT.as_secs()
+                ));
+                return Err(self.undo_add(&names, e).await);
             }
         }
         tracing::info!(vms = ?names, "VMs added");
         Ok(names)
+    }
+
+    /// Removes the VMs of a failed add; returns `e`.
+    async fn undo_add(self: &Arc<Self>, names: &[String], e: SupervisorError) -> SupervisorError {
+        tracing::warn!(vms = ?names, error = %e, "add failed: undoing it");
+        for name in names.iter().rev() {
+            match self.remove(name, true).await {
+                Ok(()) | Err(SupervisorError::UnknownVm(_)) => {}
+                Err(e) => tracing::warn!(vm = %name, error = %e, "undoing an add"),
+            }
+        }
+        e
+    }
+
+    /// Waits until driver VM `driver`'s agent serves the ring in slot `slot` (false: not
+    /// within [`SERVE_TIMEOUT`], or the channel is gone). A driver VM that stopped or is
+    /// being recovered meanwhile is not waited for: its next start serves the slot.
+    async fn wait_served(&self, driver: &str, slot: u32) -> bool {
+        let deadline = tokio::time::Instant::now() + SERVE_TIMEOUT;
+        loop {
+            {
+                let g = self.lock();
+                let elsewhere = g
+                    .vms
+                    .get(driver)
+                    .is_none_or(|v| v.recovering || v.state != VmState::Running);
+                let Some(c) = g
+                    .channels
+                    .iter()
+                    .find(|c| c.driver == driver && c.slot.index == slot as usize)
+                else {
+                    return false;
+                };
+                if elsewhere
+                    || c.slot
+                        .ring_header()
+                        .is_some_and(|h| h.agent_serves_current())
+                {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops and removes VM `name`. A driver VM that serves clients only if `force`.
@@ -185,15 +249,16 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Sends a slot request to driver VM `driver`'s VMM; a driver VM that does not run gets
-    /// its slots at its next start.
+    /// Sends a slot request to driver VM `driver`'s VMM: true if it carried it out, false if
+    /// the driver VM does not run (it gets its slots at its next start).
     async fn slot_request(
         &self,
         driver: &str,
         req: &ControlRequest,
-    ) -> Result<(), SupervisorError> {
+    ) -> Result<bool, SupervisorError> {
         match self.control(driver, req, SLOT_TIMEOUT).await {
-            Ok(ControlReply { ok: true, .. }) | Err(SupervisorError::NotRunning(_)) => Ok(()),
+            Ok(ControlReply { ok: true, .. }) => Ok(true),
+            Err(SupervisorError::NotRunning(_)) => Ok(false),
             Ok(r) => Err(SupervisorError::Control {
                 name: driver.to_string(),
                 source: crate::control::ControlError::Refused(r.error.unwrap_or_default()),

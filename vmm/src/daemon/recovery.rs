@@ -128,6 +128,15 @@ struct ChannelView {
 }
 
 /// A running client's ring device counters, from one read of its stats page.
+/// Whether client `client` no longer runs (a `None` from [`client_disk`] for a running client
+/// only means its page could not be read this time: it was being written).
+fn client_gone(sup: &Supervisor, client: &str) -> bool {
+    sup.lock()
+        .vms
+        .get(client)
+        .is_none_or(|v| v.state != VmState::Running)
+}
+
 fn client_disk(sup: &Supervisor, client: &str, disk: usize) -> Option<RingProgress> {
     let page: WatchedPage = {
         let g = sup.lock();
@@ -545,7 +554,11 @@ impl Supervisor {
                 // The isolated channel is done once it has no suspect left (completed, or
                 // its client went away).
                 if let Some((client, disk)) = &isolating {
-                    if client_disk(self, client, *disk).is_none_or(|c| c.suspects == 0) {
+                    let done = match client_disk(self, client, *disk) {
+                        Some(c) => c.suspects == 0,
+                        None => client_gone(self, client),
+                    };
+                    if done {
                         isolating = None;
                     }
                 }
@@ -575,7 +588,7 @@ impl Supervisor {
                     .all(|((client, disk), before)| match before {
                         None => true,
                         Some(b) => match client_disk(self, client, *disk) {
-                            None => true,
+                            None => client_gone(self, client),
                             Some(c) if c.completed > *b => {
                                 if c.first_completion_ms > 0 {
                                     served_ms = served_ms.max(Some(c.first_completion_ms));

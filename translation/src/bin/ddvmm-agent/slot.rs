@@ -13,7 +13,9 @@
 //!   that was missed, or a snapshot restored under another assignment: BAR 0 is the restoring
 //!   VMM's, the agent's memory the snapshot's). It releases what the channel used (backend,
 //!   threads, TAP, the ring and its BAR 2 mapping) and returns; the slot writes `DETACHED` and
-//!   reads `KIND` again.
+//!   reads `KIND` again. A channel it cannot serve (a backend device that never appears, an
+//!   unknown kind) is reported on the console and held until the VMM takes it back: the slot
+//!   outlives it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -130,7 +132,7 @@ pub fn run(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let mut slot = Slot::open(dev).map_err(ctx)?;
     loop {
         slot.assignment = Assignment::read(&slot.regs);
-        match slot.assignment.kind {
+        let served = match slot.assignment.kind {
             KIND_VACANT => {
                 slot.wait_assignment();
                 continue;
@@ -139,7 +141,16 @@ pub fn run(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
             KIND_NET => crate::net::serve(&mut slot),
             other => Err(format!("unsupported channel kind {other}")),
         }
-        .map_err(ctx)?;
+        .map_err(ctx);
+        // A channel this slot cannot serve (its device missing, an unknown kind): the slot
+        // stays, for the VMM to take the channel back and give the slot to another.
+        if let Err(e) = served {
+            crate::console::say(format!(
+                "ddvmm-agent: channel {}: {e}; not served, waiting to be taken back",
+                slot.index
+            ));
+            slot.wait_taken_back();
+        }
         slot.detached();
     }
 }
@@ -224,6 +235,21 @@ impl Slot {
                     "ddvmm-agent: channel {} assigned (kind {kind})",
                     self.index
                 ));
+                return;
+            }
+            self.wait(VACANT_WAIT);
+        }
+    }
+
+    /// A channel that could not be served: parks at the gate (the first time), then waits
+    /// until the VMM takes it back (`DETACH`, or registers that no longer read this kind).
+    fn wait_taken_back(&mut self) {
+        self.pass_gate();
+        loop {
+            let _ = self.irq.enable();
+            if self.take_request() == Request::Detach
+                || self.regs.read32(regs::KIND) != self.assignment.kind
+            {
                 return;
             }
             self.wait(VACANT_WAIT);
