@@ -559,6 +559,7 @@ impl Supervisor {
                         None => client_gone(self, client),
                     };
                     if done {
+                        tracing::info!(vm = driver, client, disk, "isolated channel resolved");
                         isolating = None;
                     }
                 }
