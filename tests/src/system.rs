@@ -31,23 +31,35 @@ pub const FINAL_MIB: u64 = 24;
 
 /// A client that loops fio (mixed random read/write, fsync every 16 writes, crc32c verify)
 /// until the host's stop sentinel shows up in its control block, then writes a final random
-/// pattern and prints its checksum.
+/// pattern and prints its checksum ([`rounds_until_stopped`]).
 pub fn looping_client(tag: &str) -> String {
+    let setup = format!(
+        r#"yes "{tag}" | head -c 1048576 > /tmp/marker
+dd if=/tmp/marker of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
+echo "MARKER-RC $?""#
+    );
+    let round = r#"fio --name=mix --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 \
+    --rw=randrw --bs=4k --offset=1M --size=8M --fsync=16 --verify=crc32c \
+    --verify_fatal=1 --randseed=$round --eta=never --output=/tmp/fio.txt
+rc=$?
+if [ $rc != 0 ] || ! grep -q "err= 0" /tmp/fio.txt; then
+    fails=$((fails + 1)); echo "FIO-FAILED round $round rc $rc"; cat /tmp/fio.txt
+fi"#;
+    rounds_until_stopped(&setup, round)
+}
+
+/// A client script: `setup`, then rounds of `round` (shell that sees `$round`, sets `$rc` and
+/// counts failures in `$fails`; each prints `ROUND n rc=..`) until the host's stop sentinel
+/// shows up in the control block at MiB [`CONTROL_MIB`] of its disk (`stop_clients`), then a
+/// random final pattern at MiB [`FINAL_MIB`], its checksum (`FINAL-SHA`) and `ROUNDS n FAILS f`.
+pub fn rounds_until_stopped(setup: &str, round: &str) -> String {
     format!(
         r#"
-yes "{tag}" | head -c 1048576 > /tmp/marker
-dd if=/tmp/marker of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null
-echo "MARKER-RC $?"
+{setup}
 round=0; fails=0
 while :; do
     round=$((round + 1))
-    fio --name=mix --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=8 \
-        --rw=randrw --bs=4k --offset=1M --size=8M --fsync=16 --verify=crc32c \
-        --verify_fatal=1 --randseed=$round --eta=never --output=/tmp/fio.txt
-    rc=$?
-    if [ $rc != 0 ] || ! grep -q "err= 0" /tmp/fio.txt; then
-        fails=$((fails + 1)); echo "FIO-FAILED round $round rc $rc"; cat /tmp/fio.txt
-    fi
+{round}
     echo "ROUND $round rc=$rc"
     dd if=/dev/vda bs=4096 skip={control} count=1 iflag=direct 2>/dev/null | grep -q DDVMM-STOP && break
 done

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ddvmm_tests::client_initrd_with_script;
 use ddvmm_tests::system::{
-    assert_clean_ending, backing_file, console, field, looping_client, recovery_system, section,
-    sha256_hex, CONTROL_MIB, FINAL_MIB, MIB, SLICE_MIB,
+    assert_clean_ending, backing_file, console, field, looping_client, recovery_system,
+    rounds_until_stopped, section, sha256_hex, FINAL_MIB, MIB, SLICE_MIB,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3600);
@@ -39,31 +39,18 @@ echo "GAMMA-SIZE $(cat /sys/block/vda/size)"
 }
 
 /// `delta`: rounds of a fresh random MiB written (direct, fsync) at a rotating place of MiB
-/// 1-8 of its disk, read back and compared, until the host's stop sentinel shows up in its
-/// control block (as [`looping_client`]'s); then a final pattern and its checksum.
+/// 1-8 of its disk, read back and compared ([`rounds_until_stopped`]).
 fn delta_script() -> String {
-    format!(
-        r#"
-round=0; fails=0
-while :; do
-    round=$((round + 1))
-    at=$(( (round % 8 + 1) * 16 ))
-    head -c 1048576 /dev/urandom > /tmp/w
-    dd if=/tmp/w of=/dev/vda bs=64k seek=$at oflag=direct conv=fsync 2>/dev/null || fails=$((fails + 1))
-    dd if=/dev/vda of=/tmp/r bs=64k skip=$at count=16 iflag=direct 2>/dev/null || fails=$((fails + 1))
-    cmp -s /tmp/w /tmp/r || {{ fails=$((fails + 1)); echo "MISMATCH round $round"; }}
-    echo "ROUND $round fails=$fails"
-    dd if=/dev/vda bs=4096 skip={control} count=1 iflag=direct 2>/dev/null | grep -q DDVMM-STOP && break
-    sleep 1
-done
-head -c 2097152 /dev/urandom > /tmp/final
-dd if=/tmp/final of=/dev/vda bs=64k seek={final} oflag=direct conv=fsync 2>/dev/null
-echo "FINAL-RC $?"
-echo "FINAL-SHA $(sha256sum /tmp/final | cut -d' ' -f1)"
-echo "ROUNDS $round FAILS $fails"
-"#,
-        control = CONTROL_MIB * 256,
-        final = FINAL_MIB * 16,
+    rounds_until_stopped(
+        "",
+        r#"at=$(( (round % 8 + 1) * 16 ))
+head -c 1048576 /dev/urandom > /tmp/w
+rc=0
+dd if=/tmp/w of=/dev/vda bs=64k seek=$at oflag=direct conv=fsync 2>/dev/null || rc=1
+dd if=/dev/vda of=/tmp/r bs=64k skip=$at count=16 iflag=direct 2>/dev/null || rc=2
+cmp -s /tmp/w /tmp/r || rc=3
+[ $rc = 0 ] || { fails=$((fails + 1)); echo "FAILED round $round rc $rc"; }
+sleep 1"#,
     )
 }
 
