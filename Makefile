@@ -6,7 +6,7 @@ CARGO ?= cargo
 APT_PACKAGES := qemu-system-x86 cpio xz-utils util-linux ca-certificates iperf3 iproute2
 
 .PHONY: all deps images agent driver-image build nextest test test-long demo bench bench-io bench-driver \
-	bench-recovery soak-recovery bench-fairness bench-passthrough bench-net bench-confinement fuzz fuzz-smoke lint clean-images
+	bench-recovery soak-recovery bench-fairness bench-idle bench-passthrough bench-net bench-confinement fuzz fuzz-smoke lint clean-images
 
 all: build
 
@@ -111,16 +111,26 @@ bench-driver: deps images build driver-image
 # (FAIR_SECS per phase, default 15).
 FAIR_SECS ?= 15
 # FAIR_ARMS: fair (depth 2), fair1 (depth 1), fifo; DEVICE_IOPS: the driver VM's disk slowed
-# to this many IOPS (the device, not the emulated CPU, as the bottleneck).
+# to this many IOPS (the device, not the emulated CPU, as the bottleneck); AGENT_OPTS: more
+# agent options for every arm (e.g. ddvmm.agent.grace_ms=N).
 FAIR_ARMS ?= fair fifo
 DEVICE_IOPS ?=
 LIMIT_IOPS ?= 100
+AGENT_OPTS ?=
 bench-fairness: deps images build driver-image
 	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 4096 \
 	    --timeout 7200 --driver-image --guest-script bench/guest-fairness.sh \
 	    --env FAIR_SECS=$(FAIR_SECS) --env "FAIR_ARMS=$(FAIR_ARMS)" --env DEVICE_IOPS=$(DEVICE_IOPS) \
-	    --env LIMIT_IOPS=$(LIMIT_IOPS) \
+	    --env LIMIT_IOPS=$(LIMIT_IOPS) --env "AGENT_OPTS=$(AGENT_OPTS)" \
 	    bench/fairness.sh
+
+# What a driver VM costs at rest (CPU, exits, halts, interrupts per second) against a client VM
+# of the same kernel, one IDLE_SECS sample each.
+IDLE_SECS ?= 30
+bench-idle: deps images build driver-image
+	$(CARGO) run --release -q -p ddvmm-tests --bin testhost -- --echo --memory-mib 2048 \
+	    --driver-image --guest-script bench/guest-idle.sh --lib bench/lib.sh \
+	    --env IDLE_SECS=$(IDLE_SECS) --env "AGENT_OPTS=$(AGENT_OPTS)" bench/idle.sh
 
 # Network path, driver VM vs direct virtio-net on the same TAP and peer: TCP both ways and
 # ping latency (median, p99), one run of NET_ROUNDS alternating rounds.

@@ -7,7 +7,7 @@
 # their IOPS ratio; and (fair arm) a client limited to LIMIT_IOPS at QD32: its IOPS (the
 # emulated test host's driver path does only a few hundred IOPS: the default limit, 100, is
 # below that; on hardware use 1000). One run of each phase per arm (FAIR_SECS seconds each,
-# default 15).
+# default 15). AGENT_OPTS: more agent options for every arm (e.g. ddvmm.agent.grace_ms=N).
 K=$IMAGES/vmlinuz
 DISK=/tmp/pool.img
 T=${FAIR_SECS:-15}
@@ -78,7 +78,7 @@ initrd = "$WORK/driver.img"
 memory = "256M"
 disks = ["$DISK"]
 $DEVICE_LIMIT
-cmdline = "console=ttyS0 quiet ddvmm.action=agent $2"
+cmdline = "console=ttyS0 quiet ddvmm.action=agent $2 $AGENT_OPTS"
 
 [recovery]
 boot_timeout_ms = 300000

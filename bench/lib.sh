@@ -23,22 +23,28 @@ END {
 # --- Work per request: what carries over to hardware (an exit costs ~1 us there, far more on
 # the emulated CPU here, so these counts matter more than the emulated timings).
 
-# kvm_work: one line per VMM process that has a KVM VM:
-#   <vm> <exits> <user-exits> <irqs> <vmm-switches>
-# from KVM's own statistics of the VM (debugfs, summed over its vCPUs: every exit; the exits
-# that reached the VMM's userspace, port I/O and MMIO; interrupts injected) and the context
-# switches of the VMM's threads. <vm> is the VM's console file name without `.console`
+# kvm_vms: "<pid> <vm> <debugfs dir>" for every VMM process running a KVM guest (a standby,
+# which runs none yet, is left out). <vm> is the VM's console file name without `.console`
 # ("direct" for a VMM whose console is its standard output).
-kvm_work() {
+kvm_vms() {
     [ -d /sys/kernel/debug/kvm ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null
     for d in /sys/kernel/debug/kvm/*-*; do
         [ -r "$d/exits" ] || continue
         pid=${d##*/}; pid=${pid%%-*}
-        # A standby VMM runs no guest: not one of the path's VMs.
         tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null | grep -q -x -- --standby && continue
         vm=$(tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null | awk 'p { print; exit } $0 == "--console" { p = 1 }')
         vm=${vm##*/}; vm=${vm%.console}
         case $vm in ""|stdout) vm=direct ;; esac
+        echo "$pid $vm $d"
+    done
+}
+
+# kvm_work: one line per VM of kvm_vms:
+#   <vm> <exits> <pio+mmio> <halts> <npf> <host-irqs> <irqs> <vmm-switches>
+# from KVM's own statistics of the VM (debugfs, summed over its vCPUs) and the context
+# switches of the VMM's threads.
+kvm_work() {
+    kvm_vms | while read -r pid vm d; do
         cs=$(cat /proc/$pid/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
         # Exits, of them port I/O and MMIO (KVM's io_exits count every port exit, also those
         # KVM handles itself: ioeventfds, coalesced writes), halts, nested page faults and host

@@ -582,7 +582,7 @@ impl Supervisor {
             .arg("--kernel")
             .arg(&vm.cfg.kernel)
             .arg("--cmdline")
-            .arg(&vm.cfg.cmdline)
+            .arg(vm.cfg.boot_cmdline(&self.recovery))
             .arg("--mem")
             .arg(format!("{}K", vm.cfg.memory >> 10))
             .arg("--cpus")

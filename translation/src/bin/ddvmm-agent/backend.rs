@@ -27,8 +27,6 @@ use crate::Options;
 
 /// What this agent implements.
 const SUPPORTED: u64 = features::FUA | features::GET_ID;
-/// Heartbeat period.
-pub(crate) const HEARTBEAT: Duration = Duration::from_millis(500);
 /// How often a busy agent reads the fault request register (one exit each). An idle agent
 /// reads it when it wakes: the VMM interrupts it with every request.
 pub(crate) const FAULT_POLL: Duration = Duration::from_millis(20);
@@ -113,7 +111,7 @@ pub fn serve(slot: &mut Slot, opts: &Options) -> Result<(), String> {
         w.weight
     );
     let share = opts.fair.then(|| Share {
-        fair: crate::fair::for_backend(&w.backend, opts.depth),
+        fair: crate::fair::for_backend(&w.backend, opts.share),
         channel: w.index,
         weight: w.weight,
     });
@@ -342,7 +340,7 @@ impl Server<'_> {
                 }
                 fault_check = Instant::now();
             }
-            if beat.elapsed() >= HEARTBEAT {
+            if beat.elapsed() >= self.slot.heartbeat {
                 let _ = self.ring.heartbeat();
                 beat = Instant::now();
                 if !self.ring.is_current() {
@@ -364,7 +362,11 @@ impl Server<'_> {
             // Completions still waiting for room: look again soon (the client drains the ring
             // on our doorbell or its own re-poll).
             let wait = if self.unpublished.is_empty() {
-                HEARTBEAT.as_millis() as i32
+                self.slot
+                    .heartbeat
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(i32::MAX)
             } else {
                 5
             };

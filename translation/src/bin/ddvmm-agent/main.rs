@@ -26,8 +26,11 @@
 //! one (a test of the client's validation); `ddvmm.agent.threads=N` sets the pool size;
 //! `ddvmm.agent.poison=SECTOR` panics the kernel on any read or write touching that sector of a
 //! channel's window (a poison request, for the recovery tests); `ddvmm.agent.depth=N` (default
-//! 2) bounds the requests on a backend device at once while its channels contend, and
-//! `ddvmm.agent.fair=off` serves them first come, first served instead (see `fair`).
+//! 2) bounds the requests on a backend device at once while its channels contend,
+//! `ddvmm.agent.grace_ms=N` (default 1000) is how long a channel counts as contending after its
+//! last request, and `ddvmm.agent.fair=off` serves them first come, first served instead (see
+//! `fair`). `ddvmm.agent.heartbeat_ms=N` (default 500) is how often a served channel's heartbeat
+//! is written (the daemon's hang detection reads it; an idle agent wakes only for it).
 //!
 //! Fault injection: the daemon can ask (through the channel's `FAULT` register, which the VMM
 //! follows with an interrupt; a busy agent also reads it every 20 ms) for a kernel panic, a
@@ -98,9 +101,14 @@ pub struct Options {
     pub poison: Option<u64>,
     /// Share each backend device among its channels by weight (SFQ), or not.
     pub fair: bool,
-    /// Requests on a backend device at once while its channels contend.
-    pub depth: usize,
+    /// How a backend device is shared while its channels contend.
+    pub share: crate::fair::Policy,
+    /// How often each served channel's heartbeat is written.
+    pub heartbeat: Duration,
 }
+
+/// The heartbeat period unless `ddvmm.agent.heartbeat_ms=N` says otherwise.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 
 impl Options {
     fn from_cmdline(cmdline: &str) -> Self {
@@ -109,7 +117,8 @@ impl Options {
             threads: 8,
             poison: None,
             fair: true,
-            depth: 2,
+            share: crate::fair::Policy::default(),
+            heartbeat: DEFAULT_HEARTBEAT,
         };
         for arg in cmdline.split_whitespace() {
             match arg.split_once('=') {
@@ -118,7 +127,17 @@ impl Options {
                 Some(("ddvmm.agent.fair", "off")) => o.fair = false,
                 Some(("ddvmm.agent.depth", n)) => {
                     if let Ok(n) = n.parse::<usize>() {
-                        o.depth = n.clamp(1, 64);
+                        o.share.depth = n.clamp(1, 64);
+                    }
+                }
+                Some(("ddvmm.agent.grace_ms", n)) => {
+                    if let Ok(n) = n.parse::<u64>() {
+                        o.share.grace = Duration::from_millis(n.clamp(1, 10_000));
+                    }
+                }
+                Some(("ddvmm.agent.heartbeat_ms", n)) => {
+                    if let Ok(n) = n.parse::<u64>() {
+                        o.heartbeat = Duration::from_millis(n.clamp(10, 60_000));
                     }
                 }
                 Some(("ddvmm.agent.threads", n)) => {
@@ -144,10 +163,15 @@ mod tests {
         assert_eq!(o.threads, 64);
         assert_eq!(o.poison, None);
         assert!(o.fair);
-        assert_eq!(o.depth, 2);
-        let o = Options::from_cmdline("ddvmm.agent.fair=off ddvmm.agent.depth=0");
+        assert_eq!(o.share, crate::fair::Policy::default());
+        let o = Options::from_cmdline(
+            "ddvmm.agent.fair=off ddvmm.agent.depth=0 ddvmm.agent.grace_ms=250 \
+             ddvmm.agent.heartbeat_ms=2000",
+        );
+        assert_eq!(o.heartbeat, Duration::from_millis(2000));
         assert!(!o.fair);
-        assert_eq!(o.depth, 1);
+        assert_eq!(o.share.depth, 1);
+        assert_eq!(o.share.grace, Duration::from_millis(250));
         assert_eq!(
             Options::from_cmdline("ddvmm.agent.poison=4096").poison,
             Some(4096)

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ddvmm_translation::channel::regs;
 use ddvmm_translation::ring::{features, AgentRing, Completion, Opcode, RawRegion, Status};
 
-use crate::backend::{FAULT_POLL, HEARTBEAT};
+use crate::backend::FAULT_POLL;
 use crate::fault::Injected;
 use crate::slot::{Assignment, Slot, Stop};
 
@@ -352,7 +352,7 @@ fn serve_generation(
                 Injected::Nothing | Injected::Garbage => {}
             }
         }
-        if beat.elapsed() >= HEARTBEAT {
+        if beat.elapsed() >= slot.heartbeat {
             let _ = ring.heartbeat();
             beat = Instant::now();
             if !ring.is_current() {
@@ -379,7 +379,10 @@ fn serve_generation(
             continue;
         }
         let tap_fd = (!posted.is_empty()).then(|| tap.as_raw_fd());
-        slot.irq.wait(tap_fd, HEARTBEAT.as_millis() as i32);
+        slot.irq.wait(
+            tap_fd,
+            slot.heartbeat.as_millis().try_into().unwrap_or(i32::MAX),
+        );
     }
 }
 
@@ -393,7 +396,7 @@ fn heartbeat_only(ring: &mut AgentRing<RawRegion>, slot: &mut Slot) -> Stop {
         if slot.take_fault(ring) == Injected::Detach {
             return Stop::Detach;
         }
-        if beat.elapsed() >= HEARTBEAT {
+        if beat.elapsed() >= slot.heartbeat {
             let _ = ring.heartbeat();
             beat = Instant::now();
         }

@@ -124,12 +124,15 @@ pub struct Slot {
     gated: bool,
     /// A ring fault requested while no ring was attached: done once one is.
     deferred: Request,
+    /// How often the channel's heartbeat is written while it is served.
+    pub heartbeat: Duration,
 }
 
 /// Runs the slot of `dev` until an unrecoverable error.
 pub fn run(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let ctx = |e: String| format!("{}: {e}", dev.address);
     let mut slot = Slot::open(dev).map_err(ctx)?;
+    slot.heartbeat = opts.heartbeat;
     loop {
         slot.assignment = Assignment::read(&slot.regs);
         let served = match slot.assignment.kind {
@@ -171,6 +174,7 @@ impl Slot {
             assignment: Assignment::default(),
             gated: false,
             deferred: Request::None,
+            heartbeat: crate::DEFAULT_HEARTBEAT,
         })
     }
 
