@@ -728,7 +728,8 @@ fn parse_ring_net(spec: &str, adopter: &mut Adopter) -> anyhow::Result<RingNetCo
     })
 }
 
-/// Publishes the ring devices' counters to the stats page four times a second.
+/// Publishes the ring devices' counters to the stats page ten times a second (the daemon's
+/// watcher reads it as often).
 fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
     let object = |pairs: Vec<(&'static str, u64)>| {
         serde_json::Value::Object(
