@@ -108,8 +108,9 @@ bench-driver: deps images build driver-image
 # Fairness: a QD1 victim beside a QD64 aggressor on one driver VM (p99 vs alone), two
 # saturating clients of weights 2:1, a client limited to LIMIT_IOPS (default 100: the emulated
 # driver path does a few hundred IOPS); with and without the agent's weighted scheduler
-# (FAIR_SECS per phase, default 15).
+# (FAIR_SECS per phase, default 15; the victim's phases FAIR_REPEATS times, medians).
 FAIR_SECS ?= 15
+FAIR_REPEATS ?= 1
 # FAIR_ARMS: fair (depth 2), fair1 (depth 1), fifo; DEVICE_IOPS: the driver VM's disk slowed
 # to this many IOPS (the device, not the emulated CPU, as the bottleneck); AGENT_OPTS: more
 # agent options for every arm (e.g. ddvmm.agent.grace_ms=N).
@@ -122,7 +123,7 @@ bench-fairness: deps images build driver-image
 	    --timeout 7200 --driver-image --guest-script bench/guest-fairness.sh \
 	    --env FAIR_SECS=$(FAIR_SECS) --env "FAIR_ARMS=$(FAIR_ARMS)" --env DEVICE_IOPS=$(DEVICE_IOPS) \
 	    --env LIMIT_IOPS=$(LIMIT_IOPS) --env "AGENT_OPTS=$(AGENT_OPTS)" \
-	    bench/fairness.sh
+	    --env FAIR_REPEATS=$(FAIR_REPEATS) bench/fairness.sh
 
 # What a driver VM costs at rest (CPU, exits, halts, interrupts per second) against a client VM
 # of the same kernel, one IDLE_SECS sample each.

@@ -6,11 +6,14 @@
 # latency and their ratio to alone; two saturating clients (QD32) of weights 200 and 100:
 # their IOPS ratio; and (fair arm) a client limited to LIMIT_IOPS at QD32: its IOPS (the
 # emulated test host's driver path does only a few hundred IOPS: the default limit, 100, is
-# below that; on hardware use 1000). One run of each phase per arm (FAIR_SECS seconds each,
-# default 15). AGENT_OPTS: more agent options for every arm (e.g. ddvmm.agent.grace_ms=N).
+# below that; on hardware use 1000). FAIR_SECS seconds per phase (default 15); the victim's
+# two phases run FAIR_REPEATS times per arm (default 1; the table shows medians, and the p99
+# ratio is the median of each repeat's ratio). AGENT_OPTS: more agent options for every arm
+# (e.g. ddvmm.agent.grace_ms=N).
 K=$IMAGES/vmlinuz
 DISK=/tmp/pool.img
 T=${FAIR_SECS:-15}
+R=${FAIR_REPEATS:-1}
 LIMIT=${LIMIT_IOPS:-100}
 # DEVICE_IOPS: the driver VM's disk as a slower device (so that the device, not the emulated
 # CPU, is the bottleneck, as a real disk under a QD64 load is).
@@ -33,7 +36,7 @@ quit() {
 }
 wait_done() { # CLIENT SEQ
     n=0
-    until grep -q "DONE $2" system.d/$1.console 2>/dev/null; do
+    until tr -d '\r' < system.d/$1.console 2>/dev/null | grep -q -x "DONE $2"; do
         sleep 2; n=$((n + 2))
         [ $((n % 60)) = 0 ] && echo "  waiting for $1 ($2), ${n}s"
         if grep -q "FAIR-CLIENT $1 quits\|FIO-FAILED" system.d/$1.console || [ $n -gt $((10 * T + 600)) ]; then
@@ -113,12 +116,18 @@ CFG
         done
     done
     echo "clients up"
-    cmd victim 1 alone randread 4k 1 $T; wait_done victim 1
-    cmd aggressor 2 aggressor randread 4k 64 $((T + 10)); sleep 5
-    vm_ticks > ticks0; t0=$(date +%s)
-    cmd victim 3 contended randread 4k 1 $T; wait_done victim 3
-    vm_ticks > ticks1; echo "CPU while the victim ran beside the aggressor:$(cpu_share ticks0 ticks1 $(($(date +%s) - t0)))"
-    wait_done aggressor 2
+    # The victim alone, then beside the aggressor; commands of repeat r are numbered 10r+.
+    r=1
+    while [ $r -le $R ]; do
+        s=$((10 * r))
+        cmd victim $s alone randread 4k 1 $T; wait_done victim $s
+        cmd aggressor $((s + 1)) aggressor randread 4k 64 $((T + 10)); sleep 5
+        vm_ticks > ticks0; t0=$(date +%s)
+        cmd victim $((s + 2)) contended randread 4k 1 $T; wait_done victim $((s + 2))
+        vm_ticks > ticks1; echo "CPU while the victim ran beside the aggressor:$(cpu_share ticks0 ticks1 $(($(date +%s) - t0)))"
+        wait_done aggressor $((s + 1))
+        r=$((r + 1))
+    done
     cmd heavy 4 weight200 randread 4k 32 $T; cmd aggressor 5 weight100 randread 4k 32 $T
     wait_done heavy 4; wait_done aggressor 5
     if [ $ARM = fair ] && [ -z "$DEVICE_IOPS" ]; then cmd limited 6 limited randread 4k 32 $T; wait_done limited 6; fi
@@ -139,11 +148,31 @@ for arm in ${FAIR_ARMS:-fair fifo}; do
     esac
 done
 
-# RESULT <arm> <client> <job> <iops> <p50> <p99>
-awk -v T=$T -v L=$LIMIT -v DEV="${DEVICE_IOPS:+ limited to $DEVICE_IOPS IOPS}" '
-$1 == "RESULT" { iops[$2, $4] = $5; p50[$2, $4] = $6; p99[$2, $4] = $7 }
+# RESULT <arm> <client> <job> <iops> <p50> <p99>, in order (a victim's alone result, then its
+# contended one, per repeat).
+awk -v T=$T -v R=$R -v L=$LIMIT -v DEV="${DEVICE_IOPS:+ limited to $DEVICE_IOPS IOPS}" '
+function median(a, n,    i, j, t) {
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+    return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+function keep(arm, job, i, x, y,    k) {
+    k = arm SUBSEP job
+    cnt[k]++; I[k, cnt[k]] = i; P[k, cnt[k]] = x; Q[k, cnt[k]] = y
+}
+$1 == "RESULT" {
+    keep($2, $4, $5, $6, $7)
+    if ($4 == "alone") { a50[$2] = $6; a99[$2] = $7 }
+    if ($4 == "contended" && a99[$2] > 0 && a50[$2] > 0) {
+        nr[$2]++; r99[$2, nr[$2]] = $7 / a99[$2]; r50[$2, nr[$2]] = $6 / a50[$2]
+    }
+}
 END {
-    printf "\nfairness: one driver VM, four clients on one device%s, 4 KiB randread, one %d s run per phase\n", DEV, T
+    for (k in cnt) {
+        m = cnt[k]
+        for (i = 1; i <= m; i++) { t1[i] = I[k, i]; t2[i] = P[k, i]; t3[i] = Q[k, i] }
+        iops[k] = median(t1, m); p50[k] = median(t2, m); p99[k] = median(t3, m)
+    }
+    printf "\nfairness: one driver VM, four clients on one device%s, 4 KiB randread, %d s per phase, victim phases %d times (medians)\n", DEV, T, R
     printf "%-5s %-28s %10s %10s %10s\n", "arm", "phase", "IOPS", "p50 us", "p99 us"
     n = split("alone contended aggressor weight200 weight100 limited", jobs, " ")
     na = split("fair fair1 fifo", arms, " ")
@@ -154,8 +183,13 @@ END {
     printf "\n%-5s %-44s %8s\n", "arm", "metric", "value"
     for (a = 1; a <= na; a++) {
         r = arms[a]
-        if (p99[r, "alone"] > 0) printf "%-5s %-44s %8.2f  (goal <= 2)\n", r, "victim p99 beside aggressor / alone", p99[r, "contended"] / p99[r, "alone"]
-        if (p50[r, "alone"] > 0) printf "%-5s %-44s %8.2f\n", r, "victim p50 beside aggressor / alone", p50[r, "contended"] / p50[r, "alone"]
+        if (nr[r] > 0) {
+            each = ""
+            for (i = 1; i <= nr[r]; i++) { t1[i] = r99[r, i]; t2[i] = r50[r, i]; each = each sprintf(" %.2f", r99[r, i]) }
+            m = nr[r]
+            printf "%-5s %-44s %8.2f  (goal <= 2; each repeat:%s)\n", r, "victim p99 beside aggressor / alone", median(t1, m), each
+            printf "%-5s %-44s %8.2f\n", r, "victim p50 beside aggressor / alone", median(t2, m)
+        }
         if (iops[r, "weight100"] > 0) printf "%-5s %-44s %8.2f  (goal 2 +- 10%%)\n", r, "IOPS weight 200 / weight 100", iops[r, "weight200"] / iops[r, "weight100"]
     }
     if (("fair" SUBSEP "limited") in iops) printf "%-5s %-44s %8d  (limit %d: %+.1f%%)\n", "fair", "IOPS of the client limited to " L, iops["fair", "limited"], L, (iops["fair", "limited"] - L) * 100 / L
