@@ -1097,10 +1097,12 @@ fn check_overlaps(clients: &[VmConfig]) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn setup() -> (tempfile::TempDir, String) {
+    /// A directory with a kernel, an initrd and a 64 MiB pool, and a `[[driver]]` table
+    /// (`drv`, owning the pool) to build configurations on.
+    pub(crate) fn setup() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().expect("tmp");
         std::fs::write(dir.path().join("vmlinuz"), b"k").expect("k");
         std::fs::write(dir.path().join("initrd"), b"i").expect("i");
@@ -1116,7 +1118,7 @@ disks = ["pool.img"]
         (dir, base.to_string())
     }
 
-    fn parse(dir: &tempfile::TempDir, text: &str) -> Result<SystemConfig, ConfigError> {
+    pub(crate) fn parse(dir: &tempfile::TempDir, text: &str) -> Result<SystemConfig, ConfigError> {
         SystemConfig::parse(text, dir.path(), dir.path().join("s.sock"))
     }
 

@@ -320,28 +320,15 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::config::SystemConfig;
 
     #[test]
     fn slots_are_taken_lowest_first_all_or_none_and_come_back_wiped() {
-        let dir = tempfile::tempdir().expect("tmp");
-        std::fs::write(dir.path().join("vmlinuz"), b"k").expect("kernel");
-        let pool = std::fs::File::create(dir.path().join("pool.img")).expect("pool");
-        pool.set_len(64 << 20).expect("size");
-        let text = r#"
-[[driver]]
-name = "drv"
-kernel = "vmlinuz"
-disks = ["pool.img"]
-spare_channels = 1
-[[client]]
-name = "a"
-kernel = "vmlinuz"
-[[client.disk]]
-driver = "drv"
-size = "8M"
-"#;
-        let cfg = SystemConfig::parse(text, dir.path(), dir.path().join("s.sock")).expect("cfg");
+        let (dir, base) = crate::daemon::config::tests::setup();
+        let text = format!(
+            "{base}spare_channels = 1\n[[client]]\nname = \"a\"\nkernel = \"vmlinuz\"\n\
+             [[client.disk]]\ndriver = \"drv\"\nsize = \"8M\"\n"
+        );
+        let cfg = crate::daemon::config::tests::parse(&dir, &text).expect("cfg");
         let state = dir.path().join("state");
         std::fs::create_dir(&state).expect("state");
         let sup = Supervisor::new(&cfg, "/bin/false".into(), state).expect("supervisor");

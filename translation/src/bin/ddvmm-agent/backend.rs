@@ -362,11 +362,7 @@ impl Server<'_> {
             // Completions still waiting for room: look again soon (the client drains the ring
             // on our doorbell or its own re-poll).
             let wait = if self.unpublished.is_empty() {
-                self.slot
-                    .heartbeat
-                    .as_millis()
-                    .try_into()
-                    .unwrap_or(i32::MAX)
+                self.slot.beat_timeout_ms()
             } else {
                 5
             };

@@ -379,10 +379,8 @@ fn serve_generation(
             continue;
         }
         let tap_fd = (!posted.is_empty()).then(|| tap.as_raw_fd());
-        slot.irq.wait(
-            tap_fd,
-            slot.heartbeat.as_millis().try_into().unwrap_or(i32::MAX),
-        );
+        let timeout = slot.beat_timeout_ms();
+        slot.irq.wait(tap_fd, timeout);
     }
 }
 

@@ -131,8 +131,7 @@ pub struct Slot {
 /// Runs the slot of `dev` until an unrecoverable error.
 pub fn run(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
     let ctx = |e: String| format!("{}: {e}", dev.address);
-    let mut slot = Slot::open(dev).map_err(ctx)?;
-    slot.heartbeat = opts.heartbeat;
+    let mut slot = Slot::open(dev, opts.heartbeat).map_err(ctx)?;
     loop {
         slot.assignment = Assignment::read(&slot.regs);
         let served = match slot.assignment.kind {
@@ -159,7 +158,12 @@ pub fn run(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
 }
 
 impl Slot {
-    fn open(dev: &ChannelDevice) -> Result<Self, String> {
+    /// The heartbeat period as a `poll` timeout: the longest an idle server sleeps.
+    pub fn beat_timeout_ms(&self) -> i32 {
+        self.heartbeat.as_millis().try_into().unwrap_or(i32::MAX)
+    }
+
+    fn open(dev: &ChannelDevice, heartbeat: Duration) -> Result<Self, String> {
         let bar0 = BarMapping::map(&dev.sysfs.join("resource0"), REGS_SIZE as usize)?;
         if bar0.read32(regs::MAGIC) != MAGIC || bar0.read32(regs::VERSION) != VERSION {
             return Err(format!("not a ddvmm channel of register version {VERSION}"));
@@ -174,7 +178,7 @@ impl Slot {
             assignment: Assignment::default(),
             gated: false,
             deferred: Request::None,
-            heartbeat: crate::DEFAULT_HEARTBEAT,
+            heartbeat,
         })
     }
 
