@@ -13,8 +13,9 @@ echo "=== direct ==="
 # Results are shown as they come (the emulated host's harness treats long silence as a hang).
 : > direct.out
 work_watch direct.out direct &
+# (A stats page, as the daemon gives its VMMs: the exits that reached the VMM are counted there.)
 $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 --disk $DISK \
-    --cmdline "$CMD" 2>&1 | tee direct.out | grep -a RESULT
+    --stats-fd 9 --cmdline "$CMD" 9<>vmm.stats 2>&1 | tee direct.out | grep -a RESULT
 touch work.stop; wait
 tr -d '\r' < direct.out | grep -a RESULT | sed 's/^/direct /' > results.txt
 grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }

@@ -19,7 +19,8 @@ direct() {
     : > direct.out
     work_watch direct.out direct &
     $DDVMM run --kernel $K --initrd $WORK/guest.img --mem 512M --cpus 2 \
-        --net tap=ddtap0,mac=$MAC --cmdline "$CMD" 2>&1 | tee direct.out | grep -a RESULT
+        --net tap=ddtap0,mac=$MAC --stats-fd 9 --cmdline "$CMD" 9<>vmm.stats 2>&1 \
+        | tee direct.out | grep -a RESULT
     touch work.stop; wait
     tr -d '\r' < direct.out | grep -a RESULT | sed 's/^/direct /' >> results.txt
     grep -q RESULT direct.out || { echo "direct run produced no results:"; tail -30 direct.out; }

@@ -39,17 +39,43 @@ kvm_vms() {
     done
 }
 
+# stats_page FILE: the JSON a VMM published in its stats page (vmm/src/stats_page.rs: seq,
+# len, JSON; read again while a write was under way), or nothing.
+stats_page() {
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        s0=$(od -An -tu8 -N8 "$1" 2>/dev/null | tr -d ' ')
+        len=$(od -An -tu8 -j8 -N8 "$1" 2>/dev/null | tr -d ' ')
+        json=$(tail -c +17 "$1" 2>/dev/null | head -c "${len:-0}")
+        s1=$(od -An -tu8 -N8 "$1" 2>/dev/null | tr -d ' ')
+        if [ -n "$s0" ] && [ "$s0" = "$s1" ] && [ $((s0 % 2)) = 0 ]; then echo "$json"; return; fi
+        sleep 0.01
+    done
+}
+
+# vmm_exits PID: the exits of that VMM's vCPUs that reached its userspace, from the stats page
+# it publishes (the daemon's memfd, or the file a bench hands `ddvmm run --stats-fd`); -1
+# when it publishes none.
+vmm_exits() {
+    for f in /proc/$1/fd/*; do
+        case $(readlink $f 2>/dev/null) in *ddvmm-stats*|*vmm.stats*) ;; *) continue ;; esac
+        stats_page $f | grep -o '"vmm_exits":{[^}]*}' | grep -o '[0-9][0-9]*' | awk '{ s += $1 } END { print (NR ? s : -1) }'
+        return
+    done
+    echo -1
+}
+
 # kvm_work: one line per VM of kvm_vms:
-#   <vm> <exits> <pio+mmio> <halts> <npf> <host-irqs> <irqs> <vmm-switches>
-# from KVM's own statistics of the VM (debugfs, summed over its vCPUs) and the context
-# switches of the VMM's threads.
+#   <vm> <exits> <to-vmm> <pio+mmio> <halts> <npf> <host-irqs> <irqs> <vmm-switches>
+# from KVM's own statistics of the VM (debugfs, summed over its vCPUs), the VMM's count of
+# the exits that reached it, and the context switches of the VMM's threads.
 kvm_work() {
     kvm_vms | while read -r pid vm d; do
         cs=$(cat /proc/$pid/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }')
-        # Exits, of them port I/O and MMIO (KVM's io_exits count every port exit, also those
-        # KVM handles itself: ioeventfds, coalesced writes), halts, nested page faults and host
-        # interrupts; interrupts injected; the VMM threads' switches.
-        echo "$vm $(cat $d/exits) $(($(cat $d/io_exits) + $(cat $d/mmio_exits))) $(cat $d/halt_exits) $(cat $d/pf_taken) $(cat $d/irq_exits) $(cat $d/irq_injections) $cs"
+        # Exits, of them those that reached the VMM's userspace and port I/O and MMIO (KVM's
+        # io_exits count every port exit, also those KVM handles itself: ioeventfds, coalesced
+        # writes), halts, nested page faults and host interrupts; interrupts injected; the VMM
+        # threads' switches.
+        echo "$vm $(cat $d/exits) $(vmm_exits $pid) $(($(cat $d/io_exits) + $(cat $d/mmio_exits))) $(cat $d/halt_exits) $(cat $d/pf_taken) $(cat $d/irq_exits) $(cat $d/irq_injections) $cs"
     done
 }
 
@@ -76,21 +102,23 @@ work_watch() {
 }
 
 # work_table WORK UNIT: per path, job and VM, the medians over runs of each counter of
-# kvm_work per request (exits; of them port I/O and MMIO, halts, nested page faults, host
-# interrupts; interrupts injected; VMM thread switches), the sum over the path's VMs, and the
-# client guest's own context switches and interrupts per request.
+# kvm_work per request (exits; of them to the VMM's userspace, port I/O and MMIO, halts,
+# nested page faults, host interrupts; interrupts injected; VMM thread switches), the sum over
+# the path's VMs, and the client guest's own context switches and interrupts per request.
 work_table() {
     awk -v unit="$2" '
-BEGIN { nc = split("exits pio+mmio halt npf host-irq irqs vmm-cs", hdr, " ") }
+BEGIN { nc = split("exits to-vmm pio+mmio halt npf host-irq irqs vmm-cs", hdr, " ") }
 $3 == "BEGIN" { v = ""; for (i = 5; i <= NF; i++) v = v " " $i; b[$1, $2, $4] = v; vms[$1, $2, $4] = 1
     if (!(($1, $2) in seenj)) { seenj[$1, $2] = 1; jobs[++nj] = $1 SUBSEP $2 } next }
 $3 == "END"   { if (($1, $2, $4) in b) { split(b[$1, $2, $4], x, " "); v = ""
-    for (i = 5; i <= NF; i++) v = v " " ($i - x[i - 4]); pend[$1, $2, $4] = v } next }
+    # A counter that could not be read at either end (-1) is left out of that run.
+    for (i = 5; i <= NF; i++) v = v " " (($i < 0 || x[i - 4] < 0) ? "NA" : $i - x[i - 4])
+    pend[$1, $2, $4] = v } next }
 $3 == "GUEST" {
     r = $4; if (r <= 0) next
     for (k in pend) { split(k, p, SUBSEP); if (p[1] != $1 || p[2] != $2) continue
-        n = split(pend[k], d, " "); c = ++cnt[k]
-        for (i = 1; i <= nc; i++) val[k, i, c] = (i <= n) ? d[i] / r : 0
+        n = split(pend[k], d, " "); cnt[k]++
+        for (i = 1; i <= nc; i++) if (d[i] != "NA") { c = ++ci[k, i]; val[k, i, c] = (i <= n) ? d[i] / r : 0 }
         delete pend[k] }
     kg = $1 SUBSEP $2; cg = ++gcnt[kg]; gv[kg, 1, cg] = $5 / r; gv[kg, 2, cg] = $6 / r
 }
@@ -100,9 +128,10 @@ function med(arr, k, i, c,    t, a, j, x) {
     return (c % 2) ? t[(c + 1) / 2] : (t[c / 2] + t[c / 2 + 1]) / 2
 }
 END {
-    printf "\nwork per %s (median of runs; KVM statistics per VM: exits, of them port I/O and MMIO,\n", unit
-    printf "halts, nested page faults, host interrupts; interrupts injected; the VMM threads\x27 context\n"
-    printf "switches; the client guest\x27s own switches and interrupts)\n"
+    printf "\nwork per %s (median of runs; KVM statistics per VM: exits, of them those that reached the\n", unit
+    printf "VMM process (its own count), port I/O and MMIO, halts, nested page faults, host interrupts;\n"
+    printf "interrupts injected; the VMM threads\x27 context switches; the client guest\x27s own switches\n"
+    printf "and interrupts)\n"
     printf "%-7s %-18s %-8s", "path", "job", "vm"
     for (i = 1; i <= nc; i++) printf " %8s", hdr[i]
     printf " %9s %9s\n", "guest-cs", "guest-irq"
@@ -110,7 +139,7 @@ END {
         split(jobs[j], pj, SUBSEP); for (i = 1; i <= nc; i++) sum[i] = 0; n = 0
         for (k in vms) { split(k, p, SUBSEP); if (p[1] != pj[1] || p[2] != pj[2] || !cnt[k]) continue
             printf "%-7s %-18s %-8s", pj[1], pj[2], p[3]
-            for (i = 1; i <= nc; i++) { m = med(val, k, i, cnt[k]); sum[i] += m; printf " %8.2f", m }
+            for (i = 1; i <= nc; i++) { m = ci[k, i] ? med(val, k, i, ci[k, i]) : 0; sum[i] += m; printf " %8.2f", m }
             printf "\n"; n++ }
         kg = pj[1] SUBSEP pj[2]
         if (n) { printf "%-7s %-18s %-8s", pj[1], pj[2], "(all)"

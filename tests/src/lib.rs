@@ -274,7 +274,7 @@ for d in /proc/[0-9]*; do
         head -n 12 $t/stack 2>/dev/null | sed 's/^/    /'
     done
 done
-[ -S $W/system.sock ] && { echo "--- daemon stats"; timeout 10 $DDVMM ctl --socket $W/system.sock stats 2>&1 | tr -d ' \n' | head -c 4000; echo; }
+[ -S $W/system.sock ] && { echo "--- daemon stats"; timeout 10 $DDVMM ctl --socket $W/system.sock stats 2>&1 | tr -d ' \n' | head -c 16000; echo; }
 for f in $W/system.d/*.console $W/*.console; do
     [ -f "$f" ] && { echo "--- tail $f"; tail -n 25 "$f" | tr -d '\r'; }
 done

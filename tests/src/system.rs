@@ -48,6 +48,24 @@ fi"#;
     rounds_until_stopped(&setup, round)
 }
 
+/// Guest shell, in the background: a disk that completes nothing for 120 s while the script
+/// runs says so once on the console (`IO-STALL`), with what the guest's block layer holds and
+/// the blocked tasks, so a hang tells whether the guest still waits for a request the device
+/// answered (a lost interrupt or kick) or has none in flight (stuck above the disk).
+const STALL_WATCH: &str = r#"(last=""; same=0; while sleep 10; do
+    now=$(awk '{print $1, $5}' /sys/block/vda/stat)
+    if [ "$now" = "$last" ]; then same=$((same + 10)); else same=0; last=$now; fi
+    [ $same -ge 120 ] || continue
+    echo "IO-STALL vda: no completion for $same s; stat $(cat /sys/block/vda/stat | tr -s ' ') inflight $(cat /sys/block/vda/inflight | tr -s ' ')"
+    mount -t debugfs none /sys/kernel/debug 2>/dev/null
+    for f in /sys/kernel/debug/block/vda/hctx*/busy /sys/kernel/debug/block/vda/hctx*/dispatch /sys/kernel/debug/block/vda/hctx*/state; do
+        [ -r "$f" ] && echo "IO-STALL $f: $(head -c 600 $f | tr '\n' ' ')"
+    done
+    (ps -o pid,stat,time,args 2>/dev/null || ps) | head -n 30 | sed 's/^/IO-STALL ps /'
+    echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger; dmesg | tail -n 80 | sed 's/^/IO-STALL /'
+    break
+done) &"#;
+
 /// A client script: `setup`, then rounds of `round` (shell that sees `$round`, sets `$rc` and
 /// counts failures in `$fails`; each prints `ROUND n rc=..`) until the host's stop sentinel
 /// shows up in the control block at MiB [`CONTROL_MIB`] of its disk (`stop_clients`), then a
@@ -55,6 +73,7 @@ fi"#;
 pub fn rounds_until_stopped(setup: &str, round: &str) -> String {
     format!(
         r#"
+{STALL_WATCH}
 {setup}
 round=0; fails=0
 while :; do
@@ -358,8 +377,13 @@ done
 # The clients' kernel lines: an error among them fails the test (assert_clean_ending).
 for c in {clients}; do echo "=== kernel $c"; tr -d '\r' < $WORK/system.d/$c.console | grep '^\[' | tail -n 400; done
 for c in {clients}; do echo "=== console $c"; tr -d '\r' < $WORK/system.d/$c.console | grep -v '^\[' ; done
-for d in $($CTL list 2>/dev/null | tr -d ' \n' | sed 's/}},{{/}}\n{{/g' | grep '"role":"driver"' | grep -o '"name":"[^"]*"' | cut -d'"' -f4); do
-    echo "=== driver console $d"; tr -d '\r' < $WORK/system.d/$d.console | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
+# The driver VMs (the daemon has stopped: every VM that is not a client): their consoles, and
+# their VMMs' snapshot, gate and warning lines.
+for f in $WORK/system.d/*.console; do
+    d=$(basename $f .console)
+    case " {clients} " in *" $d "*) continue;; esac
+    echo "=== driver console $d"; tr -d '\r' < $f | grep -E "ddvmm-agent|DDVMM|uio|Kernel panic|sysrq" | tail -n 60
+    echo "=== vmm events $d"; grep -a -E "WARN|ERROR|snapshot|gate|paus|resum" $WORK/system.d/$d.log | tail -n 60
 done
 echo "=== daemon log"; tail -n 200 $WORK/daemon.log
 for c in $(ls $WORK/system.d/*.log | sed 's|.*/||; s|\.log$||'); do echo "=== vmm log $c"; tail -n 20 $WORK/system.d/$c.log; done

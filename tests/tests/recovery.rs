@@ -200,6 +200,12 @@ echo "=== metrics"; $CTL metrics
         "every fault restarted the driver VM: {m}"
     );
     assert_eq!(sum("ddvmm_quarantines_total"), 0.0, "{m}");
+    // The driver VM's VMM counts the exits that reached it: the INTx acknowledgements of the
+    // clients' notifications are configuration-space port I/O.
+    assert!(
+        sum("ddvmm_vmm_exits_total{vm=\"storage\",kind=\"pio\"}") > 0.0,
+        "{m}"
+    );
     // Replays the daemon counted are the replays the clients did.
     let replayed = metric(m, "ddvmm_requests_replayed_total{driver=\"storage\"}").unwrap_or(0.0);
     assert_eq!(replayed, sum("ddvmm_ring_disk_replayed_total{"), "{m}");

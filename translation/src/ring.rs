@@ -240,4 +240,7 @@ pub enum RingError {
     /// The slot does not belong to a completed, unreleased request.
     #[error("slot {0} not held")]
     SlotNotHeld(u32),
+    /// The data of request `0` could not be written into its slot (its source is gone).
+    #[error("request {0}: its data could not be written into the slot")]
+    FillFailed(u64),
 }

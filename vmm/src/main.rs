@@ -443,7 +443,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         .transpose()?;
     let mut machine = Machine::build(&cfg)?;
     if let Some(writer) = stats {
-        spawn_stats_publisher(writer, machine.ring_ports().to_vec());
+        spawn_stats_publisher(writer, machine.ring_ports().to_vec(), machine.vmm_exits());
     }
     let (resume_tx, resume_rx) = std::sync::mpsc::sync_channel(1);
     if let Some(stream) = control {
@@ -728,9 +728,13 @@ fn parse_ring_net(spec: &str, adopter: &mut Adopter) -> anyhow::Result<RingNetCo
     })
 }
 
-/// Publishes the ring devices' counters to the stats page ten times a second (the daemon's
-/// watcher reads it as often).
-fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
+/// Publishes the ring devices' counters and the exits that reached this process to the stats
+/// page ten times a second (the daemon's watcher reads it as often).
+fn spawn_stats_publisher(
+    mut writer: StatsWriter,
+    ports: Vec<RingPort>,
+    vmm_exits: std::sync::Arc<ddvmm::vcpu::VmmExits>,
+) {
     let object = |pairs: Vec<(&'static str, u64)>| {
         serde_json::Value::Object(
             pairs
@@ -755,8 +759,14 @@ fn spawn_stats_publisher(mut writer: StatsWriter, ports: Vec<RingPort>) {
             .flat_map(|kind| ports.iter().filter(move |p| p.kind == kind))
             .map(|p| p.counters.progress())
             .collect();
-        let json = serde_json::json!({ "ring_disks": disks, "ring_nets": nets, "rings": rings })
-            .to_string();
+        let exits = object(vmm_exits.snapshot().to_vec());
+        let json = serde_json::json!({
+            "ring_disks": disks,
+            "ring_nets": nets,
+            "rings": rings,
+            "vmm_exits": exits,
+        })
+        .to_string();
         if let Err(e) = writer.publish(&json) {
             tracing::warn!(error = %e, "stats page");
             return;

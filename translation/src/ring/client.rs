@@ -279,14 +279,50 @@ impl<R: SharedRegion> ClientRing<R> {
     /// [`needs_notify_agent`](Self::needs_notify_agent) after a batch. Returns the slot used.
     pub fn submit(&mut self, req: Request, data: Option<&[u8]>) -> Result<Option<u32>, RingError> {
         let bad = |reason| RingError::InvalidRequest { id: req.id, reason };
+        match (req.op.carries_data(), data) {
+            (true, Some(d)) if d.len() == req.len as usize => {
+                self.submit_filled(req, |region, at| region.write_bytes(at, d))
+            }
+            (true, _) => Err(bad("write data must be exactly len bytes")),
+            (false, Some(_)) => Err(bad("only writes carry data")),
+            (false, None) => self.submit_filled(req, |_, _| Ok(())),
+        }
+    }
+
+    /// As [`submit`](Self::submit) for a request that carries data, but the data is written
+    /// by `fill`, given the byte offset in the region of the slot's first `req.len` bytes
+    /// (checked against the layout): one copy from wherever the data is (guest memory) into
+    /// the slot, none through a buffer. `fill` returning false fails the submission with
+    /// [`RingError::FillFailed`] and publishes nothing.
+    pub fn submit_with(
+        &mut self,
+        req: Request,
+        fill: impl FnOnce(usize) -> bool,
+    ) -> Result<Option<u32>, RingError> {
+        if !req.op.carries_data() {
+            return Err(RingError::InvalidRequest {
+                id: req.id,
+                reason: "only writes carry data",
+            });
+        }
+        self.submit_filled(req, |_, at| {
+            if fill(at) {
+                Ok(())
+            } else {
+                Err(RingError::FillFailed(req.id))
+            }
+        })
+    }
+
+    /// The checks and bookkeeping of a submission; `fill` writes the data (if the request
+    /// carries any) at the slot's offset before the entry is published.
+    fn submit_filled(
+        &mut self,
+        req: Request,
+        fill: impl FnOnce(&R, usize) -> Result<(), RingError>,
+    ) -> Result<Option<u32>, RingError> {
         if self.by_id.contains_key(&req.id) {
             return Err(RingError::DuplicateId(req.id));
-        }
-        match (req.op.carries_data(), data) {
-            (true, Some(d)) if d.len() == req.len as usize => {}
-            (true, _) => return Err(bad("write data must be exactly len bytes")),
-            (false, Some(_)) => return Err(bad("only writes carry data")),
-            (false, None) => {}
         }
         // Structural check with a placeholder slot, so the rules are the agent's.
         let slot_probe = if req.op.uses_slot() { 0 } else { NO_SLOT };
@@ -320,7 +356,14 @@ impl<R: SharedRegion> ClientRing<R> {
         } else {
             None
         };
-        if let Err(e) = self.write_entry(&mut raw, slot, data) {
+        let filled = match slot {
+            Some(s) if req.op.carries_data() => self
+                .layout
+                .slot_range(s, 0, req.len as usize)
+                .and_then(|at| fill(&self.region, at)),
+            _ => Ok(()),
+        };
+        if let Err(e) = filled.and_then(|()| self.write_entry(&mut raw, slot)) {
             if let Some(s) = slot {
                 self.free.push(s);
             }
@@ -336,17 +379,8 @@ impl<R: SharedRegion> ClientRing<R> {
         Ok(slot)
     }
 
-    fn write_entry(
-        &mut self,
-        raw: &mut RawRequest,
-        slot: Option<u32>,
-        data: Option<&[u8]>,
-    ) -> Result<(), RingError> {
+    fn write_entry(&mut self, raw: &mut RawRequest, slot: Option<u32>) -> Result<(), RingError> {
         raw.slot = slot.unwrap_or(NO_SLOT);
-        if let (Some(s), Some(d)) = (slot, data) {
-            let at = self.layout.slot_range(s, 0, d.len())?;
-            self.region.write_bytes(at, d)?;
-        }
         raw.store(&self.region, self.layout.req_entry(self.req_prod))?;
         self.req_prod = self.req_prod.wrapping_add(1);
         // Release: entry and slot data are visible before the new index.
@@ -461,11 +495,18 @@ impl<R: SharedRegion> ClientRing<R> {
     /// Copies `buf.len()` bytes at `offset` of a completed request's slot (read data) out of
     /// the region. The slot must be held (completed, not yet released) and the range inside it.
     pub fn read_slot(&self, slot: u32, offset: usize, buf: &mut [u8]) -> Result<(), RingError> {
+        let at = self.held_range(slot, offset, buf.len())?;
+        self.region.read_bytes(at, buf)
+    }
+
+    /// The byte offset in the region of `len` bytes at `offset` of a completed request's
+    /// slot, for a copy straight out of it (read data into guest memory). The slot must be
+    /// held (completed, not yet released) and the range inside it.
+    pub fn held_range(&self, slot: u32, offset: usize, len: usize) -> Result<usize, RingError> {
         if self.slots.get(slot as usize) != Some(&SlotState::Held) {
             return Err(RingError::SlotNotHeld(slot));
         }
-        let at = self.layout.slot_range(slot, offset, buf.len())?;
-        self.region.read_bytes(at, buf)
+        self.layout.slot_range(slot, offset, len)
     }
 
     /// Returns a completed request's slot to the free pool.

@@ -143,6 +143,49 @@ fn round_trip_with_data() {
 }
 
 #[test]
+fn data_written_in_place_goes_through_and_a_failed_fill_publishes_nothing() {
+    let (mut client, mut agent) = pair(8, 2);
+    let region = client.region().clone();
+    let data = pattern(5, 2048);
+    // The fill is handed the slot's offset and writes the data there itself.
+    let slot = client
+        .submit_with(req(1, Opcode::Write, 0, 2048), |at| {
+            region.write_bytes(at, &data).is_ok()
+        })
+        .unwrap();
+    assert!(slot.is_some());
+    let mut disk = vec![0u8; 8192];
+    assert_eq!(serve(&mut agent, &mut disk), 1);
+    assert_eq!(&disk[..2048], &data[..]);
+    // A fill that fails: an error, its slot back in the pool, no entry for the agent.
+    let free = client.free_slots();
+    assert_eq!(
+        client.submit_with(req(2, Opcode::Write, 0, 512), |_| false),
+        Err(RingError::FillFailed(2))
+    );
+    assert_eq!(client.free_slots(), free);
+    assert_eq!(serve(&mut agent, &mut disk), 0);
+    assert_eq!(client.outstanding_len(), 1);
+    // Only requests that carry data are filled.
+    assert!(client
+        .submit_with(req(3, Opcode::Read, 0, 512), |_| true)
+        .is_err());
+    // A completed read's slot is handed out for a copy out of it only while held.
+    client.submit(req(4, Opcode::Read, 0, 2048), None).unwrap();
+    serve(&mut agent, &mut disk);
+    let done = client.poll_completions();
+    let read = done.iter().find(|c| c.req.id == 4).unwrap();
+    let s = read.slot.unwrap();
+    let at = client.held_range(s, 0, 2048).unwrap();
+    let mut back = vec![0u8; 2048];
+    region.read_bytes(at, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert!(client.held_range(s, 1, SLOT as usize).is_err());
+    client.release_slot(s).unwrap();
+    assert_eq!(client.held_range(s, 0, 1), Err(RingError::SlotNotHeld(s)));
+}
+
+#[test]
 fn client_api_misuse_is_an_error() {
     let (mut client, _agent) = pair(4, 2);
     let w = req(1, Opcode::Write, 0, 10);

@@ -54,8 +54,13 @@
 //!
 //! [recovery]                        # optional; every key has a default (shown)
 //! enabled = true                    # restart driver VMs that fault
-//! heartbeat_timeout_ms = 5000       # agent heartbeat older than this: hang (the agent
-//!                                   #   beats five times per timeout)
+//! heartbeat_timeout_ms = 5000       # no agent heartbeat this long after a request shows
+//!                                   #   on its ring: hang (a busy agent beats five times
+//!                                   #   per timeout)
+//! idle_heartbeat_ms = 1000          # an idle agent beats this often; a channel without
+//!                                   #   requests is hung after this plus the timeout (the
+//!                                   #   agent's wake also finds a request whose notification
+//!                                   #   was lost: see the agent's "missed notifications")
 //! progress_timeout_ms = 15000       # requests outstanding, none completed for this long: hang
 //! boot_timeout_ms = 300000          # a (re)started driver VM's agent must be ready by then
 //! backoff_initial_ms = 100          # a driver VM that served since its last restart restarts
@@ -195,8 +200,11 @@ struct RawLimits {
 pub struct RecoveryConfig {
     /// Restart faulted driver VMs at all.
     pub enabled: bool,
-    /// Agent heartbeat age that counts as a hang.
+    /// How long after a request shows on a channel's ring its agent must have beaten.
     pub heartbeat_timeout_ms: u64,
+    /// How often an idle agent beats (a channel with no new request is hung once its beat is
+    /// older than this plus `heartbeat_timeout_ms`).
+    pub idle_heartbeat_ms: u64,
     /// Time with requests outstanding and none completed that counts as a hang.
     pub progress_timeout_ms: u64,
     /// Time a started driver VM has to get its agents ready.
@@ -232,6 +240,7 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             enabled: true,
             heartbeat_timeout_ms: 5000,
+            idle_heartbeat_ms: 1000,
             progress_timeout_ms: 15000,
             boot_timeout_ms: 300_000,
             backoff_initial_ms: 100,
@@ -252,6 +261,7 @@ impl RecoveryConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (key, v) in [
             ("heartbeat_timeout_ms", self.heartbeat_timeout_ms),
+            ("idle_heartbeat_ms", self.idle_heartbeat_ms),
             ("progress_timeout_ms", self.progress_timeout_ms),
             ("boot_timeout_ms", self.boot_timeout_ms),
             ("restart_window_s", self.restart_window_s),
@@ -445,15 +455,24 @@ const BEATS_PER_TIMEOUT: u64 = 5;
 
 impl VmConfig {
     /// The kernel command line the VM boots with. A driver VM's agent is also told its
-    /// heartbeat period, a fifth of `recovery`'s heartbeat timeout (an idle agent wakes only
-    /// to beat: each wake costs its VM about ten exits), unless the configured line sets one.
+    /// heartbeat periods, unless the configured line sets them: while a channel has work, a
+    /// fifth of `recovery`'s heartbeat timeout; while it has none, `recovery`'s idle period
+    /// (an idle agent wakes only to beat: each wake costs its VM about ten exits).
     pub fn boot_cmdline(&self, recovery: &RecoveryConfig) -> String {
-        const KEY: &str = "ddvmm.agent.heartbeat_ms=";
-        if self.role != Role::Driver || self.cmdline.contains(KEY) {
+        if self.role != Role::Driver {
             return self.cmdline.clone();
         }
-        let period = (recovery.heartbeat_timeout_ms / BEATS_PER_TIMEOUT).clamp(100, 60_000);
-        format!("{} {KEY}{period}", self.cmdline)
+        let busy = (recovery.heartbeat_timeout_ms / BEATS_PER_TIMEOUT).clamp(100, 60_000);
+        let mut line = self.cmdline.clone();
+        for (key, ms) in [
+            ("ddvmm.agent.heartbeat_ms=", busy),
+            ("ddvmm.agent.idle_heartbeat_ms=", recovery.idle_heartbeat_ms),
+        ] {
+            if !line.contains(key) {
+                line = format!("{line} {key}{ms}");
+            }
+        }
+        line
     }
 }
 
@@ -1153,27 +1172,35 @@ disks = ["pool.img"]
     }
 
     #[test]
-    fn driver_vms_beat_five_times_per_heartbeat_timeout() {
+    fn driver_vms_beat_five_times_per_heartbeat_timeout_and_at_the_idle_period_without_work() {
         let (dir, base) = setup();
         let text = format!("{base}{}", client("a", &disk("drv", "0", "32M")));
         let c = parse(&dir, &text).expect("valid");
         let r = &c.recovery;
         assert_eq!(r.heartbeat_timeout_ms, 5000);
+        assert_eq!(r.idle_heartbeat_ms, 1000);
         assert_eq!(
             c.drivers[0].boot_cmdline(r),
-            "console=ttyS0 quiet ddvmm.action=agent ddvmm.agent.heartbeat_ms=1000"
+            "console=ttyS0 quiet ddvmm.action=agent ddvmm.agent.heartbeat_ms=1000 \
+             ddvmm.agent.idle_heartbeat_ms=1000"
         );
         assert_eq!(c.clients[0].boot_cmdline(r), c.clients[0].cmdline);
         let mut set = c.drivers[0].clone();
-        set.cmdline = "ddvmm.action=agent ddvmm.agent.heartbeat_ms=300".into();
+        set.cmdline =
+            "ddvmm.action=agent ddvmm.agent.heartbeat_ms=300 ddvmm.agent.idle_heartbeat_ms=9"
+                .into();
         assert_eq!(set.boot_cmdline(r), set.cmdline);
         let fast = RecoveryConfig {
             heartbeat_timeout_ms: 100,
+            idle_heartbeat_ms: 2000,
             ..r.clone()
         };
         assert!(c.drivers[0]
             .boot_cmdline(&fast)
-            .ends_with("heartbeat_ms=100"));
+            .ends_with("heartbeat_ms=100 ddvmm.agent.idle_heartbeat_ms=2000"));
+        let zero = format!("{text}\n[recovery]\nidle_heartbeat_ms = 0\n");
+        let e = parse(&dir, &zero).expect_err("zero idle period");
+        assert!(e.to_string().contains("idle_heartbeat_ms"), "{e}");
     }
 
     #[test]

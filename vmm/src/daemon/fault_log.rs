@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 
-use super::config::Role;
 use super::detection::Detection;
 use super::policy::RestartPolicy;
 use super::supervisor::{Supervisor, VmState};
@@ -220,7 +219,6 @@ impl Supervisor {
             let pages: Vec<(String, serde_json::Value)> = g
                 .vms
                 .values()
-                .filter(|v| v.cfg.role == Role::Client)
                 .filter_map(|v| Some((v.cfg.name.clone(), stats_page::read(&v.stats)?)))
                 .collect();
             (vms, pages)
@@ -240,6 +238,20 @@ impl Supervisor {
             );
         }
         for (name, page) in pages {
+            if let Some(exits) = page["vmm_exits"].as_object() {
+                for (kind, v) in exits {
+                    let known = crate::vcpu::VmmExits::KINDS.contains(&kind.as_str());
+                    let (Some(v), true) = (v.as_u64(), known) else {
+                        continue;
+                    };
+                    m.counter(
+                        "ddvmm_vmm_exits_total",
+                        "vCPU exits that reached the VMM process (not handled in KVM)",
+                        &[("vm", name.as_str()), ("kind", kind.as_str())],
+                        v as f64,
+                    );
+                }
+            }
             for (key, prefix, label, help) in [
                 (
                     "ring_disks",

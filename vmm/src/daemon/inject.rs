@@ -144,6 +144,7 @@ impl Supervisor {
             self.recovery
                 .boot_timeout_ms
                 .saturating_add(self.recovery.heartbeat_timeout_ms)
+                .saturating_add(self.recovery.idle_heartbeat_ms)
                 .saturating_add(self.recovery.progress_timeout_ms)
                 .saturating_add(self.recovery.backoff_max_ms),
         ) * 2;

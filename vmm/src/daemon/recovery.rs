@@ -63,8 +63,45 @@ fn now_ms() -> u64 {
 struct ChannelWatch {
     not_ready_since: Option<Instant>,
     heartbeat: Option<(u64, Instant)>,
+    /// The request producer index when the heartbeat last changed.
+    req_prod_at_beat: u32,
+    /// When a request was first seen on the ring after the last beat.
+    request_since: Option<Instant>,
     completed: Option<(u64, Instant)>,
     bogus: Option<u64>,
+}
+
+impl ChannelWatch {
+    /// Takes one look at a served channel's heartbeat `hb` and request producer index
+    /// `req_prod`: whether the agent is late. An agent beats promptly once it has work, and
+    /// while it has none at its idle period, so a request seen on the ring since the last beat
+    /// must be followed by a beat within `busy` of being seen; without one the beat may be
+    /// `idle` old.
+    fn beat_is_late(
+        &mut self,
+        hb: u64,
+        req_prod: u32,
+        now: Instant,
+        busy: Duration,
+        idle: Duration,
+    ) -> bool {
+        let beat_at = match self.heartbeat {
+            Some((v, t)) if v == hb => t,
+            _ => {
+                self.heartbeat = Some((hb, now));
+                self.req_prod_at_beat = req_prod;
+                self.request_since = None;
+                now
+            }
+        };
+        if self.request_since.is_none() && req_prod != self.req_prod_at_beat {
+            self.request_since = Some(now);
+        }
+        match self.request_since {
+            Some(r) => now.duration_since(r) > busy,
+            None => now.duration_since(beat_at) > idle,
+        }
+    }
 }
 
 /// What one recovery round starts from.
@@ -125,6 +162,8 @@ struct ChannelView {
     /// The agent serves the ring's current generation.
     ready: bool,
     heartbeat: u64,
+    /// The ring's request producer index.
+    req_prod: u32,
 }
 
 /// A running client's ring device counters, from one read of its stats page.
@@ -646,6 +685,7 @@ impl Supervisor {
                     disk: c.client_index,
                     ready: header.agent_serves_current(),
                     heartbeat: header.heartbeat,
+                    req_prod: header.req_prod,
                 }
             })
             .collect()
@@ -663,6 +703,7 @@ impl Supervisor {
         let mut boot_recorded = 0;
         let cfg = self.recovery.clone();
         let heartbeat_timeout = Duration::from_millis(cfg.heartbeat_timeout_ms);
+        let idle_timeout = heartbeat_timeout + Duration::from_millis(cfg.idle_heartbeat_ms);
         let progress_timeout = Duration::from_millis(cfg.progress_timeout_ms);
         let boot_timeout = Duration::from_millis(cfg.boot_timeout_ms);
         loop {
@@ -712,6 +753,7 @@ impl Supervisor {
                 disk,
                 ready,
                 heartbeat: hb,
+                req_prod,
             } in views
             {
                 let w = watches.entry(index).or_default();
@@ -727,13 +769,15 @@ impl Supervisor {
                     continue;
                 }
                 w.not_ready_since = None;
-                match w.heartbeat {
-                    Some((v, _)) if v == hb => {}
-                    _ => w.heartbeat = Some((hb, now)),
-                }
-                if w.heartbeat
-                    .is_some_and(|(_, t)| now.duration_since(t) > heartbeat_timeout)
-                {
+                if w.beat_is_late(hb, req_prod, now, heartbeat_timeout, idle_timeout) {
+                    tracing::warn!(
+                        vm = driver,
+                        channel = format!("{client}/{disk}"),
+                        heartbeat = hb,
+                        req_prod,
+                        waiting_request = w.request_since.is_some(),
+                        "agent heartbeat late"
+                    );
                     found = Some((Detection::Heartbeat, None));
                     break;
                 }
@@ -779,5 +823,47 @@ impl Supervisor {
                 self.fault_detected_on(&driver, d, channel);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUSY: Duration = Duration::from_secs(5);
+    const IDLE: Duration = Duration::from_secs(35);
+
+    fn at(t0: Instant, s: u64) -> Instant {
+        t0 + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn an_idle_channel_may_beat_rarely() {
+        let t0 = Instant::now();
+        let mut w = ChannelWatch::default();
+        assert!(!w.beat_is_late(1, 7, t0, BUSY, IDLE));
+        assert!(!w.beat_is_late(1, 7, at(t0, 30), BUSY, IDLE));
+        assert!(!w.beat_is_late(2, 7, at(t0, 34), BUSY, IDLE));
+        assert!(!w.beat_is_late(2, 7, at(t0, 60), BUSY, IDLE));
+        assert!(w.beat_is_late(2, 7, at(t0, 70), BUSY, IDLE));
+    }
+
+    #[test]
+    fn a_request_wants_a_beat_within_the_busy_timeout() {
+        let t0 = Instant::now();
+        let mut w = ChannelWatch::default();
+        assert!(!w.beat_is_late(1, 7, t0, BUSY, IDLE));
+        // Quiet for 20 s, then a request: the clock starts when it is seen.
+        assert!(!w.beat_is_late(1, 8, at(t0, 20), BUSY, IDLE));
+        assert!(!w.beat_is_late(1, 9, at(t0, 24), BUSY, IDLE));
+        assert!(w.beat_is_late(1, 9, at(t0, 26), BUSY, IDLE));
+        // A live agent beat in time: the request is answered, the clock starts over.
+        let mut w = ChannelWatch::default();
+        assert!(!w.beat_is_late(1, 7, t0, BUSY, IDLE));
+        assert!(!w.beat_is_late(1, 8, at(t0, 20), BUSY, IDLE));
+        assert!(!w.beat_is_late(2, 8, at(t0, 21), BUSY, IDLE));
+        assert!(!w.beat_is_late(2, 8, at(t0, 40), BUSY, IDLE));
+        assert!(!w.beat_is_late(2, 9, at(t0, 41), BUSY, IDLE));
+        assert!(w.beat_is_late(2, 9, at(t0, 47), BUSY, IDLE));
     }
 }

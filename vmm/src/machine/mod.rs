@@ -56,7 +56,7 @@ use crate::sandbox::seccomp::ThreadKind;
 use crate::snapshot::{
     self, Identity, Shape, Snapshot, SnapshotError, SnapshotState, SnapshotTarget, VmState,
 };
-use crate::vcpu::{self, PauseGate, Vcpu, VcpuInjection};
+use crate::vcpu::{self, PauseGate, Vcpu, VcpuInjection, VmmExits};
 
 /// The console as the machine holds it.
 type Console = SerialConsole<BufWriter<Box<dyn Write + Send>>>;
@@ -128,6 +128,7 @@ pub struct Machine {
     /// Ring disks, then ring NICs.
     ring_ports: Vec<RingPort>,
     faults: Arc<FaultInjector>,
+    vmm_exits: Arc<VmmExits>,
 }
 
 /// Ways to make a running machine fail on purpose (the daemon's fault injection).
@@ -359,6 +360,7 @@ impl Machine {
             stop,
             ring_ports,
             faults: Arc::new(faults),
+            vmm_exits: Arc::new(VmmExits::new(cfg.vcpus as usize)),
         })
     }
 
@@ -383,6 +385,11 @@ impl Machine {
     /// The ring devices (disks, then NICs, in configuration order): counters and control.
     pub fn ring_ports(&self) -> &[RingPort] {
         &self.ring_ports
+    }
+
+    /// The exits of this VM's vCPUs that reached the VMM.
+    pub fn vmm_exits(&self) -> Arc<VmmExits> {
+        self.vmm_exits.clone()
     }
 
     /// Fault injection handles (usable from any thread while the machine runs).
@@ -430,6 +437,7 @@ impl Machine {
                 inject: (index == 0).then(|| self.faults.vcpu.clone()),
                 pause: self.pause.clone(),
                 coalesced: self.coalesced.clone(),
+                vmm_exits: self.vmm_exits.of_vcpu(index as usize),
             };
             let name = format!("vcpu{index}");
             let handle = crate::sandbox::seccomp::spawn(ThreadKind::Vcpu, name, move || v.run())

@@ -244,6 +244,10 @@ struct Wakeups {
     irq: u64,
     io: u64,
     timeout: u64,
+    /// Timeout wakes that found requests: notifications the agent missed.
+    missed: u64,
+    /// The last wake was a timeout.
+    after_timeout: bool,
     irq_error: u64,
     enable_errors: u64,
     last_error: String,
@@ -256,6 +260,8 @@ impl Wakeups {
             irq: 0,
             io: 0,
             timeout: 0,
+            missed: 0,
+            after_timeout: false,
             irq_error: 0,
             enable_errors: 0,
             last_error: String::new(),
@@ -288,7 +294,7 @@ struct Server<'a> {
 impl Server<'_> {
     /// Serves until the client starts a new generation or the channel is taken back.
     fn run(&mut self, done: &Receiver<Done>, wake: &EventFd) -> Stop {
-        let mut beat = Instant::now();
+        let mut beat = self.slot.heartbeat.start();
         let mut fault_check = Instant::now();
         // Jobs (and their buffers) in flight, and answers waiting for room, are bounded by a
         // ring's worth: a client that publishes more waits in its own ring.
@@ -318,6 +324,17 @@ impl Server<'_> {
                     }
                 }
             }
+            if std::mem::take(&mut self.wakeups.after_timeout) && progress {
+                self.wakeups.missed += 1;
+                if self.wakeups.missed <= 5 {
+                    crate::console::say(format!(
+                        "ddvmm-agent: channel {}: requests found after a timeout wake (a missed \
+                         notification; {})",
+                        self.window.index,
+                        self.slot.irq.describe()
+                    ));
+                }
+            }
             let mut completed = false;
             while let Ok(d) = done.try_recv() {
                 self.in_flight -= 1;
@@ -340,9 +357,12 @@ impl Server<'_> {
                 }
                 fault_check = Instant::now();
             }
-            if beat.elapsed() >= self.slot.heartbeat {
+            if progress || completed {
+                beat.served();
+            }
+            if beat.due(self.in_flight > 0) {
                 let _ = self.ring.heartbeat();
-                beat = Instant::now();
+                beat.beaten();
                 if !self.ring.is_current() {
                     return Stop::Generation;
                 }
@@ -362,7 +382,7 @@ impl Server<'_> {
             // Completions still waiting for room: look again soon (the client drains the ring
             // on our doorbell or its own re-poll).
             let wait = if self.unpublished.is_empty() {
-                self.slot.beat_timeout_ms()
+                beat.timeout_ms(self.in_flight > 0)
             } else {
                 5
             };
@@ -376,6 +396,7 @@ impl Server<'_> {
             }
             if !(woken.irq || woken.irq_error || woken.other) {
                 w.timeout += 1;
+                w.after_timeout = true;
             }
             if self.wakeups.last_report.elapsed() >= Duration::from_secs(60) {
                 let w = &mut self.wakeups;
@@ -387,12 +408,13 @@ impl Server<'_> {
                     .collect::<Vec<_>>()
                     .join("; ");
                 println!(
-                    "ddvmm-agent: channel {}: wakeups irq {} io {} timeout {} irq-error {}; \
-                     enable errors {} ({}); {intx}",
+                    "ddvmm-agent: channel {}: wakeups irq {} io {} timeout {} (missed \
+                     notifications {}) irq-error {}; enable errors {} ({}); {intx}",
                     self.window.index,
                     w.irq,
                     w.io,
                     w.timeout,
+                    w.missed,
                     w.irq_error,
                     w.enable_errors,
                     w.last_error

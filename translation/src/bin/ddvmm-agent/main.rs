@@ -13,7 +13,8 @@
 //!    and FUA writes are `fdatasync` on the backend. Every request is bounds-checked against
 //!    the window the *driver VM's VMM* published in BAR 0, never against client-written data.
 //! 4. Sleeps on the interrupt only after arming the ring's event index; bumps a heartbeat in
-//!    the ring header twice a second; rings the doorbell when the client asked to be notified.
+//!    the ring header (often while the channel has work, rarely while it is idle: `heartbeat`);
+//!    rings the doorbell when the client asked to be notified.
 //!
 //! Network channels (kind 2) are served by `net`: a TAP per client on the driver VM's own
 //! Linux bridge with the NIC it owns.
@@ -30,7 +31,8 @@
 //! `ddvmm.agent.grace_ms=N` (default 1000) is how long a channel counts as contending after its
 //! last request, and `ddvmm.agent.fair=off` serves them first come, first served instead (see
 //! `fair`). `ddvmm.agent.heartbeat_ms=N` (default 500) is how often a served channel's heartbeat
-//! is written (the daemon's hang detection reads it; an idle agent wakes only for it).
+//! is written while it has work, `ddvmm.agent.idle_heartbeat_ms=N` (default 1000) while it has
+//! none (the daemon's hang detection reads it; an idle agent wakes only for it).
 //!
 //! Fault injection: the daemon can ask (through the channel's `FAULT` register, which the VMM
 //! follows with an interrupt; a busy agent also reads it every 20 ms) for a kernel panic, a
@@ -41,6 +43,7 @@ mod console;
 mod fair;
 mod fault;
 mod gate;
+mod heartbeat;
 mod net;
 mod pci;
 mod slot;
@@ -104,11 +107,8 @@ pub struct Options {
     /// How a backend device is shared while its channels contend.
     pub share: crate::fair::Policy,
     /// How often each served channel's heartbeat is written.
-    pub heartbeat: Duration,
+    pub heartbeat: crate::heartbeat::Policy,
 }
-
-/// The heartbeat period unless `ddvmm.agent.heartbeat_ms=N` says otherwise.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
 
 impl Options {
     fn from_cmdline(cmdline: &str) -> Self {
@@ -118,7 +118,7 @@ impl Options {
             poison: None,
             fair: true,
             share: crate::fair::Policy::default(),
-            heartbeat: DEFAULT_HEARTBEAT,
+            heartbeat: crate::heartbeat::Policy::default(),
         };
         for arg in cmdline.split_whitespace() {
             match arg.split_once('=') {
@@ -137,7 +137,12 @@ impl Options {
                 }
                 Some(("ddvmm.agent.heartbeat_ms", n)) => {
                     if let Ok(n) = n.parse::<u64>() {
-                        o.heartbeat = Duration::from_millis(n.clamp(10, 60_000));
+                        o.heartbeat.busy = Duration::from_millis(n.clamp(10, 60_000));
+                    }
+                }
+                Some(("ddvmm.agent.idle_heartbeat_ms", n)) => {
+                    if let Ok(n) = n.parse::<u64>() {
+                        o.heartbeat.idle = Duration::from_millis(n.clamp(10, 3_600_000));
                     }
                 }
                 Some(("ddvmm.agent.threads", n)) => {
@@ -166,9 +171,10 @@ mod tests {
         assert_eq!(o.share, crate::fair::Policy::default());
         let o = Options::from_cmdline(
             "ddvmm.agent.fair=off ddvmm.agent.depth=0 ddvmm.agent.grace_ms=250 \
-             ddvmm.agent.heartbeat_ms=2000",
+             ddvmm.agent.heartbeat_ms=2000 ddvmm.agent.idle_heartbeat_ms=90000",
         );
-        assert_eq!(o.heartbeat, Duration::from_millis(2000));
+        assert_eq!(o.heartbeat.busy, Duration::from_millis(2000));
+        assert_eq!(o.heartbeat.idle, Duration::from_secs(90));
         assert!(!o.fair);
         assert_eq!(o.share.depth, 1);
         assert_eq!(o.share.grace, Duration::from_millis(250));

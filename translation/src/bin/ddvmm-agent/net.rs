@@ -272,7 +272,7 @@ fn serve_generation(
 ) -> Stop {
     // Receive buffers the client lent us: (request id, slot, capacity).
     let mut posted: VecDeque<(u64, u32, usize)> = VecDeque::new();
-    let mut beat = Instant::now();
+    let mut beat = slot.heartbeat.start();
     let mut fault_check = Instant::now();
     let mut report = Instant::now();
     loop {
@@ -352,9 +352,13 @@ fn serve_generation(
                 Injected::Nothing | Injected::Garbage => {}
             }
         }
-        if beat.elapsed() >= slot.heartbeat {
+        if progress {
+            beat.served();
+        }
+        // Posted receive buffers are not work: they wait for frames that may never come.
+        if beat.due(false) {
             let _ = ring.heartbeat();
-            beat = Instant::now();
+            beat.beaten();
             if !ring.is_current() {
                 return Stop::Generation;
             }
@@ -379,8 +383,7 @@ fn serve_generation(
             continue;
         }
         let tap_fd = (!posted.is_empty()).then(|| tap.as_raw_fd());
-        let timeout = slot.beat_timeout_ms();
-        slot.irq.wait(tap_fd, timeout);
+        slot.irq.wait(tap_fd, beat.timeout_ms(false));
     }
 }
 
@@ -388,15 +391,16 @@ fn serve_generation(
 /// again), only the heartbeat, until the client starts a new generation or the channel is
 /// taken back.
 fn heartbeat_only(ring: &mut AgentRing<RawRegion>, slot: &mut Slot) -> Stop {
-    let mut beat = Instant::now();
+    let mut beat = slot.heartbeat.start();
     while ring.is_current() {
         std::thread::sleep(FAULT_POLL);
         if slot.take_fault(ring) == Injected::Detach {
             return Stop::Detach;
         }
-        if beat.elapsed() >= slot.heartbeat {
+        // Awake every poll anyway: beaten as a busy channel.
+        if beat.due(true) {
             let _ = ring.heartbeat();
-            beat = Instant::now();
+            beat.beaten();
         }
     }
     Stop::Generation

@@ -198,6 +198,8 @@ pub struct UioIrq {
     command_high: u8,
     /// An interrupt was handled (so masked by the driver) since the last unmask.
     masked: bool,
+    /// The function's interrupt number (sysfs `irq`), for reports.
+    irq: Option<u32>,
 }
 
 /// Byte of the command register holding INTx-disable (bit 10 = bit 2 of byte 5).
@@ -229,6 +231,9 @@ impl UioIrq {
             command_high: b[0] & !INTX_DISABLE_HIGH,
             // Unmask once at start, whatever state the device was left in.
             masked: true,
+            irq: std::fs::read_to_string(sysfs.join("irq"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
         })
     }
 
@@ -244,6 +249,34 @@ impl UioIrq {
             self.masked = false;
         }
         Ok(())
+    }
+
+    /// For a report: whether this side believes INTx masked, and whether the device's
+    /// command register has it disabled (a configuration read: an exit, so not on a fast path).
+    pub fn describe(&self) -> String {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 1];
+        let device = match self.config.read_exact_at(&mut b, COMMAND_HIGH) {
+            Ok(()) => format!("{}", b[0] & INTX_DISABLE_HIGH != 0),
+            Err(e) => format!("unknown ({e})"),
+        };
+        // What the kernel saw of the line: interrupts taken, and of them those no handler
+        // claimed.
+        let kernel = self.irq.map_or_else(
+            || "irq unknown".to_string(),
+            |n| {
+                let spurious = std::fs::read_to_string(format!("/proc/irq/{n}/spurious"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                format!("irq {n}: {spurious}")
+            },
+        );
+        format!(
+            "masked here {}, INTx disabled in the device {device}; {kernel}",
+            self.masked
+        )
     }
 
     /// Consumes the interrupt count (call when readable): the handler has masked INTx.

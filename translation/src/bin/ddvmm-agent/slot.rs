@@ -125,7 +125,7 @@ pub struct Slot {
     /// A ring fault requested while no ring was attached: done once one is.
     deferred: Request,
     /// How often the channel's heartbeat is written while it is served.
-    pub heartbeat: Duration,
+    pub heartbeat: crate::heartbeat::Policy,
 }
 
 /// Runs the slot of `dev` until an unrecoverable error.
@@ -158,12 +158,7 @@ pub fn run(dev: &ChannelDevice, opts: &Options) -> Result<(), String> {
 }
 
 impl Slot {
-    /// The heartbeat period as a `poll` timeout: the longest an idle server sleeps.
-    pub fn beat_timeout_ms(&self) -> i32 {
-        self.heartbeat.as_millis().try_into().unwrap_or(i32::MAX)
-    }
-
-    fn open(dev: &ChannelDevice, heartbeat: Duration) -> Result<Self, String> {
+    fn open(dev: &ChannelDevice, heartbeat: crate::heartbeat::Policy) -> Result<Self, String> {
         let bar0 = BarMapping::map(&dev.sysfs.join("resource0"), REGS_SIZE as usize)?;
         if bar0.read32(regs::MAGIC) != MAGIC || bar0.read32(regs::VERSION) != VERSION {
             return Err(format!("not a ddvmm channel of register version {VERSION}"));

@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ddvmm_translation::journal::Journal;
-use ddvmm_translation::ring::{
-    ClientRing, Completed, Opcode, RawRegion, Request as RingRequest, RingParams, Status,
-};
+use ddvmm_translation::ring::{Completed, Opcode, Request as RingRequest, RingParams, Status};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
@@ -33,8 +31,8 @@ use super::request::{
 use super::{features, read_config, DEVICE_TYPE, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RateLimit, RingCommands, RingCounters, RingDevice, RingFrontend,
-    RingKind, RingPort, RingProgress, RingSetupError, RingStats, Setup,
+    Failure, Guest, GuestError, Payload, RateLimit, RingCommands, RingCounters, RingDevice,
+    RingFrontend, RingKind, RingPort, RingProgress, RingSetupError, RingStats, RingView, Setup,
 };
 use crate::devices::virtio::{ActivateError, ActiveQueue, DeviceFailure, VirtioDevice};
 
@@ -182,21 +180,13 @@ impl BlockRing {
     fn copy_read_data(
         &self,
         mem: &GuestMemoryMmap,
-        ring: &ClientRing<RawRegion>,
+        ring: &RingView<'_>,
         c: &Completed,
         req: &Request,
     ) -> Option<u32> {
         let slot = c.slot?;
-        if c.len != c.req.len {
+        if c.len != c.req.len || !ring.copy_to_guest(slot, mem, &req.data) {
             return None;
-        }
-        let mut buf = Vec::new();
-        let mut at = 0usize;
-        for (addr, n, _) in &req.data {
-            buf.resize(*n as usize, 0);
-            ring.read_slot(slot, at, &mut buf).ok()?;
-            mem.write_slice(&buf, *addr).ok()?;
-            at += *n as usize;
         }
         self.stats
             .read_bytes
@@ -253,31 +243,20 @@ impl RingDevice for BlockRing {
 
     fn encode<'a>(
         &mut self,
-        guest: &Guest,
+        _guest: &Guest,
         item: &'a BlockItem,
-        data: &'a mut Vec<u8>,
-    ) -> Option<(RingRequest, &'a [u8])> {
+    ) -> Option<(RingRequest, Payload<'a>)> {
         let req = &item.request;
         let len = req.data_len();
-        let op = match req.kind {
-            RequestKind::In => Opcode::Read,
-            RequestKind::Out => Opcode::Write,
-            RequestKind::Flush => Opcode::Flush,
+        let (op, payload) = match req.kind {
+            RequestKind::In => (Opcode::Read, Payload::None),
+            // Copied from guest memory straight into the slot at every (re)submission: a
+            // slot is never trusted.
+            RequestKind::Out => (Opcode::Write, Payload::Guest(&req.data)),
+            RequestKind::Flush => (Opcode::Flush, Payload::None),
             _ => return None,
         };
-        data.clear();
         if op == Opcode::Write {
-            // Taken again from guest memory at every (re)submission: a slot is never trusted.
-            data.resize(usize::try_from(len).ok()?, 0);
-            let mut at = 0usize;
-            for (addr, n, _) in &req.data {
-                let n = *n as usize;
-                guest
-                    .mem
-                    .read_slice(data.get_mut(at..at + n)?, *addr)
-                    .ok()?;
-                at += n;
-            }
             self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
         }
         let request = RingRequest {
@@ -285,18 +264,16 @@ impl RingDevice for BlockRing {
             op,
             flags: 0,
             sector: req.sector,
-            len: if op == Opcode::Flush { 0 } else { len as u32 },
+            len: if op == Opcode::Flush {
+                0
+            } else {
+                u32::try_from(len).ok()?
+            },
         };
-        Some((request, data.as_slice()))
+        Some((request, payload))
     }
 
-    fn complete(
-        &mut self,
-        guest: &mut Guest,
-        ring: &ClientRing<RawRegion>,
-        item: BlockItem,
-        c: &Completed,
-    ) {
+    fn complete(&mut self, guest: &mut Guest, ring: &RingView<'_>, item: BlockItem, c: &Completed) {
         let mut status = match c.status {
             Status::Ok => VIRTIO_BLK_S_OK,
             Status::IoErr => VIRTIO_BLK_S_IOERR,

@@ -1,22 +1,25 @@
 //! virtio-net backed by a TAP device.
 //!
 //! One thread per device waits (epoll) on the TAP, the RX and TX queue notifications and a stop
-//! event. TX: each chain's readable buffers are gathered into one frame (header first) and
-//! written to the TAP. RX: a frame read from the TAP is scattered into the next chain's
-//! writable buffers; while the guest has posted no RX buffers the frame is held and the TAP is
-//! not polled, so nothing spins. The link is always up and the MAC comes from the
+//! event. Frames move between the TAP and guest memory in one copy, the kernel's: TX: each
+//! chain's readable buffers are written to the TAP with one `writev`. RX: the next chain is
+//! taken and the TAP read into its writable buffers with one `readv` (a chain too small for
+//! the largest frame, from a guest without large receive offloads, gets the frame through a
+//! buffer, if it fits); while the guest has posted no RX buffers the TAP is not polled, so
+//! nothing spins and frames wait in the TAP. The link is always up and the MAC comes from the
 //! configuration. Checksum and TSO offloads are negotiated with the driver and mirrored on the
 //! TAP (`TUNSETOFFLOAD`), so large segments cross the rings whole.
 
 pub mod ring_frontend;
 pub mod tap;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::volatile_memory::PtrGuardMut;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -145,8 +148,9 @@ impl VirtioDevice for Net {
                     tap,
                     rx,
                     tx,
-                    pending: None,
+                    starved: false,
                     buf: vec![0u8; MAX_FRAME],
+                    io: GuestIo::default(),
                 };
                 if let Err(e) = worker.run(&stop_worker) {
                     failure.needs_reset(&e);
@@ -185,14 +189,20 @@ struct NetWorker {
     tap: Tap,
     rx: ActiveQueue,
     tx: ActiveQueue,
-    /// A frame read from the TAP that found no RX buffer yet.
-    pending: Option<usize>,
+    /// The guest has no RX buffer posted: the TAP is not polled until it posts one.
+    starved: bool,
+    /// Frames for RX chains too small for any frame (the guest did not take large receive
+    /// offloads): read here first, then copied.
     buf: Vec<u8>,
+    io: GuestIo,
 }
 
 fn qerr(e: virtio_queue::Error) -> String {
     format!("virtqueue: {e:?}")
 }
+
+/// Where virtio 1.x's `num_buffers` sits in the header; 1 without mergeable RX buffers.
+const NUM_BUFFERS_AT: usize = 10;
 
 impl NetWorker {
     fn run(&mut self, stop: &EventFd) -> Result<(), String> {
@@ -224,6 +234,7 @@ impl NetWorker {
                     TOKEN_TAP => self.process_rx()?,
                     TOKEN_RX => {
                         let _ = self.rx.notify.read();
+                        self.starved = false;
                         self.process_rx()?;
                     }
                     TOKEN_TX => {
@@ -234,7 +245,7 @@ impl NetWorker {
                 }
             }
             // Poll the TAP only while a frame could be delivered.
-            let want = self.pending.is_none();
+            let want = !self.starved;
             if want != tap_polled {
                 let op = if want {
                     ControlOperation::Add
@@ -253,39 +264,68 @@ impl NetWorker {
         }
     }
 
-    /// Moves frames from the TAP into RX buffers until either runs out.
+    /// Moves frames from the TAP into RX buffers until either runs out: a chain is taken
+    /// first, then the TAP read straight into it (or, for a chain too small for the largest
+    /// frame, into `buf` and copied if it fits); a chain that finds no frame is put back.
     fn process_rx(&mut self) -> Result<(), String> {
         let mut delivered = false;
         loop {
-            let len = match self.pending.take() {
-                Some(len) => len,
-                None => match self.tap.read_frame(&mut self.buf) {
-                    Ok(len) => len,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TAP read failed");
-                        break;
-                    }
-                },
-            };
-            if len < VNET_HDR_LEN {
-                continue;
-            }
-            // virtio 1.x: num_buffers is 1 without mergeable RX buffers.
-            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
             let queue = &mut self.rx.queue;
-            let chain = queue.pop_descriptor_chain(&self.mem);
-            let Some(chain) = chain else {
-                // No buffer: keep the frame and wait for the driver to post some.
-                self.pending = Some(len);
+            let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
+                // No buffer: frames wait in the TAP until the driver posts some.
                 if queue.enable_notification(&self.mem).map_err(qerr)? {
-                    // Buffers arrived while enabling: try again now.
                     continue;
                 }
+                self.starved = true;
                 break;
             };
             let head = chain.head_index();
-            let written = scatter(&self.mem, chain, &self.buf[..len]);
+            let received = match rx_pieces(chain, &mut self.io.pieces) {
+                Ok(capacity) if capacity >= MAX_FRAME as u64 => {
+                    self.io.transfer(self.tap.as_raw_fd(), &self.mem, false)
+                }
+                Ok(capacity) => self.tap.read_frame(&mut self.buf).map(|len| {
+                    if (len as u64) <= capacity {
+                        copy_to_pieces(&self.mem, &self.io.pieces, &self.buf[..len])
+                    } else {
+                        tracing::debug!(len, capacity, "RX chain too small; frame dropped");
+                        0
+                    }
+                }),
+                Err(e) => {
+                    tracing::debug!(reason = e, "unusable RX chain returned empty");
+                    Ok(0)
+                }
+            };
+            let written = match received {
+                Ok(n) => n,
+                // A chain outside guest memory (or one the TAP refuses): given back empty,
+                // the frame stays in the TAP for the next chain.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    tracing::debug!(error = %e, "unusable RX chain returned empty");
+                    0
+                }
+                Err(e) => {
+                    // No frame for this chain (or a TAP error): it goes back to the queue.
+                    self.rx.queue.go_to_previous_position();
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::warn!(error = %e, "TAP read failed");
+                    }
+                    break;
+                }
+            };
+            // virtio 1.x: num_buffers is 1 without mergeable RX buffers.
+            if written >= VNET_HDR_LEN
+                && !write_at(
+                    &self.mem,
+                    &self.io.pieces,
+                    NUM_BUFFERS_AT,
+                    &1u16.to_le_bytes(),
+                )
+            {
+                tracing::debug!("RX header outside guest memory");
+            }
+            let written = u32::try_from(written).unwrap_or(0);
             self.rx
                 .queue
                 .add_used(&self.mem, head, written)
@@ -298,14 +338,15 @@ impl NetWorker {
         Ok(())
     }
 
-    /// Sends every frame the driver queued for transmission.
+    /// Sends every frame the driver queued for transmission, each written to the TAP straight
+    /// from guest memory.
     fn process_tx(&mut self) -> Result<(), String> {
         let mut sent = false;
         while let Some(chain) = next_chain(&mut self.tx.queue, &self.mem).map_err(qerr)? {
             let head = chain.head_index();
-            match gather(&self.mem, chain, &mut self.buf) {
-                Ok(len) => {
-                    if let Err(e) = self.tap.write_frame(&self.buf[..len]) {
+            match tx_pieces(chain, MAX_FRAME, &mut self.io.pieces) {
+                Ok(_) => {
+                    if let Err(e) = self.io.transfer(self.tap.as_raw_fd(), &self.mem, true) {
                         tracing::debug!(error = %e, "TAP write failed; frame dropped");
                     }
                 }
@@ -321,9 +362,61 @@ impl NetWorker {
     }
 }
 
-/// Copies a TX chain's buffers into `buf`. Every descriptor must be driver-to-device, inside
-/// guest memory, and the total must fit a frame and hold at least the header.
-pub fn gather<I>(mem: &GuestMemoryMmap, chain: I, buf: &mut [u8]) -> Result<usize, &'static str>
+/// Copies `frame` into guest memory `pieces` (in order; they hold at least `frame`).
+/// Returns the bytes written, 0 if a piece is outside guest memory (the frame is dropped).
+fn copy_to_pieces(mem: &GuestMemoryMmap, pieces: &[(GuestAddress, usize)], frame: &[u8]) -> usize {
+    let mut off = 0usize;
+    for &(addr, n) in pieces {
+        if off == frame.len() {
+            break;
+        }
+        let n = n.min(frame.len() - off);
+        if mem.write_slice(&frame[off..off + n], addr).is_err() {
+            tracing::debug!("RX buffer outside guest memory; frame dropped");
+            return 0;
+        }
+        off += n;
+    }
+    off
+}
+
+/// Writes `bytes` at byte `at` of the frame laid out over guest memory `pieces`.
+fn write_at(
+    mem: &GuestMemoryMmap,
+    pieces: &[(GuestAddress, usize)],
+    mut at: usize,
+    bytes: &[u8],
+) -> bool {
+    let mut done = 0usize;
+    for &(addr, n) in pieces {
+        if at >= n {
+            at -= n;
+            continue;
+        }
+        let k = (n - at).min(bytes.len() - done);
+        let Some(to) = addr.checked_add(at as u64) else {
+            return false;
+        };
+        if mem.write_slice(&bytes[done..done + k], to).is_err() {
+            return false;
+        }
+        done += k;
+        at = 0;
+        if done == bytes.len() {
+            return true;
+        }
+    }
+    done == bytes.len()
+}
+
+/// Walks a TX chain, checked: every descriptor driver-to-device, the total at least the
+/// virtio-net header and at most `max` bytes; each descriptor's (address, length, offset in
+/// the frame) goes to `piece`, whose error ends the walk. Returns the total.
+fn walk_tx<I>(
+    chain: I,
+    max: usize,
+    mut piece: impl FnMut(GuestAddress, usize, usize) -> Result<(), &'static str>,
+) -> Result<usize, &'static str>
 where
     I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
 {
@@ -334,17 +427,63 @@ where
         }
         let n = d.len() as usize;
         let end = len.checked_add(n).ok_or("TX chain too long")?;
-        if end > buf.len() {
+        if end > max {
             return Err("TX frame larger than the maximum");
         }
-        mem.read_slice(&mut buf[len..end], d.addr())
-            .map_err(|_| "TX buffer outside guest memory")?;
+        piece(d.addr(), n, len)?;
         len = end;
     }
     if len < VNET_HDR_LEN {
         return Err("TX frame shorter than the virtio-net header");
     }
     Ok(len)
+}
+
+/// The pieces of a TX chain into `out` ([`walk_tx`]'s checks).
+fn tx_pieces<I>(
+    chain: I,
+    max: usize,
+    out: &mut Vec<(GuestAddress, usize)>,
+) -> Result<usize, &'static str>
+where
+    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    out.clear();
+    walk_tx(chain, max, |addr, n, _| {
+        out.push((addr, n));
+        Ok(())
+    })
+}
+
+/// The pieces of an RX chain into `out`, checked: every descriptor device-writable. Returns
+/// the chain's capacity.
+fn rx_pieces<I>(chain: I, out: &mut Vec<(GuestAddress, usize)>) -> Result<u64, &'static str>
+where
+    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    out.clear();
+    let mut capacity = 0u64;
+    for d in chain {
+        if !d.is_write_only() {
+            return Err("driver-to-device descriptor in an RX chain");
+        }
+        capacity += u64::from(d.len());
+        out.push((d.addr(), d.len() as usize));
+    }
+    Ok(capacity)
+}
+
+/// Copies a TX chain's buffers into `buf`. Every descriptor must be driver-to-device, inside
+/// guest memory, and the total must fit a frame and hold at least the header.
+pub fn gather<I>(mem: &GuestMemoryMmap, chain: I, buf: &mut [u8]) -> Result<usize, &'static str>
+where
+    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+{
+    let max = buf.len();
+    walk_tx(chain, max, |addr, n, at| {
+        mem.read_slice(&mut buf[at..at + n], addr)
+            .map_err(|_| "TX buffer outside guest memory")
+    })
 }
 
 /// Copies `frame` into an RX chain's device-writable buffers. Returns the bytes written (0 if
@@ -354,25 +493,64 @@ pub fn scatter<I>(mem: &GuestMemoryMmap, chain: I, frame: &[u8]) -> u32
 where
     I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
 {
-    let descs: Vec<_> = chain.collect();
-    let capacity: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
-    if descs.iter().any(|d| !d.is_write_only()) || capacity < frame.len() as u64 {
-        tracing::debug!("unusable RX chain; frame dropped");
-        return 0;
-    }
-    let mut off = 0usize;
-    for d in descs {
-        if off == frame.len() {
-            break;
-        }
-        let n = (d.len() as usize).min(frame.len() - off);
-        if mem.write_slice(&frame[off..off + n], d.addr()).is_err() {
-            tracing::debug!("RX buffer outside guest memory; frame dropped");
+    let mut pieces = Vec::new();
+    match rx_pieces(chain, &mut pieces) {
+        Ok(capacity) if capacity >= frame.len() as u64 => {}
+        _ => {
+            tracing::debug!("unusable RX chain; frame dropped");
             return 0;
         }
-        off += n;
     }
-    off as u32
+    copy_to_pieces(mem, &pieces, frame) as u32
+}
+
+/// Scratch for one `readv`/`writev` between the TAP and guest memory: the pieces' `iovec`s
+/// and the guards that keep each piece mapped while the kernel uses it.
+#[derive(Default)]
+struct GuestIo {
+    pieces: Vec<(GuestAddress, usize)>,
+    iov: Vec<libc::iovec>,
+    guards: Vec<PtrGuardMut>,
+}
+
+impl GuestIo {
+    /// `readv` (`write` false: into `pieces`) or `writev` (from them) of one frame on `fd`,
+    /// straight between the TAP and guest memory. `InvalidInput` if a piece is not all guest
+    /// memory.
+    fn transfer(
+        &mut self,
+        fd: RawFd,
+        mem: &GuestMemoryMmap,
+        write: bool,
+    ) -> std::io::Result<usize> {
+        self.iov.clear();
+        self.guards.clear();
+        for &(addr, n) in &self.pieces {
+            for piece in mem.get_slices(addr, n) {
+                let slice =
+                    piece.map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+                let guard = slice.ptr_guard_mut();
+                self.iov.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: guard.len(),
+                });
+                self.guards.push(guard);
+            }
+        }
+        let count = libc::c_int::try_from(self.iov.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let n = if write {
+            // SAFETY: every iovec describes a piece of `mem`'s mappings (from `get_slices`,
+            // bounds-checked), borrowed for this call and kept mapped by `guards`; `writev`
+            // only reads them. A guest vCPU writing them meanwhile changes only the bytes sent.
+            unsafe { libc::writev(fd, self.iov.as_ptr(), count) }
+        } else {
+            // SAFETY: as above; `readv` writes at most each iovec's length into guest memory,
+            // which the guest offered as device-writable buffers.
+            unsafe { libc::readv(fd, self.iov.as_ptr(), count) }
+        };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
 }
 
 /// Reads the virtio-net configuration space of a NIC with `mac`: mac[6] @0, status @6 (link
@@ -448,6 +626,63 @@ mod tests {
         assert_eq!(scatter(&m, readable.into_iter(), &frame), 0);
         let outside = [D::new(0xffff_0000, 200, WRITE, 0)];
         assert_eq!(scatter(&m, outside.into_iter(), &frame), 0);
+    }
+
+    #[test]
+    fn frames_move_between_a_descriptor_chain_and_a_file_in_one_call() {
+        let m = mem();
+        let frame: Vec<u8> = (0..200u8).collect();
+        m.write_slice(&frame[..80], GuestAddress(0x1000))
+            .expect("w");
+        m.write_slice(&frame[80..], GuestAddress(0x5000))
+            .expect("w");
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe() returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (rd, wr) = (fds[0], fds[1]);
+        let mut io = GuestIo::default();
+        // TX: two readable descriptors, one writev.
+        let tx = [D::new(0x1000, 80, 0, 0), D::new(0x5000, 120, 0, 0)];
+        assert_eq!(
+            tx_pieces(tx.into_iter(), MAX_FRAME, &mut io.pieces),
+            Ok(200)
+        );
+        assert_eq!(io.transfer(wr, &m, true).expect("writev"), 200);
+        // RX: the same bytes read into three writable descriptors, one readv.
+        let rx = [
+            D::new(0x8000, 10, WRITE, 0),
+            D::new(0x9000, 100, WRITE, 0),
+            D::new(0xa000, 4096, WRITE, 0),
+        ];
+        assert_eq!(rx_pieces(rx.into_iter(), &mut io.pieces), Ok(4206));
+        assert_eq!(io.transfer(rd, &m, false).expect("readv"), 200);
+        assert!(write_at(&m, &io.pieces, NUM_BUFFERS_AT, &[0xee, 0xff]));
+        let mut back = vec![0u8; 200];
+        m.read_slice(&mut back[..10], GuestAddress(0x8000))
+            .expect("r");
+        m.read_slice(&mut back[10..110], GuestAddress(0x9000))
+            .expect("r");
+        m.read_slice(&mut back[110..], GuestAddress(0xa000))
+            .expect("r");
+        let mut want = frame.clone();
+        want[10..12].copy_from_slice(&[0xee, 0xff]);
+        assert_eq!(
+            back, want,
+            "the header's num_buffers written across the first piece"
+        );
+        // Pieces outside guest memory are refused before any I/O.
+        io.pieces = vec![(GuestAddress(0xfff_f000), 64)];
+        let e = io.transfer(wr, &m, true).expect_err("outside");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        // Chains of the wrong direction are refused.
+        let writable = [D::new(0x1000, 64, WRITE, 0)];
+        assert!(tx_pieces(writable.into_iter(), MAX_FRAME, &mut io.pieces).is_err());
+        let readable = [D::new(0x1000, 64, 0, 0)];
+        assert!(rx_pieces(readable.into_iter(), &mut io.pieces).is_err());
+        for fd in [rd, wr] {
+            // SAFETY: both are descriptors this test opened and owns.
+            unsafe { libc::close(fd) };
+        }
     }
 
     #[test]

@@ -32,8 +32,7 @@ use std::sync::Arc;
 
 use ddvmm_translation::journal::Journal;
 use ddvmm_translation::ring::{
-    features as ring_features, ClientRing, Completed, Opcode, RawRegion, Request as RingRequest,
-    RingParams, Status,
+    features as ring_features, Completed, Opcode, Request as RingRequest, RingParams, Status,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -41,8 +40,8 @@ use super::tap::VNET_HDR_LEN;
 use super::{gather, read_net_config, scatter, DEVICE_TYPE, MAX_FRAME, QUEUE_SIZE};
 use crate::devices::channel::ChannelFds;
 use crate::devices::virtio::ring::{
-    Failure, Guest, GuestError, RateLimit, RingCommands, RingCounters, RingDevice, RingFrontend,
-    RingKind, RingPort, RingProgress, RingSetupError, RingStats, Setup,
+    Failure, Guest, GuestError, Payload, RateLimit, RingCommands, RingCounters, RingDevice,
+    RingFrontend, RingKind, RingPort, RingProgress, RingSetupError, RingStats, RingView, Setup,
 };
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, DeviceFailure, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -208,12 +207,7 @@ impl RingDevice for NetRing {
         tx.frame.len() as u64
     }
 
-    fn encode<'a>(
-        &mut self,
-        _guest: &Guest,
-        tx: &'a Tx,
-        _scratch: &'a mut Vec<u8>,
-    ) -> Option<(RingRequest, &'a [u8])> {
+    fn encode<'a>(&mut self, _guest: &Guest, tx: &'a Tx) -> Option<(RingRequest, Payload<'a>)> {
         // The frame goes from the journal straight into the slot.
         let request = RingRequest {
             id: 0,
@@ -222,16 +216,10 @@ impl RingDevice for NetRing {
             sector: 0,
             len: u32::try_from(tx.frame.len()).ok()?,
         };
-        Some((request, &tx.frame))
+        Some((request, Payload::Bytes(&tx.frame)))
     }
 
-    fn complete(
-        &mut self,
-        guest: &mut Guest,
-        _ring: &ClientRing<RawRegion>,
-        tx: Tx,
-        c: &Completed,
-    ) {
+    fn complete(&mut self, guest: &mut Guest, _ring: &RingView<'_>, tx: Tx, c: &Completed) {
         if c.status == Status::Ok {
             let bytes = (tx.frame.len() - VNET_HDR_LEN) as u64;
             self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -265,12 +253,7 @@ impl RingDevice for NetRing {
     }
 
     /// Copies a received frame out of its slot into the pending queue.
-    fn standing_done(
-        &mut self,
-        guest: Option<&mut Guest>,
-        ring: &ClientRing<RawRegion>,
-        c: &Completed,
-    ) {
+    fn standing_done(&mut self, guest: Option<&mut Guest>, ring: &RingView<'_>, c: &Completed) {
         let (Some(_), Some(slot), Status::Ok) = (guest, c.slot, c.status) else {
             return;
         };
@@ -288,7 +271,7 @@ impl RingDevice for NetRing {
             return;
         }
         let mut frame = vec![0u8; len];
-        if ring.read_slot(slot, 0, &mut frame).is_err() {
+        if ring.ring.read_slot(slot, 0, &mut frame).is_err() {
             self.stats
                 .rx_dropped_invalid
                 .fetch_add(1, Ordering::Relaxed);

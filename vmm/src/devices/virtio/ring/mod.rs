@@ -40,7 +40,9 @@ use ddvmm_translation::ring::{
     ClientRing, Completed, RawRegion, Request as RingRequest, RingError, RingParams,
 };
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{FileOffset, GuestMemoryMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, MmapRegion, VolatileMemory,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use control::{CommandError, RingCommand, RingCommands, RingHandle, RingOutcome};
@@ -204,26 +206,18 @@ pub trait RingDevice: Send + 'static {
         quarantined: bool,
     ) -> Result<(), GuestError>;
 
-    /// The ring request for `item` (its `id` is set by the core) and the data it carries: a
-    /// slice of the item itself, or of `scratch` where the data must first be gathered (from
-    /// guest memory); empty for requests without data. Called at every (re)submission, so
-    /// write data is taken again from where the device keeps it, never from a slot. `None`:
-    /// the request cannot be sent (it fails alone).
+    /// The ring request for `item` (its `id` is set by the core) and the data it carries
+    /// ([`Payload`]). Called at every (re)submission, so write data is taken again from where
+    /// the device keeps it (the item, or guest memory), never from a slot. `None`: the request
+    /// cannot be sent (it fails alone).
     fn encode<'a>(
         &mut self,
         guest: &Guest,
         item: &'a Self::Item,
-        scratch: &'a mut Vec<u8>,
-    ) -> Option<(RingRequest, &'a [u8])>;
+    ) -> Option<(RingRequest, Payload<'a>)>;
 
     /// The driver VM completed `item` (validated by the ring): finish it to the guest.
-    fn complete(
-        &mut self,
-        guest: &mut Guest,
-        ring: &ClientRing<RawRegion>,
-        item: Self::Item,
-        c: &Completed,
-    );
+    fn complete(&mut self, guest: &mut Guest, ring: &RingView<'_>, item: Self::Item, c: &Completed);
 
     /// `item` fails without the driver VM's answer.
     fn fail(&mut self, guest: &mut Guest, item: Self::Item, why: Failure);
@@ -240,13 +234,7 @@ pub trait RingDevice: Send + 'static {
     }
 
     /// A standing request completed (its slot is held until this returns).
-    fn standing_done(
-        &mut self,
-        _guest: Option<&mut Guest>,
-        _ring: &ClientRing<RawRegion>,
-        _c: &Completed,
-    ) {
-    }
+    fn standing_done(&mut self, _guest: Option<&mut Guest>, _ring: &RingView<'_>, _c: &Completed) {}
 
     /// Work that needs only the guest (delivering held frames into receive buffers).
     fn service_guest(&mut self, _guest: &mut Guest) -> Result<(), GuestError> {
@@ -255,6 +243,81 @@ pub trait RingDevice: Send + 'static {
 
     /// The guest's queues are gone (reset): drop guest-side state.
     fn guest_gone(&mut self) {}
+}
+
+/// What a request carries onto the ring.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Nothing (reads, flushes, receive buffers).
+    None,
+    /// Bytes the device keeps (a frame, read once from the guest when it was accepted).
+    Bytes(&'a [u8]),
+    /// Guest memory, copied straight into the request's slot: the (address, length, -)
+    /// pieces of a block request, in order, `len` bytes in all.
+    Guest(&'a [(GuestAddress, u32, bool)]),
+}
+
+/// A ring and the channel memory under it, as device models finish requests: data moves
+/// between a slot and guest memory in one copy, with no buffer between.
+pub struct RingView<'a> {
+    /// The ring.
+    pub ring: &'a ClientRing<RawRegion>,
+    memory: &'a MmapRegion,
+}
+
+impl<'a> RingView<'a> {
+    /// The ring `ring`, whose region is `memory` (from offset 0).
+    pub fn new(ring: &'a ClientRing<RawRegion>, memory: &'a MmapRegion) -> Self {
+        RingView { ring, memory }
+    }
+
+    /// Copies the first bytes of held slot `slot` into the guest memory `pieces` (in order,
+    /// all of each). False if the slot is not held, the pieces do not fit in it, or guest
+    /// memory is not there.
+    pub fn copy_to_guest(
+        &self,
+        slot: u32,
+        mem: &GuestMemoryMmap,
+        pieces: &[(GuestAddress, u32, bool)],
+    ) -> bool {
+        let total = pieces.iter().map(|&(_, n, _)| n as usize).sum();
+        match self.ring.held_range(slot, 0, total) {
+            Ok(at) => copy_pieces(self.memory, at, mem, pieces, Direction::ToGuest),
+            Err(_) => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToGuest,
+    FromGuest,
+}
+
+/// Copies between the guest memory `pieces` (in order, all of each; a piece may span guest
+/// memory regions) and the channel memory from `at` on, one volatile copy per region piece.
+/// False if either side is not there.
+fn copy_pieces(
+    memory: &MmapRegion,
+    mut at: usize,
+    mem: &GuestMemoryMmap,
+    pieces: &[(GuestAddress, u32, bool)],
+    dir: Direction,
+) -> bool {
+    for &(addr, n, _) in pieces {
+        for piece in mem.get_slices(addr, n as usize) {
+            let Ok(guest) = piece else { return false };
+            let Ok(slot) = memory.get_slice(at, guest.len()) else {
+                return false;
+            };
+            match dir {
+                Direction::ToGuest => slot.copy_to_volatile_slice(guest),
+                Direction::FromGuest => guest.copy_to_volatile_slice(slot),
+            }
+            at += guest.len();
+        }
+    }
+    true
 }
 
 /// Which kind of device a ring serves.
@@ -398,7 +461,8 @@ pub fn map_client_ring(
     let map = Arc::new(map);
     // SAFETY: the mapping is `len` bytes, readable and writable, and the caller keeps it (the
     // returned `Arc`) alive for as long as the ring, as documented above. In this process the
-    // bytes are accessed only through the ring's atomics.
+    // bytes are accessed only through the ring's atomics and volatile copies (the ring's, and
+    // `RingView`'s of slot ranges the ring hands out), never through references.
     let region = unsafe { RawRegion::new(map.as_ptr(), len) }.map_err(RingSetupError::Ring)?;
     let ring = ClientRing::create_at(region, params, generation).map_err(RingSetupError::Ring)?;
     Ok((ring, map))

@@ -20,7 +20,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::control::{Command, Reply, RingCommand, RingOutcome};
 use super::rate_limit::{RateLimit, RateLimiter};
-use super::{raw, CommandError, Failure, Guest, GuestError, RingDevice, RingStats};
+use super::{
+    raw, CommandError, Failure, Guest, GuestError, Payload, RingDevice, RingStats, RingView,
+};
 
 /// Rounds per turn before going back to epoll (with a zero timeout if work remains).
 const ROUNDS: usize = 4;
@@ -73,9 +75,9 @@ pub(super) struct Parts<D: RingDevice> {
 
 pub(super) struct Worker<D: RingDevice> {
     device: D,
-    // Declared before `_map`: the ring's raw region points into the mapping.
+    // Declared before `map`: the ring's raw region points into the mapping.
     ring: ClientRing<RawRegion>,
-    _map: Arc<MmapRegion>,
+    map: Arc<MmapRegion>,
     journal: Journal<D::Item>,
     /// Ring ids of the standing requests on the ring.
     standing: HashSet<u64>,
@@ -89,7 +91,6 @@ pub(super) struct Worker<D: RingDevice> {
     wake: EventFd,
     epoll: Epoll,
     seen_bogus: u64,
-    data: Vec<u8>,
     limiter: Option<RateLimiter>,
     /// A request waits for the rate limit until then.
     throttled_until: Option<Instant>,
@@ -101,7 +102,7 @@ impl<D: RingDevice> Worker<D> {
         let mut w = Worker {
             device: p.device,
             ring: p.ring,
-            _map: p.map,
+            map: p.map,
             journal: p.journal,
             standing: HashSet::new(),
             quarantined: false,
@@ -114,7 +115,6 @@ impl<D: RingDevice> Worker<D> {
             wake: p.wake,
             epoll,
             seen_bogus: 0,
-            data: Vec::new(),
             limiter: RateLimiter::new(p.limit, Instant::now()),
             throttled_until: None,
         };
@@ -353,9 +353,9 @@ impl<D: RingDevice> Worker<D> {
     fn take_completions(&mut self) {
         for c in self.ring.poll_completions() {
             let id = c.req.id;
+            let view = RingView::new(&self.ring, &self.map);
             if self.standing.remove(&id) {
-                self.device
-                    .standing_done(self.guest.as_mut(), &self.ring, &c);
+                self.device.standing_done(self.guest.as_mut(), &view, &c);
             } else if self.journal.is_on_ring(id) {
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
                 if self.stats.first_completion_ms.load(Ordering::Relaxed) == 0 {
@@ -365,7 +365,7 @@ impl<D: RingDevice> Worker<D> {
                 }
                 let item = self.journal.complete(id);
                 if let (Some(item), Some(g)) = (item, self.guest.as_mut()) {
-                    self.device.complete(g, &self.ring, item, &c);
+                    self.device.complete(g, &view, item, &c);
                 }
             }
             if let Some(slot) = c.slot {
@@ -424,7 +424,7 @@ impl<D: RingDevice> Worker<D> {
                     break;
                 }
             }
-            let Some((mut req, data)) = self.device.encode(g, item, &mut self.data) else {
+            let Some((mut req, payload)) = self.device.encode(g, item) else {
                 if let Some(item) = self.journal.refuse(seq) {
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);
                     self.fail(item, Failure::Refused);
@@ -432,8 +432,17 @@ impl<D: RingDevice> Worker<D> {
                 continue;
             };
             req.id = self.journal.peek_ring_id();
-            let data = req.op.carries_data().then_some(data);
-            match self.ring.submit(req, data) {
+            let submitted = match payload {
+                Payload::None => self.ring.submit(req, None),
+                Payload::Bytes(d) => self.ring.submit(req, Some(d)),
+                Payload::Guest(pieces) => {
+                    let (map, mem) = (&self.map, &g.mem);
+                    self.ring.submit_with(req, |at| {
+                        super::copy_pieces(map, at, mem, pieces, super::Direction::FromGuest)
+                    })
+                }
+            };
+            match submitted {
                 Ok(_) => {
                     self.journal.sent(seq);
                     self.stats.submitted.fetch_add(1, Ordering::Relaxed);
