@@ -431,16 +431,32 @@ pub enum ChannelError {
     Slot(#[from] crate::kvm::KvmError),
 }
 
-/// What keeps a channel wired into KVM: the INTx resample eventfd (the memory mapping is held
-/// by the VM's [`MemorySlots`]).
+/// What keeps a channel wired into KVM: the client's kick and the INTx resample eventfd, and
+/// the line they drive (the memory mapping is held by the VM's [`MemorySlots`]).
 pub struct ChannelWiring {
-    _resample: EventFd,
+    kick: Arc<EventFd>,
+    resample: EventFd,
+    gsi: u32,
+}
+
+impl ChannelWiring {
+    /// Connects the client's kick to the channel's INTx line (a level-triggered irqfd with a
+    /// resample eventfd), so that a kick costs no exit to this process. Called once, when the
+    /// VM starts running (after a snapshot's interrupt controller state is loaded), never at
+    /// build: KVM hands each signal of an eventfd to the *first* irqfd registered on it (irqfds
+    /// are exclusive waiters), so a VMM that is built but not running (a standby waiting to
+    /// resume, a process not yet reaped) must not hold one, or it takes the kicks meant for the
+    /// driver VM that runs. A kick already pending is injected at registration.
+    pub fn connect_interrupt(&self, vm: &VmFd) -> Result<(), ChannelError> {
+        vm.register_irqfd_with_resample(self.kick.as_ref(), &self.resample, self.gsi)
+            .map_err(|e| ChannelError::Wire("KVM_IRQFD", e.into()))
+    }
 }
 
 /// Wires a channel into the VM: the agent's doorbell register (BAR 0 at `regs_addr`) as an
-/// ioeventfd signalling `fds.doorbell`, the client's kick as a level-triggered INTx irqfd on
-/// `gsi` (with a resample eventfd), and the shared memory (BAR 2 at `mem_addr`) as a KVM
-/// memory slot, so that none of them costs an exit to this process.
+/// ioeventfd signalling `fds.doorbell`, and the shared memory (BAR 2 at `mem_addr`) as a KVM
+/// memory slot, so that neither costs an exit to this process. The client's kick is
+/// connected to INTx line `gsi` when the VM runs ([`ChannelWiring::connect_interrupt`]).
 pub fn wire(
     vm: &VmFd,
     slots: &mut MemorySlots,
@@ -457,8 +473,6 @@ pub fn wire(
     .map_err(|e| ChannelError::Wire("KVM_IOEVENTFD", e.into()))?;
     let resample =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ChannelError::Wire("eventfd", e))?;
-    vm.register_irqfd_with_resample(fds.kick.as_ref(), &resample, gsi)
-        .map_err(|e| ChannelError::Wire("KVM_IRQFD", e.into()))?;
     let size = fds
         .memory_size()
         .map_err(|e| ChannelError::Wire("sizing channel memory", e))?;
@@ -471,7 +485,9 @@ pub fn wire(
         .map_err(|e| ChannelError::Wire("mapping channel memory", std::io::Error::other(e)))?;
     slots.map("channel memory", mem_addr, Box::new(map))?;
     Ok(ChannelWiring {
-        _resample: resample,
+        kick: fds.kick.clone(),
+        resample,
+        gsi,
     })
 }
 

@@ -121,7 +121,8 @@ pub struct Machine {
     /// Passed-through functions: released before guest RAM (their DMA mappings pin it).
     _passthrough: Vec<SharedPciDevice>,
     /// What keeps the channels wired (INTx resample eventfds).
-    _channels: Vec<ChannelWiring>,
+    /// Connected to their interrupt lines when the machine runs.
+    channels: Vec<ChannelWiring>,
     ram: GuestRam,
     exit_rx: Receiver<MachineEvent>,
     stop: Arc<AtomicBool>,
@@ -354,7 +355,7 @@ impl Machine {
             _kvm: kvm,
             _slots: slots,
             _passthrough: passthrough,
-            _channels: channels,
+            channels,
             ram,
             exit_rx,
             stop,
@@ -424,6 +425,9 @@ impl Machine {
             self.load_snapshot(&dir, &state)?;
             // Restored devices start their workers now (after the VMM is confined).
             lock(&self.pci).resume_all();
+        }
+        for c in &self.channels {
+            c.connect_interrupt(&self.vm)?;
         }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, fd) in self.vcpus.drain(..) {
