@@ -442,8 +442,16 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
         })
         .transpose()?;
     let mut machine = Machine::build(&cfg)?;
+    // A standby shares its VM's stats page with the process it would replace: it publishes
+    // only once resumed, or the page would flip between the two.
+    let publishing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(!args.standby));
     if let Some(writer) = stats {
-        spawn_stats_publisher(writer, machine.ring_ports().to_vec(), machine.vmm_exits());
+        spawn_stats_publisher(
+            writer,
+            machine.ring_ports().to_vec(),
+            machine.vmm_exits(),
+            publishing.clone(),
+        );
     }
     let (resume_tx, resume_rx) = std::sync::mpsc::sync_channel(1);
     if let Some(stream) = control {
@@ -471,6 +479,7 @@ fn run(args: RunArgs) -> anyhow::Result<GuestExit> {
             tracing::info!("standby: dismissed (control connection closed)");
             return Ok(GuestExit::PowerOff);
         }
+        publishing.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!("standby: resumed");
     } else {
         tracing::info!(setup_ms, "VM set up, vCPUs starting");
@@ -729,11 +738,12 @@ fn parse_ring_net(spec: &str, adopter: &mut Adopter) -> anyhow::Result<RingNetCo
 }
 
 /// Publishes the ring devices' counters and the exits that reached this process to the stats
-/// page ten times a second (the daemon's watcher reads it as often).
+/// page ten times a second (the daemon's watcher reads it as often), while `publishing`.
 fn spawn_stats_publisher(
     mut writer: StatsWriter,
     ports: Vec<RingPort>,
     vmm_exits: std::sync::Arc<ddvmm::vcpu::VmmExits>,
+    publishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let object = |pairs: Vec<(&'static str, u64)>| {
         serde_json::Value::Object(
@@ -744,6 +754,10 @@ fn spawn_stats_publisher(
         )
     };
     let publish = move || loop {
+        if !publishing.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
         let of = |kind| {
             ports
                 .iter()
