@@ -262,7 +262,14 @@ pub const EMULATED_ATTEMPTS: u32 = 3;
 const DIAG_SCRIPT: &str = r#"W=${WORK:-/work}
 echo; echo "=== harness diagnostics (the test host is alive; the run went silent)"
 echo "uptime $(cat /proc/uptime) load $(cat /proc/loadavg)"
+grep -E "^(MemTotal|MemFree|MemAvailable|Cached|Shmem|AnonPages):" /proc/meminfo | tr -s ' ' | tr '\n' ' '; echo
 ps -o pid,ppid,stat,time,args 2>/dev/null || ps
+# The VMs' cgroups: memory against its limit (shared memory cannot be reclaimed without swap),
+# how often the limit was hit, CPU throttling.
+for f in $(find /sys/fs/cgroup -maxdepth 4 -path '*ddvmm-*' -name memory.current 2>/dev/null); do
+    g=${f%/memory.current}
+    echo "cgroup ${g##*/}: current $(cat $g/memory.current) max $(cat $g/memory.max) $(grep -E '^(anon|file|shmem) ' $g/memory.stat | tr '\n' ' ')events $(tr '\n' ' ' < $g/memory.events) cpu $(grep -E '^(usage_usec|nr_throttled|throttled_usec) ' $g/cpu.stat 2>/dev/null | tr '\n' ' ')"
+done
 for d in /proc/[0-9]*; do
     p=${d#/proc/}; cmd=$(tr '\0' ' ' 2>/dev/null < $d/cmdline | head -c 300)
     case "$cmd" in *diag.sh*) continue ;; *ddvmm*) ;; *) continue ;; esac
@@ -270,7 +277,7 @@ for d in /proc/[0-9]*; do
     [ "$W" = /work ] || case "$cmd" in *"$W"*) ;; *) continue ;; esac
     echo "--- pid $p: $cmd"
     for t in /proc/$p/task/*; do
-        echo "task ${t##*/} $(cat $t/comm 2>/dev/null) state $(cut -d')' -f2 $t/stat 2>/dev/null | cut -d' ' -f2) wchan $(cat $t/wchan 2>/dev/null)"
+        echo "task ${t##*/} $(cat $t/comm 2>/dev/null) state $(cut -d')' -f2 $t/stat 2>/dev/null | cut -d' ' -f2) cpu-ticks $(cut -d')' -f2 $t/stat 2>/dev/null | cut -d' ' -f13,14) wchan $(cat $t/wchan 2>/dev/null)"
         head -n 12 $t/stack 2>/dev/null | sed 's/^/    /'
     done
 done
