@@ -168,7 +168,7 @@ echo "=== events"; $CTL events | tr -d ' \n'; echo
 rounds() {{ tr -d '\r' < $WORK/system.d/delta.console | grep -c "^ROUND"; }}
 R=$(rounds); n=0
 while [ $(rounds) -le $R ]; do
-    sleep 2; n=$((n + 2)); [ $n -lt 600 ] || {{ echo "NO-ROUND-AFTER-RECOVERY"; sh $WORK/.diag.sh; break; }}
+    sleep 2; n=$((n + 2)); [ $n -lt 900 ] || {{ echo "NO-ROUND-AFTER-RECOVERY"; sh $WORK/.diag.sh; break; }}
 done
 stop_clients 0 1 2
 wait_done alpha beta delta

@@ -63,6 +63,7 @@
 //!                                   #   was lost: see the agent's "missed notifications")
 //! progress_timeout_ms = 15000       # requests outstanding, none completed for this long: hang
 //! boot_timeout_ms = 300000          # a (re)started driver VM's agent must be ready by then
+//!                                   # (doubled after each missed boot of a recovery, up to 8x)
 //! backoff_initial_ms = 100          # a driver VM that served since its last restart restarts
 //! backoff_max_ms = 10000            #   at once; one that faults again before serving waits
 //!                                   #   this, doubled per further such fault, capped
@@ -207,7 +208,8 @@ pub struct RecoveryConfig {
     pub idle_heartbeat_ms: u64,
     /// Time with requests outstanding and none completed that counts as a hang.
     pub progress_timeout_ms: u64,
-    /// Time a started driver VM has to get its agents ready.
+    /// Time a started driver VM has to get its agents ready (a recovery doubles it after each
+    /// boot of its own that missed it, up to eight times).
     pub boot_timeout_ms: u64,
     /// Delay before the restart of a driver VM that faulted again before it served (one that
     /// served since its last restart is restarted at once), doubled for each further one.

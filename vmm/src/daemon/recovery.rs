@@ -58,6 +58,15 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How often a recovery doubles the boot deadline after boots that missed it (90 s: up to 720 s).
+const BOOT_DEADLINE_DOUBLINGS: u32 = 3;
+
+/// The time a recovery's boot gets after `missed` boots of the same recovery missed their
+/// deadline: `boot_timeout_ms`, doubled per miss, [`BOOT_DEADLINE_DOUBLINGS`] times at most.
+fn boot_allowance(boot_timeout_ms: u64, missed: u32) -> Duration {
+    Duration::from_millis(boot_timeout_ms.saturating_mul(1 << missed.min(BOOT_DEADLINE_DOUBLINGS)))
+}
+
 /// What the watcher remembers about one channel between looks.
 #[derive(Default)]
 struct ChannelWatch {
@@ -288,6 +297,10 @@ impl Supervisor {
 
     /// One recovery, in rounds until a driver VM serves again or the VM is quarantined.
     async fn recover(self: &Arc<Self>, name: &str, mut round: Round, fault_at: Instant) {
+        // Boots of this recovery that missed their deadline in a row: each next boot gets
+        // twice the time (up to 8x). A boot that progresses slowly (a host short of CPU) is
+        // otherwise killed at the same point every time and never finishes.
+        let mut missed_boots = 0u32;
         loop {
             let mut steps = RecoverySteps::default();
             let mut lap = Instant::now();
@@ -382,7 +395,8 @@ impl Supervisor {
                 round = Round::detected(Detection::VmmError, None, false);
                 continue;
             }
-            match self.await_service(name, replay.suspects).await {
+            let allowance = boot_allowance(self.recovery.boot_timeout_ms, missed_boots);
+            match self.await_service(name, replay.suspects, allowance).await {
                 Ok(Service {
                     ready: boot,
                     released,
@@ -435,6 +449,19 @@ impl Supervisor {
                 }
                 Err((next, isolating)) => {
                     self.log_event(event);
+                    if next == Detection::BootTimeout {
+                        missed_boots += 1;
+                        tracing::warn!(
+                            vm = name,
+                            missed_boots,
+                            next_deadline_ms =
+                                boot_allowance(self.recovery.boot_timeout_ms, missed_boots)
+                                    .as_millis() as u64,
+                            "boot deadline missed; the next boot gets longer"
+                        );
+                    } else {
+                        missed_boots = 0;
+                    }
                     tracing::warn!(
                         vm = name,
                         detected_by = next.name(),
@@ -557,9 +584,10 @@ impl Supervisor {
         self: &Arc<Self>,
         driver: &str,
         mut suspects: Vec<(String, usize)>,
+        allowance: Duration,
     ) -> Result<Service, (Detection, Option<(String, usize)>)> {
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(self.recovery.boot_timeout_ms);
+        let deadline = started + allowance;
         let mut boot = None;
         let mut baseline: BTreeMap<(String, usize), Option<u64>> = BTreeMap::new();
         for (client, disk) in self.client_disks_of(driver) {
@@ -835,6 +863,16 @@ mod tests {
 
     fn at(t0: Instant, s: u64) -> Instant {
         t0 + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn missed_boots_double_the_deadline_up_to_a_cap() {
+        let s = |n| boot_allowance(90_000, n).as_secs();
+        assert_eq!(
+            [s(0), s(1), s(2), s(3), s(4), s(40)],
+            [90, 180, 360, 720, 720, 720]
+        );
+        assert_eq!(boot_allowance(u64::MAX, 3), Duration::from_millis(u64::MAX));
     }
 
     #[test]
