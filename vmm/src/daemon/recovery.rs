@@ -875,33 +875,45 @@ mod tests {
         assert_eq!(boot_allowance(u64::MAX, 3), Duration::from_millis(u64::MAX));
     }
 
-    #[test]
-    fn an_idle_channel_may_beat_rarely() {
+    /// Looks at a fresh watch, one `(heartbeat, req_prod, seconds, late)` per look, and
+    /// checks each verdict.
+    fn looks(steps: &[(u64, u32, u64, bool)]) {
         let t0 = Instant::now();
         let mut w = ChannelWatch::default();
-        assert!(!w.beat_is_late(1, 7, t0, BUSY, IDLE));
-        assert!(!w.beat_is_late(1, 7, at(t0, 30), BUSY, IDLE));
-        assert!(!w.beat_is_late(2, 7, at(t0, 34), BUSY, IDLE));
-        assert!(!w.beat_is_late(2, 7, at(t0, 60), BUSY, IDLE));
-        assert!(w.beat_is_late(2, 7, at(t0, 70), BUSY, IDLE));
+        for (n, &(hb, req_prod, s, late)) in steps.iter().enumerate() {
+            let got = w.beat_is_late(hb, req_prod, at(t0, s), BUSY, IDLE);
+            assert_eq!(got, late, "look {n}: hb {hb}, req_prod {req_prod}, {s} s");
+        }
+    }
+
+    #[test]
+    fn an_idle_channel_may_beat_rarely() {
+        looks(&[
+            (1, 7, 0, false),
+            (1, 7, 30, false),
+            (2, 7, 34, false),
+            (2, 7, 60, false),
+            (2, 7, 70, true),
+        ]);
     }
 
     #[test]
     fn a_request_wants_a_beat_within_the_busy_timeout() {
-        let t0 = Instant::now();
-        let mut w = ChannelWatch::default();
-        assert!(!w.beat_is_late(1, 7, t0, BUSY, IDLE));
         // Quiet for 20 s, then a request: the clock starts when it is seen.
-        assert!(!w.beat_is_late(1, 8, at(t0, 20), BUSY, IDLE));
-        assert!(!w.beat_is_late(1, 9, at(t0, 24), BUSY, IDLE));
-        assert!(w.beat_is_late(1, 9, at(t0, 26), BUSY, IDLE));
+        looks(&[
+            (1, 7, 0, false),
+            (1, 8, 20, false),
+            (1, 9, 24, false),
+            (1, 9, 26, true),
+        ]);
         // A live agent beat in time: the request is answered, the clock starts over.
-        let mut w = ChannelWatch::default();
-        assert!(!w.beat_is_late(1, 7, t0, BUSY, IDLE));
-        assert!(!w.beat_is_late(1, 8, at(t0, 20), BUSY, IDLE));
-        assert!(!w.beat_is_late(2, 8, at(t0, 21), BUSY, IDLE));
-        assert!(!w.beat_is_late(2, 8, at(t0, 40), BUSY, IDLE));
-        assert!(!w.beat_is_late(2, 9, at(t0, 41), BUSY, IDLE));
-        assert!(w.beat_is_late(2, 9, at(t0, 47), BUSY, IDLE));
+        looks(&[
+            (1, 7, 0, false),
+            (1, 8, 20, false),
+            (2, 8, 21, false),
+            (2, 8, 40, false),
+            (2, 9, 41, false),
+            (2, 9, 47, true),
+        ]);
     }
 }
