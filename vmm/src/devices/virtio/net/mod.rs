@@ -639,7 +639,11 @@ mod tests {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe() returns.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let (rd, wr) = (fds[0], fds[1]);
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: pipe() just returned both descriptors; nothing else owns them. Owned, they
+        // are closed however the test ends.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (rd, wr) = (rd.as_raw_fd(), wr.as_raw_fd());
         let mut io = GuestIo::default();
         // TX: two readable descriptors, one writev.
         let tx = [D::new(0x1000, 80, 0, 0), D::new(0x5000, 120, 0, 0)];
@@ -679,10 +683,6 @@ mod tests {
         assert!(tx_pieces(writable.into_iter(), MAX_FRAME, &mut io.pieces).is_err());
         let readable = [D::new(0x1000, 64, 0, 0)];
         assert!(rx_pieces(readable.into_iter(), &mut io.pieces).is_err());
-        for fd in [rd, wr] {
-            // SAFETY: both are descriptors this test opened and owns.
-            unsafe { libc::close(fd) };
-        }
     }
 
     #[test]
