@@ -241,11 +241,7 @@ impl RingDevice for BlockRing {
         item.request.data_len()
     }
 
-    fn encode<'a>(
-        &mut self,
-        _guest: &Guest,
-        item: &'a BlockItem,
-    ) -> Option<(RingRequest, Payload<'a>)> {
+    fn encode<'a>(&mut self, item: &'a BlockItem) -> Option<(RingRequest, Payload<'a>)> {
         let req = &item.request;
         let len = req.data_len();
         let (op, payload) = match req.kind {

@@ -207,7 +207,7 @@ impl RingDevice for NetRing {
         tx.frame.len() as u64
     }
 
-    fn encode<'a>(&mut self, _guest: &Guest, tx: &'a Tx) -> Option<(RingRequest, Payload<'a>)> {
+    fn encode<'a>(&mut self, tx: &'a Tx) -> Option<(RingRequest, Payload<'a>)> {
         // The frame goes from the journal straight into the slot.
         let request = RingRequest {
             id: 0,

@@ -210,11 +210,7 @@ pub trait RingDevice: Send + 'static {
     /// ([`Payload`]). Called at every (re)submission, so write data is taken again from where
     /// the device keeps it (the item, or guest memory), never from a slot. `None`: the request
     /// cannot be sent (it fails alone).
-    fn encode<'a>(
-        &mut self,
-        guest: &Guest,
-        item: &'a Self::Item,
-    ) -> Option<(RingRequest, Payload<'a>)>;
+    fn encode<'a>(&mut self, item: &'a Self::Item) -> Option<(RingRequest, Payload<'a>)>;
 
     /// The driver VM completed `item` (validated by the ring): finish it to the guest.
     fn complete(&mut self, guest: &mut Guest, ring: &RingView<'_>, item: Self::Item, c: &Completed);

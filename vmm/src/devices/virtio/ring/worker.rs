@@ -424,7 +424,7 @@ impl<D: RingDevice> Worker<D> {
                     break;
                 }
             }
-            let Some((mut req, payload)) = self.device.encode(g, item) else {
+            let Some((mut req, payload)) = self.device.encode(item) else {
                 if let Some(item) = self.journal.refuse(seq) {
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);
                     self.fail(item, Failure::Refused);
