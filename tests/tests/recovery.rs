@@ -262,9 +262,12 @@ echo "=== metrics"; $CTL metrics
 fn poison_request_fails_alone_and_restart_cap_quarantines() {
     let disk = backing_file("recovery-poison.img", 2 * SLICE_MIB);
     // Sector 40960 = MiB 20 of the window: the agent panics its kernel on any request there.
+    // fio makes one pass (~2,000 requests and their verify reads, in flight around the crashes
+    // 3 s in): it prints nothing until done, and three passes (~9,000 requests at ~40 IOPS)
+    // kept alpha's console silent past the harness's 300 s no-progress watch on a loaded host.
     let alpha = r#"
 fio --name=bg --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=4 \
-    --rw=randrw --bs=4k --offset=1M --size=8M --loops=3 --verify=crc32c --verify_fatal=1 \
+    --rw=randrw --bs=4k --offset=1M --size=8M --verify=crc32c --verify_fatal=1 \
     --eta=never --output=/tmp/fio.txt &
 FIO=$!
 sleep 3
