@@ -11,8 +11,11 @@
 //! clients.
 //!
 //! **Removing**: the VM is stopped. A client's slots are taken back from their driver VMs (the
-//! agent lets go of each), wiped, and kept as spares; those driver VMs' templates are renewed
-//! at their next restart (a template knows the clients of its time) and their standbys go. A
+//! agent lets go of each), wiped, and kept as spares; those driver VMs' standbys go (a standby
+//! VMM is built with the slots' assignments of its time) and new ones are restored. Their
+//! templates stay: a template holds no client data (it is made with the agent parked at the
+//! gate, before any ring), and a restored agent compares every slot's registers, which are the
+//! restoring VMM's, with the assignment it remembers and lets a stale one go. A
 //! driver VM that serves clients is removed only when forced: the clients' disks and NICs on it
 //! then fail, as for a quarantined driver VM, and their channels go.
 
@@ -234,16 +237,12 @@ impl Supervisor {
                 tracing::warn!(vm = %driver, slot, error = %e, "taking a channel slot back");
             }
         }
-        let renewed = {
+        {
             let mut g = self.lock();
-            let renewed = self.unprovision(&mut g, name);
+            self.unprovision(&mut g, name);
             if let Some(cfg) = g.config.without(name) {
                 g.config = cfg;
             }
-            renewed
-        };
-        for driver in renewed {
-            self.dismiss_standby(&driver);
         }
         tracing::info!(vm = name, "VM removed");
         Ok(())
@@ -268,17 +267,18 @@ impl Supervisor {
     }
 
     /// Forgets VM `name` (its process has ended): a client's slots go back to their driver VMs,
-    /// wiped (the driver VMs named in the result must not restart from their templates); a
-    /// driver VM's slots and channels go; then its stats page, jail directory and cgroup.
+    /// wiped, and those driver VMs' standbys (built with the client on the slots) are dismissed
+    /// and named in the result; a driver VM's slots and channels go; then its stats page, jail
+    /// directory and cgroup.
     pub(super) fn unprovision(&self, inner: &mut Inner, name: &str) -> Vec<String> {
-        let mut renewed = Vec::new();
+        let mut vacated = Vec::new();
         for c in std::mem::take(&mut inner.channels) {
             if c.client == name {
                 if let Err(e) = c.slot.wipe() {
                     tracing::warn!(vm = %c.driver, slot = c.slot.index, error = %e, "wiping a channel slot");
                 }
-                if !renewed.contains(&c.driver) {
-                    renewed.push(c.driver.clone());
+                if !vacated.contains(&c.driver) {
+                    vacated.push(c.driver.clone());
                 }
                 inner.spare.push(Spare {
                     driver: c.driver,
@@ -289,11 +289,12 @@ impl Supervisor {
             }
         }
         inner.spare.retain(|s| s.driver != name);
-        for d in &renewed {
+        for d in &vacated {
             if let Some(vm) = inner.vms.get_mut(d) {
-                if let Some(t) = vm.template.as_mut() {
-                    t.made = None;
+                if let Some(s) = vm.standby.take() {
+                    super::standby::dismiss(d, s, "dismissed: a client's slot was taken back");
                 }
+                // Its watcher restores a new one (this template, the slot vacant).
                 vm.standby_for = None;
             }
         }
@@ -313,7 +314,7 @@ impl Supervisor {
         if let Some(c) = self.cgroups() {
             c.remove_vm(name);
         }
-        renewed
+        vacated
     }
 }
 
@@ -383,28 +384,28 @@ mod tests {
             e.to_string(),
             "driver VM 'drv' has no free channel slot (give it more with spare_channels)"
         );
-        // b goes: its slot comes back wiped, with its generations; the driver VM must not
-        // restart from a template that knew b.
+        // b goes: its slot comes back wiped, with its generations; the driver VM's template
+        // stays (it holds no client data), its standby (built with b on the slot) goes.
         {
             let g = sup.lock();
             let c = g.channels.iter().find(|c| c.client == "b").expect("b");
             std::os::unix::fs::FileExt::write_all_at(&c.slot.memory, b"secret", 4096)
                 .expect("write");
         }
-        let renewed = {
+        let vacated = {
             let mut g = sup.lock();
             if let Some(t) = g.vms.get_mut("drv").and_then(|v| v.template.as_mut()) {
                 t.made = Some(std::time::Instant::now());
             }
             sup.unprovision(&mut g, "b")
         };
-        assert_eq!(renewed, vec!["drv".to_string()]);
+        assert_eq!(vacated, vec!["drv".to_string()]);
         assert_eq!(slots(&sup), (vec![("a".into(), 0)], vec![1]));
         {
             let g = sup.lock();
             assert!(!g.vms.contains_key("b") && !g.order.contains(&"b".to_string()));
             let t = g.vms.get("drv").and_then(|v| v.template.as_ref());
-            assert!(t.is_none_or(|t| t.made.is_none()), "template renewed");
+            assert!(t.is_some_and(|t| t.made.is_some()), "template kept");
             let mut b = [0xffu8; 6];
             let s = &g.spare[0].slot;
             std::os::unix::fs::FileExt::read_exact_at(&s.memory, &mut b, 4096).expect("read");

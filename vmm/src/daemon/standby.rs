@@ -141,7 +141,7 @@ impl Supervisor {
 }
 
 /// Kills a standby and reaps it in the background.
-fn dismiss(name: &str, s: Standby, why: &str) {
+pub(super) fn dismiss(name: &str, s: Standby, why: &str) {
     let Spawned { mut child, control } = s.spawned;
     drop(control);
     tracing::info!(vm = name, pid = child.id(), why, "standby ended");
