@@ -157,7 +157,7 @@ pub fn serve(slot: &mut Slot, opts: &Options) -> Result<(), String> {
             unpublished: VecDeque::new(),
             garbage_for: None,
             published: false,
-            wakeups: Wakeups::new(),
+            wakeups: crate::wakeups::Wakeups::new(w.index, "io"),
             slot: &mut *slot,
         };
         let stop = server.run(&done_rx, &wake);
@@ -239,37 +239,6 @@ fn open_backend(w: &Window) -> Result<File, String> {
     Ok(file)
 }
 
-/// Why the ring thread woke up, reported every minute (on a wakeup) in the console.
-struct Wakeups {
-    irq: u64,
-    io: u64,
-    timeout: u64,
-    /// Timeout wakes that found requests: notifications the agent missed.
-    missed: u64,
-    /// The last wake was a timeout.
-    after_timeout: bool,
-    irq_error: u64,
-    enable_errors: u64,
-    last_error: String,
-    last_report: Instant,
-}
-
-impl Wakeups {
-    fn new() -> Self {
-        Wakeups {
-            irq: 0,
-            io: 0,
-            timeout: 0,
-            missed: 0,
-            after_timeout: false,
-            irq_error: 0,
-            enable_errors: 0,
-            last_error: String::new(),
-            last_report: Instant::now(),
-        }
-    }
-}
-
 struct Server<'a> {
     ring: AgentRing<RawRegion>,
     window: &'a Window,
@@ -286,7 +255,7 @@ struct Server<'a> {
     published: bool,
     /// Fault injection broke the ring: nothing more is published on it.
     broken: bool,
-    wakeups: Wakeups,
+    wakeups: crate::wakeups::Wakeups,
     /// The channel's registers and interrupt.
     slot: &'a mut Slot,
 }
@@ -324,17 +293,7 @@ impl Server<'_> {
                     }
                 }
             }
-            if std::mem::take(&mut self.wakeups.after_timeout) && progress {
-                self.wakeups.missed += 1;
-                if self.wakeups.missed <= 5 {
-                    crate::console::say(format!(
-                        "ddvmm-agent: channel {}: requests found after a timeout wake (a missed \
-                         notification; {})",
-                        self.window.index,
-                        self.slot.irq.describe()
-                    ));
-                }
-            }
+            self.wakeups.looked(progress, &self.slot.irq);
             let mut completed = false;
             while let Ok(d) = done.try_recv() {
                 self.in_flight -= 1;
@@ -371,11 +330,7 @@ impl Server<'_> {
                 continue;
             }
             // Sleep: unmask the interrupt, arm the event index, re-check, then wait.
-            if let Err(e) = self.slot.irq.enable() {
-                self.wakeups.enable_errors += 1;
-                self.wakeups.last_error = e;
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            self.wakeups.enable(&mut self.slot.irq);
             if self.ring.enable_notify() {
                 continue;
             }
@@ -387,40 +342,11 @@ impl Server<'_> {
                 5
             };
             let woken = self.slot.irq.wait(Some(wake.fd()), wait);
-            let w = &mut self.wakeups;
-            w.irq += u64::from(woken.irq);
-            w.irq_error += u64::from(woken.irq_error);
             if woken.other {
                 wake.drain();
-                w.io += 1;
             }
-            if !(woken.irq || woken.irq_error || woken.other) {
-                w.timeout += 1;
-                w.after_timeout = true;
-            }
-            if self.wakeups.last_report.elapsed() >= Duration::from_secs(60) {
-                let w = &mut self.wakeups;
-                let intx = std::fs::read_to_string("/proc/interrupts")
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| l.contains("uio"))
-                    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                println!(
-                    "ddvmm-agent: channel {}: wakeups irq {} io {} timeout {} (missed \
-                     notifications {}) irq-error {}; enable errors {} ({}); {intx}",
-                    self.window.index,
-                    w.irq,
-                    w.io,
-                    w.timeout,
-                    w.missed,
-                    w.irq_error,
-                    w.enable_errors,
-                    w.last_error
-                );
-                w.last_report = Instant::now();
-            }
+            self.wakeups.woke(woken);
+            self.wakeups.report_if_due(String::new);
         }
     }
 

@@ -47,6 +47,7 @@ mod heartbeat;
 mod net;
 mod pci;
 mod slot;
+mod wakeups;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -274,17 +274,18 @@ fn serve_generation(
     let mut posted: VecDeque<(u64, u32, usize)> = VecDeque::new();
     let mut beat = slot.heartbeat.start();
     let mut fault_check = Instant::now();
-    let mut report = Instant::now();
+    let mut wakeups = crate::wakeups::Wakeups::new(port.index, "tap");
     loop {
         let mut progress = false;
         let mut published = false;
         // Receive buffers held are bounded by a ring's worth.
         let cap = ring.layout().ring_entries as usize;
+        let mut requests = false;
         while posted.len() < cap {
             let Some(req) = ring.pop_request() else {
                 break;
             };
-            progress = true;
+            requests = true;
             let r = match req {
                 Ok(r) => r,
                 Err(e) => {
@@ -308,6 +309,8 @@ fn serve_generation(
             };
             published |= complete(ring, r.id, status, 0);
         }
+        wakeups.looked(requests, &slot.irq);
+        progress |= requests;
         // Frames for the client while it has buffers posted.
         while let Some(&(id, slot, capacity)) = posted.front() {
             let n = match tap.read(buf) {
@@ -363,27 +366,24 @@ fn serve_generation(
                 return Stop::Generation;
             }
         }
-        if report.elapsed() >= Duration::from_secs(60) {
-            let c = &counters;
-            println!(
-                "ddvmm-agent: channel {}: tx {} rx {} spoofed {} bad {} filtered {} tap-errors {}",
-                port.index, c.tx, c.rx, c.spoofed, c.bad, c.filtered, c.tap_errors
-            );
-            report = Instant::now();
-        }
+        let c = &counters;
+        wakeups.report_if_due(|| {
+            format!(
+                "tx {} rx {} spoofed {} bad {} filtered {} tap-errors {}; ",
+                c.tx, c.rx, c.spoofed, c.bad, c.filtered, c.tap_errors
+            )
+        });
         if progress {
             continue;
         }
         // Sleep: unmask the interrupt, arm the event index, re-check, then wait for the
         // client's kick or (while buffers are posted) a frame on the TAP.
-        if slot.irq.enable().is_err() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wakeups.enable(&mut slot.irq);
         if ring.enable_notify() {
             continue;
         }
         let tap_fd = (!posted.is_empty()).then(|| tap.as_raw_fd());
-        slot.irq.wait(tap_fd, beat.timeout_ms(false));
+        wakeups.woke(slot.irq.wait(tap_fd, beat.timeout_ms(false)));
     }
 }
 
