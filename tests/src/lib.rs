@@ -270,6 +270,64 @@ for f in $(find /sys/fs/cgroup -maxdepth 4 -path '*ddvmm-*' -name memory.current
     g=${f%/memory.current}
     echo "cgroup ${g##*/}: current $(cat $g/memory.current) max $(cat $g/memory.max) $(grep -E '^(anon|file|shmem) ' $g/memory.stat | tr '\n' ' ')events $(tr '\n' ' ' < $g/memory.events) cpu $(grep -E '^(usage_usec|nr_throttled|throttled_usec) ' $g/cpu.stat 2>/dev/null | tr '\n' ' ')"
 done
+# Where busy guests run: each VMM whose boot vCPU is runnable logs that vCPU's registers on
+# SIGUSR2 ("vCPU state on request"), five times; the last three of each are named with this
+# test host's own symbols (/proc/kallsyms: the same stock kernel; each kernel's KASLR offset
+# follows from its system-call entry, MSR_LSTAR, logged with the sample).
+busy=""
+for t in /proc/[0-9]*/task/*; do
+    [ "$(cat $t/comm 2>/dev/null)" = vcpu0 ] || continue
+    [ "$(cut -d')' -f2 $t/stat 2>/dev/null | cut -d' ' -f2)" = R ] || continue
+    p=${t#/proc/}; p=${p%%/*}
+    # This run's VMMs only, where other runs share the machine (direct mode).
+    [ "$W" = /work ] || tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -q -- "$W" || continue
+    busy="$busy $p"
+done
+echo "busy vCPUs (sampled) in VMM processes:${busy:- none}"
+if [ -n "$busy" ]; then
+for i in 1 2 3 4 5; do for p in $busy; do kill -USR2 $p 2>/dev/null; done; sleep 1; done
+for f in $W/system.d/*.log $W/*.log; do
+    [ -f "$f" ] || continue
+    tr -d '\033' < "$f" | sed 's/\[[0-9;]*m//g' | grep "vCPU state on request" | tail -n 3 \
+        | sed -n "s|.*rip=\(0x[0-9a-f]*\).*lstar=\(0x[0-9a-f]*\).*|${f##*/} \1 \2|p"
+done > /tmp/vcpu-samples
+E=$(grep -m1 ' entry_SYSCALL_64$' /proc/kallsyms | cut -d' ' -f1)
+X=$(grep -m1 ' _etext$' /proc/kallsyms | cut -d' ' -f1)
+[ -n "$E" ] && [ -n "$X" ] && grep '^ffffffff[0-9a-f]* [tT] ' /proc/kallsyms | awk -v S="$(tr '\n' ';' < /tmp/vcpu-samples)" -v E="$E" -v X="$X" '
+function h(s,   i, v) {
+    s = tolower(s); sub(/^0x/, "", s); if (length(s) > 8) s = substr(s, length(s) - 7)
+    v = 0; for (i = 1; i <= length(s); i++) v = v * 16 + index("0123456789abcdef", substr(s, i, 1)) - 1
+    return v
+}
+# Eight hex digits (busybox awk prints %x of a value past 2^31 wrong).
+function hx(v,   i, d, s) {
+    s = ""; for (i = 0; i < 8; i++) { d = v % 16; s = substr("0123456789abcdef", d + 1, 1) s; v = (v - d) / 16 }
+    return s
+}
+BEGIN {
+    n = split(S, L, ";"); m = 0; e = h(E)
+    for (i = 1; i <= n; i++) {
+        if (split(L[i], f, " ") < 3) continue
+        m++; who[m] = f[1]; rip[m] = f[2]
+        kernel[m] = (substr(f[2], 1, 6) == "0xffff")
+        t[m] = (h(f[2]) - h(f[3]) + e) % 4294967296; if (t[m] < 0) t[m] += 4294967296
+        # Fixed-width lowercase hex compares as text exactly as the numbers do.
+        T[m] = "ffffffff" hx(t[m]); B[m] = ""
+    }
+}
+{
+    for (k = 1; k <= m; k++) if (kernel[k] && $1 "" <= T[k] && $1 "" > B[k]) { B[k] = $1 ""; name[k] = $3 }
+}
+END {
+    for (k = 1; k <= m; k++) {
+        if (!kernel[k]) where = "user space"
+        else if (T[k] > X) where = "kernel, past the core text (a module: not named)"
+        else if (B[k] == "") where = "kernel, no symbol"
+        else where = sprintf("kernel %s+0x%x", name[k], t[k] - h(B[k]))
+        print "vCPU sample " who[k] " rip " rip[k] ": " where
+    }
+}'
+fi
 for d in /proc/[0-9]*; do
     p=${d#/proc/}; cmd=$(tr '\0' ' ' 2>/dev/null < $d/cmdline | head -c 300)
     case "$cmd" in *diag.sh*) continue ;; *ddvmm*) ;; *) continue ;; esac

@@ -4,20 +4,30 @@
 
 use std::time::{Duration, Instant};
 
-use ddvmm_tests::{HarnessError, TestHost};
+use ddvmm_tests::{client_initrd_with_script, HarnessError, TestHost};
 
 #[test]
 fn a_hung_daemon_fails_at_once_with_diagnostics_and_is_not_retried() {
     // A daemon with nothing to run, frozen with SIGSTOP (a deadlock stand-in), and a script
-    // that waits for it forever without printing.
+    // that waits for it forever without printing. Beside it a VM whose guest burns its CPU in
+    // its kernel (reading /dev/urandom), as a livelocked guest would: the diagnostics sample
+    // where its vCPU runs and name the kernel function.
+    let spin = client_initrd_with_script("echo SPINNING; cat /dev/urandom > /dev/null")
+        .expect("guest image");
     let host = TestHost::new("harness-hang")
         .expect("test host")
-        .quiet_limit(Duration::from_secs(45));
+        .quiet_limit(Duration::from_secs(45))
+        .file("spin.img", spin, 0o644);
     let script = r#"
 echo "" > $WORK/empty.toml
 $DDVMM daemon --config $WORK/empty.toml > $WORK/daemon.log 2>&1 &
 DAEMON=$!
-sleep 3
+$DDVMM --log-level info run --kernel $IMAGES/vmlinuz --initrd spin.img --mem 256M --cpus 1 \
+  --console $WORK/spin.console --cmdline "console=ttyS0 quiet ddvmm.action=run-script" \
+  > $WORK/spin.log 2>&1 &
+n=0; until grep -q SPINNING $WORK/spin.console 2>/dev/null; do
+    sleep 1; n=$((n + 1)); [ $n -lt 300 ] || break
+done
 kill -STOP $DAEMON
 echo "DAEMON-FROZEN $DAEMON"
 while :; do sleep 60; done
@@ -52,6 +62,18 @@ while :; do sleep 60; done
     assert!(
         tasks.iter().all(|t| t.contains(" state T ")),
         "the stopped daemon's threads show state T: {tasks:?}"
+    );
+    // The spinning guest's vCPU was sampled, and its kernel addresses named.
+    let samples: Vec<&str> = output
+        .lines()
+        .filter(|l| l.starts_with("vCPU sample spin.log rip 0x"))
+        .collect();
+    assert!(!samples.is_empty(), "no vCPU samples:\n{output}");
+    assert!(
+        samples
+            .iter()
+            .any(|l| l.contains(": kernel ") && l.contains("+0x")),
+        "no sample named in the kernel: {samples:?}\n{output}"
     );
     // One attempt: a hang is never retried (the whole run well under two quiet limits plus
     // boot and diagnostics).

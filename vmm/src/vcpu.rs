@@ -125,6 +125,9 @@ impl PauseGate {
     }
 }
 
+/// The system-call entry point MSR (64-bit mode).
+const MSR_LSTAR: u32 = 0xc000_0082;
+
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -143,6 +146,8 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 #[derive(Debug, Default)]
 pub struct VcpuInjection {
     triple_fault: AtomicBool,
+    /// Diagnostics: log the vCPU's registers once.
+    dump: AtomicBool,
     /// The vCPU thread while it runs (cleared before it is joined).
     thread: Mutex<Option<libc::pthread_t>>,
 }
@@ -151,6 +156,18 @@ impl VcpuInjection {
     /// Records the thread to kick.
     pub fn set_thread(&self, thread: Option<libc::pthread_t>) {
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = thread;
+    }
+
+    /// Asks the vCPU to log its registers once (where the guest runs, for a guest that stalls
+    /// busy: `SIGUSR2` to the VMM). Does not wait.
+    pub fn dump_state(&self) {
+        self.dump.store(true, Ordering::Release);
+        let g = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = *g {
+            // SAFETY: `t` is a live vCPU thread: the machine clears this slot (under the same
+            // lock) before it joins the thread, so the id cannot have been reused.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
     }
 
     /// Makes the guest triple-fault: the vCPU thread empties the IDT and injects an NMI, which
@@ -271,12 +288,18 @@ impl Vcpu {
                 continue;
             }
             // A plain load on every exit; the read-modify-write only when a request is there.
-            if let Some(i) = &self.inject {
-                if i.triple_fault.load(Ordering::Relaxed)
-                    && i.triple_fault.swap(false, Ordering::AcqRel)
-                {
-                    self.break_idt();
-                }
+            let take = |flag: &AtomicBool| {
+                flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::AcqRel)
+            };
+            let (triple_fault, dump) = self
+                .inject
+                .as_ref()
+                .map_or((false, false), |i| (take(&i.triple_fault), take(&i.dump)));
+            if triple_fault {
+                self.break_idt();
+            }
+            if dump {
+                self.log_requested_state();
             }
             match self.run_once() {
                 Step::Continue => {}
@@ -409,6 +432,43 @@ impl Vcpu {
         match result {
             Ok(()) => tracing::warn!(vcpu = self.index, "fault injection: IDT emptied, NMI sent"),
             Err(e) => tracing::error!(vcpu = self.index, error = %e, "fault injection failed"),
+        }
+    }
+
+    /// Logs where the guest runs: its registers, and `MSR_LSTAR` (the kernel's system-call
+    /// entry), from which the kernel's load address (KASLR) follows, so that `rip` can be
+    /// looked up in the kernel's `System.map`.
+    fn log_requested_state(&self) {
+        let lstar = {
+            let entry = kvm_bindings::kvm_msr_entry {
+                index: MSR_LSTAR,
+                ..Default::default()
+            };
+            kvm_bindings::Msrs::from_entries(&[entry])
+                .ok()
+                .and_then(|mut m| match self.fd.get_msrs(&mut m) {
+                    Ok(1) => m.as_slice().first().map(|e| e.data),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        };
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => tracing::warn!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cs = format_args!("{:#x}", s.cs.selector),
+                lstar = format_args!("{lstar:#x}"),
+                "vCPU state on request"
+            ),
+            (r, s) => tracing::warn!(
+                vcpu = self.index,
+                regs_error = ?r.err(),
+                sregs_error = ?s.err(),
+                "cannot read vCPU state on request"
+            ),
         }
     }
 

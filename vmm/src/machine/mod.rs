@@ -71,6 +71,13 @@ extern "C" fn snapshot_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut l
     SIGNALLED_SNAPSHOT.store(true, Ordering::Release);
 }
 
+/// Set by the `SIGUSR2` handler: the boot vCPU's registers were asked for (diagnostics).
+static SIGNALLED_DUMP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNALLED_DUMP.store(true, Ordering::Release);
+}
+
 /// Makes `SIGUSR1` ask the running machine for its snapshot (into its
 /// [`SnapshotMode::TemplateTo`] directory; the main loop looks at least every 200 ms).
 pub fn snapshot_on_sigusr1() -> Result<(), MachineError> {
@@ -419,6 +426,10 @@ impl Machine {
     pub fn run(&mut self) -> Result<GuestExit, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
+        // `SIGUSR2`: the boot vCPU logs where the guest runs (the main loop looks at least
+        // every 200 ms).
+        vmm_sys_util::signal::register_signal_handler(libc::SIGUSR2, dump_signal)
+            .map_err(|e| MachineError::Sys("installing the SIGUSR2 handler", e.into()))?;
         let started = std::time::Instant::now();
         let restored = self.pending_restore.is_some();
         if let Some((dir, state)) = self.pending_restore.take() {
@@ -492,6 +503,9 @@ impl Machine {
         loop {
             if SIGNALLED_SNAPSHOT.swap(false, Ordering::AcqRel) {
                 self.exits.event(MachineEvent::Snapshot);
+            }
+            if SIGNALLED_DUMP.swap(false, Ordering::AcqRel) {
+                self.faults.vcpu.dump_state();
             }
             let event = match self.exit_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(event) => event,
