@@ -57,7 +57,7 @@
 //! heartbeat_timeout_ms = 5000       # no agent heartbeat this long after a request shows
 //!                                   #   on its ring: hang (a busy agent beats five times
 //!                                   #   per timeout)
-//! idle_heartbeat_ms = 1000          # an idle agent beats this often; a channel without
+//! idle_heartbeat_ms = 30000         # an idle agent beats this often; a channel without
 //!                                   #   requests is hung after this plus the timeout (the
 //!                                   #   agent's wake also finds a request whose notification
 //!                                   #   was lost: see the agent's "missed notifications")
@@ -242,7 +242,7 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             enabled: true,
             heartbeat_timeout_ms: 5000,
-            idle_heartbeat_ms: 1000,
+            idle_heartbeat_ms: 30_000,
             progress_timeout_ms: 15000,
             boot_timeout_ms: 300_000,
             backoff_initial_ms: 100,
@@ -1180,11 +1180,11 @@ disks = ["pool.img"]
         let c = parse(&dir, &text).expect("valid");
         let r = &c.recovery;
         assert_eq!(r.heartbeat_timeout_ms, 5000);
-        assert_eq!(r.idle_heartbeat_ms, 1000);
+        assert_eq!(r.idle_heartbeat_ms, 30_000);
         assert_eq!(
             c.drivers[0].boot_cmdline(r),
             "console=ttyS0 quiet ddvmm.action=agent ddvmm.agent.heartbeat_ms=1000 \
-             ddvmm.agent.idle_heartbeat_ms=1000"
+             ddvmm.agent.idle_heartbeat_ms=30000"
         );
         assert_eq!(c.clients[0].boot_cmdline(r), c.clients[0].cmdline);
         let mut set = c.drivers[0].clone();

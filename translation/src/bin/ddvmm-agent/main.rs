@@ -31,8 +31,8 @@
 //! `ddvmm.agent.grace_ms=N` (default 1000) is how long a channel counts as contending after its
 //! last request, and `ddvmm.agent.fair=off` serves them first come, first served instead (see
 //! `fair`). `ddvmm.agent.heartbeat_ms=N` (default 500) is how often a served channel's heartbeat
-//! is written while it has work, `ddvmm.agent.idle_heartbeat_ms=N` (default 1000) while it has
-//! none (the daemon's hang detection reads it; an idle agent wakes only for it).
+//! is written while it has work, `ddvmm.agent.idle_heartbeat_ms=N` (default 30000) while it
+//! has none (the daemon's hang detection reads it; an idle agent wakes only for it).
 //!
 //! Fault injection: the daemon can ask (through the channel's `FAULT` register, which the VMM
 //! follows with an interrupt; a busy agent also reads it every 20 ms) for a kernel panic, a
