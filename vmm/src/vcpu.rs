@@ -435,67 +435,43 @@ impl Vcpu {
         }
     }
 
-    /// Logs where the guest runs: its registers, and `MSR_LSTAR` (the kernel's system-call
-    /// entry), from which the kernel's load address (KASLR) follows, so that `rip` can be
-    /// looked up in the kernel's `System.map`.
-    fn log_requested_state(&self) {
-        let lstar = {
-            let entry = kvm_bindings::kvm_msr_entry {
-                index: MSR_LSTAR,
-                ..Default::default()
-            };
-            kvm_bindings::Msrs::from_entries(&[entry])
-                .ok()
-                .and_then(|mut m| match self.fd.get_msrs(&mut m) {
-                    Ok(1) => m.as_slice().first().map(|e| e.data),
-                    _ => None,
-                })
-                .unwrap_or(0)
+    /// The registers that say where the guest runs, and `MSR_LSTAR` (the kernel's system-call
+    /// entry), from which the kernel's load address (KASLR) follows, so that `rip` can be looked
+    /// up in the kernel's symbols.
+    fn state_text(&self) -> String {
+        let entry = kvm_bindings::kvm_msr_entry {
+            index: MSR_LSTAR,
+            ..Default::default()
         };
+        let lstar = kvm_bindings::Msrs::from_entries(&[entry])
+            .ok()
+            .and_then(|mut m| match self.fd.get_msrs(&mut m) {
+                Ok(1) => m.as_slice().first().map(|e| e.data),
+                _ => None,
+            })
+            .unwrap_or(0);
         match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => tracing::warn!(
-                vcpu = self.index,
-                rip = format_args!("{:#x}", r.rip),
-                rsp = format_args!("{:#x}", r.rsp),
-                rflags = format_args!("{:#x}", r.rflags),
-                cr3 = format_args!("{:#x}", s.cr3),
-                cs = format_args!("{:#x}", s.cs.selector),
-                lstar = format_args!("{lstar:#x}"),
-                "vCPU state on request"
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cr0={:#x} cr2={:#x} cr3={:#x} \
+                 cr4={:#x} efer={:#x} cs={:#x} lstar={lstar:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
             ),
-            (r, s) => tracing::warn!(
-                vcpu = self.index,
-                regs_error = ?r.err(),
-                sregs_error = ?s.err(),
-                "cannot read vCPU state on request"
+            (r, s) => format!(
+                "registers unreadable (regs: {:?}, sregs: {:?})",
+                r.err(),
+                s.err()
             ),
         }
     }
 
+    /// Logs where the guest runs, when asked (`SIGUSR2` to the VMM: a guest that stalls busy).
+    fn log_requested_state(&self) {
+        tracing::warn!(vcpu = self.index, state = %self.state_text(), "vCPU state on request");
+    }
+
     /// Logs registers so a crash can be diagnosed from the log alone.
     fn log_state(&self) {
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => tracing::error!(
-                vcpu = self.index,
-                rip = format_args!("{:#x}", r.rip),
-                rsp = format_args!("{:#x}", r.rsp),
-                rflags = format_args!("{:#x}", r.rflags),
-                rax = format_args!("{:#x}", r.rax),
-                cr0 = format_args!("{:#x}", s.cr0),
-                cr2 = format_args!("{:#x}", s.cr2),
-                cr3 = format_args!("{:#x}", s.cr3),
-                cr4 = format_args!("{:#x}", s.cr4),
-                efer = format_args!("{:#x}", s.efer),
-                cs = format_args!("{:#x}", s.cs.selector),
-                "vCPU state at crash"
-            ),
-            (r, s) => tracing::error!(
-                vcpu = self.index,
-                regs_error = ?r.err(),
-                sregs_error = ?s.err(),
-                "cannot read vCPU state at crash"
-            ),
-        }
+        tracing::error!(vcpu = self.index, state = %self.state_text(), "vCPU state at crash");
     }
 }
 
