@@ -16,6 +16,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::arch::x86_64::msrs::MSR_LSTAR;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, GuestExit};
 use crate::kvm::coalesced::CoalescedRing;
@@ -124,9 +125,6 @@ impl PauseGate {
         s.paused -= 1;
     }
 }
-
-/// The system-call entry point MSR (64-bit mode).
-const MSR_LSTAR: u32 = 0xc000_0082;
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
@@ -439,16 +437,9 @@ impl Vcpu {
     /// entry), from which the kernel's load address (KASLR) follows, so that `rip` can be looked
     /// up in the kernel's symbols.
     fn state_text(&self) -> String {
-        let entry = kvm_bindings::kvm_msr_entry {
-            index: MSR_LSTAR,
-            ..Default::default()
-        };
-        let lstar = kvm_bindings::Msrs::from_entries(&[entry])
+        let lstar = crate::snapshot::vcpu::read_msrs(&self.fd, &[MSR_LSTAR])
             .ok()
-            .and_then(|mut m| match self.fd.get_msrs(&mut m) {
-                Ok(1) => m.as_slice().first().map(|e| e.data),
-                _ => None,
-            })
+            .and_then(|m| m.first().map(|e| e.data))
             .unwrap_or(0);
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => format!(

@@ -88,7 +88,7 @@ impl VcpuState {
 
 /// Reads every MSR of `indices` the vCPU lets us read. `KVM_GET_MSRS` stops at the first MSR
 /// it cannot read; that one is skipped and the rest of the batch read again.
-fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, SnapshotError> {
+pub(crate) fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, SnapshotError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
