@@ -8,7 +8,7 @@
 //! completes the I/O its last exit left pending (one `KVM_RUN` with `immediate_exit` set),
 //! saves its own state into the gate and waits there until the machine resumes it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,12 +143,16 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 /// by the vCPU thread itself between two `KVM_RUN`s.
 #[derive(Debug, Default)]
 pub struct VcpuInjection {
-    triple_fault: AtomicBool,
-    /// Diagnostics: log the vCPU's registers once.
-    dump: AtomicBool,
+    /// Pending requests ([`REQ_TRIPLE_FAULT`], [`REQ_DUMP`]): one load per exit.
+    requests: AtomicU8,
     /// The vCPU thread while it runs (cleared before it is joined).
     thread: Mutex<Option<libc::pthread_t>>,
 }
+
+/// Request: make the guest triple-fault.
+const REQ_TRIPLE_FAULT: u8 = 1;
+/// Request: log the vCPU's registers once.
+const REQ_DUMP: u8 = 2;
 
 impl VcpuInjection {
     /// Records the thread to kick.
@@ -156,16 +160,30 @@ impl VcpuInjection {
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = thread;
     }
 
+    /// Kicks the vCPU out of `KVM_RUN` to take its requests; false if its thread is not
+    /// running.
+    fn kick(&self) -> bool {
+        let g = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = *g else { return false };
+        // SAFETY: `t` is a live vCPU thread: the machine clears this slot (under the same lock,
+        // held here) before it joins the thread, so the id cannot have been reused.
+        unsafe { libc::pthread_kill(t, kick_signal()) };
+        true
+    }
+
+    /// The requests posted since the last call (the vCPU thread's side).
+    fn take(&self) -> u8 {
+        if self.requests.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.requests.swap(0, Ordering::AcqRel)
+    }
+
     /// Asks the vCPU to log its registers once (where the guest runs, for a guest that stalls
     /// busy: `SIGUSR2` to the VMM). Does not wait.
     pub fn dump_state(&self) {
-        self.dump.store(true, Ordering::Release);
-        let g = self.thread.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = *g {
-            // SAFETY: `t` is a live vCPU thread: the machine clears this slot (under the same
-            // lock) before it joins the thread, so the id cannot have been reused.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
-        }
+        self.requests.fetch_or(REQ_DUMP, Ordering::AcqRel);
+        self.kick();
     }
 
     /// Makes the guest triple-fault: the vCPU thread empties the IDT and injects an NMI, which
@@ -173,18 +191,14 @@ impl VcpuInjection {
     /// shutdown exactly as for a guest that broke its own IDT. Returns whether the vCPU took
     /// the request within `wait`.
     pub fn triple_fault(&self, wait: Duration) -> bool {
-        self.triple_fault.store(true, Ordering::Release);
+        self.requests.fetch_or(REQ_TRIPLE_FAULT, Ordering::AcqRel);
         let deadline = std::time::Instant::now() + wait;
         while std::time::Instant::now() < deadline {
-            {
-                let g = self.thread.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(t) = *g else { return false };
-                // SAFETY: `t` is a live vCPU thread: the machine clears this slot (under the
-                // same lock) before it joins the thread, so the id cannot have been reused.
-                unsafe { libc::pthread_kill(t, kick_signal()) };
+            if !self.kick() {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(5));
-            if !self.triple_fault.load(Ordering::Acquire) {
+            if self.requests.load(Ordering::Acquire) & REQ_TRIPLE_FAULT == 0 {
                 return true;
             }
         }
@@ -286,17 +300,11 @@ impl Vcpu {
                 continue;
             }
             // A plain load on every exit; the read-modify-write only when a request is there.
-            let take = |flag: &AtomicBool| {
-                flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::AcqRel)
-            };
-            let (triple_fault, dump) = self
-                .inject
-                .as_ref()
-                .map_or((false, false), |i| (take(&i.triple_fault), take(&i.dump)));
-            if triple_fault {
+            let requests = self.inject.as_ref().map_or(0, |i| i.take());
+            if requests & REQ_TRIPLE_FAULT != 0 {
                 self.break_idt();
             }
-            if dump {
+            if requests & REQ_DUMP != 0 {
                 self.log_requested_state();
             }
             match self.run_once() {
@@ -469,6 +477,17 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_taken_once_and_together() {
+        let i = VcpuInjection::default();
+        assert_eq!(i.take(), 0);
+        // No vCPU thread: nothing takes the request, and the caller hears so at once.
+        assert!(!i.triple_fault(Duration::from_secs(5)));
+        i.dump_state();
+        assert_eq!(i.take(), REQ_TRIPLE_FAULT | REQ_DUMP);
+        assert_eq!(i.take(), 0);
+    }
 
     #[test]
     fn exits_are_counted_per_vcpu_and_summed_by_kind() {
