@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -64,24 +64,26 @@ type Console = SerialConsole<BufWriter<Box<dyn Write + Send>>>;
 /// How long vCPUs get to pause for a snapshot.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Set by the `SIGUSR1` handler ([`snapshot_on_sigusr1`]): a snapshot was asked for.
-static SIGNALLED_SNAPSHOT: AtomicBool = AtomicBool::new(false);
+/// What signals asked of the running machine (its main loop looks at least every 200 ms):
+/// [`ASKED_SNAPSHOT`] (`SIGUSR1`, [`snapshot_on_sigusr1`]), [`ASKED_DUMP`] (`SIGUSR2`: the boot
+/// vCPU logs its registers, for diagnostics).
+static SIGNALLED: AtomicU8 = AtomicU8::new(0);
+const ASKED_SNAPSHOT: u8 = 1;
+const ASKED_DUMP: u8 = 2;
 
-extern "C" fn snapshot_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    SIGNALLED_SNAPSHOT.store(true, Ordering::Release);
-}
-
-/// Set by the `SIGUSR2` handler: the boot vCPU's registers were asked for (diagnostics).
-static SIGNALLED_DUMP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    SIGNALLED_DUMP.store(true, Ordering::Release);
+extern "C" fn flag_signal(signo: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let asked = match signo {
+        libc::SIGUSR1 => ASKED_SNAPSHOT,
+        libc::SIGUSR2 => ASKED_DUMP,
+        _ => 0,
+    };
+    SIGNALLED.fetch_or(asked, Ordering::Release);
 }
 
 /// Makes `SIGUSR1` ask the running machine for its snapshot (into its
 /// [`SnapshotMode::TemplateTo`] directory; the main loop looks at least every 200 ms).
 pub fn snapshot_on_sigusr1() -> Result<(), MachineError> {
-    vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, snapshot_signal)
+    vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, flag_signal)
         .map_err(|e| MachineError::Sys("installing the SIGUSR1 handler", e.into()))
 }
 
@@ -428,7 +430,7 @@ impl Machine {
             .map_err(|e| MachineError::Sys("installing the vCPU kick signal handler", e.into()))?;
         // `SIGUSR2`: the boot vCPU logs where the guest runs (the main loop looks at least
         // every 200 ms).
-        vmm_sys_util::signal::register_signal_handler(libc::SIGUSR2, dump_signal)
+        vmm_sys_util::signal::register_signal_handler(libc::SIGUSR2, flag_signal)
             .map_err(|e| MachineError::Sys("installing the SIGUSR2 handler", e.into()))?;
         let started = std::time::Instant::now();
         let restored = self.pending_restore.is_some();
@@ -501,10 +503,11 @@ impl Machine {
     /// reporting.
     fn recv_exit(&mut self, threads: &[JoinHandle<()>]) -> Result<GuestExit, MachineError> {
         loop {
-            if SIGNALLED_SNAPSHOT.swap(false, Ordering::AcqRel) {
+            let asked = SIGNALLED.swap(0, Ordering::AcqRel);
+            if asked & ASKED_SNAPSHOT != 0 {
                 self.exits.event(MachineEvent::Snapshot);
             }
-            if SIGNALLED_DUMP.swap(false, Ordering::AcqRel) {
+            if asked & ASKED_DUMP != 0 {
                 self.faults.vcpu.dump_state();
             }
             let event = match self.exit_rx.recv_timeout(Duration::from_millis(200)) {
