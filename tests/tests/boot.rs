@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ddvmm_tests::{ScriptOutput, TestHost};
+use ddvmm_tests::{client_initrd_with_script, ScriptOutput, TestHost};
 
 /// Catches hangs only: a test-host boot plus a nested guest boot takes ~15 s here, but CI
 /// machines are noisy and the emulator is ~25x slower than hardware.
@@ -191,5 +191,61 @@ tail -c 200 $WORK/flood.console
     assert!(
         log.contains("console output stopped at its limit of 16384 bytes"),
         "{log}"
+    );
+}
+
+/// The signals a running `ddvmm run` takes: `SIGUSR1` writes its snapshot to `--snapshot-to`,
+/// `SIGUSR2` makes its boot vCPU log where the guest runs (with `MSR_LSTAR`, so that the address
+/// can be named); the guest runs on after both.
+#[test]
+fn sigusr1_snapshots_and_sigusr2_logs_the_vcpu_of_a_running_vm() {
+    let guest =
+        client_initrd_with_script("i=0; while :; do i=$((i + 1)); echo TICK $i; sleep 2; done")
+            .expect("guest image");
+    let script = r#"$DDVMM --log-level info run --kernel $IMAGES/vmlinuz --initrd guest.img \
+  --mem 256M --cpus 1 --snapshot-to $WORK/snap --console $WORK/vm.console \
+  --cmdline "console=ttyS0 quiet ddvmm.action=run-script" > $WORK/vm.log 2>&1 &
+VMM=$!
+ticks() { grep -c "^TICK" $WORK/vm.console 2>/dev/null || echo 0; }
+until_seen() {
+    n=0; until grep -q "$2" $1 2>/dev/null; do
+        sleep 1; n=$((n + 1)); [ $n -lt 300 ] || { echo "NOT-SEEN $2"; break; }
+    done
+}
+until_seen $WORK/vm.console TICK
+kill -USR1 $VMM
+until_seen $WORK/vm.log "snapshot template"
+kill -USR2 $VMM
+until_seen $WORK/vm.log "vCPU state on request"
+T=$(ticks)
+n=0; while [ $(ticks) -le $T ]; do sleep 1; n=$((n + 1)); [ $n -lt 120 ] || { echo "STOPPED"; break; }; done
+kill -0 $VMM && echo "VMM-ALIVE"
+kill -KILL $VMM
+ls $WORK/snap | sed 's/^/SNAP-FILE /'
+grep -a "snapshot template\|vCPU state on request" $WORK/vm.log | sed 's/^/LOG /'
+"#;
+    let host = TestHost::new("boot-signals")
+        .expect("test host")
+        .file("guest.img", guest, 0o644);
+    let out = host.run(script, TIMEOUT).expect("test host run");
+    let log = &out.output;
+    assert_eq!(out.status, 0, "{log}");
+    assert!(
+        !log.contains("NOT-SEEN") && !log.contains("STOPPED"),
+        "{log}"
+    );
+    assert!(log.contains("VMM-ALIVE"), "{log}");
+    assert!(log.contains("snapshot template written"), "{log}");
+    assert!(
+        log.contains("SNAP-FILE state") && log.contains("SNAP-FILE memory"),
+        "{log}"
+    );
+    let dump = log
+        .lines()
+        .find(|l| l.starts_with("LOG ") && l.contains("vCPU state on request"))
+        .unwrap_or_else(|| panic!("no register dump:\n{log}"));
+    assert!(
+        dump.contains("rip=0x") && dump.contains("lstar=0xffff"),
+        "{dump}"
     );
 }
